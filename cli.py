@@ -1,0 +1,4 @@
+"""Run the `rqae` command line from a checkout: `python cli.py --help`."""
+from rqae_pipeline.cli import main
+
+main()

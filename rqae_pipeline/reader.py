@@ -1,0 +1,55 @@
+"""Shuffled, bounded-memory batch reading from an activation store.
+
+Reading whole chunks is what zarr does cheaply (one byte range of a shard file), so the
+shuffle has two levels: a seeded random order of chunks, then a token-level permutation
+of a buffer of many chunks. With the default 64k-row buffer every batch mixes rows of
+dozens of contexts from all over the store, and memory stays at one buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+
+
+def _chunk_ranges(start: int, stop: int, chunk_rows: int) -> list[tuple[int, int]]:
+    first = start - start % chunk_rows
+    return [(max(a, start), min(a + chunk_rows, stop)) for a in range(first, stop, chunk_rows)]
+
+
+def shuffled_batches(store, batch_size: int, *, shuffle: bool, seed: int, start: int, stop: int | None,
+                     exclude: int, buffer_rows: int, drop_last: bool) -> Iterator[torch.Tensor]:
+    stop = store.n_tokens if stop is None else min(stop, store.n_tokens)
+    ranges = _chunk_ranges(start, stop, store.spec.chunk_rows)
+    rng = np.random.default_rng(seed)
+    if shuffle:
+        ranges = [ranges[i] for i in rng.permutation(len(ranges))]
+    per_buffer = max(1, buffer_rows // store.spec.chunk_rows)
+    groups = [ranges[i : i + per_buffer] for i in range(0, len(ranges), per_buffer)]
+
+    def load(group):
+        parts = [store.read(a, b) for a, b in group]
+        acts = torch.cat([p.acts for p in parts])
+        flags = np.concatenate([p.flags for p in parts])
+        return acts[torch.from_numpy((flags & exclude) == 0)] if exclude else acts
+
+    carry = torch.empty(0, store.d)
+    # Read the next buffer on a thread while the caller consumes this one (zarr decoding
+    # releases the GIL), so training does not wait on decompression.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, groups[0]) if groups else None
+        for i in range(len(groups)):
+            buf = pending.result()
+            pending = pool.submit(load, groups[i + 1]) if i + 1 < len(groups) else None
+            buf = torch.cat([carry, buf])
+            if shuffle:
+                buf = buf[torch.from_numpy(rng.permutation(len(buf)))]
+            n_full = len(buf) // batch_size
+            for j in range(n_full):
+                yield buf[j * batch_size : (j + 1) * batch_size]
+            carry = buf[n_full * batch_size :]
+    if len(carry) and not drop_last:
+        yield carry

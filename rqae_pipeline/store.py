@@ -1,0 +1,426 @@
+"""The activation store: a self-describing Zarr v3 group of normalised residual activations.
+
+```
+STORE/            attrs["rqae"] = manifest (identity, provenance, commit state)
+  acts    (N, d)  float16 | float32 | uint8 (compact: e4m3 bit patterns of (x - mean) / row_scale)
+  scale   (N,)    float32  per-token RMS of the raw activation
+  tokens  (N,)    int32    token id
+  seq     (N,)    int64    context index
+  pos     (N,)    int16    position inside the context
+  flags   (N,)    uint8    Flags bits: special tokens and norm outliers
+  gain    (d,)    float32  final-norm gain used ("final-norm" mode; ones in "rms" mode)
+  mean, row_scale          compact mode only: (d,) float32 and (N,) float32
+```
+Rows are appended a shard at a time (a shard = `contexts_per_shard` whole contexts) and
+only count once the manifest's `committed` block names them; the manifest lives in the
+group's `zarr.json`, which zarr's LocalStore writes by temp file + rename, so a kill at
+any instant leaves the previous commit intact. Arrays may hold more rows than committed
+(an interrupted shard); readers never look past `committed.tokens`.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import socket
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from rqae_pipeline import RQAEError
+
+SCHEMA_VERSION = 1
+StoreDtype = Literal["float16", "float32", "fp8"]
+ROW_ARRAYS = ("acts", "scale", "tokens", "seq", "pos", "flags")
+E4M3_MAX = 448.0
+
+
+class Flags(enum.IntFlag):
+    BOS = 1
+    EOS = 2
+    PAD = 4
+    SPECIAL = 8  # any other special token of the tokenizer
+    OUTLIER = 16  # raw norm > outlier_factor x the batch median (attention sinks)
+
+    ANY_SPECIAL = 15
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreSpec:
+    """What makes two harvests the same store. Reopening with any field changed is refused."""
+
+    model: str
+    hook: str
+    layer: int
+    d_model: int
+    corpus: dict
+    tokenizer: str
+    context_length: int
+    skip_bos: bool
+    normalisation: str
+    dtype: StoreDtype
+    contexts_per_shard: int
+    contexts_per_chunk: int
+    batch_contexts: int
+    outlier_factor: float
+
+    def __post_init__(self):
+        if self.dtype not in ("float16", "float32", "fp8"):
+            raise ValueError(f"unknown store dtype {self.dtype!r}; use float16, float32 or fp8")
+        if self.contexts_per_shard % self.contexts_per_chunk:
+            raise ValueError("contexts_per_shard must be a multiple of contexts_per_chunk")
+        if self.contexts_per_shard % self.batch_contexts:
+            raise ValueError("contexts_per_shard must be a multiple of the batch size in contexts")
+
+    @property
+    def rows_per_context(self) -> int:
+        return self.context_length - (1 if self.skip_bos else 0)
+
+    @property
+    def shard_rows(self) -> int:
+        return self.contexts_per_shard * self.rows_per_context
+
+    @property
+    def chunk_rows(self) -> int:
+        return self.contexts_per_chunk * self.rows_per_context
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A block of store rows, decoded: `acts` is float32 whatever the storage dtype."""
+
+    acts: torch.Tensor  # (n, d) float32
+    scale: torch.Tensor  # (n,) float32
+    tokens: np.ndarray
+    seq: np.ndarray
+    pos: np.ndarray
+    flags: np.ndarray
+
+
+# --------------------------------------------------------------------------- locking
+
+
+class StoreLock:
+    """One writer per store: `STORE/.lock` holds the writer's pid, host and process start time.
+
+    A lock whose process is gone (or whose pid was reused by a later process) is stale
+    and is taken over.
+    """
+
+    def __init__(self, root: Path):
+        self.path = root / ".lock"
+        self.taken_over: dict | None = None
+
+    @staticmethod
+    def _me() -> dict:
+        import psutil
+
+        return {"pid": os.getpid(), "host": socket.gethostname(), "started": psutil.Process().create_time()}
+
+    @staticmethod
+    def _alive(info: dict) -> bool:
+        import psutil
+
+        if info.get("host") != socket.gethostname():
+            return True  # cannot check another host's processes; assume it is live
+        try:
+            return abs(psutil.Process(info["pid"]).create_time() - info["started"]) < 1.0
+        except (psutil.NoSuchProcess, KeyError, TypeError):
+            return False
+
+    def read(self) -> dict | None:
+        import json
+
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError):
+            return {}  # torn or unreadable: a writer died while creating it
+
+    def acquire(self) -> None:
+        import json
+
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                info = self.read()
+                if info is None:
+                    continue
+                if info and self._alive(info):
+                    raise RQAEError(
+                        f"store is being written by another process (pid {info.get('pid')} on {info.get('host')}); "
+                        f"wait for it or stop it"
+                    ) from None
+                self.taken_over = info
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(self._me()))
+            return
+        raise RQAEError(f"could not take the store lock {self.path}")
+
+    def release(self) -> None:
+        info = self.read()
+        if info and info.get("pid") == os.getpid():
+            self.path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def _compressors(dtype: str):
+    from zarr.codecs import BloscCodec
+
+    # zstd + bitshuffle was the smallest of the Blosc options measured on real fp16 acts.
+    return [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]
+
+
+def _open_group(path: Path, mode: str):
+    import zarr
+
+    try:
+        return zarr.open_group(str(path), mode=mode, zarr_format=3)
+    except FileNotFoundError:
+        raise RQAEError(f"no activation store at {path}") from None
+    except Exception as e:  # zarr raises several types for "not a group"
+        raise RQAEError(f"{path} is not an activation store ({type(e).__name__})") from e
+
+
+class ActivationStore:
+    """Open stores with `ActivationStore.open` (read) or `.create` / `.open_for_append` (write)."""
+
+    def __init__(self, path: Path, group, manifest: dict):
+        self.path = path
+        self.group = group
+        self.manifest = manifest
+        self.spec = StoreSpec(**manifest["spec"])
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, path: str | Path) -> ActivationStore:
+        path = Path(path)
+        if not (path / "zarr.json").exists():
+            raise RQAEError(f"no activation store at {path}")
+        group = _open_group(path, "r")
+        manifest = group.attrs.get("rqae")
+        if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA_VERSION:
+            raise RQAEError(f"{path} is a Zarr group but not an rqae activation store (schema {SCHEMA_VERSION})")
+        return cls(path, group, manifest)
+
+    @classmethod
+    def create(cls, path: str | Path, spec: StoreSpec, gain: torch.Tensor, provenance: dict) -> ActivationStore:
+        """Create an empty store. Refuses a path that already holds anything but our own lock."""
+        path = Path(path)
+        if path.exists() and (not path.is_dir() or any(p.name != ".lock" for p in path.iterdir())):
+            raise RQAEError(f"{path} already exists and is not an empty directory; use --resume or another --out")
+        _check_writable(path)
+        group = _open_group(path, "w")
+        n_rows, d = 0, spec.d_model
+        rows, chunk = (0,), (spec.chunk_rows,)
+        storage = {"float16": "float16", "float32": "float32", "fp8": "uint8"}[spec.dtype]
+        arrays = {
+            "acts": ((n_rows, d), storage, (spec.chunk_rows, d), (spec.shard_rows, d)),
+            "scale": (rows, "float32", chunk, (spec.shard_rows,)),
+            "tokens": (rows, "int32", chunk, (spec.shard_rows,)),
+            "seq": (rows, "int64", chunk, (spec.shard_rows,)),
+            "pos": (rows, "int16", chunk, (spec.shard_rows,)),
+            "flags": (rows, "uint8", chunk, (spec.shard_rows,)),
+        }
+        if spec.dtype == "fp8":
+            arrays["row_scale"] = (rows, "float32", chunk, (spec.shard_rows,))
+        for name, (shape, dtype, chunks, shards) in arrays.items():
+            group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
+                               compressors=_compressors(dtype), fill_value=0)
+        group.create_array("gain", data=gain.float().numpy())
+        manifest = {
+            "schema": SCHEMA_VERSION,
+            "spec": asdict(spec),
+            "provenance": provenance,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "committed": {"tokens": 0, "contexts": 0, "corpus_state": [0, 0], "complete": False},
+        }
+        group.attrs["rqae"] = manifest
+        return cls(path, group, manifest)
+
+    def reopen_for_append(self) -> ActivationStore:
+        group = _open_group(self.path, "r+")
+        return type(self)(self.path, group, group.attrs["rqae"])
+
+    def check_matches(self, spec: StoreSpec) -> None:
+        """Raise naming the first identity field that differs from `spec`."""
+        mine = asdict(self.spec)
+        for key, value in asdict(spec).items():
+            if mine.get(key) != value:
+                raise RQAEError(
+                    f"store {self.path} was harvested with {key}={mine.get(key)!r}, not {value!r}; "
+                    f"use a new --out for different settings"
+                )
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.manifest["committed"]["tokens"])
+
+    @property
+    def n_contexts(self) -> int:
+        return int(self.manifest["committed"]["contexts"])
+
+    @property
+    def d(self) -> int:
+        return self.spec.d_model
+
+    @property
+    def gain(self) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.group["gain"][:], dtype=np.float32))
+
+    def is_being_written(self) -> bool:
+        info = StoreLock(self.path).read()
+        return bool(info) and StoreLock._alive(info)
+
+    # ------------------------------------------------------------------ writing
+
+    def write_rows(self, start: int, cols: dict[str, np.ndarray]) -> None:
+        """Write encoded columns at rows [start, start + n); grows arrays as needed. Not a commit."""
+        n = len(cols["scale"])
+        stop = start + n
+        for name, data in cols.items():
+            arr = self.group[name]
+            if arr.shape[0] < stop:
+                arr.resize((stop,) + arr.shape[1:])
+            arr[start:stop] = data
+
+    def set_array(self, name: str, data: np.ndarray) -> None:
+        if name in self.group:
+            self.group[name][:] = data
+        else:
+            self.group.create_array(name, data=data)
+
+    def commit(self, *, tokens: int, contexts: int, corpus_state: tuple[int, int], complete: bool = False,
+               extra: dict | None = None) -> None:
+        """Make rows [0, tokens) visible: one atomic rewrite of the group's zarr.json."""
+        manifest = dict(self.manifest)
+        manifest["committed"] = {"tokens": int(tokens), "contexts": int(contexts),
+                                 "corpus_state": [int(corpus_state[0]), int(corpus_state[1])],
+                                 "complete": bool(complete)}
+        if extra:
+            manifest.update(extra)
+        self.group.attrs["rqae"] = manifest
+        self.manifest = manifest
+
+    def truncate_to_committed(self) -> None:
+        """Drop rows past the last commit (left by an interrupted writer)."""
+        n = self.n_tokens
+        for name in ROW_ARRAYS + (("row_scale",) if self.spec.dtype == "fp8" else ()):
+            arr = self.group[name]
+            if arr.shape[0] != n:
+                arr.resize((n,) + arr.shape[1:])
+
+    # ------------------------------------------------------------------ reading
+
+    def read_encoded(self, start: int, stop: int) -> dict[str, np.ndarray]:
+        """Columns of rows [start, stop) exactly as stored (no decoding)."""
+        names = ROW_ARRAYS + (("row_scale",) if self.spec.dtype == "fp8" else ())
+        return {n: self.group[n][start:stop] for n in names}
+
+    def read(self, start: int = 0, stop: int | None = None) -> Rows:
+        stop = self.n_tokens if stop is None else min(stop, self.n_tokens)
+        if not 0 <= start <= stop:
+            raise RQAEError(f"row range [{start}, {stop}) is outside the store's {self.n_tokens} rows")
+        cols = self.read_encoded(start, stop)
+        return self._decode(cols)
+
+    def read_rows(self, index: np.ndarray) -> Rows:
+        """Rows at arbitrary sorted indices (a zarr orthogonal selection)."""
+        names = ROW_ARRAYS + (("row_scale",) if self.spec.dtype == "fp8" else ())
+        cols = {n: self.group[n].get_orthogonal_selection((index,) + ((slice(None),) if n == "acts" else ()))
+                for n in names}
+        return self._decode(cols)
+
+    def _decode(self, cols: dict[str, np.ndarray]) -> Rows:
+        acts = decode_acts(cols["acts"], self.spec.dtype, cols.get("row_scale"), self._mean())
+        return Rows(acts=acts, scale=torch.from_numpy(np.asarray(cols["scale"], dtype=np.float32)),
+                    tokens=cols["tokens"], seq=cols["seq"], pos=cols["pos"], flags=cols["flags"])
+
+    def _mean(self) -> np.ndarray | None:
+        if self.spec.dtype != "fp8":
+            return None
+        if not hasattr(self, "_mean_cache"):
+            self._mean_cache = np.asarray(self.group["mean"][:], dtype=np.float32)
+        return self._mean_cache
+
+    def raw(self, rows: Rows) -> torch.Tensor:
+        """Rebuild raw residuals: raw = acts / gain * scale (final-norm) or acts * scale (rms)."""
+        acts = rows.acts
+        if self.spec.normalisation == "final-norm":
+            acts = acts / self.gain
+        return acts * rows.scale[:, None]
+
+    def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, start: int = 0,
+                stop: int | None = None, exclude: int = Flags.BOS, buffer_rows: int = 65536,
+                drop_last: bool = False) -> Iterator[torch.Tensor]:
+        """Stream (batch_size, d) float32 batches of rows in [start, stop) with bounded memory.
+
+        Shuffling is token-level across the whole range: chunks are visited in a seeded
+        random order, `buffer_rows` worth of them are mixed and permuted together, and the
+        remainder carries into the next buffer. Rows whose flags meet `exclude` are dropped.
+        """
+        from rqae_pipeline.reader import shuffled_batches
+
+        yield from shuffled_batches(self, batch_size, shuffle=shuffle, seed=seed, start=start, stop=stop,
+                                    exclude=exclude, buffer_rows=buffer_rows, drop_last=drop_last)
+
+    def dask(self) -> dict:
+        """Committed rows as dask arrays chunked by shard (acts stay in their storage dtype)."""
+        import dask.array as da
+
+        n, shard = self.n_tokens, self.spec.shard_rows
+        names = ROW_ARRAYS + (("row_scale",) if self.spec.dtype == "fp8" else ())
+        return {name: da.from_zarr(self.group[name], chunks=(shard,) + self.group[name].shape[1:])[:n]
+                for name in names}
+
+    def nbytes_on_disk(self) -> int:
+        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-probe"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        raise RQAEError(f"cannot write to {path}: {e.strerror or e}") from None
+
+
+# --------------------------------------------------------------------------- compact codec
+
+
+def encode_acts(x: torch.Tensor, dtype: StoreDtype, mean: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Encode fp32 acts (n, d) for storage. fp8: e4m3 codes of (x - mean) scaled per row to
+    the format's range, the best of the compact schemes measured (see docs/benchmarks.md)."""
+    x = x.float()
+    if dtype == "float32":
+        return {"acts": x.numpy()}
+    if dtype == "float16":
+        return {"acts": x.half().numpy()}
+    y = x - torch.from_numpy(mean)
+    row_scale = (y.abs().amax(dim=1) / E4M3_MAX).clamp_min(1e-12)
+    codes = (y / row_scale[:, None]).to(torch.float8_e4m3fn).view(torch.uint8)
+    return {"acts": codes.numpy(), "row_scale": row_scale.numpy()}
+
+
+def decode_acts(acts: np.ndarray, dtype: StoreDtype, row_scale: np.ndarray | None = None,
+                mean: np.ndarray | None = None) -> torch.Tensor:
+    if dtype != "fp8":
+        return torch.from_numpy(np.ascontiguousarray(acts)).float()
+    y = torch.from_numpy(np.ascontiguousarray(acts)).view(torch.float8_e4m3fn).float()
+    return y * torch.from_numpy(np.asarray(row_scale, dtype=np.float32))[:, None] + torch.from_numpy(mean)
