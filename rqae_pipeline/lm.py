@@ -198,14 +198,15 @@ def _tiny_tokenizer():
 
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    path = cache_root() / "tiny-bpe-512"
+    path = cache_root() / "tiny-bpe-512-v2"
     if not (path / "tokenizer.json").exists():
-        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         from rqae_pipeline.corpus import _builtin_documents
 
         tk = Tokenizer(models.BPE(unk_token="<unk>"))
         tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tk.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=512,
             special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],

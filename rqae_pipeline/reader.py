@@ -21,7 +21,8 @@ def _chunk_ranges(start: int, stop: int, chunk_rows: int) -> list[tuple[int, int
 
 
 def shuffled_batches(store, batch_size: int, *, shuffle: bool, seed: int, start: int, stop: int | None,
-                     exclude: int, buffer_rows: int, drop_last: bool) -> Iterator[torch.Tensor]:
+                     exclude: int, buffer_rows: int, drop_last: bool,
+                     return_rows: bool = False) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
     stop = store.n_tokens if stop is None else min(stop, store.n_tokens)
     ranges = _chunk_ranges(start, stop, store.spec.chunk_rows)
     rng = np.random.default_rng(seed)
@@ -33,23 +34,26 @@ def shuffled_batches(store, batch_size: int, *, shuffle: bool, seed: int, start:
     def load(group):
         parts = [store.read(a, b) for a, b in group]
         acts = torch.cat([p.acts for p in parts])
-        flags = np.concatenate([p.flags for p in parts])
-        return acts[torch.from_numpy((flags & exclude) == 0)] if exclude else acts
+        rows = torch.cat([torch.arange(a, b) for a, b in group])
+        keep = torch.from_numpy((np.concatenate([p.flags for p in parts]) & exclude) == 0)
+        return acts[keep], rows[keep]
 
-    carry = torch.empty(0, store.d)
+    carry, carry_rows = torch.empty(0, store.d), torch.empty(0, dtype=torch.long)
     # Read the next buffer on a thread while the caller consumes this one (zarr decoding
     # releases the GIL), so training does not wait on decompression.
     with ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(load, groups[0]) if groups else None
         for i in range(len(groups)):
-            buf = pending.result()
+            buf, rows = pending.result()
             pending = pool.submit(load, groups[i + 1]) if i + 1 < len(groups) else None
-            buf = torch.cat([carry, buf])
+            buf, rows = torch.cat([carry, buf]), torch.cat([carry_rows, rows])
             if shuffle:
-                buf = buf[torch.from_numpy(rng.permutation(len(buf)))]
+                perm = torch.from_numpy(rng.permutation(len(buf)))
+                buf, rows = buf[perm], rows[perm]
             n_full = len(buf) // batch_size
             for j in range(n_full):
-                yield buf[j * batch_size : (j + 1) * batch_size]
-            carry = buf[n_full * batch_size :]
+                sl = slice(j * batch_size, (j + 1) * batch_size)
+                yield (buf[sl], rows[sl]) if return_rows else buf[sl]
+            carry, carry_rows = buf[n_full * batch_size :], rows[n_full * batch_size :]
     if len(carry) and not drop_last:
-        yield carry
+        yield (carry, carry_rows) if return_rows else carry

@@ -222,7 +222,7 @@ class ActivationStore:
         if path.exists() and (not path.is_dir() or any(p.name != ".lock" for p in path.iterdir())):
             raise RQAEError(f"{path} already exists and is not an empty directory; use --resume or another --out")
         _check_writable(path)
-        group = _open_group(path, "w")
+        group = _open_group(path, "a")  # "w" would wipe the directory, our lock included
         n_rows, d = 0, spec.d_model
         rows, chunk = (0,), (spec.chunk_rows,)
         storage = {"float16": "float16", "float32": "float32", "fp8": "uint8"}[spec.dtype]
@@ -366,17 +366,19 @@ class ActivationStore:
 
     def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, start: int = 0,
                 stop: int | None = None, exclude: int = Flags.BOS, buffer_rows: int = 65536,
-                drop_last: bool = False) -> Iterator[torch.Tensor]:
+                drop_last: bool = False, return_rows: bool = False) -> Iterator:
         """Stream (batch_size, d) float32 batches of rows in [start, stop) with bounded memory.
 
         Shuffling is token-level across the whole range: chunks are visited in a seeded
         random order, `buffer_rows` worth of them are mixed and permuted together, and the
         remainder carries into the next buffer. Rows whose flags meet `exclude` are dropped.
+        With `return_rows`, yields `(acts, row indices)`.
         """
         from rqae_pipeline.reader import shuffled_batches
 
         yield from shuffled_batches(self, batch_size, shuffle=shuffle, seed=seed, start=start, stop=stop,
-                                    exclude=exclude, buffer_rows=buffer_rows, drop_last=drop_last)
+                                    exclude=exclude, buffer_rows=buffer_rows, drop_last=drop_last,
+                                    return_rows=return_rows)
 
     def dask(self) -> dict:
         """Committed rows as dask arrays chunked by shard (acts stay in their storage dtype)."""

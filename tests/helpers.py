@@ -1,0 +1,46 @@
+"""Builders shared by the tests: small harvest configs, store snapshots, CLI runners."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from rqae_pipeline.harvest import HarvestConfig
+from rqae_pipeline.store import ActivationStore
+
+TINY = "tiny-random:0"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(out: Path, **kw) -> HarvestConfig:
+    """A harvest small enough for a test: 32-token contexts, shards of 4 contexts."""
+    base = dict(out=out, model=TINY, hook="1", tokens=1024, context_length=32, batch_contexts=2,
+                contexts_per_shard=4, contexts_per_chunk=2)
+    base.update(kw)
+    return HarvestConfig(**base)
+
+
+def store_arrays(path: Path) -> dict[str, np.ndarray]:
+    """Every committed row array of a store, as stored."""
+    store = ActivationStore.open(path)
+    return store.read_encoded(0, store.n_tokens)
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """Content hash of every file under `path` (to prove a failed command changed nothing)."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def rqae_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "rqae_pipeline.cli", *args]
+
+
+def run_rqae(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run(rqae_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO, **kw)

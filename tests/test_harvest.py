@@ -1,0 +1,207 @@
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from rqae_pipeline import RQAEError
+from rqae_pipeline.harvest import harvest
+from rqae_pipeline.lm import load_lm
+from rqae_pipeline.store import ActivationStore, StoreLock
+
+from helpers import REPO, TINY, rqae_cmd, run_rqae, store_arrays, tiny_config, tree_digest
+
+# Small shards so a subprocess commits many times a second: 4 contexts x 32 tokens.
+CLI_ARGS = ["--model", TINY, "--layer", "1", "--context-length", "32", "--batch-size", "2",
+            "--contexts-per-shard", "4", "--contexts-per-chunk", "2"]
+
+
+def committed_tokens(store_path) -> int:
+    try:
+        return json.loads((store_path / "zarr.json").read_text())["attributes"]["rqae"]["committed"]["tokens"]
+    except (FileNotFoundError, KeyError, ValueError):
+        return 0
+
+
+def start_harvest(out, tokens, *extra):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(rqae_cmd("harvest", *CLI_ARGS, "--tokens", str(tokens), "--out", str(out), *extra),
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_commit(proc, out, at_least, timeout=120):
+    t0 = time.time()
+    while committed_tokens(out) < at_least:
+        assert proc.poll() is None, f"harvest ended early: {proc.communicate()}"
+        assert time.time() - t0 < timeout
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_lm, tmp_path_factory):
+    """An uninterrupted run that interrupted runs must reproduce exactly."""
+    out = tmp_path_factory.mktemp("ref") / "ref.zarr"
+    harvest(tiny_config(out, tokens=60_000), lm=tiny_lm, progress=False)
+    return store_arrays(out)
+
+
+def assert_same_store(path, reference):
+    got = store_arrays(path)
+    assert got.keys() == reference.keys()
+    for name in reference:
+        assert got[name].shape == reference[name].shape, name
+        assert np.array_equal(got[name], reference[name]), name
+    store = ActivationStore.open(path)
+    assert store.group["acts"].shape[0] == store.n_tokens  # no uncommitted tail left behind
+
+
+def test_kill_9_at_several_points_then_resume_equals_uninterrupted_run(tmp_path, reference, tiny_lm):
+    out = tmp_path / "killed.zarr"
+    kills = []
+    for i, at in enumerate((1, 9_000, 25_000)):
+        proc = start_harvest(out, 60_000, *(["--resume"] if i else []))
+        wait_for_commit(proc, out, at)
+        time.sleep(0.05 * i)  # land mid-shard as well as right after a commit
+        proc.kill()  # SIGKILL: no cleanup runs
+        proc.wait()
+        kills.append(committed_tokens(out))
+        assert StoreLock(out).read()  # the dead writer's lock is left behind...
+    assert kills == sorted(kills) and kills[-1] < 60_000
+    # ...and is detected as stale by the resuming writer.
+    result = harvest(tiny_config(out, tokens=60_000, resume=True), lm=tiny_lm, progress=False)
+    assert result.tokens == 60_000 and result.new_tokens == 60_000 - kills[-1]
+    assert_same_store(out, reference)
+    assert StoreLock(out).read() is None
+
+
+def test_ctrl_c_commits_whole_batches_and_resume_completes(tmp_path, reference, tiny_lm):
+    out = tmp_path / "sigint.zarr"
+    proc = start_harvest(out, 60_000)
+    wait_for_commit(proc, out, 5_000)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "rerun with --resume" in err.strip().splitlines()[-1]
+    n = committed_tokens(out)
+    assert 5_000 <= n < 60_000 and n % 64 == 0  # whole batches of 2 contexts x 32 tokens
+    harvest(tiny_config(out, tokens=60_000, resume=True), lm=tiny_lm, progress=False)
+    assert_same_store(out, reference)
+
+
+def test_second_writer_is_refused_while_the_first_runs(tmp_path):
+    out = tmp_path / "busy.zarr"
+    proc = start_harvest(out, 400_000)
+    try:
+        wait_for_commit(proc, out, 1)
+        before = committed_tokens(out)
+        r = run_rqae("harvest", *CLI_ARGS, "--tokens", "1000", "--out", str(out), "--resume")
+        assert r.returncode == 2
+        assert r.stderr.strip().count("\n") == 0 and "being written by another process" in r.stderr
+        assert committed_tokens(out) >= before and proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_stale_lock_is_taken_over_and_a_live_one_is_not(tmp_path, tiny_lm):
+    out = tmp_path / "lock.zarr"
+    harvest(tiny_config(out, tokens=256), lm=tiny_lm, progress=False)
+    import psutil
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = {"pid": sleeper.pid, "host": os.uname().nodename, "started": psutil.Process(sleeper.pid).create_time()}
+        (out / ".lock").write_text(json.dumps(live))
+        with pytest.raises(RQAEError, match=f"pid {sleeper.pid}"):
+            harvest(tiny_config(out, tokens=512, resume=True), lm=tiny_lm, progress=False)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert ActivationStore.open(out).n_tokens == 256
+    # The same lock, now naming a dead process, is stale.
+    result = harvest(tiny_config(out, tokens=512, resume=True), lm=tiny_lm, progress=False)
+    assert result.tokens == 512
+
+
+def test_resume_with_other_settings_names_the_field_and_changes_nothing(tmp_path, tiny_lm):
+    out = tmp_path / "s.zarr"
+    harvest(tiny_config(out, tokens=512), lm=tiny_lm, progress=False)
+    before = tree_digest(out)
+    corpus_file = tmp_path / "c.txt"
+    corpus_file.write_text("other text " * 200)
+    cases = {
+        "hook": dict(hook="0"),
+        "normalisation": dict(normalisation="rms"),
+        "dtype": dict(dtype="fp8"),
+        "corpus": dict(dataset=str(corpus_file)),
+        "context_length": dict(context_length=16),
+    }
+    for field, kw in cases.items():
+        with pytest.raises(RQAEError, match=f"harvested with {field}="):
+            harvest(tiny_config(out, tokens=1024, resume=True, **kw), lm=tiny_lm, progress=False)
+    other = load_lm("tiny-random:1")
+    with pytest.raises(RQAEError, match="harvested with model="):
+        harvest(tiny_config(out, tokens=1024, resume=True, model="tiny-random:1"), lm=other, progress=False)
+    with pytest.raises(RQAEError, match="already holds an activation store"):
+        harvest(tiny_config(out, tokens=1024), lm=tiny_lm, progress=False)
+    assert tree_digest(out) == before
+
+
+def test_nan_activations_stop_the_harvest_and_keep_committed_rows(tmp_path):
+    out = tmp_path / "nan.zarr"
+    lm = load_lm(TINY)
+    harvest(tiny_config(out, tokens=512), lm=lm, progress=False)
+    before = store_arrays(out)
+    with torch.no_grad():
+        lm.model.blocks[0].mlp.W_out[0, 0] = float("nan")
+    with pytest.raises(RQAEError, match="non-finite activations"):
+        harvest(tiny_config(out, tokens=2048, resume=True), lm=lm, progress=False)
+    after = store_arrays(out)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    with pytest.raises(RQAEError, match="non-finite activations"):
+        harvest(tiny_config(tmp_path / "new.zarr", tokens=512), lm=lm, progress=False)
+
+
+def _limit_file_size():
+    # Files may not grow past 4 KiB: writes of a new shard then fail as on a full disk.
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+
+def test_full_disk_is_one_clear_line_and_committed_rows_survive(tmp_path, tiny_lm):
+    out = tmp_path / "full.zarr"
+    harvest(tiny_config(out, tokens=512), lm=tiny_lm, progress=False)
+    before = store_arrays(out)
+    r = run_rqae("harvest", *CLI_ARGS, "--tokens", "4096", "--out", str(out), "--resume",
+                 preexec_fn=_limit_file_size)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: out of disk space")
+    after = store_arrays(out)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert harvest(tiny_config(out, tokens=1024, resume=True), lm=tiny_lm, progress=False).tokens == 1024
+
+
+@pytest.mark.parametrize("out", ["/proc/rqae-test.zarr", "FILE/sub.zarr"])
+def test_unwritable_output_is_a_clear_error(tmp_path, tiny_lm, out):
+    if out.startswith("FILE"):
+        (tmp_path / "FILE").write_text("x")
+        out = str(tmp_path / out)
+    with pytest.raises(RQAEError, match="cannot write to|exists and is not"):
+        harvest(tiny_config(out, tokens=256), lm=tiny_lm, progress=False)
+
+
+def test_resume_of_a_finished_store_to_more_tokens_extends_it(tmp_path, tiny_lm, reference):
+    out = tmp_path / "grow.zarr"
+    harvest(tiny_config(out, tokens=9_000), lm=tiny_lm, progress=False)  # ends mid-shard
+    harvest(tiny_config(out, tokens=60_000, resume=True), lm=tiny_lm, progress=False)
+    got = store_arrays(out)
+    for name in ("tokens", "seq", "pos", "flags"):
+        assert np.array_equal(got[name], reference[name]), name
+    # Acts may differ in the last bits where a batch was split differently.
+    np.testing.assert_allclose(got["acts"].astype(np.float32), reference["acts"].astype(np.float32), atol=2e-2)
