@@ -316,8 +316,7 @@ def _run(cfg: HarvestConfig, lm: LoadedLM, corpus: CorpusSpec, store: Activation
     spec, R = store.spec, store.spec.rows_per_context
     target_contexts = -(-cfg.tokens // R)
     start_tokens = store.n_tokens
-    bar = tqdm(total=target_contexts * R, initial=start_tokens, unit="tok", unit_scale=True,
-               desc="harvest", disable=not progress, dynamic_ncols=True, smoothing=0.1)
+    bar = None  # opened after the first batch, so input errors print no half-drawn bar
     writer = ShardWriter(store)
     writer.start()
     t0, interrupted = time.perf_counter(), False
@@ -339,6 +338,9 @@ def _run(cfg: HarvestConfig, lm: LoadedLM, corpus: CorpusSpec, store: Activation
                 break
             writer.put(_forward_batch(lm, spec, np.stack(group), contexts, state, gain, eps))
             contexts += len(group)
+            if bar is None:
+                bar = tqdm(total=target_contexts * R, initial=start_tokens, unit="tok", unit_scale=True,
+                           desc="harvest", disable=not progress, dynamic_ncols=True, smoothing=0.1)
             bar.update(len(group) * R)
         if contexts == 0:
             raise RQAEError(f"dataset {corpus.name!r} has fewer tokens than one context of {spec.context_length}")
@@ -350,7 +352,8 @@ def _run(cfg: HarvestConfig, lm: LoadedLM, corpus: CorpusSpec, store: Activation
         writer.abort()
         raise
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
     seconds = time.perf_counter() - t0
     return HarvestResult(store.path, store.n_tokens, store.n_tokens - start_tokens, seconds, interrupted)
 

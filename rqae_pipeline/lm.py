@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -71,8 +72,8 @@ def load_lm(name: str, *, device: str | None = None, dtype: str = "float32") -> 
     else:
         lm = _load_hub(name, device=device, dtype=DTYPES[dtype])
     # HookedTransformer.to takes one device or dtype at a time (it also updates cfg.device).
-    lm.model.to(DTYPES[dtype])
-    lm.model.to(device)
+    lm.model.to(DTYPES[dtype], print_details=False)
+    lm.model.to(device, print_details=False)
     lm.model.eval()
     lm.load_info.update(device_used=device, dtype=dtype)
     return lm
@@ -93,6 +94,16 @@ def _pkg_version(pkg: str) -> str:
     from importlib.metadata import version
 
     return version(pkg)
+
+
+def _hooked_transformer(*args, **kwargs):
+    """`HookedTransformer(...)` without its 3.x deprecation warning: sae-lens pins
+    transformer-lens < 4 and so do we, so the warning says nothing actionable to users."""
+    from transformer_lens import HookedTransformer
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="HookedTransformer is deprecated")
+        return HookedTransformer(*args, **kwargs)
 
 
 def _load_hub(name: str, *, device: str, dtype: torch.dtype) -> LoadedLM:
@@ -124,7 +135,7 @@ def _offline_gemma_dir() -> Path:
 
 
 def _load_offline_gemma() -> LoadedLM:
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import HookedTransformerConfig
     from transformers import AutoTokenizer
 
     d = _offline_gemma_dir()
@@ -135,7 +146,7 @@ def _load_offline_gemma() -> LoadedLM:
     cfg_dict = json.loads((d / "tl_config.json").read_text())
     cfg_dict["dtype"] = torch.float32
     tok = AutoTokenizer.from_pretrained(d)
-    model = HookedTransformer(HookedTransformerConfig(**cfg_dict), tokenizer=tok, move_to_device=False)
+    model = _hooked_transformer(HookedTransformerConfig(**cfg_dict), tokenizer=tok, move_to_device=False)
     # strict: every key and shape must match the cached conversion (nanoGPT-style import).
     model.load_state_dict(load_file(d / "model.safetensors"), strict=True)
     info = {
@@ -225,7 +236,7 @@ def _tiny_tokenizer():
 
 
 def _load_tiny(seed: int, *, name: str) -> LoadedLM:
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    from transformer_lens import HookedTransformerConfig
 
     tok = _tiny_tokenizer()
     cfg = HookedTransformerConfig(
@@ -235,7 +246,7 @@ def _load_tiny(seed: int, *, name: str) -> LoadedLM:
     # Seed a forked RNG so loading a test model never disturbs the caller's global RNG.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = HookedTransformer(cfg, tokenizer=tok, move_to_device=False)
+        model = _hooked_transformer(cfg, tokenizer=tok, move_to_device=False)
         with torch.no_grad():  # a non-trivial final-norm gain, like Gemma's (1 + w)
             model.ln_final.w.copy_(1.0 + 0.5 * torch.rand(cfg.d_model))
     info = {"source": "random", "class": "HookedTransformer", "seed": seed, "versions": _versions()}

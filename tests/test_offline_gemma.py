@@ -1,0 +1,52 @@
+"""End to end on the real offline Gemma-3-270M: the packaged GGUF, converted once and cached."""
+
+import numpy as np
+import pytest
+import torch
+
+from rqae_pipeline.harvest import HarvestConfig, harvest
+from rqae_pipeline.lm import OFFLINE_GEMMA, resolve_hook
+from rqae_pipeline.store import ActivationStore, Flags
+from rqae_pipeline.summary import storage_fvu, summarise
+
+pytestmark = pytest.mark.slow
+
+
+def test_offline_model_is_gemma_3_270m(gemma_lm):
+    cfg = gemma_lm.model.cfg
+    assert (cfg.n_layers, cfg.d_model, cfg.d_vocab) == (18, 640, 262144)
+    assert resolve_hook(gemma_lm, 9).name == "blocks.9.hook_resid_post"
+    tok = gemma_lm.tokenizer
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        logits = gemma_lm.model(ids)
+    top5 = [tok.decode(i) for i in logits[0, -1].topk(5).indices]
+    assert " Paris" in top5  # a real language model (HF's own forward gives the same top 5)
+    text = tok("Water boils at one hundred degrees Celsius at sea level, and it freezes at zero degrees.",
+               return_tensors="pt").input_ids
+    with torch.inference_mode():
+        loss = gemma_lm.model(text, return_type="loss")
+    assert loss < 4.0  # uniform over the 262k vocabulary would be 12.5 nats
+
+
+def test_harvest_real_activations(gemma_lm, tmp_path):
+    out = tmp_path / "gemma.zarr"
+    cfg = HarvestConfig(out=out, model=OFFLINE_GEMMA, tokens=1024, batch_contexts=4, contexts_per_shard=8,
+                        contexts_per_chunk=4)
+    result = harvest(cfg, lm=gemma_lm, progress=False)
+    store = ActivationStore.open(out)
+    assert result.tokens == store.n_tokens == 1024 and store.spec.hook == "blocks.9.hook_resid_post"
+    rows = store.read()
+    tokens = torch.from_numpy(rows.tokens.reshape(-1, 128).astype(np.int64))
+    with torch.inference_mode():
+        _, cache = gemma_lm.model.run_with_cache(tokens[:2], names_filter=[store.spec.hook], stop_at_layer=10)
+        raw = cache[store.spec.hook].reshape(-1, 640)
+        normed = gemma_lm.model.ln_final(raw)
+    torch.testing.assert_close(rows.acts[:256], normed, rtol=3e-3, atol=3e-2)
+    torch.testing.assert_close(store.raw(store.read(0, 256)), raw, rtol=3e-3, atol=3e-1)
+    # BOS is an attention sink in Gemma: flagged as BOS and as a norm outlier.
+    bos = (rows.flags & Flags.BOS) != 0
+    assert bos.sum() == 8 and ((rows.flags[bos] & Flags.OUTLIER) != 0).all()
+    assert storage_fvu(store.manifest) < 1e-5
+    s = summarise(store)
+    assert 0.3 < s["ratio_to_fp32_cache"] < 0.6 and s["sample"]["finite"]
