@@ -1,0 +1,279 @@
+"""One training loop for every architecture, reading shuffled batches from an activation store.
+
+The loop owns data, progress, metrics, checkpoints and resume; the architecture owns its
+step (`models/base.py`). The language model is never loaded. Data order is a pure
+function of the seed, so a resumed run skips the batches it already trained on and ends
+with the same weights as an uninterrupted one.
+
+Held-out data is split by context: the last `heldout_fraction` of the store's contexts,
+recorded in `train.json`, never reach the optimiser.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rqae_pipeline import RQAEError, __version__
+from rqae_pipeline.models.base import ModelSpec, Trainable
+from rqae_pipeline.models.trainables import build_trainable
+from rqae_pipeline.store import ActivationStore, Flags
+
+CHECKPOINT = "checkpoint.pt"
+RUN_FILE = "train.json"
+METRICS = "metrics.jsonl"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    store: Path
+    out: Path
+    model: ModelSpec
+    batch_size: int = 1024
+    tokens: int = 1_000_000  # training tokens (steps = tokens // batch_size)
+    seed: int = 0
+    heldout_fraction: float = 0.05
+    eval_tokens: int = 16384  # held-out rows used for periodic and final evaluation
+    exclude: int = int(Flags.BOS | Flags.OUTLIER)  # rows never trained or evaluated on
+    log_every: int = 10
+    eval_every: int = 100
+    checkpoint_every: int = 50
+    device: str | None = None
+    resume: bool = False
+
+    def __post_init__(self):
+        if self.batch_size < 1 or self.tokens < self.batch_size:
+            raise ValueError("need batch_size >= 1 and tokens >= batch_size")
+        if not 0 < self.heldout_fraction < 1:
+            raise ValueError("heldout_fraction must be in (0, 1)")
+
+    @property
+    def total_steps(self) -> int:
+        return self.tokens // self.batch_size
+
+    def identity(self) -> dict:
+        """Fields a resumed run must share with the run it continues."""
+        d = asdict(self)
+        for volatile in ("out", "resume", "device", "log_every", "eval_every", "checkpoint_every", "store"):
+            d.pop(volatile)
+        return json.loads(json.dumps(d, default=str))
+
+
+@dataclass
+class TrainResult:
+    out: Path
+    steps: int
+    heldout: dict[str, Any] = field(default_factory=dict)
+    interrupted: bool = False
+    seconds: float = 0.0
+
+
+# --------------------------------------------------------------------------- data
+
+
+def open_training_store(path: Path) -> ActivationStore:
+    store = ActivationStore.open(path)
+    if store.is_being_written():
+        raise RQAEError(f"store {path} is still being written (harvest running); wait for it to finish")
+    if store.n_tokens == 0:
+        raise RQAEError(f"store {path} is empty")
+    return store
+
+
+def heldout_split(store: ActivationStore, fraction: float) -> dict[str, int]:
+    """Last `fraction` of contexts (at least one) held out; rows are whole contexts."""
+    n_ctx, R = store.n_contexts, store.spec.rows_per_context
+    held = max(1, round(n_ctx * fraction))
+    if held >= n_ctx:
+        raise RQAEError(f"store has {n_ctx} context(s): too few to hold out {fraction:.0%} and still train")
+    first = n_ctx - held
+    return {"first_context": first, "contexts": held, "first_row": first * R, "rows": store.n_tokens - first * R}
+
+
+def train_batches(store: ActivationStore, cfg: TrainConfig, split: dict, skip: int):
+    """Endless shuffled batches of training rows; epoch e uses seed (seed, e). Skips `skip`."""
+    epoch, n = 0, 0
+    while True:
+        seen = False
+        for batch in store.batches(cfg.batch_size, seed=cfg.seed * 100_003 + epoch, stop=split["first_row"],
+                                   exclude=cfg.exclude, drop_last=True):
+            seen = True
+            if n >= skip:
+                yield batch
+            n += 1
+        if not seen:
+            raise RQAEError(f"fewer than {cfg.batch_size} training rows in the store; lower --batch-size")
+        epoch += 1
+
+
+def heldout_rows(store: ActivationStore, cfg: TrainConfig, split: dict) -> torch.Tensor:
+    start = split["first_row"]
+    rows = store.read(start, min(store.n_tokens, start + max(cfg.eval_tokens, 1)))
+    keep = torch.from_numpy((rows.flags & cfg.exclude) == 0)
+    return rows.acts[keep]
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def prefix_lengths(n_q: int) -> list[int]:
+    m, out = 1, []
+    while m < n_q:
+        out.append(m)
+        m *= 2
+    return out + [n_q]
+
+
+@torch.no_grad()
+def evaluate(trainable: Trainable, x: torch.Tensor, batch: int = 4096) -> dict[str, Any]:
+    """Held-out MSE and FVU from float64 sums over all rows (FVU against the set's own mean);
+    for RQAE also the FVU of every power-of-two prefix."""
+    x64 = x.double()
+    total = float((x64 - x64.mean(0)).pow(2).sum())
+    is_rqae = trainable.spec.arch == "rqae"
+    prefixes = prefix_lengths(trainable.spec.n_q) if is_rqae else [None]
+    sse = dict.fromkeys(prefixes, 0.0)
+    for i in range(0, len(x), batch):
+        xb = x[i : i + batch]
+        if is_rqae:
+            codes = trainable.module.encode(xb.to(trainable.device))
+            for m in prefixes:
+                err = xb.double() - trainable.module.decode(codes, m).double().cpu()
+                sse[m] += float(err.pow(2).sum())
+        else:
+            sse[None] += float((xb.double() - trainable.reconstruct(xb).double().cpu()).pow(2).sum())
+    full = sse[prefixes[-1]]
+    out = {"mse": full / x.numel(), "fvu": full / total, "tokens": len(x)}
+    if is_rqae:
+        out["fvu_by_prefix"] = {str(m): sse[m] / total for m in prefixes}
+    out["health"] = trainable.health(x[:4096])
+    return out
+
+
+# --------------------------------------------------------------------------- run directory
+
+
+def _atomic_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(out: Path, trainable: Trainable, step: int, cfg: TrainConfig) -> None:
+    tmp = out / (CHECKPOINT + ".tmp")
+    torch.save({"step": step, "state": trainable.checkpoint_state(), "identity": cfg.identity()}, tmp)
+    os.replace(tmp, out / CHECKPOINT)  # a kill mid-save leaves the previous checkpoint
+
+
+def _prepare_out(cfg: TrainConfig, store: ActivationStore) -> dict | None:
+    """Return the checkpoint to resume from (or None); refuse to mix runs."""
+    out = Path(cfg.out)
+    run_file = out / RUN_FILE
+    if run_file.exists() or (out / CHECKPOINT).exists():
+        if not cfg.resume:
+            raise RQAEError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+        prior = json.loads(run_file.read_text()) if run_file.exists() else {}
+        if prior.get("store_spec") and prior["store_spec"] != store.manifest["spec"]:
+            raise RQAEError(f"{out} was trained on another store (model/hook/corpus differ); choose another --out")
+        if not (out / CHECKPOINT).exists():
+            return None
+        ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
+        for key, value in cfg.identity().items():
+            if ckpt["identity"].get(key) != value:
+                raise RQAEError(f"cannot resume: {key} was {ckpt['identity'].get(key)!r}, now {value!r}; "
+                                f"resume with the same settings or choose another --out")
+        return ckpt
+    if out.exists() and any(out.iterdir()):
+        raise RQAEError(f"{out} exists and is not a training run directory; choose another --out")
+    return None
+
+
+def _keep_metrics_up_to(path: Path, step: int) -> None:
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+        path.write_text("".join(ln + "\n" for ln in lines))
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
+    from tqdm import tqdm
+
+    from rqae_pipeline.lm import default_device
+
+    store = open_training_store(cfg.store)
+    if cfg.model.d_in != store.d:
+        raise RQAEError(f"model d_in {cfg.model.d_in} does not match the store's d_model {store.d}")
+    device = cfg.device or default_device()
+    ckpt = _prepare_out(cfg, store)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    split = heldout_split(store, cfg.heldout_fraction)
+    trainable = build_trainable(cfg.model, total_steps=cfg.total_steps, device=device, seed=cfg.seed)
+    step = 0
+    if ckpt is not None:
+        trainable.load_checkpoint_state(ckpt["state"])
+        step = ckpt["step"]
+        _keep_metrics_up_to(out / METRICS, step)
+    _atomic_json(out / RUN_FILE, {"config": cfg.identity(), "store": str(cfg.store), "store_spec": store.manifest["spec"],
+                                  "heldout": split, "rqae_pipeline": __version__, "status": "training"})
+    heldout = heldout_rows(store, cfg, split)
+    batches = train_batches(store, cfg, split, skip=step)
+    if step == 0:
+        trainable.init_from_data(next(train_batches(store, cfg, split, skip=0)))
+        _keep_metrics_up_to(out / METRICS, 0)
+    bar = tqdm(total=cfg.total_steps, initial=step, unit="step", desc=f"train {cfg.model.arch}",
+               disable=not progress, dynamic_ncols=True)
+    t0, t_last, tok_last, interrupted = time.perf_counter(), time.perf_counter(), 0, False
+    last_good = step
+    try:
+        with open(out / METRICS, "a") as log:
+            while step < cfg.total_steps:
+                stats = trainable.train_step(next(batches))
+                if not math.isfinite(stats["loss"]):
+                    raise RQAEError(f"loss became {stats['loss']} at step {step + 1}; stopped, the checkpoint of "
+                                    f"step {last_good} is kept (try a lower --lr)")
+                step += 1
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.total_steps:
+                    now = time.perf_counter()
+                    tok_s = (step * cfg.batch_size - tok_last) / max(now - t_last, 1e-9)
+                    t_last, tok_last = now, step * cfg.batch_size
+                    row = {"step": step, "tokens": step * cfg.batch_size, **stats, "tok_per_s": tok_s}
+                    if step % cfg.eval_every == 0 or step == cfg.total_steps:
+                        row["heldout"] = evaluate(trainable, heldout)
+                    log.write(json.dumps(row) + "\n")
+                    log.flush()
+                    bar.set_postfix(loss=f"{stats['loss']:.4g}", fvu=f"{stats.get('fvu', float('nan')):.3f}",
+                                    tok_s=f"{tok_s:,.0f}")
+                if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
+                    save_checkpoint(out, trainable, step, cfg)
+                    last_good = step
+    except KeyboardInterrupt:
+        interrupted = True
+        save_checkpoint(out, trainable, step, cfg)  # the weights after the last whole step
+    finally:
+        bar.close()
+    result = TrainResult(out=out, steps=step, interrupted=interrupted, seconds=time.perf_counter() - t0)
+    if not interrupted:
+        result.heldout = evaluate(trainable, heldout)
+        trainable.save(out)
+        run = json.loads((out / RUN_FILE).read_text())
+        run.update(status="done", steps=step, heldout_metrics=result.heldout, weight_bytes=trainable.weight_bytes())
+        _atomic_json(out / RUN_FILE, run)
+        from rqae_pipeline.report.plots import plot_training
+
+        plot_training(out / METRICS, out, result.heldout)
+    return result
+
+
+def default_spec(arch: str, d_in: int, **kw) -> ModelSpec:
+    return replace(ModelSpec(arch=arch, d_in=d_in), **kw)
