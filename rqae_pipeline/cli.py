@@ -96,6 +96,75 @@ def inspect(
     typer.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
 
 
+def _parse_options(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            _fail(f"--option expects key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
+@app.command()
+def train(
+    store: Annotated[Path, typer.Option(help="Activation store to train on.")],
+    out: Annotated[Path, typer.Option(help="Run directory (weights, config, metrics, plots, checkpoint).")],
+    arch: Annotated[str, typer.Option(help="rqae, codebook, or <sae-lens architecture>-sae (e.g. topk-sae, "
+                                      "matryoshka_batchtopk-sae); `rqae archs` lists them.")] = "rqae",
+    n_q: Annotated[int, typer.Option("--n-q", help="RQAE quantiser layers.")] = 64,
+    d_sae: Annotated[int, typer.Option(help="SAE latents / codebook size.")] = 4096,
+    k: Annotated[int, typer.Option(help="Active latents (TopK-style SAEs) / active codes (codebook).")] = 32,
+    lr: float = 1e-3,
+    batch_size: int = 1024,
+    tokens: Annotated[int, typer.Option(help="Training tokens (steps = tokens / batch size).")] = 1_000_000,
+    seed: int = 0,
+    heldout: Annotated[float, typer.Option(help="Fraction of contexts held out (the store's last ones).")] = 0.05,
+    prefix_loss: Annotated[bool, typer.Option(help="RQAE: average the MSE over every prefix.")] = True,
+    mean_init: Annotated[bool, typer.Option(help="Initialise the output bias to the data mean.")] = True,
+    option: Annotated[list[str], typer.Option(help="Architecture option key=value (repeatable).")] = [],  # noqa: B006
+    checkpoint_every: int = 50,
+    eval_every: int = 100,
+    device: Annotated[str | None, typer.Option(help="cuda/cpu; default: cuda when present.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the run's last checkpoint.")] = False,
+) -> None:
+    """Train an RQAE, a codebook autoencoder or a sae-lens SAE on a store, without the LM."""
+    from rqae_pipeline.models.base import ModelSpec
+    from rqae_pipeline.store import ActivationStore
+    from rqae_pipeline.train import TrainConfig
+    from rqae_pipeline.train import train as run_train
+
+    try:
+        d_in = ActivationStore.open(store).d
+        spec = ModelSpec(arch=arch, d_in=d_in, n_q=n_q, d_sae=d_sae, k=k, lr=lr, prefix_loss=prefix_loss,
+                         mean_init=mean_init, options=_parse_options(option))
+        cfg = TrainConfig(store=store, out=out, model=spec, batch_size=batch_size, tokens=tokens, seed=seed,
+                          heldout_fraction=heldout, checkpoint_every=checkpoint_every, eval_every=eval_every,
+                          device=device, resume=resume)
+        result = run_train(cfg)
+    except (RQAEError, ValueError) as e:
+        _fail(str(e))
+    if result.interrupted:
+        typer.echo(f"interrupted at step {result.steps}: checkpoint saved in {out}; rerun with --resume", err=True)
+        raise typer.Exit(EXIT_INTERRUPTED)
+    h = result.heldout
+    line = f"{out}: {arch} held-out FVU {h['fvu']:.4f}, MSE {h['mse']:.4g} on {h['tokens']:,} tokens"
+    if "fvu_by_prefix" in h:
+        line += "; by prefix " + " ".join(f"{m}:{v:.3f}" for m, v in h["fvu_by_prefix"].items())
+    typer.echo(line)
+
+
+@app.command()
+def archs() -> None:
+    """List the trainable architectures."""
+    from rqae_pipeline.models.sae import sae_architectures
+
+    typer.echo("\n".join(["rqae", "codebook", *(f"{a}-sae" for a in sae_architectures())]))
+
+
 def main() -> None:
     try:
         app()

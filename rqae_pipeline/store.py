@@ -178,8 +178,9 @@ class StoreLock:
 def _compressors(dtype: str):
     from zarr.codecs import BloscCodec
 
-    # zstd + bitshuffle was the smallest of the Blosc options measured on real fp16 acts.
-    return [BloscCodec(cname="zstd", clevel=3, shuffle="bitshuffle")]
+    # Measured on real fp16 Gemma-3-270M activations (16k rows): zstd-5 with byte shuffle
+    # 0.877x of raw, no shuffle 0.938x, bitshuffle 1.0x (no gain), lz4 1.0x.
+    return [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")]
 
 
 def _open_group(path: Path, mode: str):

@@ -63,6 +63,8 @@ class TrainConfig:
         d = asdict(self)
         for volatile in ("out", "resume", "device", "log_every", "eval_every", "checkpoint_every", "store"):
             d.pop(volatile)
+        model = d.pop("model")
+        d.update({f"model.{k}": v for k, v in model.items()})  # flat, so errors name the field
         return json.loads(json.dumps(d, default=str))
 
 

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformer_lens.hook_points import HookedRootModule, HookPoint
+from transformer_lens import HookedRootModule
+from transformer_lens.hook_points import HookPoint
 
 LEVELS = (-1.0, -0.5, 0.0, 0.5, 1.0)
 CODE_DIM = 4
@@ -73,6 +74,11 @@ class RQAE(HookedRootModule):
         self.W_out = torch.nn.Parameter(torch.empty(n, CODE_DIM, d).uniform_(-bound_out, bound_out))
         self.b_out = torch.nn.Parameter(torch.empty(n, d).uniform_(-bound_out, bound_out))
         self.register_buffer("codebook", hypersphere_codebook(), persistent=False)  # (544, 4)
+        # Inputs are divided by this data-derived scalar (set by `init_from_data`) so every
+        # store trains at the same learning rate: final-norm activations carry the LM's
+        # gain (up to ~280 on Gemma) and are far from unit scale. A scalar is absorbed by
+        # the linear maps, so the model class is the reference's.
+        self.register_buffer("input_scale", torch.ones(()))
         self.hook_in = HookPoint()  # (B, d)
         self.hook_codes = HookPoint()  # (B, n_q)
         self.hook_recons = HookPoint()  # (B, d)
@@ -93,7 +99,7 @@ class RQAE(HookedRootModule):
     @torch.no_grad()
     def encode_naive(self, x: torch.Tensor) -> torch.Tensor:
         """(B, d) -> (B, n_q) int16 codes, the reference loop: n_q passes over (B, d)."""
-        r = x.float().clone()
+        r = x.float() / self.input_scale
         codes = torch.empty(x.shape[0], self.n_q, dtype=torch.int16, device=x.device)
         for i in range(self.n_q):
             c = self._nearest(r @ self.W_in[i] + self.b_in[i])
@@ -125,7 +131,7 @@ class RQAE(HookedRootModule):
         block of layers corrections are applied layer by layer; a finished block pushes
         its contribution to all later layers with one GEMM.
         """
-        x = x.float()
+        x = x.float() / self.input_scale
         B, n, k = x.shape[0], self.n_q, CODE_DIM
         cross, bias = self._cross_terms()
         proj = x @ self.W_in.detach().permute(1, 0, 2).reshape(-1, n * k) + bias  # (B, n*4)
@@ -149,7 +155,7 @@ class RQAE(HookedRootModule):
             raise ValueError(f"n_layers must be in 1..{self.n_q}, got {m}")
         q = self.codebook[codes[:, :m].long()]  # (B, m, 4)
         out = torch.einsum("bmk,mkd->bd", q, self.W_out[:m])
-        return out + self.b_out[:m].sum(0)
+        return (out + self.b_out[:m].sum(0)) * self.input_scale
 
     # ------------------------------------------------------------------ training
 
@@ -162,7 +168,7 @@ class RQAE(HookedRootModule):
         reconstruction (layers 1..m for m = 1..n_q), which keeps early layers usable on
         their own (DESIGN §4: held-out FVU at 1/4/16 layers 0.90/0.68/0.29 vs 1.00/0.95/0.74)."""
         with torch.autocast(device_type=x.device.type, enabled=False):  # quantise in fp32
-            x = self.hook_in(x.float())
+            x = self.hook_in(x.float() / self.input_scale)
             r = x.detach().clone()
             x_hat = torch.zeros_like(x)
             codes = torch.empty(x.shape[0], self.n_q, dtype=torch.long, device=x.device)
@@ -180,14 +186,20 @@ class RQAE(HookedRootModule):
                 r = r - r_hat.detach()  # the reference detaches the residual update
             loss = loss / self.n_q if prefix_loss else (x - x_hat).pow(2).mean()
             self.hook_codes(codes)
-            x_hat = self.hook_recons(x_hat)
-            self.hook_error(x - x_hat)
+            x_hat = self.hook_recons(x_hat * self.input_scale)
+            self.hook_error(x * self.input_scale - x_hat)
         return loss, x_hat, codes
 
     @torch.no_grad()
-    def init_output_bias(self, mean: torch.Tensor) -> None:
-        """First layer's output bias = data mean (as SAEs initialise b_dec); FVU 0.27 -> 0.12 in DESIGN §4."""
-        self.b_out[0].copy_(mean.to(self.b_out))
+    def init_from_data(self, sample: torch.Tensor, *, mean_init: bool = True) -> None:
+        """Set `input_scale` to the per-dimension RMS of the centred sample and, with
+        `mean_init`, the first layer's output bias to the data mean, as SAEs initialise
+        b_dec (DESIGN §4: held-out FVU 0.27 -> 0.12)."""
+        x = sample.float()
+        mean = x.mean(0)
+        self.input_scale.copy_((x - mean).pow(2).mean().sqrt().clamp_min(1e-12))
+        if mean_init:
+            self.b_out[0].copy_(mean.to(self.b_out) / self.input_scale)
 
     # ------------------------------------------------------------------ features
 

@@ -44,7 +44,7 @@ class ModuleTrainable:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return {"loss": float(loss), "fvu": batch_fvu(x, x_hat.detach())}
+        return {"loss": float(loss.detach()), "fvu": batch_fvu(x, x_hat.detach())}
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
@@ -68,8 +68,7 @@ class RQAETrainable(ModuleTrainable):
         return self.module.training_loss(x, prefix_loss=self.spec.prefix_loss)
 
     def init_from_data(self, sample: torch.Tensor) -> None:
-        if self.spec.mean_init:
-            self.module.init_output_bias(sample.mean(0))
+        self.module.init_from_data(sample.to(self.device), mean_init=self.spec.mean_init)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor, n_layers: int | None = None) -> torch.Tensor:

@@ -1,0 +1,66 @@
+"""Small sweep of RQAE training choices on a real store (not a test).
+
+Trains each variant for the same number of steps on the same batches and prints the
+held-out FVU of the full model and of its 1/4/16-layer prefixes, so the defaults in
+`rqae train` (optimiser, learning rate, batch size, data-mean bias init, prefix-averaged
+loss) rest on measurements. Usage:
+
+    python bench/train_sweep.py --store cache/demo.zarr --n-q 64 --steps 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from rqae_pipeline.models.base import ModelSpec
+from rqae_pipeline.store import ActivationStore
+from rqae_pipeline.train import TrainConfig, train
+
+VARIANTS = {
+    "default (Adam 1e-3, batch 1024, mean init, prefix loss)": {},
+    "full-only loss": {"prefix_loss": False},
+    "no mean init": {"mean_init": False},
+    "no mean init, full-only loss": {"mean_init": False, "prefix_loss": False},
+    "lr 3e-4": {"lr": 3e-4},
+    "lr 3e-3": {"lr": 3e-3},
+    "batch 256 (same tokens)": {"batch_size": 256},
+}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--store", type=Path, required=True)
+    ap.add_argument("--n-q", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--only", nargs="*", help="variant names to run (substring match)")
+    ap.add_argument("--json-out", type=Path)
+    args = ap.parse_args()
+    d = ActivationStore.open(args.store).d
+    rows = []
+    for name, change in VARIANTS.items():
+        if args.only and not any(o in name for o in args.only):
+            continue
+        batch = change.pop("batch_size", 1024) if "batch_size" in change else 1024
+        spec = replace(ModelSpec(arch="rqae", d_in=d, n_q=args.n_q), **change)
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = TrainConfig(store=args.store, out=Path(tmp) / "run", model=spec, batch_size=batch,
+                              tokens=1024 * args.steps, eval_every=10**9, checkpoint_every=10**9, log_every=50)
+            t0 = time.perf_counter()
+            h = train(cfg, progress=False).heldout
+            secs = time.perf_counter() - t0
+        p = h["fvu_by_prefix"]
+        rows.append({"variant": name, "fvu": h["fvu"], "fvu_1": p["1"], "fvu_4": p["4"], "fvu_16": p.get("16"),
+                     "seconds": secs})
+        print(f"| {name} | {h['fvu']:.3f} | {p['1']:.3f} | {p['4']:.3f} | {p.get('16', float('nan')):.3f} | {secs:.0f} |",
+              flush=True)
+    if args.json_out:
+        args.json_out.write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

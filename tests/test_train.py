@@ -1,0 +1,206 @@
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from rqae_pipeline import RQAEError
+from rqae_pipeline.harvest import harvest
+from rqae_pipeline.models.base import ModelSpec
+from rqae_pipeline.models.trainables import build_trainable
+from rqae_pipeline.store import ActivationStore, StoreLock
+from rqae_pipeline.train import CHECKPOINT, TrainConfig, evaluate, heldout_rows, heldout_split, train
+
+from helpers import REPO, rqae_cmd, tiny_config
+
+
+@pytest.fixture(scope="module")
+def store_path(tiny_lm, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "tiny.zarr"
+    harvest(tiny_config(out, tokens=16384), lm=tiny_lm, progress=False)
+    return out
+
+
+def rqae_cfg(store_path, out, **kw):
+    model = kw.pop("model", ModelSpec(arch="rqae", d_in=64, n_q=8, lr=3e-3))
+    base = dict(store=store_path, out=out, model=model, batch_size=256, tokens=256 * 40, eval_every=20,
+                checkpoint_every=10, log_every=5)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(out / "model.safetensors")
+
+
+def test_rqae_trains_and_writes_its_run_directory(store_path, tmp_path):
+    cfg = rqae_cfg(store_path, tmp_path / "run")
+    store = ActivationStore.open(store_path)
+    split = heldout_split(store, cfg.heldout_fraction)
+    x = heldout_rows(store, cfg, split)
+    untrained = build_trainable(cfg.model, total_steps=1, device="cpu", seed=0)
+    untrained.init_from_data(x)
+    before = evaluate(untrained, x)["fvu"]
+    result = train(cfg, progress=False)
+    out = tmp_path / "run"
+    assert result.steps == 40 and result.heldout["fvu"] < 0.8 * before
+    for name in ("config.json", "model.safetensors", "train.json", "metrics.jsonl", "loss_curve.png",
+                 "fvu_vs_prefix.png", CHECKPOINT):
+        assert (out / name).exists(), name
+    run = json.loads((out / "train.json").read_text())
+    assert run["status"] == "done" and run["heldout"] == split and run["store_spec"]["hook"] == store.spec.hook
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(5, 41, 5))
+    assert all({"loss", "fvu", "tok_per_s"} <= set(r) for r in rows)
+    health = rows[-1]["heldout"]["health"]
+    assert health["perplexity_mean"] > 1 and 0 <= health["dead_codes_mean"] <= 544
+    assert set(rows[-1]["heldout"]["fvu_by_prefix"]) == {"1", "2", "4", "8"}
+
+
+def test_heldout_split_is_by_context_and_never_trained_on(store_path):
+    store = ActivationStore.open(store_path)
+    split = heldout_split(store, 0.1)
+    R = store.spec.rows_per_context
+    assert split["first_row"] % R == 0 and split["contexts"] == round(store.n_contexts * 0.1)
+    held = store.read(split["first_row"], store.n_tokens)
+    assert held.seq.min() == split["first_context"]
+    from rqae_pipeline.train import train_batches
+
+    cfg = TrainConfig(store=store_path, out=store_path, model=ModelSpec(arch="rqae", d_in=64), batch_size=128,
+                      tokens=128, heldout_fraction=0.1)
+    # Early positions repeat across contexts (same token after BOS), so compare against
+    # the rows that only the held-out contexts contain.
+    train_keys = {r.tobytes() for r in store.read(0, split["first_row"]).acts.numpy()}
+    held_only = {r.tobytes() for r in held.acts.numpy()} - train_keys
+    assert len(held_only) > 0.9 * len(held.acts)
+    gen = train_batches(store, cfg, split, skip=0)
+    for _ in range((split["first_row"] - store.n_contexts) // 128):
+        keys = {r.tobytes() for r in next(gen).numpy()}
+        assert keys <= train_keys and not keys & held_only
+
+
+def wait_for_step(out, step, proc, timeout=180):
+    t0 = time.time()
+    while True:
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t0 < timeout
+        metrics = out / "metrics.jsonl"
+        if metrics.exists():
+            lines = metrics.read_text().splitlines()
+            if lines and json.loads(lines[-1])["step"] >= step:
+                return
+        time.sleep(0.05)
+
+
+CLI_TRAIN = ["--arch", "rqae", "--n-q", "8", "--lr", "0.003", "--batch-size", "256", "--tokens", str(256 * 400),
+             "--checkpoint-every", "7", "--eval-every", "1000"]
+
+
+def start_train(store_path, out, *extra):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.Popen(rqae_cmd("train", "--store", str(store_path), "--out", str(out), *CLI_TRAIN, *extra),
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def cli_cfg(store_path, out, resume=False):
+    return TrainConfig(store=store_path, out=out, model=ModelSpec(arch="rqae", d_in=64, n_q=8, lr=0.003),
+                       batch_size=256, tokens=256 * 400, checkpoint_every=7, eval_every=1000, resume=resume)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(store_path, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ref") / "run"
+    train(cli_cfg(store_path, out), progress=False)
+    return weights(out)
+
+
+@pytest.mark.parametrize("how", ["kill-9", "ctrl-c"])
+def test_interrupted_training_resumes_to_the_same_weights(store_path, tmp_path, uninterrupted, how):
+    out = tmp_path / "run"
+    proc = start_train(store_path, out)
+    wait_for_step(out, 60, proc)
+    if how == "kill-9":
+        proc.kill()
+        proc.wait()
+    else:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130 and "rerun with --resume" in err
+    ckpt = torch.load(out / CHECKPOINT, weights_only=False)
+    assert 0 < ckpt["step"] < 400
+    result = train(cli_cfg(store_path, out, resume=True), progress=False)
+    assert result.steps == 400
+    got = weights(out)
+    for name, ref in uninterrupted.items():
+        torch.testing.assert_close(got[name], ref, rtol=1e-5, atol=1e-6, msg=name)
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps))  # no duplicated log rows after the resume
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(store_path, tmp_path):
+    cfg = rqae_cfg(store_path, tmp_path / "run", model=ModelSpec(arch="rqae", d_in=64, n_q=8, lr=1e30),
+                   checkpoint_every=1, tokens=256 * 200)
+    with pytest.raises(RQAEError, match="loss became .* checkpoint of step"):
+        train(cfg, progress=False)
+    ckpt = torch.load(tmp_path / "run" / CHECKPOINT, weights_only=False)
+    assert all(torch.isfinite(v).all() for v in ckpt["state"]["model"].values())
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_bad_training_input_is_refused(store_path, tmp_path, tiny_lm):
+    with pytest.raises(RQAEError, match="no activation store"):
+        train(rqae_cfg(tmp_path / "missing.zarr", tmp_path / "a"), progress=False)
+    with pytest.raises(RQAEError, match="does not match the store's d_model"):
+        train(rqae_cfg(store_path, tmp_path / "b", model=ModelSpec(arch="rqae", d_in=32, n_q=4)), progress=False)
+    # an empty store: created, never committed
+    empty = tmp_path / "empty.zarr"
+    harvest(tiny_config(empty, tokens=64), lm=tiny_lm, progress=False)
+    store = ActivationStore.open(empty)
+    store.reopen_for_append().commit(tokens=0, contexts=0, corpus_state=(0, 0))
+    with pytest.raises(RQAEError, match="is empty"):
+        train(rqae_cfg(empty, tmp_path / "c"), progress=False)
+    # a store whose harvest is still running
+    busy = tmp_path / "busy.zarr"
+    harvest(tiny_config(busy, tokens=2048), lm=tiny_lm, progress=False)
+    lock = StoreLock(busy)
+    lock.acquire()
+    try:
+        with pytest.raises(RQAEError, match="still being written"):
+            train(rqae_cfg(busy, tmp_path / "d"), progress=False)
+    finally:
+        lock.release()
+
+
+def test_out_dir_of_another_run_and_changed_hyperparameters(store_path, tmp_path):
+    out = tmp_path / "run"
+    train(rqae_cfg(store_path, out, tokens=256 * 10), progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(RQAEError, match="already holds a training run"):
+        train(rqae_cfg(store_path, out, tokens=256 * 10), progress=False)
+    with pytest.raises(RQAEError, match="model.lr was 0.003, now 0.01"):
+        train(rqae_cfg(store_path, out, tokens=256 * 10, resume=True,
+                       model=ModelSpec(arch="rqae", d_in=64, n_q=8, lr=0.01)), progress=False)
+    with pytest.raises(RQAEError, match="batch_size was 256, now 128"):
+        train(rqae_cfg(store_path, out, tokens=256 * 10, resume=True, batch_size=128), progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(RQAEError, match="not a training run directory"):
+        train(rqae_cfg(store_path, tmp_path / "other"), progress=False)
+
+
+def test_codebook_baseline_trains_through_the_same_loop(store_path, tmp_path):
+    cfg = rqae_cfg(store_path, tmp_path / "cb", model=ModelSpec(arch="codebook", d_in=64, d_sae=128, k=4, lr=3e-3))
+    result = train(cfg, progress=False)
+    assert result.heldout["fvu"] < 1.0
+    from rqae_pipeline.models.trainables import load_model_dir
+
+    model = load_model_dir(tmp_path / "cb")
+    x = heldout_rows(ActivationStore.open(store_path), cfg, heldout_split(ActivationStore.open(store_path), 0.05))
+    assert model(x).shape == x.shape
