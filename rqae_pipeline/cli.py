@@ -118,7 +118,8 @@ def train(
     n_q: Annotated[int, typer.Option("--n-q", help="RQAE quantiser layers.")] = 64,
     d_sae: Annotated[int, typer.Option(help="SAE latents / codebook size.")] = 4096,
     k: Annotated[int, typer.Option(help="Active latents (TopK-style SAEs) / active codes (codebook).")] = 32,
-    lr: float = 1e-3,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate; default per architecture "
+                                             "(rqae 1e-2, codebook 1e-3, SAEs 3e-4).")] = None,
     batch_size: int = 1024,
     tokens: Annotated[int, typer.Option(help="Training tokens (steps = tokens / batch size).")] = 1_000_000,
     seed: int = 0,
@@ -132,14 +133,15 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the run's last checkpoint.")] = False,
 ) -> None:
     """Train an RQAE, a codebook autoencoder or a sae-lens SAE on a store, without the LM."""
-    from rqae_pipeline.models.base import ModelSpec
+    from rqae_pipeline.models.base import ModelSpec, default_lr
     from rqae_pipeline.store import ActivationStore
     from rqae_pipeline.train import TrainConfig
     from rqae_pipeline.train import train as run_train
 
     try:
         d_in = ActivationStore.open(store).d
-        spec = ModelSpec(arch=arch, d_in=d_in, n_q=n_q, d_sae=d_sae, k=k, lr=lr, prefix_loss=prefix_loss,
+        spec = ModelSpec(arch=arch, d_in=d_in, n_q=n_q, d_sae=d_sae, k=k, lr=default_lr(arch) if lr is None else lr,
+                         prefix_loss=prefix_loss,
                          mean_init=mean_init, options=_parse_options(option))
         cfg = TrainConfig(store=store, out=out, model=spec, batch_size=batch_size, tokens=tokens, seed=seed,
                           heldout_fraction=heldout, checkpoint_every=checkpoint_every, eval_every=eval_every,

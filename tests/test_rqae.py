@@ -6,9 +6,9 @@ import torch
 from rqae_pipeline.models.rqae import RQAE, RQAEConfig, hypersphere_codebook
 
 
-def random_rqae(d=48, n_q=96, seed=0):
+def random_rqae(d=48, n_q=96, seed=0, init="reference"):
     torch.manual_seed(seed)
-    return RQAE(RQAEConfig(d_in=d, n_q=n_q))
+    return RQAE(RQAEConfig(d_in=d, n_q=n_q, init=init))
 
 
 def test_codebook_is_the_544_unit_directions_of_the_fsq_grid():
@@ -36,9 +36,9 @@ def first_mismatch_is_a_tie(model, x, naive, fast, tol=1e-3):
     return abs(float(scores[naive[i].long()] - scores[fast[i].long()])) < tol
 
 
-@pytest.mark.parametrize("block", [1, 7, 64, 500])
-def test_fast_encoder_gives_the_naive_codes(block):
-    model = random_rqae(n_q=200)
+@pytest.mark.parametrize("block, init", [(1, "reference"), (7, "tied"), (64, "reference"), (64, "tied"), (500, "reference")])
+def test_fast_encoder_gives_the_naive_codes(block, init):
+    model = random_rqae(n_q=200, init=init)
     x = torch.randn(400, 48) * 4
     with torch.no_grad():
         naive = model.encode_naive(x)

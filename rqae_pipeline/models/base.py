@@ -24,10 +24,16 @@ class ModelSpec:
     n_q: int = 64  # RQAE layers
     d_sae: int = 4096  # SAE latents / codebook size
     k: int = 32  # active latents (TopK-style SAEs) / active codes (codebook)
-    lr: float = 1e-3
+    lr: float = 1e-2  # see default_lr: measured per family (docs/training.md)
     prefix_loss: bool = True  # RQAE: average MSE over every prefix reconstruction
     mean_init: bool = True  # initialise the output bias to the data mean
     options: dict[str, Any] = field(default_factory=dict)  # architecture-specific extras
+
+
+def default_lr(arch: str) -> float:
+    """Adam learning rates measured on real Gemma-3-270M activations (docs/training.md);
+    SAEs keep sae-lens's own default."""
+    return {"rqae": 1e-2, "codebook": 1e-3}.get(arch, 3e-4)
 
 
 class Trainable(Protocol):

@@ -62,7 +62,13 @@ class ModuleTrainable:
 
 class RQAETrainable(ModuleTrainable):
     def __init__(self, spec: ModelSpec, device: str):
-        super().__init__(spec, RQAE(RQAEConfig(d_in=spec.d_in, n_q=spec.n_q)), device)
+        try:
+            cfg = RQAEConfig(d_in=spec.d_in, n_q=spec.n_q, **spec.options)
+        except TypeError as e:
+            raise RQAEError(f"unknown RQAE option in {sorted(spec.options)}; valid: init") from e
+        except ValueError as e:
+            raise RQAEError(str(e)) from None
+        super().__init__(spec, RQAE(cfg), device)
 
     def _loss(self, x):
         return self.module.training_loss(x, prefix_loss=self.spec.prefix_loss)
