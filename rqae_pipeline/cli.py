@@ -160,6 +160,22 @@ def train(
 
 
 @app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Directory for the demo's store, models and results.")] = Path("cache/demo"),
+    tokens: Annotated[int, typer.Option(help="Tokens to harvest.")] = 49_152,
+    steps: Annotated[int, typer.Option(help="Training steps per model.")] = 200,
+    device: str | None = None,
+) -> None:
+    """Offline demo: harvest Gemma-3-270M, train an RQAE, a TopK and a Matryoshka SAE, compare."""
+    from rqae_pipeline.demo import DemoConfig, run_demo
+
+    try:
+        run_demo(DemoConfig(out=out, tokens=tokens, steps=steps, device=device), echo=typer.echo)
+    except RQAEError as e:
+        _fail(str(e))
+
+
+@app.command()
 def archs() -> None:
     """List the trainable architectures."""
     from rqae_pipeline.models.sae import sae_architectures

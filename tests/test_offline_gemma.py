@@ -50,3 +50,20 @@ def test_harvest_real_activations(gemma_lm, tmp_path):
     assert storage_fvu(store.manifest) < 1e-5
     s = summarise(store)
     assert 0.3 < s["ratio_to_fp32_cache"] < 0.6 and s["sample"]["finite"]
+
+
+def test_rqae_prefixes_are_reconstructions_on_real_activations(gemma_lm, tmp_path):
+    """Held-out FVU must fall steadily with the number of layers used (blog Fig 2b reads a
+    model stopped early; a feature is a prefix of the codes)."""
+    from rqae_pipeline.models.base import ModelSpec
+    from rqae_pipeline.train import TrainConfig, train
+
+    store = tmp_path / "gemma.zarr"
+    harvest(HarvestConfig(out=store, model=OFFLINE_GEMMA, tokens=8192, batch_contexts=8, contexts_per_shard=16),
+            lm=gemma_lm, progress=False)
+    cfg = TrainConfig(store=store, out=tmp_path / "rqae", model=ModelSpec(arch="rqae", d_in=640, n_q=16),
+                      batch_size=256, tokens=256 * 80, heldout_fraction=0.1)
+    curve = train(cfg, progress=False).heldout["fvu_by_prefix"]
+    values = [curve[m] for m in ("1", "2", "4", "8", "16")]
+    assert all(a > b for a, b in zip(values, values[1:])), curve
+    assert values[0] < 1.0 and values[-1] < 0.6, curve
