@@ -3,7 +3,8 @@
 Reading whole chunks is what zarr does cheaply (one byte range of a shard file), so the
 shuffle has two levels: a seeded random order of chunks, then a token-level permutation
 of a buffer of many chunks. With the default 64k-row buffer every batch mixes rows of
-dozens of contexts from all over the store, and memory stays at one buffer.
+dozens of contexts from all over the store, and memory stays at a few buffers (the one
+being consumed and the one being read ahead), whatever the store's size.
 """
 
 from __future__ import annotations
@@ -15,19 +16,24 @@ import numpy as np
 import torch
 
 
+BUFFER_BYTES = 128 * 2**20
+
+
 def _chunk_ranges(start: int, stop: int, chunk_rows: int) -> list[tuple[int, int]]:
     first = start - start % chunk_rows
     return [(max(a, start), min(a + chunk_rows, stop)) for a in range(first, stop, chunk_rows)]
 
 
 def shuffled_batches(store, batch_size: int, *, shuffle: bool, seed: int, start: int, stop: int | None,
-                     exclude: int, buffer_rows: int, drop_last: bool,
+                     exclude: int, buffer_rows: int | None, drop_last: bool,
                      return_rows: bool = False) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor]]:
     stop = store.n_tokens if stop is None else min(stop, store.n_tokens)
     ranges = _chunk_ranges(start, stop, store.spec.chunk_rows)
     rng = np.random.default_rng(seed)
     if shuffle:
         ranges = [ranges[i] for i in rng.permutation(len(ranges))]
+    if buffer_rows is None:
+        buffer_rows = BUFFER_BYTES // (4 * store.d)
     per_buffer = max(1, buffer_rows // store.spec.chunk_rows)
     groups = [ranges[i : i + per_buffer] for i in range(0, len(ranges), per_buffer)]
 

@@ -366,13 +366,13 @@ class ActivationStore:
         return acts * rows.scale[:, None]
 
     def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, start: int = 0,
-                stop: int | None = None, exclude: int = Flags.BOS, buffer_rows: int = 65536,
+                stop: int | None = None, exclude: int = Flags.BOS, buffer_rows: int | None = None,
                 drop_last: bool = False, return_rows: bool = False) -> Iterator:
         """Stream (batch_size, d) float32 batches of rows in [start, stop) with bounded memory.
 
         Shuffling is token-level across the whole range: chunks are visited in a seeded
-        random order, `buffer_rows` worth of them are mixed and permuted together, and the
-        remainder carries into the next buffer. Rows whose flags meet `exclude` are dropped.
+        random order, `buffer_rows` worth of them (default: 128 MB of fp32 rows) are mixed
+        and permuted together, and the remainder carries into the next buffer. Rows whose flags meet `exclude` are dropped.
         With `return_rows`, yields `(acts, row indices)`.
         """
         from rqae_pipeline.reader import shuffled_batches

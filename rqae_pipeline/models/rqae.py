@@ -184,13 +184,16 @@ class RQAE(HookedRootModule):
             x_hat = torch.zeros_like(x)
             codes = torch.empty(x.shape[0], self.n_q, dtype=torch.long, device=x.device)
             loss = x.new_zeros(())
+            # unbind once: indexing a parameter per layer would make every layer's backward
+            # fill a gradient the size of the whole stack (O(n_q^2) memory traffic).
+            w_in, b_in, w_out, b_out = (t.unbind(0) for t in (self.W_in, self.b_in, self.W_out, self.b_out))
             for i in range(self.n_q):
-                p = r @ self.W_in[i] + self.b_in[i]
+                p = r @ w_in[i] + b_in[i]
                 p_norm = F.normalize(p, dim=-1)
                 c = self._nearest(p_norm.detach())
                 codes[:, i] = c
                 q = p_norm + (self.codebook[c] - p_norm).detach()  # straight-through estimator
-                r_hat = q @ self.W_out[i] + self.b_out[i]
+                r_hat = q @ w_out[i] + b_out[i]
                 x_hat = x_hat + r_hat
                 if prefix_loss:
                     loss = loss + (x - x_hat).pow(2).mean()
