@@ -219,7 +219,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     split = heldout_split(store, cfg.heldout_fraction)
-    trainable = build_trainable(cfg.model, total_steps=cfg.total_steps, device=device, seed=cfg.seed)
+    trainable = build_trainable(cfg.model, total_steps=cfg.total_steps, batch_size=cfg.batch_size, device=device,
+                                seed=cfg.seed)
     step = 0
     if ckpt is not None:
         trainable.load_checkpoint_state(ckpt["state"])

@@ -44,7 +44,7 @@ def test_rqae_trains_and_writes_its_run_directory(store_path, tmp_path):
     store = ActivationStore.open(store_path)
     split = heldout_split(store, cfg.heldout_fraction)
     x = heldout_rows(store, cfg, split)
-    untrained = build_trainable(cfg.model, total_steps=1, device="cpu", seed=0)
+    untrained = build_trainable(cfg.model, total_steps=1, batch_size=256, device="cpu", seed=0)
     untrained.init_from_data(x)
     before = evaluate(untrained, x)["fvu"]
     result = train(cfg, progress=False)

@@ -126,12 +126,12 @@ class CodebookTrainable(ModuleTrainable):
         return {"dead_codes": int((~used).sum()), "tokens": int(x.shape[0])}
 
 
-def build_trainable(spec: ModelSpec, *, total_steps: int, device: str, seed: int) -> Trainable:
+def build_trainable(spec: ModelSpec, *, total_steps: int, batch_size: int, device: str, seed: int) -> Trainable:
     """Construct the architecture's trainable with seeded init (the global RNG is left alone)."""
     if spec.arch.endswith("-sae"):
         from rqae_pipeline.models.sae import SAEBaseline
 
-        return SAEBaseline(spec, total_steps=total_steps, device=device, seed=seed)
+        return SAEBaseline(spec, total_steps=total_steps, batch_size=batch_size, device=device, seed=seed)
     builders = {"rqae": RQAETrainable, "codebook": CodebookTrainable}
     if spec.arch not in builders:
         raise RQAEError(f"unknown architecture {spec.arch!r}; use rqae, codebook or <sae-lens architecture>-sae")
