@@ -89,3 +89,37 @@ def test_harvest_then_inspect(tmp_path):
 
 def test_inspect_missing_store(tmp_path):
     assert_one_line_error(invoke("inspect", str(tmp_path / "nope.zarr")), "no activation store")
+
+
+def test_train_cli_runs_and_reports_heldout_fvu(tmp_path, tiny_lm):
+    store = tmp_path / "s.zarr"
+    harvest(tiny_config(store, tokens=4096), lm=tiny_lm, progress=False)
+    r = invoke("train", "--store", str(store), "--out", str(tmp_path / "run"), "--n-q", "4", "--batch-size", "128",
+               "--tokens", "2560")
+    assert r.exit_code == 0, r.output
+    assert "rqae held-out FVU" in r.stdout and "by prefix 1:" in r.stdout
+    r = invoke("archs")
+    assert r.exit_code == 0 and {"rqae", "codebook", "topk-sae", "matryoshka_batchtopk-sae"} <= set(r.stdout.split())
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--arch", "nope"], "unknown architecture 'nope'"),
+        (["--arch", "nope-sae"], "unknown SAE architecture"),
+        (["--option", "init=sideways"], "unknown init"),
+        (["--option", "garbage"], "expects key=value"),
+        (["--batch-size", "64", "--tokens", "32"], "tokens >= batch_size"),
+        (["--heldout", "1.5"], "heldout_fraction"),
+    ],
+)
+def test_bad_train_input_is_one_line_and_nonzero(tmp_path, tiny_lm, args, needle):
+    store = tmp_path / "s.zarr"
+    harvest(tiny_config(store, tokens=1024), lm=tiny_lm, progress=False)
+    r = invoke("train", "--store", str(store), "--out", str(tmp_path / "run"), "--n-q", "4", *args)
+    assert_one_line_error(r, needle)
+
+
+def test_train_on_a_missing_store(tmp_path):
+    r = invoke("train", "--store", str(tmp_path / "nope.zarr"), "--out", str(tmp_path / "run"))
+    assert_one_line_error(r, "no activation store")
