@@ -61,3 +61,29 @@ class Trainable(Protocol):
 
     def weight_bytes(self) -> int:
         """Bytes of the saved weights."""
+
+
+def save_module_dir(module: torch.nn.Module, out_dir: str | Path, config: dict) -> None:
+    """`config.json` (with an `architecture` key) + `model.safetensors`, the layout every
+    non-sae-lens model directory uses (sae-lens's own is `cfg.json` + `sae_weights.safetensors`)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps(config, indent=1))
+
+
+def read_module_dir(model_dir: str | Path, architecture: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, state dict) of a directory written by `save_module_dir`, checking its architecture."""
+    import json
+
+    from safetensors.torch import load_file
+
+    d = Path(model_dir)
+    cfg = json.loads((d / "config.json").read_text())
+    if cfg.get("architecture") != architecture:
+        raise ValueError(f"{d} holds a {cfg.get('architecture')!r} model, not {architecture!r}")
+    return cfg, load_file(d / "model.safetensors")

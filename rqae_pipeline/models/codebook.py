@@ -12,12 +12,13 @@ from the mean.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from rqae_pipeline.models.base import read_module_dir, save_module_dir
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,21 +65,11 @@ class CodebookAE(torch.nn.Module):
         return self.decode(self.encode(x))
 
     def save(self, out_dir: str | Path, *, extra: dict | None = None) -> None:
-        from safetensors.torch import save_file
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, out / "model.safetensors")
-        (out / "config.json").write_text(json.dumps({"architecture": "codebook", **asdict(self.cfg), **(extra or {})}, indent=1))
+        save_module_dir(self, out_dir, {"architecture": "codebook", **asdict(self.cfg), **(extra or {})})
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu") -> CodebookAE:
-        from safetensors.torch import load_file
-
-        d = Path(model_dir)
-        cfg = json.loads((d / "config.json").read_text())
-        if cfg.get("architecture") != "codebook":
-            raise ValueError(f"{d} holds a {cfg.get('architecture')!r} model, not a codebook autoencoder")
+        cfg, state = read_module_dir(model_dir, "codebook")
         model = cls(CodebookConfig(d_in=cfg["d_in"], n_codes=cfg["n_codes"], k=cfg["k"]))
-        model.load_state_dict(load_file(d / "model.safetensors"), strict=True)
+        model.load_state_dict(state, strict=True)
         return model.to(device).eval()

@@ -19,7 +19,6 @@ Weights are layer-stacked tensors, not n_q modules, so encoding and decoding are
 from __future__ import annotations
 
 import itertools
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
@@ -28,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
+
+from rqae_pipeline.models.base import read_module_dir, save_module_dir
 
 LEVELS = (-1.0, -0.5, 0.0, 0.5, 1.0)
 CODE_DIM = 4
@@ -233,23 +234,13 @@ class RQAE(HookedRootModule):
     # ------------------------------------------------------------------ files
 
     def save(self, out_dir: str | Path, *, extra: dict | None = None) -> None:
-        from safetensors.torch import save_file
-
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, out / "model.safetensors")
         cfg = {"architecture": "rqae", **asdict(self.cfg), "levels": list(LEVELS), "code_dim": CODE_DIM,
                "n_codes": int(self.codebook.shape[0]), **(extra or {})}
-        (out / "config.json").write_text(json.dumps(cfg, indent=1))
+        save_module_dir(self, out_dir, cfg)
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu") -> RQAE:
-        from safetensors.torch import load_file
-
-        d = Path(model_dir)
-        cfg = json.loads((d / "config.json").read_text())
-        if cfg.get("architecture") != "rqae":
-            raise ValueError(f"{d} holds a {cfg.get('architecture')!r} model, not an RQAE")
+        cfg, state = read_module_dir(model_dir, "rqae")
         model = cls(RQAEConfig(d_in=cfg["d_in"], n_q=cfg["n_q"], init=cfg.get("init", "tied")))
-        model.load_state_dict(load_file(d / "model.safetensors"), strict=True)
+        model.load_state_dict(state, strict=True)
         return model.to(device).eval()
