@@ -175,6 +175,36 @@ def demo(
         _fail(str(e))
 
 
+@app.command("eval")
+def eval_command(
+    store: Annotated[Path, typer.Option(help="Activation store.")],
+    model: Annotated[Path, typer.Option(help="A model directory written by `rqae train` (or any sae-lens SAE dir).")],
+    out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+    rows: Annotated[str, typer.Option(help="heldout (the run's held-out contexts) or all.")] = "heldout",
+    workers: Annotated[int, typer.Option(help="dask LocalCluster workers (0: this process).")] = 0,
+    scheduler: Annotated[str | None, typer.Option(help="An existing dask scheduler, e.g. tcp://host:8786.")] = None,
+    batch_size: int = 4096,
+) -> None:
+    """Reconstruction metrics (MSE, FVU, L0, dead latents, code usage) of a model on a store."""
+    from rqae_pipeline.evaluate import EvalConfig, evaluate
+
+    try:
+        result = evaluate(EvalConfig(store=store, model=model, rows=rows, workers=workers, scheduler=scheduler,
+                                     batch_size=batch_size))
+    except RQAEError as e:
+        _fail(str(e))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=1))
+    typer.echo(f"{model} on {result['tokens']:,} tokens (rows {result['rows'][0]:,}..{result['rows'][1]:,})")
+    typer.echo(f"{'reconstruction':16s} {'FVU':>10s} {'MSE':>12s}")
+    for label, m in sorted(result["metrics"].items(), key=lambda kv: (len(kv[0]), kv[0])):
+        typer.echo(f"{label:16s} {m['fvu']:10.5f} {m['mse']:12.5g}")
+    for key in ("l0", "dead_latents", "code_usage"):
+        if key in result:
+            typer.echo(f"{key}: {result[key]}")
+
+
 @app.command()
 def archs() -> None:
     """List the trainable architectures."""

@@ -1,0 +1,232 @@
+"""Reconstruction metrics on an activation store for any trained model, exact and parallel.
+
+Each store shard is an independent task that returns float64 sufficient statistics
+(token count, Σx, Σ|x|², Σ|x − x̂|² per reconstruction, latent / code usage counts);
+the reduction adds them, so FVU uses the per-dimension mean of the whole evaluation set
+and no result depends on batch size, shard count or worker count. (sae-lens computed
+explained variance from per-batch means for a year; `tests/test_evaluate.py` holds the
+golden cases that catch that.) Tasks run in-process or on dask.distributed: a
+`LocalCluster` or an existing scheduler. A model directory is loaded once per worker.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rqae_pipeline import RQAEError
+from rqae_pipeline.store import ActivationStore, Flags
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    store: Path
+    model: Path
+    rows: str = "heldout"  # "heldout": the training run's held-out contexts; "all": every row
+    prefixes: tuple[int, ...] | None = None  # RQAE prefix lengths (default: powers of two and n_q)
+    exclude: int = int(Flags.BOS | Flags.OUTLIER)
+    batch_size: int = 4096
+    workers: int = 0  # 0: this process; N: a dask LocalCluster of N worker processes
+    scheduler: str | None = None  # address of an existing dask scheduler
+    device: str = "cpu"
+
+
+@dataclass
+class Stats:
+    """Mergeable float64 sums for a set of rows."""
+
+    n: int = 0
+    sum: np.ndarray | None = None  # (d,)
+    sumsq: float = 0.0
+    sse: dict[str, float] = field(default_factory=dict)  # per reconstruction label
+    counts: dict[str, np.ndarray] = field(default_factory=dict)  # usage counts, e.g. SAE latent firing
+
+    def add(self, x: torch.Tensor, recons: dict[str, torch.Tensor], counts: dict[str, np.ndarray] | None = None):
+        x64 = x.double()
+        s = x64.sum(0).cpu().numpy()
+        self.sum = s if self.sum is None else self.sum + s
+        self.sumsq += float(x64.pow(2).sum())
+        self.n += int(x.shape[0])
+        for label, x_hat in recons.items():
+            self.sse[label] = self.sse.get(label, 0.0) + float((x64 - x_hat.double()).pow(2).sum())
+        for label, c in (counts or {}).items():
+            self.counts[label] = self.counts[label] + c if label in self.counts else c.astype(np.float64)
+        return self
+
+    def merge(self, other: Stats) -> Stats:
+        if other.n == 0:
+            return self
+        out = Stats(n=self.n + other.n, sumsq=self.sumsq + other.sumsq,
+                    sum=other.sum.copy() if self.sum is None else self.sum + other.sum)
+        for label in set(self.sse) | set(other.sse):
+            out.sse[label] = self.sse.get(label, 0.0) + other.sse.get(label, 0.0)
+        for label in set(self.counts) | set(other.counts):
+            a, b = self.counts.get(label), other.counts.get(label)
+            out.counts[label] = b.copy() if a is None else a if b is None else a + b
+        return out
+
+    def total_variance(self) -> float:
+        return self.sumsq - float(self.sum @ self.sum) / self.n
+
+    def metrics(self, d: int) -> dict[str, dict[str, float]]:
+        if self.n == 0:
+            raise RQAEError("no rows to evaluate (all excluded or an empty range)")
+        total = self.total_variance()
+        return {label: {"mse": sse / (self.n * d), "fvu": sse / total} for label, sse in sorted(self.sse.items())}
+
+
+# --------------------------------------------------------------------------- models
+
+_MODELS: dict[tuple[str, str], Any] = {}  # per process: each dask worker loads a model once
+
+
+def load_model(path: Path, device: str = "cpu"):
+    from rqae_pipeline.models.trainables import load_model_dir
+
+    key = (str(Path(path).resolve()), device)
+    if key not in _MODELS:
+        _MODELS[key] = load_model_dir(path, device)
+    return _MODELS[key]
+
+
+def model_kind(model) -> str:
+    from rqae_pipeline.models.codebook import CodebookAE
+    from rqae_pipeline.models.rqae import RQAE
+
+    return "rqae" if isinstance(model, RQAE) else "codebook" if isinstance(model, CodebookAE) else "sae"
+
+
+def default_prefixes(n_q: int) -> tuple[int, ...]:
+    m, out = 1, []
+    while m < n_q:
+        out.append(m)
+        m *= 2
+    return (*out, n_q)
+
+
+@torch.no_grad()
+def reconstruct(model, x: torch.Tensor, prefixes: tuple[int, ...] | None) -> tuple[dict, dict]:
+    """{label: x_hat} and {label: usage counts} for one batch."""
+    kind = model_kind(model)
+    if kind == "rqae":
+        codes = model.encode(x)
+        recons = {f"rqae@{m}": model.decode(codes, m) for m in (prefixes or default_prefixes(model.n_q))}
+        usage = torch.zeros(model.n_q, model.codebook.shape[0], dtype=torch.float64)
+        usage.scatter_add_(1, codes.long().T, torch.ones(codes.shape[1], codes.shape[0], dtype=torch.float64))
+        return recons, {"codes": usage.numpy()}
+    if kind == "codebook":
+        idx = model.encode(x)
+        fired = torch.zeros(model.cfg.n_codes, dtype=torch.float64).index_add_(
+            0, idx.reshape(-1), torch.ones(idx.numel(), dtype=torch.float64))
+        return {"codebook": model.decode(idx)}, {"latents": fired.numpy()}
+    acts = model.encode(x)
+    fired = (acts != 0).double()
+    return {"sae": model.decode(acts)}, {"latents": fired.sum(0).numpy(), "l0": np.array([float(fired.sum())])}
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def shard_stats(store_path: str, model_path: str, start: int, stop: int, cfg: EvalConfig) -> Stats:
+    """The sufficient statistics of rows [start, stop): one task."""
+    store = ActivationStore.open(store_path)
+    model = load_model(Path(model_path), cfg.device)
+    stats = Stats()
+    for a in range(start, stop, cfg.batch_size):
+        rows = store.read(a, min(stop, a + cfg.batch_size))
+        keep = torch.from_numpy((rows.flags & cfg.exclude) == 0)
+        x = rows.acts[keep].to(cfg.device)
+        if len(x):
+            recons, counts = reconstruct(model, x, cfg.prefixes)
+            stats.add(x, recons, counts)
+    return stats
+
+
+def eval_rows(cfg: EvalConfig, store: ActivationStore) -> tuple[int, int]:
+    if cfg.rows == "all":
+        return 0, store.n_tokens
+    run = Path(cfg.model) / "train.json"
+    if cfg.rows != "heldout":
+        raise RQAEError(f"unknown row selection {cfg.rows!r}; use 'heldout' or 'all'")
+    if not run.exists():
+        raise RQAEError(f"{cfg.model} has no train.json with a held-out split; use --rows all")
+    info = json.loads(run.read_text())
+    if info.get("store_spec") != store.manifest["spec"]:
+        raise RQAEError(f"{cfg.model} was trained on another store (model/hook/corpus/settings differ)")
+    return int(info["heldout"]["first_row"]), store.n_tokens
+
+
+def shard_ranges(store: ActivationStore, start: int, stop: int) -> list[tuple[int, int]]:
+    shard = store.spec.shard_rows
+    first = start - start % shard
+    return [(max(a, start), min(a + shard, stop)) for a in range(first, stop, shard) if min(a + shard, stop) > max(a, start)]
+
+
+def run_tasks(fn, args_list: list[tuple], cfg: EvalConfig, desc: str, progress: bool) -> list:
+    """Run fn(*args) for each args, in this process or on dask.distributed."""
+    from tqdm import tqdm
+
+    if not cfg.workers and not cfg.scheduler:
+        return [fn(*args) for args in tqdm(args_list, desc=desc, unit="shard", disable=not progress)]
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    try:
+        if cfg.scheduler:
+            client = Client(cfg.scheduler, timeout="10s")
+            cluster = None
+        else:
+            cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True,
+                                   dashboard_address=None)
+            client = Client(cluster)
+    except (OSError, TimeoutError) as e:
+        raise RQAEError(f"cannot reach the dask scheduler {cfg.scheduler!r}: {e}") from None
+    try:
+        futures = [client.submit(fn, *args, pure=False) for args in args_list]
+        index = {f.key: i for i, f in enumerate(futures)}
+        results = [None] * len(futures)
+        for fut in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="shard", disable=not progress):
+            results[index[fut.key]] = fut.result()
+        return results
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
+    """Reconstruction metrics of `cfg.model` on the store's held-out (or all) rows."""
+    store = ActivationStore.open(cfg.store)
+    model = load_model(Path(cfg.model), cfg.device)
+    d_in = model.cfg.d_in
+    if d_in != store.d:
+        raise RQAEError(f"model {cfg.model} has d_in {d_in}, the store has d_model {store.d}")
+    start, stop = eval_rows(cfg, store)
+    ranges = shard_ranges(store, start, stop)
+    parts = run_tasks(shard_stats, [(str(cfg.store), str(cfg.model), a, b, cfg) for a, b in ranges], cfg,
+                      "evaluate", progress)
+    total = Stats()
+    for p in parts:
+        total = total.merge(p)
+    return summarise(total, model, store.d, rows=(start, stop))
+
+
+def summarise(stats: Stats, model, d: int, rows: tuple[int, int]) -> dict:
+    out = {"rows": list(rows), "tokens": stats.n, "kind": model_kind(model), "metrics": stats.metrics(d)}
+    if "latents" in stats.counts:
+        fired = stats.counts["latents"]
+        out["dead_latents"] = int((fired == 0).sum())
+        out["latents"] = int(fired.size)
+        if "l0" in stats.counts:
+            out["l0"] = float(stats.counts["l0"][0] / stats.n)
+    if "codes" in stats.counts:
+        c = stats.counts["codes"]
+        p = c / c.sum(1, keepdims=True)
+        perplexity = np.exp(-(p * np.log(np.clip(p, 1e-300, None))).sum(1))
+        out["code_usage"] = {"perplexity_mean": float(perplexity.mean()), "perplexity_first_layers":
+                             perplexity[:4].round(1).tolist(), "dead_codes_mean": float((c == 0).sum(1).mean())}
+    return out

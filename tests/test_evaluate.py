@@ -1,0 +1,119 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from rqae_pipeline import RQAEError
+from rqae_pipeline.evaluate import EvalConfig, Stats, evaluate
+from rqae_pipeline.harvest import harvest
+from rqae_pipeline.models.base import ModelSpec
+from rqae_pipeline.models.trainables import load_model_dir
+from rqae_pipeline.store import ActivationStore, Flags
+from rqae_pipeline.train import TrainConfig, train
+
+from helpers import tiny_config
+
+
+def test_golden_mean_prediction_is_fvu_1_and_perfect_is_0():
+    torch.manual_seed(0)
+    x = torch.randn(1000, 16) * torch.linspace(0.1, 5, 16) + 3
+    mean = x.double().mean(0).float()
+    parts = [Stats().add(x[a:a + 137], {"mean": mean.expand(len(x[a:a + 137]), -1), "perfect": x[a:a + 137]})
+             for a in range(0, 1000, 137)]
+    total = Stats()
+    for p in parts:
+        total = total.merge(p)
+    m = total.metrics(16)
+    assert m["mean"]["fvu"] == pytest.approx(1.0, abs=1e-6) and m["perfect"]["fvu"] == 0.0
+    # a per-batch-mean formula (the legacy sae-lens bug) would not give 1 here
+    legacy = np.mean([float((x[a:a + 137] - mean).pow(2).sum() / (x[a:a + 137] - x[a:a + 137].mean(0)).pow(2).sum())
+                      for a in range(0, 1000, 137)])
+    assert abs(legacy - 1.0) > 1e-3
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_lm, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    store = root / "s.zarr"
+    harvest(tiny_config(store, tokens=8192, contexts_per_shard=8), lm=tiny_lm, progress=False)
+    runs = {}
+    for arch, spec in {"rqae": ModelSpec(arch="rqae", d_in=64, n_q=8, lr=3e-3),
+                       "topk-sae": ModelSpec(arch="topk-sae", d_in=64, d_sae=128, k=8, lr=1e-3)}.items():
+        runs[arch] = root / arch
+        train(TrainConfig(store=store, out=runs[arch], model=spec, batch_size=256, tokens=256 * 20,
+                          heldout_fraction=0.25), progress=False)
+    return store, runs
+
+
+def direct_fvu(store_path, model_dir, start, prefix=None):
+    store = ActivationStore.open(store_path)
+    rows = store.read(start, store.n_tokens)
+    x = rows.acts[torch.from_numpy((rows.flags & int(Flags.BOS | Flags.OUTLIER)) == 0)]
+    model = load_model_dir(model_dir)
+    with torch.no_grad():
+        x_hat = model.decode(model.encode(x), prefix) if prefix else model(x)
+    x64 = x.double()
+    return float((x64 - x_hat.double()).pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum())
+
+
+def test_metrics_equal_a_direct_computation_and_ignore_batching(trained):
+    store, runs = trained
+    first = json.loads((runs["rqae"] / "train.json").read_text())["heldout"]["first_row"]
+    results = [evaluate(EvalConfig(store=store, model=runs["rqae"], batch_size=b), progress=False) for b in (64, 5000)]
+    for label in results[0]["metrics"]:
+        assert results[0]["metrics"][label]["fvu"] == pytest.approx(results[1]["metrics"][label]["fvu"], rel=1e-9)
+    assert results[0]["metrics"]["rqae@8"]["fvu"] == pytest.approx(direct_fvu(store, runs["rqae"], first, 8), rel=1e-6)
+    assert results[0]["metrics"]["rqae@2"]["fvu"] == pytest.approx(direct_fvu(store, runs["rqae"], first, 2), rel=1e-6)
+    assert results[0]["rows"] == [first, ActivationStore.open(store).n_tokens]
+    # the held-out run's training metrics agree with the evaluator
+    heldout = json.loads((runs["rqae"] / "train.json").read_text())["heldout_metrics"]
+    assert heldout["fvu"] == pytest.approx(results[0]["metrics"]["rqae@8"]["fvu"], rel=1e-6)
+
+
+def test_sae_metrics_include_l0_and_dead_latents(trained):
+    store, runs = trained
+    r = evaluate(EvalConfig(store=store, model=runs["topk-sae"], rows="all"), progress=False)
+    assert r["kind"] == "sae" and r["latents"] == 128 and 0 <= r["dead_latents"] <= 128
+    assert r["l0"] == pytest.approx(8.0, abs=1.0)
+    assert r["metrics"]["sae"]["fvu"] == pytest.approx(direct_fvu(store, runs["topk-sae"], 0), rel=1e-5)
+
+
+def test_dask_local_cluster_equals_the_single_process_path(trained):
+    store, runs = trained
+    single = evaluate(EvalConfig(store=store, model=runs["rqae"], rows="all"), progress=False)
+    dask = evaluate(EvalConfig(store=store, model=runs["rqae"], rows="all", workers=2), progress=False)
+    assert dask["tokens"] == single["tokens"]
+    for label, m in single["metrics"].items():
+        assert dask["metrics"][label]["fvu"] == pytest.approx(m["fvu"], rel=1e-9)
+        assert dask["metrics"][label]["mse"] == pytest.approx(m["mse"], rel=1e-9)
+    for key in ("perplexity_mean", "dead_codes_mean"):
+        assert dask["code_usage"][key] == pytest.approx(single["code_usage"][key], rel=1e-9)
+
+
+def test_bad_evaluation_input(trained, tmp_path, tiny_lm):
+    store, runs = trained
+    with pytest.raises(RQAEError, match="cannot reach the dask scheduler"):
+        evaluate(EvalConfig(store=store, model=runs["rqae"], scheduler="tcp://127.0.0.1:9"), progress=False)
+    other = tmp_path / "other.zarr"
+    harvest(tiny_config(other, tokens=1024, hook="0"), lm=tiny_lm, progress=False)
+    with pytest.raises(RQAEError, match="trained on another store"):
+        evaluate(EvalConfig(store=other, model=runs["rqae"]), progress=False)
+    with pytest.raises(RQAEError, match="not a trained model directory"):
+        evaluate(EvalConfig(store=store, model=tmp_path), progress=False)
+
+
+def test_eval_cli_prints_a_table_and_writes_json(trained, tmp_path):
+    from typer.testing import CliRunner
+
+    from rqae_pipeline.cli import app
+
+    store, runs = trained
+    r = CliRunner().invoke(app, ["eval", "--store", str(store), "--model", str(runs["rqae"]),
+                                 "--out", str(tmp_path / "r.json")])
+    assert r.exit_code == 0, r.output
+    assert "rqae@1" in r.stdout and "rqae@8" in r.stdout and "code_usage" in r.stdout
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert saved["metrics"]["rqae@8"]["fvu"] < saved["metrics"]["rqae@1"]["fvu"]
+    r = CliRunner().invoke(app, ["eval", "--store", str(store), "--model", str(runs["rqae"]), "--rows", "some"])
+    assert r.exit_code == 2 and r.stderr.startswith("error: unknown row selection")
