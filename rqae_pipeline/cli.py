@@ -184,13 +184,17 @@ def eval_command(
     workers: Annotated[int, typer.Option(help="dask LocalCluster workers (0: this process).")] = 0,
     scheduler: Annotated[str | None, typer.Option(help="An existing dask scheduler, e.g. tcp://host:8786.")] = None,
     batch_size: int = 4096,
+    ce_contexts: Annotated[int, typer.Option(help="Held-out contexts for CE-delta and KL (loads the LM); "
+                                             "0 skips them.")] = 0,
+    space: Annotated[str, typer.Option(help="auto, raw or normalised: what the model reads. auto: models "
+                                       "trained here read normalised acts, other sae-lens dirs raw.")] = "auto",
 ) -> None:
-    """Reconstruction metrics (MSE, FVU, L0, dead latents, code usage) of a model on a store."""
+    """Reconstruction metrics (MSE, FVU, CE-delta, KL, L0, dead latents, code usage) of a model on a store."""
     from rqae_pipeline.evaluate import EvalConfig, evaluate
 
     try:
         result = evaluate(EvalConfig(store=store, model=model, rows=rows, workers=workers, scheduler=scheduler,
-                                     batch_size=batch_size))
+                                     batch_size=batch_size, ce_contexts=ce_contexts, space=space))
     except RQAEError as e:
         _fail(str(e))
     if out is not None:
@@ -203,6 +207,11 @@ def eval_command(
     for key in ("l0", "dead_latents", "code_usage"):
         if key in result:
             typer.echo(f"{key}: {result[key]}")
+    if "ce" in result:
+        typer.echo(f"next-token CE on contexts {result['ce_contexts'][0]}..{result['ce_contexts'][1]}:")
+        for label, m in result["ce"].items():
+            extra = "".join(f"  {k} {v:.4f}" for k, v in m.items() if k != "ce")
+            typer.echo(f"  {label:16s} CE {m['ce']:.4f}{extra}")
 
 
 @app.command()

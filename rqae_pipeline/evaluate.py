@@ -34,6 +34,10 @@ class EvalConfig:
     workers: int = 0  # 0: this process; N: a dask LocalCluster of N worker processes
     scheduler: str | None = None  # address of an existing dask scheduler
     device: str = "cpu"
+    ce_contexts: int = 0  # held-out contexts for CE-delta / KL (needs the LM); 0 skips them
+    # "auto": models trained here read the store's normalised acts; any other sae-lens
+    # directory (e.g. Gemma Scope) reads raw residuals, rebuilt as acts / gain * scale.
+    space: str = "auto"
 
 
 @dataclass
@@ -59,10 +63,9 @@ class Stats:
         return self
 
     def merge(self, other: Stats) -> Stats:
-        if other.n == 0:
-            return self
+        sums = [t for t in (self.sum, other.sum) if t is not None]
         out = Stats(n=self.n + other.n, sumsq=self.sumsq + other.sumsq,
-                    sum=other.sum.copy() if self.sum is None else self.sum + other.sum)
+                    sum=None if not sums else sums[0] + sums[1] if len(sums) == 2 else sums[0].copy())
         for label in set(self.sse) | set(other.sse):
             out.sse[label] = self.sse.get(label, 0.0) + other.sse.get(label, 0.0)
         for label in set(self.counts) | set(other.counts):
@@ -129,6 +132,101 @@ def reconstruct(model, x: torch.Tensor, prefixes: tuple[int, ...] | None) -> tup
     return {"sae": model.decode(acts)}, {"latents": fired.sum(0).numpy(), "l0": np.array([float(fired.sum())])}
 
 
+def model_space(cfg: EvalConfig) -> str:
+    if cfg.space != "auto":
+        if cfg.space not in ("raw", "normalised"):
+            raise RQAEError(f"unknown space {cfg.space!r}; use auto, raw or normalised")
+        return cfg.space
+    return "normalised" if (Path(cfg.model) / "train.json").exists() else "raw"
+
+
+@torch.no_grad()
+def reconstruct_rows(model, store: ActivationStore, acts: torch.Tensor, scale: torch.Tensor, cfg: EvalConfig):
+    """Reconstructions in the store's normalised space, whatever space the model reads."""
+    if model_space(cfg) == "normalised":
+        return reconstruct(model, acts, cfg.prefixes)
+    gain = store.gain.to(acts.device) if store.spec.normalisation == "final-norm" else torch.ones(store.d)
+    factor = (scale[:, None].to(acts.device) / gain)  # normalised -> raw
+    recons, counts = reconstruct(model, acts * factor, cfg.prefixes)
+    return {label: x_hat / factor for label, x_hat in recons.items()}, counts
+
+
+# --------------------------------------------------------------------------- CE-delta
+
+_LMS: dict[str, Any] = {}
+
+
+def _lm(name: str, device: str):
+    from rqae_pipeline.lm import load_lm
+
+    if name not in _LMS:  # once per worker process
+        _LMS[name] = load_lm(name, device=device)
+    return _LMS[name]
+
+
+@torch.no_grad()
+def ce_stats(store_path: str, model_path: str, first_ctx: int, stop_ctx: int, cfg: EvalConfig) -> Stats:
+    """Next-token CE of the LM with each reconstruction spliced in at the store's hook.
+
+    Reconstructions are mapped back to raw space with the stored per-token scale (and the
+    final-norm gain) and replace the activation at every position the evaluation keeps;
+    excluded positions (BOS, norm outliers) keep their clean activation, as the reference
+    evaluation keeps BOS. Also the clean run, zero-ablation and KL(clean || spliced).
+    Sums go in `Stats.sse` under "ce:<label>" / "kl:<label>", the count in `counts["ce_n"]`.
+    """
+    store = ActivationStore.open(store_path)
+    spec, R = store.spec, store.spec.rows_per_context
+    lm = _lm(spec.model, cfg.device)
+    model = load_model(Path(model_path), cfg.device)
+    rows = store.read(first_ctx * R, stop_ctx * R)
+    tokens = torch.from_numpy(rows.tokens.astype(np.int64)).reshape(-1, R)
+    if spec.skip_bos:
+        tokens = torch.cat([torch.full((len(tokens), 1), lm.tokenizer.bos_token_id), tokens], 1)
+    keep = torch.from_numpy((rows.flags & cfg.exclude) == 0)
+    recons, _ = reconstruct_rows(model, store, rows.acts.to(cfg.device), rows.scale, cfg)
+    gain = store.gain if spec.normalisation == "final-norm" else torch.ones(store.d)
+    off = 1 if spec.skip_bos else 0
+
+    def run(replacement: torch.Tensor | None) -> torch.Tensor:
+        def splice(act, hook):
+            new = replacement.reshape(len(tokens), R, -1).to(act.dtype)
+            mask = keep.reshape(len(tokens), R)
+            act[:, off:][mask] = new[mask]
+            return act
+
+        hooks = [] if replacement is None else [(spec.hook, splice)]
+        return lm.model.run_with_hooks(tokens.to(cfg.device), fwd_hooks=hooks).float().log_softmax(-1)
+
+    def next_token_ce(logp):
+        return -logp[:, :-1].gather(-1, tokens[:, 1:, None].to(logp.device)).squeeze(-1)
+
+    clean = run(None)
+    stats = Stats()
+    stats.sse["ce:clean"] = float(next_token_ce(clean).double().sum())
+    stats.sse["ce:zero"] = float(next_token_ce(run(torch.zeros_like(rows.acts))).double().sum())
+    for label, x_hat in recons.items():
+        raw_hat = x_hat.cpu() / gain * rows.scale[:, None]
+        logp = run(raw_hat)
+        stats.sse[f"ce:{label}"] = float(next_token_ce(logp).double().sum())
+        kl = (clean.exp() * (clean - logp)).sum(-1)[:, :-1]
+        stats.sse[f"kl:{label}"] = float(kl.double().sum())
+    stats.counts["ce_n"] = np.array([float(tokens[:, 1:].numel())])
+    return stats
+
+
+def ce_summary(stats: Stats) -> dict[str, dict[str, float]]:
+    n = float(stats.counts["ce_n"][0])
+    clean, zero = stats.sse["ce:clean"] / n, stats.sse["ce:zero"] / n
+    out = {"clean": {"ce": clean}, "zero-ablation": {"ce": zero, "ce_delta": zero - clean}}
+    for key, value in stats.sse.items():
+        if key.startswith("ce:") and key not in ("ce:clean", "ce:zero"):
+            label = key[3:]
+            ce = value / n
+            out[label] = {"ce": ce, "ce_delta": ce - clean, "kl": stats.sse[f"kl:{label}"] / n,
+                          "ce_recovered": (zero - ce) / (zero - clean) if zero != clean else float("nan")}
+    return out
+
+
 # --------------------------------------------------------------------------- tasks
 
 
@@ -142,7 +240,7 @@ def shard_stats(store_path: str, model_path: str, start: int, stop: int, cfg: Ev
         keep = torch.from_numpy((rows.flags & cfg.exclude) == 0)
         x = rows.acts[keep].to(cfg.device)
         if len(x):
-            recons, counts = reconstruct(model, x, cfg.prefixes)
+            recons, counts = reconstruct_rows(model, store, x, rows.scale[keep], cfg)
             stats.add(x, recons, counts)
     return stats
 
@@ -154,7 +252,7 @@ def eval_rows(cfg: EvalConfig, store: ActivationStore) -> tuple[int, int]:
     if cfg.rows != "heldout":
         raise RQAEError(f"unknown row selection {cfg.rows!r}; use 'heldout' or 'all'")
     if not run.exists():
-        raise RQAEError(f"{cfg.model} has no train.json with a held-out split; use --rows all")
+        raise RQAEError(f"{cfg.model} has no train.json with a held-out split (not trained here); use --rows all")
     info = json.loads(run.read_text())
     if info.get("store_spec") != store.manifest["spec"]:
         raise RQAEError(f"{cfg.model} was trained on another store (model/hook/corpus/settings differ)")
@@ -202,9 +300,7 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     """Reconstruction metrics of `cfg.model` on the store's held-out (or all) rows."""
     store = ActivationStore.open(cfg.store)
     model = load_model(Path(cfg.model), cfg.device)
-    d_in = model.cfg.d_in
-    if d_in != store.d:
-        raise RQAEError(f"model {cfg.model} has d_in {d_in}, the store has d_model {store.d}")
+    check_compatible(model, store, cfg)
     start, stop = eval_rows(cfg, store)
     ranges = shard_ranges(store, start, stop)
     parts = run_tasks(shard_stats, [(str(cfg.store), str(cfg.model), a, b, cfg) for a, b in ranges], cfg,
@@ -212,7 +308,30 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
     total = Stats()
     for p in parts:
         total = total.merge(p)
-    return summarise(total, model, store.d, rows=(start, stop))
+    result = summarise(total, model, store.d, rows=(start, stop))
+    if cfg.ce_contexts:
+        R = store.spec.rows_per_context
+        first = start // R
+        stop_ctx = min(store.n_contexts, first + cfg.ce_contexts)
+        per_task = max(1, store.spec.contexts_per_shard // 4)
+        tasks = [(str(cfg.store), str(cfg.model), c, min(c + per_task, stop_ctx), cfg)
+                 for c in range(first, stop_ctx, per_task)]
+        ce = Stats()
+        for p in run_tasks(ce_stats, tasks, cfg, "CE-delta", progress):
+            ce = ce.merge(p)
+        result["ce"] = ce_summary(ce)
+        result["ce_contexts"] = [first, stop_ctx]
+    return result
+
+
+def check_compatible(model, store: ActivationStore, cfg: EvalConfig) -> None:
+    """Width and hook must match the store; say which differs."""
+    d_in = model.cfg.d_in
+    if d_in != store.d:
+        raise RQAEError(f"model {cfg.model} has d_in {d_in}, the store has d_model {store.d}")
+    hook = getattr(getattr(model.cfg, "metadata", None), "hook_name", None)
+    if model_kind(model) == "sae" and model_space(cfg) == "raw" and hook and hook != store.spec.hook:
+        raise RQAEError(f"SAE {cfg.model} reads {hook}, the store holds {store.spec.hook}")
 
 
 def summarise(stats: Stats, model, d: int, rows: tuple[int, int]) -> dict:

@@ -117,3 +117,51 @@ def test_eval_cli_prints_a_table_and_writes_json(trained, tmp_path):
     assert saved["metrics"]["rqae@8"]["fvu"] < saved["metrics"]["rqae@1"]["fvu"]
     r = CliRunner().invoke(app, ["eval", "--store", str(store), "--model", str(runs["rqae"]), "--rows", "some"])
     assert r.exit_code == 2 and r.stderr.startswith("error: unknown row selection")
+
+
+def raw_space_sae(store_path, out, hook):
+    """A sae-lens TopK SAE on raw residuals, as Gemma Scope's are (no train.json beside it)."""
+    from sae_lens import SAE
+
+    store = ActivationStore.open(store_path)
+    rows = store.read()
+    raw = store.raw(rows)
+    torch.manual_seed(0)
+    sae = SAE.from_dict({"architecture": "topk", "d_in": store.d, "d_sae": 96, "k": 16, "dtype": "float32",
+                         "device": "cpu", "apply_b_dec_to_input": True, "metadata": {"hook_name": hook}})
+    with torch.no_grad():
+        sae.W_dec.copy_(raw[torch.randperm(len(raw))[:96]] - raw.mean(0))
+        sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
+        sae.W_enc.copy_(sae.W_dec.T)
+        sae.b_dec.copy_(raw.mean(0))
+    sae.save_model(str(out))
+    return out
+
+
+def test_ce_delta_and_kl_agree_with_sae_lens_evals(trained, tmp_path, tiny_lm):
+    from sae_lens.evals import get_recons_loss
+    from sae_lens.training.activation_scaler import ActivationScaler
+
+    store_path, _ = trained
+    store = ActivationStore.open(store_path)
+    sae_dir = raw_space_sae(store_path, tmp_path / "sae", store.spec.hook)
+    cfg = EvalConfig(store=store_path, model=sae_dir, rows="all", ce_contexts=6, exclude=int(Flags.BOS))
+    ours = evaluate(cfg, progress=False)["ce"]
+    from sae_lens import SAE
+
+    sae = SAE.load_from_disk(str(sae_dir))
+    tokens = torch.from_numpy(store.read(0, 6 * 32).tokens.astype(np.int64)).reshape(6, 32)
+    with torch.no_grad():
+        ref = get_recons_loss(sae, tiny_lm.model, ActivationScaler(), tokens, compute_kl=True, compute_ce_loss=True,
+                              ignore_tokens=[tiny_lm.tokenizer.bos_token_id], hook_name=store.spec.hook)
+    assert ours["clean"]["ce"] == pytest.approx(float(ref["ce_loss_without_sae"].mean()), rel=1e-4)
+    assert ours["sae"]["ce"] == pytest.approx(float(ref["ce_loss_with_sae"].mean()), rel=1e-3)
+    assert ours["sae"]["kl"] == pytest.approx(float(ref["kl_div_with_sae"][:, :-1].mean()), rel=1e-3, abs=1e-5)
+    assert ours["sae"]["kl"] > 0  # the SAE changes the next-token distribution
+
+
+def test_raw_space_sae_of_another_hook_or_width_is_refused(trained, tmp_path):
+    store_path, _ = trained
+    sae_dir = raw_space_sae(store_path, tmp_path / "sae", "blocks.0.hook_resid_post")
+    with pytest.raises(RQAEError, match="reads blocks.0.hook_resid_post, the store holds blocks.1.hook_resid_post"):
+        evaluate(EvalConfig(store=store_path, model=sae_dir, rows="all"), progress=False)
