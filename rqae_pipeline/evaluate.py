@@ -38,6 +38,7 @@ class EvalConfig:
     # "auto": models trained here read the store's normalised acts; any other sae-lens
     # directory (e.g. Gemma Scope) reads raw residuals, rebuilt as acts / gain * scale.
     space: str = "auto"
+    threads_per_worker: int | None = None  # torch threads in each dask task (default: cores / --workers)
 
 
 @dataclass
@@ -265,6 +266,14 @@ def shard_ranges(store: ActivationStore, start: int, stop: int) -> list[tuple[in
     return [(max(a, start), min(a + shard, stop)) for a in range(first, stop, shard) if min(a + shard, stop) > max(a, start)]
 
 
+def _in_worker(fn, torch_threads: int | None, *args):
+    # dask's nanny starts workers with OMP_NUM_THREADS=1; give each local worker its
+    # share of the cores instead, so 1 worker matches the single-process path.
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    return fn(*args)
+
+
 def run_tasks(fn, args_list: list[tuple], cfg: EvalConfig, desc: str, progress: bool) -> list:
     """Run fn(*args) for each args, in this process or on dask.distributed."""
     from tqdm import tqdm
@@ -284,7 +293,10 @@ def run_tasks(fn, args_list: list[tuple], cfg: EvalConfig, desc: str, progress: 
     except (OSError, TimeoutError) as e:
         raise RQAEError(f"cannot reach the dask scheduler {cfg.scheduler!r}: {e}") from None
     try:
-        futures = [client.submit(fn, *args, pure=False) for args in args_list]
+        import os
+
+        threads = cfg.threads_per_worker or (None if cfg.scheduler else max(1, (os.cpu_count() or 1) // cfg.workers))
+        futures = [client.submit(_in_worker, fn, threads, *args, pure=False) for args in args_list]
         index = {f.key: i for i, f in enumerate(futures)}
         results = [None] * len(futures)
         for fut in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="shard", disable=not progress):

@@ -1,19 +1,23 @@
 """Sparse-autoencoder baselines as real sae-lens objects, trained by sae-lens's own `SAETrainer`.
 
-We do not re-implement SAE losses: the architecture comes from sae-lens's training
-registry (every entry works: standard, gated, jumprelu, topk, abstopk, batchtopk,
-matryoshka_batchtopk, matching_pursuit in sae-lens 6.54), and each step is
-`SAETrainer.step` driven from our loop, as sae-lens's own `MultiSAETrainer` does. The
-result is saved with sae-lens's inference format, so `sae_lens.SAE.load_from_disk` and
-every sae-lens tool open it.
+We do not re-implement SAE losses, activations or dead-latent bookkeeping: the model and
+its config class come from sae-lens's training registry (every entry works), and each of
+our steps is `SAETrainer.step`, driven from our loop exactly as `SAETrainer.fit` and
+`MultiSAETrainer.fit` drive it (sparsity-window reset, step, `n_training_steps += 1`).
+Any comparison with the RQAE is therefore a comparison with sae-lens's own training code.
 
-Activations are scaled to mean norm sqrt(d) during training (sae-lens's
-"expected_average_only_in"), estimated on the first batch; the factor is folded into the
-weights on save, exactly as `SAETrainer.fit` does, so the saved SAE reads store acts.
+Inputs are scaled to mean norm sqrt(d_in) (sae-lens's `expected_average_only_in`,
+Anthropic's April 2024 update), estimated with sae-lens's `ActivationScaler` on the
+init sample; this makes the sparsity coefficients below independent of the store's
+activation scale. Like `fit()`, the factor is folded into the weights of what is saved
+(`save_inference_model`, the format sae-lens's runners write), so the saved SAE reads
+store activations and `sae_lens.SAE.load_from_disk` opens it. Evaluation uses that same
+inference SAE, built in memory, so reported metrics are the saved model's.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -23,15 +27,22 @@ import torch
 from rqae_pipeline import RQAEError
 from rqae_pipeline.models.base import ModelSpec
 
+# SAETrainerConfig fields a spec may set through `options`; the others belong to our loop
+# (sizes, lr, device, checkpoints, logging) or to `fit()` alone.
+TRAINER_OPTIONS = ("lr_scheduler_name", "lr_warm_up_steps", "lr_decay_steps", "lr_end", "n_restart_cycles",
+                   "adam_beta1", "adam_beta2", "autocast", "dead_feature_window", "feature_sampling_window")
+_OWN_FIELDS = {"d_in", "d_sae", "device", "metadata"}  # set from the spec / constructor
+
 
 def _registry() -> dict:
-    import sae_lens  # noqa: F401  (importing registers every architecture)
+    import sae_lens  # noqa: F401  (importing the package registers every architecture)
     from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
 
     return SAE_TRAINING_CLASS_REGISTRY
 
 
 def sae_architectures() -> list[str]:
+    """The architectures sae-lens can train (its training registry), e.g. "topk"."""
     return sorted(_registry())
 
 
@@ -44,82 +55,134 @@ def parse_sae_arch(arch: str) -> str:
     return name
 
 
-def _defaults(name: str, spec: ModelSpec, fields: set[str]) -> dict[str, Any]:
-    d: dict[str, Any] = {"d_in": spec.d_in, "d_sae": spec.d_sae, "normalize_activations": "expected_average_only_in"}
+def _defaults(name: str, spec: ModelSpec, fields: set[str], total_steps: int) -> dict[str, Any]:
+    d: dict[str, Any] = {"normalize_activations": "expected_average_only_in"}
     if "k" in fields:
         d["k"] = spec.k
     if name == "matryoshka_batchtopk":
-        # nested dictionaries of 1/16, 1/4 and all of the latents
-        d["matryoshka_widths"] = sorted({max(1, spec.d_sae // 16), max(1, spec.d_sae // 4), spec.d_sae})
+        # nested dictionaries of 1/16, 1/4 and all of the latents (the paper's are similar fractions)
+        d["matryoshka_widths"] = sorted({w for w in (spec.d_sae // 16, spec.d_sae // 4) if w > 0} | {spec.d_sae})
     if name == "matching_pursuit":
-        d["max_iterations"] = spec.k  # greedy residual selection of at most k latents, like TopK's k
+        d["max_iterations"] = spec.k  # at most k greedy selections, the budget TopK gets
+    if name in ("standard", "gated"):
+        # Anthropic's April 2024 update: lambda=5 on the decoder-norm-weighted L1 for inputs at
+        # norm sqrt(d) with a sum-over-d MSE (sae-lens's loss), warmed up over the first 5%
+        d |= {"l1_coefficient": 5.0, "l1_warm_up_steps": total_steps // 20}
+    if name == "jumprelu":
+        # Gemma Scope 2's quadratic L0 penalty around a target: L0 lands near k, comparable to TopK
+        d |= {"jumprelu_sparsity_loss_mode": "quadratic", "target_l0": float(min(spec.k, spec.d_sae))}
     return d
 
 
 class SAEBaseline:
-    def __init__(self, spec: ModelSpec, *, total_steps: int, batch_size: int, device: str = "cpu", seed: int = 0):
-        from sae_lens.config import SAETrainerConfig
+    """A sae-lens `TrainingSAE` + `SAETrainer`, implementing `models.base.Trainable`."""
+
+    def __init__(self, spec: ModelSpec, *, total_steps: int, batch_size: int | None = None, device: str = "cpu",
+                 seed: int = 0):
+        from sae_lens.config import LoggingConfig, SAETrainerConfig
         from sae_lens.training.sae_trainer import SAETrainer
 
-        self.spec, self.device, self.name = spec, device, parse_sae_arch(spec.arch)
+        self.spec, self.device, self.name = spec, str(device), parse_sae_arch(spec.arch)
+        self.total_steps = int(total_steps)
         sae_cls, cfg_cls = _registry()[self.name]
-        fields = {f.name for f in dataclasses.fields(cfg_cls)}
-        unknown = set(spec.options) - fields
+        fields = {f.name for f in dataclasses.fields(cfg_cls)} - _OWN_FIELDS
+        unknown = set(spec.options) - fields - set(TRAINER_OPTIONS)
         if unknown:
             raise RQAEError(f"unknown option(s) {sorted(unknown)} for {spec.arch}; valid: "
-                            f"{', '.join(sorted(fields - {'d_in', 'd_sae', 'metadata'}))}")
-        kwargs = {**_defaults(self.name, spec, fields), **spec.options, "device": device}
-        try:
-            cfg = cfg_cls(**kwargs)
-        except (TypeError, ValueError) as e:
-            raise RQAEError(f"bad options for {spec.arch}: {e}") from None
-        with torch.random.fork_rng(devices=[]):  # seeded init, caller's RNG untouched
-            torch.manual_seed(seed)
-            self.sae = sae_cls(cfg)
-        trainer_cfg = SAETrainerConfig(total_training_samples=total_steps * batch_size,
-                                       train_batch_size_samples=batch_size, lr=spec.lr, lr_end=spec.lr / 10,
-                                       device=device)  # lr_end: set by the runner config sae-lens normally uses
-        self.trainer = SAETrainer(trainer_cfg, self.sae, data_provider=iter(()))
+                            f"{', '.join(sorted(fields | set(TRAINER_OPTIONS)))}")
+        sae_kw = {**_defaults(self.name, spec, fields, self.total_steps),
+                  **{k: v for k, v in spec.options.items() if k in fields}}
+        trainer_kw = {"lr_end": spec.lr / 10,  # sae-lens's runner default; only cosine/decay read it
+                      **{k: v for k, v in spec.options.items() if k in TRAINER_OPTIONS}}
+        with torch.random.fork_rng(devices=[]):
+            # built on the CPU from a seeded CPU generator (only: torch.manual_seed would also
+            # reseed CUDA), so the init is the same on every device and the caller's RNG is untouched
+            torch.default_generator.manual_seed(seed)
+            try:
+                self.sae = sae_cls(cfg_cls(d_in=spec.d_in, d_sae=spec.d_sae, device="cpu", **sae_kw))
+            except (TypeError, ValueError) as e:
+                raise RQAEError(f"bad options for {spec.arch}: {e}") from None
+        self.sae.to(self.device)
+        bs = batch_size or 1  # corrected to the real batch at the first step (_match_batch)
+        # total_training_samples only fixes the lr schedule's length (total_steps): `fit()` is never called
+        cfg = SAETrainerConfig(total_training_samples=self.total_steps * bs, train_batch_size_samples=bs, lr=spec.lr,
+                               device=self.device, logger=LoggingConfig(log_to_wandb=False), **trainer_kw)
+        self.trainer = SAETrainer(cfg, self.sae, data_provider=iter(()))
+        self._inference = None  # cached inference SAE, dropped whenever the weights change
+
+    # ------------------------------------------------------------------ training
+
+    def _estimate_normalization(self, sample: torch.Tensor) -> None:
+        """sae-lens's own estimates (as `fit()` makes them before its first step), on `sample`."""
+        scaler, how = self.trainer.activation_scaler, self.sae.cfg.normalize_activations
+        if how == "expected_average_only_in" and scaler.scaling_factor is None:
+            scaler.estimate_scaling_factor(self.spec.d_in, iter([sample]), n_batches_for_norm_estimate=1)
+        elif how == "covariance_whitening" and scaler.whitening is None:
+            scaler.estimate_whitening(self.spec.d_in, iter([sample]), n_batches_for_norm_estimate=1)
 
     def init_from_data(self, sample: torch.Tensor) -> None:
-        scaler = self.trainer.activation_scaler
-        if self.sae.cfg.normalize_activations == "expected_average_only_in":
-            # sae-lens's estimate (ActivationScaler.estimate_scaling_factor), on this sample
-            scaler.scaling_factor = float(self.spec.d_in**0.5 / sample.float().norm(dim=-1).mean())
+        sample = sample.to(self.device, torch.float32)
+        self._estimate_normalization(sample)
         if self.spec.mean_init:
+            # sae-lens 6 has no b_dec init option (no geometric median any more); the data mean
+            # in the SAE's (scaled) input space is the usual choice
             with torch.no_grad():
-                self.sae.b_dec.copy_(scaler(sample.to(self.device)).mean(0))
+                self.sae.b_dec.copy_(self.trainer.activation_scaler(sample).mean(0))
+        self._inference = None
+
+    def _match_batch(self, n: int) -> None:
+        # SAETrainer counts n_frac_active_samples in cfg.train_batch_size_samples per step; keep
+        # it the real batch size (the lr schedule was already built for total_steps)
+        cfg = self.trainer.cfg
+        if cfg.train_batch_size_samples != n:
+            cfg.train_batch_size_samples, cfg.total_training_samples = n, self.total_steps * n
 
     def train_step(self, x: torch.Tensor) -> dict[str, float]:
-        out = self.trainer.step(x)
-        self.trainer.n_training_steps += 1
-        self.trainer.maybe_reset_sparsity()  # as SAETrainer.fit: roll the dead-latent window
+        t = self.trainer
+        x = x.to(self.device)
+        self._estimate_normalization(x.float())  # no-op once init_from_data (or a checkpoint) set it
+        self._match_batch(x.shape[0])
+        t.maybe_reset_sparsity()  # the per-step sequence of SAETrainer.fit / MultiSAETrainer.fit
+        out = t.step(x)
+        t.n_training_steps += 1
+        self._inference = None
         with torch.no_grad():
             sae_in, sae_out = out.sae_in.float(), out.sae_out.float()
             fvu = (sae_out - sae_in).pow(2).sum() / (sae_in - sae_in.mean(0)).pow(2).sum().clamp_min(1e-30)
-            l0 = (out.feature_acts != 0).float().sum(-1).mean()
-        return {"loss": float(out.loss.detach()), "fvu": float(fvu), "l0": float(l0)}
+            names = ["loss", "fvu", "l0", "dead", *out.losses]
+            vals = [out.loss, fvu, out.feature_acts.bool().float().sum(-1).to_dense().mean(),
+                    t.dead_neurons.sum(), *out.losses.values()]
+            vals = torch.stack([torch.as_tensor(v).detach().float().to(self.device) for v in vals]).tolist()  # one sync
+        return dict(zip(names, vals))
+
+    # ------------------------------------------------------------------ the saved model
+
+    def _folded(self):
+        """A copy of the training SAE with the input normalisation folded in, as `fit()` leaves it."""
+        sae, scaler = copy.deepcopy(self.sae), self.trainer.activation_scaler
+        if scaler.scaling_factor is not None:
+            sae.fold_activation_norm_scaling_factor(scaler.scaling_factor)
+        if scaler.whitening is not None:
+            w = scaler.whitening
+            sae.fold_activation_whitening(mean=w.mean, whitening_matrix=w.matrix, unwhitening_matrix=w.inverse_matrix)
+        return sae
 
     def inference_sae(self):
-        """The SAE as `save` would write it (activation scale folded in, training-only
-        behaviour converted, e.g. BatchTopK's batch-level top-k to its learned JumpReLU
-        threshold), built in memory; evaluation uses this, so reported metrics are those
-        of the saved model. Cached until the next training step."""
-        import copy
-
+        """The SAE exactly as `save` writes and `SAE.load_from_disk` reads it (BatchTopK becomes
+        JumpReLU, ...), built in memory with sae-lens's save/load hooks; cached until the next step."""
         from sae_lens import SAE
 
-        key = self.trainer.n_training_steps
-        if getattr(self, "_inference", (None, None))[0] != key:
-            sae = copy.deepcopy(self.sae)
-            if self.trainer.activation_scaler.scaling_factor is not None:
-                sae.fold_activation_norm_scaling_factor(self.trainer.activation_scaler.scaling_factor)
-            state = sae.state_dict()
-            sae.process_state_dict_for_saving_inference(state)
-            inference = SAE.from_dict(sae.cfg.get_inference_sae_cfg_dict())
-            inference.load_state_dict(state)
-            self._inference = (key, inference.to(self.device).eval())
-        return self._inference[1]
+        if self._inference is None:
+            folded = self._folded()
+            state = folded.state_dict()
+            folded.process_state_dict_for_saving_inference(state)
+            cfg = folded.cfg.get_inference_sae_cfg_dict()
+            sae = SAE.from_dict({**cfg, "device": "meta"})  # as load_from_disk: no random init, no RNG use
+            sae.cfg.device = self.device
+            sae.process_state_dict_for_loading(state)
+            sae.load_state_dict(state, assign=True)
+            self._inference = sae.to(self.device).eval()
+        return self._inference
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -131,38 +194,50 @@ class SAEBaseline:
         return {"l0": float((acts != 0).float().sum(-1).mean()), "dead": int(self.trainer.dead_neurons.sum()),
                 "tokens": int(x.shape[0])}
 
+    def save(self, out_dir: Path) -> None:
+        """sae-lens's inference format (cfg.json + sae_weights.safetensors), as its runners write it."""
+        self.trainer.set_final_sae_metadata()  # l0 / dead latents of the last window, into cfg.json
+        self._folded().save_inference_model(str(out_dir))
+
+    def weight_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.inference_sae().state_dict().values())
+
+    # ------------------------------------------------------------------ checkpoints
+
     def checkpoint_state(self) -> dict[str, Any]:
-        t = self.trainer
-        return {
+        """The SAE's state dict + what `SAETrainer.save_trainer_state` writes (optimizer, lr and
+        coefficient schedulers, counters, dead-latent statistics, activation scaler)."""
+        t, scaler = self.trainer, self.trainer.activation_scaler
+        state = {
             "sae": self.sae.state_dict(), "optimizer": t.optimizer.state_dict(),
-            "lr_scheduler": t.lr_scheduler.state_dict(), "n_training_samples": t.n_training_samples,
-            "n_training_steps": t.n_training_steps, "act_freq_scores": t.act_freq_scores.clone(),
-            "n_forward_passes_since_fired": t.n_forward_passes_since_fired.clone(),
-            "n_frac_active_samples": t.n_frac_active_samples,
+            "lr_scheduler": t.lr_scheduler.state_dict(),
             "coefficient_schedulers": {k: s.state_dict() for k, s in t.coefficient_schedulers.items()},
-            "scaling_factor": t.activation_scaler.scaling_factor,
+            **{k: getattr(t, k) for k in ("n_training_samples", "n_training_steps", "act_freq_scores",
+                                          "n_forward_passes_since_fired", "n_frac_active_samples",
+                                          "started_fine_tuning")},
+            "train_batch_size_samples": t.cfg.train_batch_size_samples,
+            "scaling_factor": scaler.scaling_factor,
+            "whitening": dataclasses.asdict(scaler.whitening) if scaler.whitening is not None else None,
         }
+        # a snapshot: state dicts alias the live parameters and Adam moments, updated in place
+        return copy.deepcopy(state)
 
     def load_checkpoint_state(self, state: dict[str, Any]) -> None:
-        t = self.trainer
+        from sae_lens.training.activation_scaler import ActivationWhitening
+
+        # copied in: Optimizer.load_state_dict would otherwise train on the caller's tensors in place
+        state, t = copy.deepcopy(state), self.trainer
         self.sae.load_state_dict(state["sae"])
         t.optimizer.load_state_dict(state["optimizer"])
         t.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        for key in ("n_training_samples", "n_training_steps", "act_freq_scores", "n_forward_passes_since_fired",
-                    "n_frac_active_samples"):
-            setattr(t, key, state[key])
         for k, s in state["coefficient_schedulers"].items():
             t.coefficient_schedulers[k].load_state_dict(s)
+        for k in ("n_training_samples", "n_training_steps", "n_frac_active_samples", "started_fine_tuning"):
+            setattr(t, k, state[k])
+        for k in ("act_freq_scores", "n_forward_passes_since_fired"):
+            setattr(t, k, state[k].to(self.device))
+        self._match_batch(state["train_batch_size_samples"])
         t.activation_scaler.scaling_factor = state["scaling_factor"]
-
-    def save(self, out_dir: Path) -> None:
-        """sae-lens's inference format, with the activation scale folded in (as `fit()` does)."""
-        scaler = self.trainer.activation_scaler
-        if scaler.scaling_factor is not None:
-            self.sae.fold_activation_norm_scaling_factor(scaler.scaling_factor)
-            scaler.scaling_factor = None
-        self.trainer.set_final_sae_metadata()
-        self.sae.save_inference_model(str(out_dir))
-
-    def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.sae.state_dict().values())
+        w = state["whitening"]
+        t.activation_scaler.whitening = ActivationWhitening(**w) if w is not None else None
+        self._inference = None
