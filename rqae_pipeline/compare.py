@@ -1,0 +1,112 @@
+"""Comparing dictionaries: decoder-direction matching between any two of them.
+
+A dictionary here is a set of unit directions in the residual space: an SAE's decoder
+rows, a codebook's codes, or an RQAE's projected codebooks (for each layer i, the 544
+codes C pushed through W_out[i], the blog's Fig 2a objects). For every direction of A we
+report its best cosine match in B, and a one-to-one assignment maximising the total
+cosine (Hungarian). Both run in chunks, so a 16k x 557k comparison (Gemma Scope 16k vs
+an RQAE with 1024 layers) never holds the full similarity matrix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def decoder_directions(model) -> torch.Tensor:
+    """(n, d) decoder directions of an RQAE, codebook autoencoder or sae-lens SAE."""
+    from rqae_pipeline.evaluate import model_kind
+
+    kind = model_kind(model)
+    with torch.no_grad():
+        if kind == "rqae":
+            return torch.einsum("ck,nkd->ncd", model.codebook, model.W_out).reshape(-1, model.cfg.d_in).float()
+        if kind == "codebook":
+            return model.codebook.detach().float()
+        return model.W_dec.detach().float()
+
+
+@dataclass
+class MatchResult:
+    best_index: np.ndarray  # (n_a,) index in B of each A direction's best match
+    best_cosine: np.ndarray  # (n_a,)
+    assignment: np.ndarray  # (n_a,) one-to-one partner in B (-1 where none)
+    assignment_cosine: np.ndarray  # (n_a,)
+
+    def summary(self) -> dict[str, float]:
+        matched = self.assignment >= 0
+        return {"mean_best_cosine": float(self.best_cosine.mean()),
+                "median_best_cosine": float(np.median(self.best_cosine)),
+                "frac_best_above_0.9": float((self.best_cosine > 0.9).mean()),
+                "mean_assignment_cosine": float(self.assignment_cosine[matched].mean()) if matched.any() else float("nan"),
+                "assigned": int(matched.sum())}
+
+
+@torch.no_grad()
+def top_matches(a: torch.Tensor, b: torch.Tensor, k: int = 1, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values, indices) of the k largest cosines in B for each row of A; memory O(chunk^2)."""
+    a, b = F.normalize(a.float(), dim=1), F.normalize(b.float(), dim=1)
+    k = min(k, len(b))
+    best_v = torch.full((len(a), k), -2.0)
+    best_i = torch.zeros((len(a), k), dtype=torch.long)
+    for i in range(0, len(a), chunk):
+        va, ia = best_v[i : i + chunk], best_i[i : i + chunk]
+        for j in range(0, len(b), chunk):
+            sims = a[i : i + chunk] @ b[j : j + chunk].T
+            v, idx = sims.topk(min(k, sims.shape[1]), dim=1)
+            va, order = torch.cat([va, v], 1).topk(k, dim=1)
+            ia = torch.cat([ia, idx + j], 1).gather(1, order)
+        best_v[i : i + chunk], best_i[i : i + chunk] = va, ia
+    return best_v, best_i
+
+
+def match_dictionaries(a: torch.Tensor, b: torch.Tensor, *, candidates: int = 16, chunk: int = 4096,
+                       dense_limit: int = 25_000_000) -> MatchResult:
+    """Best match and one-to-one assignment of A's directions to B's.
+
+    Small problems use `scipy.optimize.linear_sum_assignment` on the full cosine matrix.
+    Large ones keep each A direction's `candidates` best B partners and solve the same
+    maximum-weight matching on that sparse graph (`min_weight_full_bipartite_matching`);
+    directions the sparse graph cannot place stay unassigned (-1).
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    values, index = top_matches(a, b, k=max(1, candidates), chunk=chunk)
+    best_index, best_cos = index[:, 0].numpy(), values[:, 0].numpy()
+    assignment = np.full(len(a), -1)
+    assignment_cos = np.full(len(a), np.nan)
+    if len(a) * len(b) <= dense_limit:
+        sims = (F.normalize(a.float(), dim=1) @ F.normalize(b.float(), dim=1).T).numpy()
+        rows, cols = linear_sum_assignment(sims, maximize=True)
+        assignment[rows], assignment_cos[rows] = cols, sims[rows, cols]
+    else:
+        rows, cols = _sparse_assignment(values.numpy(), index.numpy(), len(b))
+        assignment[rows] = cols
+        assignment_cos[rows] = (F.normalize(a[rows].float(), dim=1) * F.normalize(b[cols].float(), dim=1)).sum(1).numpy()
+    return MatchResult(best_index, best_cos, assignment, assignment_cos)
+
+
+def _sparse_assignment(values: np.ndarray, index: np.ndarray, n_b: int) -> tuple[np.ndarray, np.ndarray]:
+    from scipy.sparse import csr_matrix
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
+
+    n_a, k = index.shape
+    # weights must be positive for the solver; 2 - cos keeps the order (maximising cos)
+    graph = csr_matrix(((2.0 - values).ravel(), (np.repeat(np.arange(n_a), k), index.ravel())), shape=(n_a, n_b))
+    try:
+        rows, cols = min_weight_full_bipartite_matching(graph)
+        return np.asarray(rows), np.asarray(cols)
+    except ValueError:  # no full matching in the candidate graph: match greedily instead
+        taken, rows, cols = set(), [], []
+        for r in np.argsort(-values[:, 0]):
+            for v, c in zip(values[r], index[r]):
+                if c not in taken:
+                    taken.add(c)
+                    rows.append(r)
+                    cols.append(c)
+                    break
+        return np.array(rows, dtype=int), np.array(cols, dtype=int)
