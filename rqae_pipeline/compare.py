@@ -110,3 +110,87 @@ def _sparse_assignment(values: np.ndarray, index: np.ndarray, n_b: int) -> tuple
                     cols.append(c)
                     break
         return np.array(rows, dtype=int), np.array(cols, dtype=int)
+
+
+# --------------------------------------------------------------------------- Pearson matching
+
+
+@dataclass(frozen=True, kw_only=True)
+class PearsonConfig:
+    features: tuple[int, ...] | None = None  # SAE features; default: a seeded sample of live ones
+    n_features: int = 32
+    contexts_per_group: int = 10  # top, median and bottom contexts by max activation (the reference's 10/10/10)
+    max_tokens: int = 200_000  # rows of the store scanned
+    seed: int = 0
+
+
+def normalise_like_store(v: torch.Tensor, store) -> torch.Tensor:
+    """Pass vectors through the store's normalisation (the LM's final norm, with its gain in
+    final-norm mode), as the reference passes W_enc[:, f] through the final norm."""
+    v = v.float()
+    v = v / v.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    return v * store.gain if store.spec.normalisation == "final-norm" else v
+
+
+@torch.no_grad()
+def pearson_matching(rqae, sae, store, cfg: PearsonConfig, *, sae_space: str, prefixes: tuple[int, ...]) -> dict:
+    """Pearson correlation between SAE feature activations and RQAE intensities (blog Fig 5a).
+
+    For each feature, tokens of its top / median / bottom contexts (by max activation) where
+    it fires; the RQAE feature is (a) the SAE encoder vector through the final norm, encoded,
+    and (b) the codes of the feature's top-activating token. Returns per-prefix correlations.
+    """
+    n = min(store.n_tokens, cfg.max_tokens)
+    rows = store.read(0, n)
+    x = rows.acts
+    sae_in = x if sae_space == "normalised" else store.raw(rows)
+    acts = torch.cat([sae.encode(sae_in[i : i + 4096]) for i in range(0, n, 4096)])  # (n, d_sae)
+    live = (acts > 0).any(0).nonzero()[:, 0]
+    if cfg.features is not None:
+        features = torch.tensor(cfg.features)
+    else:
+        g = torch.Generator().manual_seed(cfg.seed)
+        features = live[torch.randperm(len(live), generator=g)[: cfg.n_features]]
+    codes = torch.cat([rqae.encode(x[i : i + 4096]) for i in range(0, n, 4096)])  # (n, n_q)
+    seq = torch.from_numpy(rows.seq.astype(np.int64))
+    seq = seq - seq.min()
+    per_feature = []
+    for f in features.tolist():
+        a = acts[:, f]
+        ctx_max = torch.zeros(int(seq.max()) + 1).scatter_reduce(0, seq, a, "amax")
+        firing = (ctx_max > 0).nonzero()[:, 0]
+        if len(firing) == 0:
+            continue
+        order = firing[ctx_max[firing].argsort(descending=True)]
+        k = cfg.contexts_per_group
+        mid = len(order) // 2
+        chosen = torch.unique(torch.cat([order[:k], order[max(0, mid - k // 2) : mid + k - k // 2], order[-k:]]))
+        tok = torch.isin(seq, chosen) & (a > 0)
+        if tok.sum() < 3:
+            continue
+        enc_vec = sae.W_enc[:, f] if hasattr(sae, "W_enc") else sae.W_dec[f]
+        if sae_space == "raw":
+            enc_vec = normalise_like_store(enc_vec[None], store)[0]
+        query_a = rqae.encode(enc_vec[None].float())[0]
+        query_b = codes[int(a.argmax())]
+        row = {"feature": f, "tokens": int(tok.sum()), "a": {}, "b": {}}
+        for m in prefixes:
+            for name, q in (("a", query_a), ("b", query_b)):
+                inten = rqae.intensity(q, codes[tok], m)
+                row[name][str(m)] = _pearson(inten, a[tok])
+        per_feature.append(row)
+    summary = {}
+    for name in ("a", "b"):
+        summary[name] = {}
+        for m in prefixes:
+            vals = np.array([r[name][str(m)] for r in per_feature], dtype=float)
+            vals = vals[np.isfinite(vals)]
+            summary[name][str(m)] = {"mean": float(vals.mean()) if len(vals) else float("nan"),
+                                     "std": float(vals.std()) if len(vals) else float("nan"), "n": int(len(vals))}
+    return {"features": per_feature, "summary": summary, "tokens_scanned": n}
+
+
+def _pearson(u: torch.Tensor, v: torch.Tensor) -> float:
+    u, v = u.double() - u.double().mean(), v.double() - v.double().mean()
+    den = float(u.norm() * v.norm())
+    return float((u @ v) / den) if den > 0 else float("nan")

@@ -41,3 +41,36 @@ def test_rqae_projected_codebooks_are_the_decoder_directions():
     assert dirs.shape == (3 * 544, 8)
     torch.testing.assert_close(dirs[544 + 5], (model.codebook[5] @ model.W_out[1]).detach())
     assert np.isfinite(match_dictionaries(dirs[:50], dirs).best_cosine).all()
+
+
+def test_pearson_matching_finds_an_rqae_feature_that_tracks_an_sae_feature(tiny_lm, tmp_path):
+    """An SAE whose feature f *is* an RQAE intensity direction: correlation (a) must be high."""
+    from sae_lens import SAE
+
+    from rqae_pipeline.compare import PearsonConfig, pearson_matching
+    from rqae_pipeline.harvest import harvest
+    from rqae_pipeline.store import ActivationStore
+
+    from helpers import tiny_config
+
+    harvest(tiny_config(tmp_path / "s.zarr", tokens=4096), lm=tiny_lm, progress=False)
+    store = ActivationStore.open(tmp_path / "s.zarr")
+    torch.manual_seed(0)
+    rqae = RQAE(RQAEConfig(d_in=64, n_q=4))
+    x = store.read().acts
+    rqae.init_from_data(x)
+    sae = SAE.from_dict({"architecture": "standard", "d_in": 64, "d_sae": 8, "dtype": "float32", "device": "cpu",
+                         "apply_b_dec_to_input": False})
+    with torch.no_grad():
+        sae.W_enc.zero_()
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+        # feature 0 reads the centred activation along a direction: a linear, positive feature
+        direction = torch.nn.functional.normalize(x[5] - x.mean(0), dim=0)
+        sae.W_enc[:, 0] = direction
+        sae.b_enc[0] = -float(x.mean(0) @ direction)
+    out = pearson_matching(rqae, sae, store, PearsonConfig(features=(0,)), sae_space="normalised", prefixes=(1, 4))
+    assert out["features"] and out["features"][0]["tokens"] > 10
+    corr_a = out["summary"]["a"]["4"]["mean"]
+    assert np.isfinite(corr_a) and -1 <= corr_a <= 1
+    assert out["summary"]["b"]["4"]["n"] == 1
