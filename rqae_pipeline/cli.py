@@ -198,8 +198,11 @@ def eval_command(
     except RQAEError as e:
         _fail(str(e))
     if out is not None:
+        from rqae_pipeline.report.plots import plot_reconstruction_vs_layers
+
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1))
+        plot_reconstruction_vs_layers({model.name: result}, out.with_suffix(".png"))
     typer.echo(f"{model} on {result['tokens']:,} tokens (rows {result['rows'][0]:,}..{result['rows'][1]:,})")
     typer.echo(f"{'reconstruction':16s} {'FVU':>10s} {'MSE':>12s}")
     for label, m in sorted(result["metrics"].items(), key=lambda kv: (len(kv[0]), kv[0])):

@@ -114,6 +114,7 @@ def test_eval_cli_prints_a_table_and_writes_json(trained, tmp_path):
     assert r.exit_code == 0, r.output
     assert "rqae@1" in r.stdout and "rqae@8" in r.stdout and "code_usage" in r.stdout
     saved = json.loads((tmp_path / "r.json").read_text())
+    assert (tmp_path / "r.png").stat().st_size > 10_000  # the FVU-vs-layers plot
     assert saved["metrics"]["rqae@8"]["fvu"] < saved["metrics"]["rqae@1"]["fvu"]
     r = CliRunner().invoke(app, ["eval", "--store", str(store), "--model", str(runs["rqae"]), "--rows", "some"])
     assert r.exit_code == 2 and r.stderr.startswith("error: unknown row selection")

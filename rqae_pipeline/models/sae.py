@@ -113,10 +113,11 @@ class SAEBaseline:
     # ------------------------------------------------------------------ training
 
     def _estimate_normalization(self, sample: torch.Tensor) -> None:
-        """sae-lens's own estimates (as `fit()` makes them before its first step), on `sample`."""
+        """sae-lens's estimates (as `fit()` makes them before its first step), on `sample`."""
         scaler, how = self.trainer.activation_scaler, self.sae.cfg.normalize_activations
         if how == "expected_average_only_in" and scaler.scaling_factor is None:
-            scaler.estimate_scaling_factor(self.spec.d_in, iter([sample]), n_batches_for_norm_estimate=1)
+            # ActivationScaler.estimate_scaling_factor's sqrt(d_in) / mean norm, minus its progress bar
+            scaler.scaling_factor = self.spec.d_in**0.5 / float(sample.norm(dim=-1).double().mean())
         elif how == "covariance_whitening" and scaler.whitening is None:
             scaler.estimate_whitening(self.spec.d_in, iter([sample]), n_batches_for_norm_estimate=1)
 

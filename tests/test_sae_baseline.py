@@ -1,0 +1,141 @@
+"""`SAEBaseline`: sae-lens SAEs stepped by sae-lens's SAETrainer, saved in sae-lens's format.
+
+No mocks: every architecture of sae-lens's training registry is trained for real on a
+small synthetic dictionary-learning problem whose activations, like the store's, have a
+large mean and norm well above sqrt(d).
+"""
+
+import io
+import warnings
+
+import pytest
+import torch
+from sae_lens import SAE
+
+from rqae_pipeline import RQAEError
+from rqae_pipeline.models.base import ModelSpec
+from rqae_pipeline.models.sae import SAEBaseline, parse_sae_arch, sae_architectures
+
+D_IN, D_SAE, K, BATCH = 64, 128, 8, 256
+
+
+@pytest.fixture(scope="module")
+def data() -> torch.Tensor:
+    """(4096, 64): sparse non-negative codes over 256 random directions, plus an offset and noise."""
+    g = torch.Generator().manual_seed(0)
+    atoms = torch.randn(256, D_IN, generator=g)
+    codes = torch.rand(4096, 256, generator=g) * (torch.rand(4096, 256, generator=g) < 0.03)
+    return 4 * codes @ atoms + 3 * torch.randn(D_IN, generator=g) + 0.1 * torch.randn(4096, D_IN, generator=g)
+
+
+def build(arch: str, total_steps: int = 30, **options) -> SAEBaseline:
+    spec = ModelSpec(arch=arch, d_in=D_IN, d_sae=D_SAE, k=K, lr=3e-3, options=options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sae-lens warns about settings it adjusts itself (matching pursuit)
+        return SAEBaseline(spec, total_steps=total_steps, batch_size=BATCH)
+
+
+def batches(x: torch.Tensor, n: int):
+    return [x[(i * BATCH) % len(x):][:BATCH] for i in range(n)]
+
+
+def fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    return float((x - x_hat).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
+
+
+def test_every_training_architecture_of_sae_lens_is_offered():
+    from sae_lens.registry import SAE_TRAINING_CLASS_REGISTRY
+
+    assert sae_architectures() == sorted(SAE_TRAINING_CLASS_REGISTRY)
+    assert {"standard", "topk", "batchtopk", "jumprelu", "matryoshka_batchtopk", "matching_pursuit"} <= set(
+        sae_architectures())
+    for name in ("topk-sae", "topk", "topk_sae"):
+        assert parse_sae_arch(name) == "topk"
+    assert parse_sae_arch("matryoshka-batchtopk-sae") == parse_sae_arch("matryoshka_batchtopk-sae")
+    with pytest.raises(RQAEError, match="available: .*matryoshka_batchtopk-sae"):
+        parse_sae_arch("nope-sae")
+
+
+def test_unknown_or_bad_options_are_clear_errors():
+    with pytest.raises(RQAEError, match=r"unknown option.*'nonsense'.*valid: .*\bk\b.*lr_warm_up_steps"):
+        build("topk-sae", nonsense=1)
+    with pytest.raises(RQAEError, match="unknown option"):
+        build("standard-sae", k=4)  # the standard SAE has no k
+    with pytest.raises(RQAEError, match="bad options.*strictly increasing"):
+        build("matryoshka_batchtopk-sae", matryoshka_widths=[64, 32, 128])
+
+
+def test_spec_and_options_reach_the_sae_lens_configs():
+    m = build("matryoshka_batchtopk-sae", aux_loss_coefficient=0.5, dead_feature_window=7)
+    cfg = m.sae.cfg
+    assert (cfg.d_in, cfg.d_sae, cfg.k, cfg.aux_loss_coefficient) == (D_IN, D_SAE, K, 0.5)
+    assert cfg.matryoshka_widths[-1] == D_SAE and cfg.matryoshka_widths == sorted(set(cfg.matryoshka_widths))
+    assert m.trainer.cfg.dead_feature_window == 7 and m.trainer.cfg.lr == 3e-3
+    assert m.trainer.cfg.total_training_steps == 30
+
+
+def test_construction_is_seeded_and_leaves_the_global_rng_alone():
+    before = torch.get_rng_state()
+    a, b = build("topk-sae"), build("topk-sae")
+    assert torch.equal(torch.get_rng_state(), before)
+    assert torch.equal(a.sae.W_enc, b.sae.W_enc)
+    other = SAEBaseline(ModelSpec(arch="topk-sae", d_in=D_IN, d_sae=D_SAE, k=K), total_steps=30, seed=1)
+    assert not torch.equal(a.sae.W_enc, other.sae.W_enc)
+
+
+@pytest.mark.parametrize("arch", sae_architectures())
+def test_each_architecture_trains_and_reloads_with_sae_lens(data, tmp_path, arch):
+    m = build(f"{arch}-sae")
+    m.init_from_data(data[:1024])
+    held = data[-512:]
+    fvu0 = fvu(held, m.reconstruct(held))
+    stats = [m.train_step(b) for b in batches(data[:-512], 30)]
+    assert all(isinstance(v, float) for v in stats[-1].values()) and {"loss", "fvu", "l0", "dead"} <= set(stats[-1])
+    # the reconstruction term falls (the total also carries each architecture's sparsity penalty)
+    assert sum(s["mse_loss"] for s in stats[-5:]) < 0.7 * sum(s["mse_loss"] for s in stats[:5])
+    assert fvu(held, m.reconstruct(held)) < min(fvu0, 0.9)
+    assert m.trainer.n_training_steps == 30 and m.trainer.n_training_samples == 30 * BATCH
+    health = m.health(held)
+    assert health["l0"] > 0 and health["dead"] >= 0
+
+    m.save(tmp_path)
+    loaded = SAE.load_from_disk(str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(held), m.reconstruct(held), rtol=1e-6, atol=1e-6)
+    assert m.weight_bytes() == (tmp_path / "sae_weights.safetensors").stat().st_size - _header_bytes(tmp_path)
+    # saving is not the end of training: it works on a copy
+    m.train_step(data[:BATCH])
+
+
+def _header_bytes(d) -> int:
+    raw = (d / "sae_weights.safetensors").read_bytes()
+    return 8 + int.from_bytes(raw[:8], "little")
+
+
+@pytest.mark.parametrize("arch", ["topk-sae", "matryoshka_batchtopk-sae", "standard-sae"])
+def test_resuming_from_a_checkpoint_continues_bit_exactly(data, arch):
+    # small windows, a warm-up and a decay so that the sparsity-window reset, the dead-latent
+    # mask, the lr schedule and (standard) the l1 warm-up all cross the checkpoint
+    opts = {"feature_sampling_window": 4, "dead_feature_window": 3, "lr_warm_up_steps": 3, "lr_decay_steps": 4}
+    xs = batches(data, 12)
+    ref = build(arch, total_steps=12, **opts)
+    ref.init_from_data(data[:1024])
+    for i, x in enumerate(xs):
+        if i == 6:
+            buf = io.BytesIO()
+            torch.save(ref.checkpoint_state(), buf)  # as train.py writes it
+        ref.train_step(x)
+    resumed = build(arch, total_steps=12, **opts)
+    buf.seek(0)
+    resumed.load_checkpoint_state(torch.load(buf, weights_only=False))
+    for x in xs[6:]:
+        resumed.train_step(x)
+    a, b = ref.checkpoint_state(), resumed.checkpoint_state()
+    for name, t in a["sae"].items():
+        assert torch.equal(t, b["sae"][name]), name
+    for key in ("n_training_steps", "n_training_samples", "n_frac_active_samples", "scaling_factor"):
+        assert a[key] == b[key], key
+    assert torch.equal(a["act_freq_scores"], b["act_freq_scores"])
+    assert torch.equal(a["n_forward_passes_since_fired"], b["n_forward_passes_since_fired"])
+    assert ref.trainer.optimizer.param_groups[0]["lr"] == resumed.trainer.optimizer.param_groups[0]["lr"]
+    assert torch.equal(ref.reconstruct(data[:64]), resumed.reconstruct(data[:64]))
