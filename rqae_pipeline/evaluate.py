@@ -355,9 +355,15 @@ def summarise(stats: Stats, model, d: int, rows: tuple[int, int]) -> dict:
         if "l0" in stats.counts:
             out["l0"] = float(stats.counts["l0"][0] / stats.n)
     if "codes" in stats.counts:
-        c = stats.counts["codes"]
-        p = c / c.sum(1, keepdims=True)
-        perplexity = np.exp(-(p * np.log(np.clip(p, 1e-300, None))).sum(1))
-        out["code_usage"] = {"perplexity_mean": float(perplexity.mean()), "perplexity_first_layers":
-                             perplexity[:4].round(1).tolist(), "dead_codes_mean": float((c == 0).sum(1).mean())}
+        out["code_usage"] = code_usage_summary(stats.counts["codes"])
     return out
+
+
+def code_usage_summary(counts: np.ndarray) -> dict[str, Any]:
+    """(n_q, n_codes) usage counts -> per-layer perplexity (exp of the usage entropy; n_codes
+    is perfectly uniform) and codes never used."""
+    p = counts / counts.sum(1, keepdims=True)
+    perplexity = np.exp(-(p * np.log(np.clip(p, 1e-300, None))).sum(1))
+    return {"perplexity_mean": float(perplexity.mean()), "perplexity_min": float(perplexity.min()),
+            "perplexity_first_layers": perplexity[:4].round(1).tolist(),
+            "dead_codes_mean": float((counts == 0).sum(1).mean())}

@@ -125,36 +125,24 @@ def heldout_rows(store: ActivationStore, cfg: TrainConfig, split: dict) -> torch
 # --------------------------------------------------------------------------- evaluation
 
 
-def prefix_lengths(n_q: int) -> list[int]:
-    m, out = 1, []
-    while m < n_q:
-        out.append(m)
-        m *= 2
-    return out + [n_q]
-
-
 @torch.no_grad()
 def evaluate(trainable: Trainable, x: torch.Tensor, batch: int = 4096) -> dict[str, Any]:
-    """Held-out MSE and FVU from float64 sums over all rows (FVU against the set's own mean);
-    for RQAE also the FVU of every power-of-two prefix."""
-    x64 = x.double()
-    total = float((x64 - x64.mean(0)).pow(2).sum())
-    is_rqae = trainable.spec.arch == "rqae"
-    prefixes = prefix_lengths(trainable.spec.n_q) if is_rqae else [None]
-    sse = dict.fromkeys(prefixes, 0.0)
+    """Held-out MSE and FVU with the evaluator's float64 sums (FVU against the set's own
+    mean); for RQAE also the FVU of every power-of-two prefix."""
+    from rqae_pipeline.evaluate import Stats, reconstruct
+
+    model = trainable.eval_model()
+    stats = Stats()
     for i in range(0, len(x), batch):
-        xb = x[i : i + batch]
-        if is_rqae:
-            codes = trainable.module.encode(xb.to(trainable.device))
-            for m in prefixes:
-                err = xb.double() - trainable.module.decode(codes, m).double().cpu()
-                sse[m] += float(err.pow(2).sum())
-        else:
-            sse[None] += float((xb.double() - trainable.reconstruct(xb).double().cpu()).pow(2).sum())
-    full = sse[prefixes[-1]]
-    out = {"mse": full / x.numel(), "fvu": full / total, "tokens": len(x)}
+        xb = x[i : i + batch].to(trainable.device)
+        stats.add(xb, reconstruct(model, xb, None)[0])
+    metrics = stats.metrics(x.shape[1])
+    is_rqae = trainable.spec.arch == "rqae"
+    full = metrics[f"rqae@{trainable.spec.n_q}"] if is_rqae else next(iter(metrics.values()))
+    out = {"mse": full["mse"], "fvu": full["fvu"], "tokens": len(x)}
     if is_rqae:
-        out["fvu_by_prefix"] = {str(m): sse[m] / total for m in prefixes}
+        by_prefix = {int(k.split("@")[1]): v["fvu"] for k, v in metrics.items()}
+        out["fvu_by_prefix"] = {str(m): by_prefix[m] for m in sorted(by_prefix)}
     out["health"] = trainable.health(x[:4096])
     return out
 

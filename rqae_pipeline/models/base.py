@@ -48,6 +48,10 @@ class Trainable(Protocol):
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """(B, d) reconstruction in eval mode, no grad."""
 
+    def eval_model(self) -> Any:
+        """The model as evaluation and its saved file see it (an RQAE / codebook module or
+        a sae-lens SAE), for `evaluate.reconstruct`."""
+
     def health(self, x: torch.Tensor) -> dict[str, Any]:
         """Cheap diagnostics on a batch (code usage, dead latents, L0, ...)."""
 

@@ -56,6 +56,10 @@ class ModuleTrainable:
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.module.state_dict().values())
 
+    def eval_model(self) -> torch.nn.Module:
+        """The model as evaluation sees it (the module itself, in eval mode)."""
+        return self.module.eval()
+
     def save(self, out_dir: Path) -> None:
         self.module.save(out_dir)
 
@@ -90,19 +94,11 @@ class RQAETrainable(ModuleTrainable):
 
 def code_usage(codes: torch.Tensor, n_codes: int) -> dict[str, Any]:
     """Per-layer code counts -> perplexity (exp of the usage entropy) and dead codes."""
-    n_q = codes.shape[1]
-    counts = torch.zeros(n_q, n_codes, dtype=torch.float64, device=codes.device)
+    from rqae_pipeline.evaluate import code_usage_summary
+
+    counts = torch.zeros(codes.shape[1], n_codes, dtype=torch.float64, device=codes.device)
     counts.scatter_add_(1, codes.T, torch.ones_like(codes.T, dtype=torch.float64))
-    p = counts / counts.sum(1, keepdim=True)
-    perplexity = torch.exp(-(p * p.clamp_min(1e-30).log()).sum(1))
-    dead = (counts == 0).sum(1)
-    return {
-        "perplexity_mean": float(perplexity.mean()),
-        "perplexity_min": float(perplexity.min()),
-        "perplexity_first_layers": [round(float(v), 1) for v in perplexity[:4]],
-        "dead_codes_mean": float(dead.double().mean()),
-        "tokens": int(codes.shape[0]),
-    }
+    return {**code_usage_summary(counts.cpu().numpy()), "tokens": int(codes.shape[0])}
 
 
 class CodebookTrainable(ModuleTrainable):
