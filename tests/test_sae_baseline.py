@@ -130,7 +130,8 @@ def test_other_input_normalisations_are_folded_into_the_saved_sae(data, tmp_path
         torch.testing.assert_close(SAE.load_from_disk(str(tmp_path))(held), m.reconstruct(held), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("arch, extra", [("topk-sae", {}), ("matryoshka_batchtopk-sae", {}), ("standard-sae", {"l1_warm_up_steps": 10}),
+@pytest.mark.parametrize("arch, extra", [("topk-sae", {}), ("matryoshka_batchtopk-sae", {}),
+                                         ("standard-sae", {"l1_warm_up_steps": 10}),
                                          ("topk-sae", {"normalize_activations": "covariance_whitening"})])
 def test_resuming_from_a_checkpoint_continues_bit_exactly(data, arch, extra):
     # small windows, warm-ups and a decay so that the sparsity-window reset, the dead-latent

@@ -142,9 +142,9 @@ class SAEBaseline:
             # than ~d_sae/2 (sae-lens's 0.01): on the Gemma-3 store L0 then stays near k and the
             # FVU after 150 steps is 0.50 instead of 0.55 (at L0 84)
             with torch.no_grad():
-                _, pre = self.sae.encode_with_hidden_pre(self.trainer.activation_scaler(sample))
-                pre = pre.flatten()
-                self.sae.threshold.fill_(float(pre.kthvalue(max(1, round((1 - self.spec.k / self.spec.d_sae) * len(pre)))).values))
+                pre = self.sae.encode_with_hidden_pre(self.trainer.activation_scaler(sample))[1].flatten()
+                rank = max(1, round((1 - self.spec.k / self.spec.d_sae) * len(pre)))
+                self.sae.threshold.fill_(max(0.0, float(pre.kthvalue(rank).values)))
         self._inference = None
 
     def _match_batch(self, n: int) -> None:
