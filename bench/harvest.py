@@ -1,19 +1,35 @@
-"""Harvest throughput, store size and compact-mode error, and a comparison with sae-lens's
-`CacheActivationsRunner` (not a test). Everything is measured in one run, on one loaded
-model and the same token batches, and reported as ratios.
+"""Harvest throughput, store size and compact-mode error, against a bare forward pass and
+sae-lens's `CacheActivationsRunner` (not a test). Everything is measured in one run, on one
+loaded model and the same token batches, and reported as ratios:
 
-    python bench/harvest.py                       # offline Gemma-3-270M, 8,192 tokens
-    python bench/harvest.py --model tiny-random:0 --tokens 4096   # smoke run
+1. harvest tok/s / bare `model(tokens, stop_at_layer=L+1)` tok/s (inference_mode);
+2. bytes/token on disk of --dtype float16 and fp8 stores / sae-lens's fp32 cache (4*d),
+   their storage FVU against fp32, and the FVU of the 8-bit schemes of DESIGN §3 on the
+   same fp32 activations;
+3. harvest wall time / CacheActivationsRunner wall time (its hub loader patched to return
+   our loaded model, the same contexts given to it pre-tokenised).
+
+Bare forward, harvest and sae-lens runs are interleaved `--repeats` times after a warm-up;
+medians are reported, so drift on a busy machine hits all three alike.
+
+    python bench/harvest.py                                      # offline Gemma-3-270M, 8,192 tokens
+    python bench/harvest.py --model tiny-random:0 --tokens 2048  # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import math
 import os
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
+from unittest import mock
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # sae-lens's progress bar
 
 import numpy as np
 import torch
@@ -25,130 +41,182 @@ from rqae_pipeline.store import ActivationStore, decode_acts, encode_acts
 from rqae_pipeline.summary import storage_fvu
 
 
-def contexts_for(cfg: HarvestConfig, lm) -> np.ndarray:
-    n_ctx = -(-cfg.tokens // cfg.context_length)
-    out = []
+def get_contexts(cfg: HarvestConfig, lm) -> np.ndarray:
+    """The (n_ctx, T) int32 contexts a harvest with `cfg` stores, from the same iterator."""
+    n_ctx, out = cfg.tokens // cfg.context_length, []
     for ctx, _ in iter_contexts(resolve_corpus(cfg, lm.name), lm.tokenizer, context_length=cfg.context_length):
         out.append(ctx)
         if len(out) == n_ctx:
-            break
-    return np.stack(out)
+            return np.stack(out)
+    raise SystemExit(f"the corpus holds only {len(out)} contexts; ask for fewer --tokens")
+
+
+def sync(lm) -> None:
+    if str(lm.model.cfg.device).startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 @torch.inference_mode()
 def bare_forward(lm, contexts: np.ndarray, layer: int, batch: int) -> float:
     t0 = time.perf_counter()
-    for i in range(0, len(contexts), batch):
-        lm.model(torch.from_numpy(contexts[i : i + batch].astype(np.int64)), stop_at_layer=layer + 1)
+    for i in range(0, len(contexts), batch):  # the harvest's batches: same size, same int32 tokens
+        lm.model(torch.from_numpy(contexts[i : i + batch]).to(lm.model.cfg.device), stop_at_layer=layer + 1)
+    sync(lm)
     return time.perf_counter() - t0
 
 
-def timed_harvest(cfg: HarvestConfig, lm, tmp: Path, tag: str) -> tuple[float, Path]:
-    out = tmp / f"{tag}.zarr"
+def run_harvest(cfg: HarvestConfig, lm, out: Path, **changes) -> tuple[float, ActivationStore]:
     t0 = time.perf_counter()
-    harvest(HarvestConfig(**{**cfg.__dict__, "out": out}), lm=lm, progress=False)
-    return time.perf_counter() - t0, out
+    harvest(dataclasses.replace(cfg, out=out, **changes), lm=lm, progress=False)
+    return time.perf_counter() - t0, ActivationStore.open(out)
 
 
-def compact_schemes(x: torch.Tensor) -> dict[str, float]:
-    """FVU against fp32 of the 8-bit schemes considered for --dtype fp8 (DESIGN §3)."""
-    total = float((x.double() - x.double().mean(0)).pow(2).sum())
-
-    def fvu(y):
-        return float((x.double() - y.double()).pow(2).sum()) / total
-
-    plain = x.clamp(-448, 448).to(torch.float8_e4m3fn).float()
-    absmax = x.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
-    int8 = (x / absmax).round().clamp(-127, 127) * absmax
-    mean = x.mean(0).numpy()
-    y = x - x.mean(0)
-    y_scale = y.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
-    int8_centred = (y / y_scale).round().clamp(-127, 127) * y_scale + x.mean(0)
-    cols = encode_acts(x, "fp8", mean)
-    ours = decode_acts(cols["acts"], "fp8", cols["row_scale"], mean)
-    return {"plain e4m3": fvu(plain), "per-row absmax int8": fvu(int8),
-            "mean-subtracted, per-row absmax int8": fvu(int8_centred),
-            "mean-subtracted, per-row-scaled e4m3 (stored)": fvu(ours)}
-
-
-def sae_lens_runner(lm, contexts: np.ndarray, hook: str, batch: int, tmp: Path) -> float:
-    """Time sae-lens's CacheActivationsRunner on the same model and tokens: its hub loader
-    is patched to return our loaded model, and the contexts are given pre-tokenised."""
+def run_saelens(lm, contexts: np.ndarray, hook: str, batch: int, out: Path) -> float:
+    """Wall time of CacheActivationsRunner (construction + run) over exactly `contexts`."""
     import datasets
     import sae_lens.cache_activations_runner as car
-    from sae_lens import CacheActivationsRunnerConfig
+    from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig
 
-    n_tokens = contexts.size
-    d = lm.d_model
+    n, d = contexts.size, lm.d_model
     cfg = CacheActivationsRunnerConfig(
-        dataset_path="pretokenised-contexts", model_name=lm.name, model_batch_size=batch, hook_name=hook, d_in=d,
-        training_tokens=n_tokens, context_size=contexts.shape[1], new_cached_activations_path=str(tmp / "saelens"),
-        shuffle=False, dtype="float32", device=str(lm.model.cfg.device), prepend_bos=False, streaming=False,
-        buffer_size_gb=n_tokens * d * 4 / 1e9,  # one buffer of exactly these tokens, not the 2 GB default
+        dataset_path="local/pretokenised-contexts",  # names only; the rows come from override_dataset
+        model_name=lm.name, model_batch_size=batch, hook_name=hook, d_in=d, training_tokens=n,
+        context_size=contexts.shape[1], new_cached_activations_path=str(out), dtype="float32",
+        device=str(lm.model.cfg.device), prepend_bos=False,  # our contexts already start with BOS
+        buffer_size_gb=(n + 0.5) * d * 4 / 1e9,  # one buffer of exactly these tokens, not 2 GB
     )
-    dataset = datasets.Dataset.from_dict({"input_ids": contexts.astype(np.int64).tolist()})
-    original = car.load_model
-    car.load_model = lambda **_: lm.model  # the runner insists on a hub name; hand it our model
-    try:
+    assert cfg.n_buffers == 1 and cfg.n_tokens_in_buffer == n, (cfg.n_buffers, cfg.n_tokens_in_buffer, n)
+    data = datasets.Dataset.from_dict({"input_ids": contexts.astype(np.int64).tolist()})
+    # The runner loads its model by hub name (impossible offline): hand it the loaded one.
+    with mock.patch.object(car, "load_model", lambda **_: lm.model), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "fewer samples than training tokens" etc.: rows, not tokens
         t0 = time.perf_counter()
-        car.CacheActivationsRunner(cfg, override_dataset=dataset).run()
+        CacheActivationsRunner(cfg, override_dataset=data).run()
+        sync(lm)
         return time.perf_counter() - t0
-    finally:
-        car.load_model = original
+
+
+def fvu(x: torch.Tensor, y: torch.Tensor) -> float:
+    x64 = x.double()
+    return float((x64 - y.double()).pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum())
+
+
+def compact_schemes(x: torch.Tensor, mean: np.ndarray) -> dict[str, float]:
+    """FVU against fp32 of the 8-bit codes considered for --dtype fp8 (DESIGN §3)."""
+    absmax = x.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+    m = torch.from_numpy(mean)
+    c_scale = (x - m).abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+    cols = encode_acts(x, "fp8", mean)
+    return {
+        "plain e4m3 (no mean, no row scale)": fvu(x, x.clamp(-448, 448).to(torch.float8_e4m3fn).float()),
+        "per-row absmax int8": fvu(x, (x / absmax).round().clamp(-127, 127) * absmax),
+        "mean-subtracted, per-row absmax int8": fvu(x, ((x - m) / c_scale).round().clamp(-127, 127) * c_scale + m),
+        "mean-subtracted, per-row-scaled e4m3 (the store's codec)":
+            fvu(x, decode_acts(cols["acts"], "fp8", cols["row_scale"], mean)),
+    }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=OFFLINE_GEMMA)
-    ap.add_argument("--layer", default="auto")
-    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--model", default=OFFLINE_GEMMA, help="also tiny-random:SEED for a smoke run")
+    ap.add_argument("--layer", default="auto", help="layer number; auto = n_layers // 2")
+    ap.add_argument("--tokens", type=int, default=8192, help="rounded up to whole batches of contexts")
     ap.add_argument("--context-length", type=int, default=128)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass")
+    ap.add_argument("--repeats", type=int, default=3, help="interleaved rounds of bare / harvest / sae-lens")
+    ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    ap.add_argument("--out-md", type=Path, help="also write the table here")
     args = ap.parse_args()
-    lm = load_lm(args.model, device="cpu")
+
+    import sae_lens  # noqa: F401  (imported before any timing)
+
+    t0 = time.perf_counter()
+    lm = load_lm(args.model, device=args.device)
+    load_s = time.perf_counter() - t0
     hook = resolve_hook(lm, lm.n_layers // 2 if args.layer == "auto" else args.layer)
-    n_ctx = -(-args.tokens // args.context_length)
-    per_shard = max(args.batch_size, (n_ctx // 4) // args.batch_size * args.batch_size)
-    cfg = HarvestConfig(out=Path("unused"), model=lm.name, hook=hook.name, tokens=n_ctx * args.context_length,
-                        context_length=args.context_length, batch_contexts=args.batch_size,
-                        contexts_per_shard=per_shard, contexts_per_chunk=args.batch_size)
-    contexts = contexts_for(cfg, lm)
-    print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-          f"device {lm.model.cfg.device}; model {lm.name}, {hook.name}, d={lm.d_model}; "
-          f"{contexts.size:,} tokens in {len(contexts)} contexts of {args.context_length}, batch {args.batch_size}")
-    bare_forward(lm, contexts[: args.batch_size], hook.layer, args.batch_size)  # warm-up
-    bare, harv = [], []
-    with tempfile.TemporaryDirectory() as tmp:
+    B, T = args.batch_size, args.context_length
+    n_ctx = math.ceil(args.tokens / (B * T)) * B
+    per_shard = max(1, n_ctx // 4 // math.lcm(B, 8)) * math.lcm(B, 8)  # ~4 shards: commits happen mid-run
+    cfg = HarvestConfig(out=Path("unset"), model=lm.name, hook=hook.name, tokens=n_ctx * T, context_length=T,
+                        batch_contexts=B, contexts_per_shard=per_shard, contexts_per_chunk=8)
+    contexts = get_contexts(cfg, lm)
+    n = contexts.size
+    load = os.getloadavg()[0]
+    header = [
+        f"machine: {os.cpu_count()} CPU cores ({len(os.sched_getaffinity(0))} usable), torch {torch.__version__} "
+        f"with {torch.get_num_threads()} threads, device {lm.model.cfg.device}"
+        + (f" ({torch.cuda.get_device_name()})" if str(lm.model.cfg.device).startswith("cuda") else "")
+        + f", load average {load:.2f} at start",
+        f"model: {lm.name} (loaded in {load_s:.1f} s, excluded), {hook.name}, d={lm.d_model}, "
+        f"{str(lm.model.cfg.dtype).removeprefix('torch.')} forward",
+        f"tokens: {n:,} ({len(contexts)} contexts of {T} from {cfg.dataset} -> "
+        f"{resolve_corpus(cfg, lm.name).name}), batch {B} contexts, {per_shard} contexts per shard, "
+        f"{args.repeats} interleaved rounds",
+    ]
+    print("\n".join(header), flush=True)
+
+    bare, harv, sael = [], [], []
+    with tempfile.TemporaryDirectory(prefix="bench-harvest-") as tmp:
         tmp = Path(tmp)
-        for r in range(args.repeats):  # interleaved, so machine drift hits both alike
-            bare.append(bare_forward(lm, contexts, hook.layer, args.batch_size))
-            harv.append(timed_harvest(cfg, lm, tmp, f"fp16-{r}")[0])
-        t_saelens = sae_lens_runner(lm, contexts, hook.name, args.batch_size, tmp)
-        t_ours = statistics.median(harv)
-        _, fp32 = timed_harvest(HarvestConfig(**{**cfg.__dict__, "dtype": "float32"}), lm, tmp, "fp32")
-        _, fp8 = timed_harvest(HarvestConfig(**{**cfg.__dict__, "dtype": "fp8"}), lm, tmp, "fp8")
-        s16, s8, s32 = (ActivationStore.open(p) for p in (tmp / "fp16-0.zarr", fp8, fp32))
-        fp32_cache = 4 * lm.d_model
+        # Warm-up: one batch through each path (first-call allocations, lazy imports).
+        bare_forward(lm, contexts[:B], hook.layer, B)
+        run_harvest(dataclasses.replace(cfg, tokens=B * T, contexts_per_shard=math.lcm(B, 8)), lm, tmp / "warm.zarr")
+        run_saelens(lm, contexts[:B], hook.name, B, tmp / "warm-saelens")
+        for r in range(args.repeats):
+            bare.append(bare_forward(lm, contexts, hook.layer, B))
+            harv.append(run_harvest(cfg, lm, tmp / f"fp16-{r}.zarr")[0])
+            sael.append(run_saelens(lm, contexts, hook.name, B, tmp / f"saelens-{r}"))
+            print(f"round {r}: bare {bare[-1]:.2f} s, harvest {harv[-1]:.2f} s, sae-lens {sael[-1]:.2f} s", flush=True)
+        t32, s32 = run_harvest(cfg, lm, tmp / "fp32.zarr", dtype="float32")
+        t8, s8 = run_harvest(cfg, lm, tmp / "fp8.zarr", dtype="fp8")
+        s16 = ActivationStore.open(tmp / "fp16-0.zarr")
+
+        # Same tokens everywhere, and the same activations as sae-lens computed.
+        import datasets
+
+        cache = datasets.load_from_disk(str(tmp / "saelens-0")).with_format("numpy")
+        for s in (s16, s32, s8):
+            assert s.n_tokens == n and np.array_equal(s.read_encoded(0, n)["tokens"], contexts.reshape(-1))
+        assert np.array_equal(cache["token_ids"], contexts), "sae-lens cached other tokens"
+        theirs = torch.from_numpy(np.asarray(cache[hook.name], dtype=np.float32).reshape(n, -1))
+        ours = s32.raw(s32.read())
+        raw_err = float((ours - theirs).norm() / theirs.norm())
+        saelens_bytes = sum(f.stat().st_size for f in (tmp / "saelens-0").rglob("*") if f.is_file())
+
         x = s32.read().acts
-        schemes = compact_schemes(x)
-        rows = [
-            ("harvest tok/s / bare forward-to-layer tok/s (median of %d)" % args.repeats,
-             f"**{statistics.median(bare) / t_ours:.3f}** (harvest {contexts.size / t_ours:,.0f}, "
-             f"bare {contexts.size / statistics.median(bare):,.0f} tok/s)", ">= 0.97"),
-            ("harvest time / sae-lens CacheActivationsRunner time", f"**{t_ours / t_saelens:.3f}** "
-             f"(harvest {t_ours:.1f} s, sae-lens {t_saelens:.1f} s)", "< 1"),
-            ("fp16 store bytes/token / fp32 cache (4·d)", f"**{s16.nbytes_on_disk() / s16.n_tokens / fp32_cache:.3f}**",
-             "<= 0.46"),
-            ("fp16 storage FVU vs fp32", f"{storage_fvu(s16.manifest):.2e}", ""),
-            ("fp8 (compact) store bytes/token / fp32 cache", f"**{s8.nbytes_on_disk() / s8.n_tokens / fp32_cache:.3f}**",
-             "<= 0.26"),
-            ("fp8 (compact) storage FVU vs fp32", f"**{storage_fvu(s8.manifest):.2e}**", "<= 2e-3"),
-        ]
-        rows += [(f"8-bit scheme: {k}, FVU vs fp32", f"{v:.2e}", "") for k, v in schemes.items()]
-    print("\n| measure | value | target |\n|---|---|---|")
-    for name, value, target in rows:
-        print(f"| {name} | {value} | {target} |")
+        schemes = compact_schemes(x, np.asarray(s8.group["mean"][:], dtype=np.float32))
+        fp32_cache = 4 * lm.d_model
+        b16, b8 = (s.nbytes_on_disk() / n / fp32_cache for s in (s16, s8))
+        f16, f8 = storage_fvu(s16.manifest), storage_fvu(s8.manifest)
+
+    tb, th, ts = statistics.median(bare), statistics.median(harv), statistics.median(sael)
+    pairs = ", ".join(f"{b / h:.3f}" for b, h in zip(bare, harv))
+    ok = lambda c: "yes" if c else "**NO**"  # noqa: E731
+    rows = [
+        (f"harvest tok/s / bare forward-to-layer tok/s (median of {args.repeats})",
+         f"**{tb / th:.3f}** ({n / th:,.0f} vs {n / tb:,.0f} tok/s; per round {pairs})", ">= 0.97", ok(tb / th >= 0.97)),
+        (f"harvest time / sae-lens CacheActivationsRunner time (median of {args.repeats})",
+         f"**{th / ts:.3f}** ({th:.2f} s vs {ts:.2f} s)", "< 1", ok(th / ts < 1)),
+        ("fp16 store bytes/token / fp32 cache (4·d)", f"**{b16:.3f}** ({b16 * fp32_cache:,.0f} B/token)",
+         "<= 0.46", ok(b16 <= 0.46)),
+        ("fp16 storage FVU vs fp32", f"{f16:.2e}", "<= 2e-3", ok(f16 <= 2e-3)),
+        ("fp8 (compact) store bytes/token / fp32 cache (4·d)", f"**{b8:.3f}** ({b8 * fp32_cache:,.0f} B/token)",
+         "<= 0.26", ok(b8 <= 0.26)),
+        ("fp8 (compact) storage FVU vs fp32", f"**{f8:.2e}**", "<= 2e-3", ok(f8 <= 2e-3)),
+    ]
+    rows += [(f"8-bit scheme on the fp32 store: {k}, FVU", f"{v:.2e}", "", "") for k, v in schemes.items()]
+    rows += [
+        ("sae-lens cache on disk, bytes/token / 4·d (check)", f"{saelens_bytes / n / fp32_cache:.3f}", "", ""),
+        ("raw rebuilt from our fp32 store vs sae-lens's activations, relative error (check)", f"{raw_err:.1e}",
+         "<= 1e-5", ok(raw_err <= 1e-5)),
+        ("fp32 / fp8 harvest tok/s / bare (one run each)", f"{tb / t32:.3f} / {tb / t8:.3f}", "", ""),
+    ]
+    table = ["| measure | value | target | met |", "|---|---|---|---|"]
+    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    print("\n" + "\n".join(table))
+    if args.out_md:
+        args.out_md.write_text("\n".join([f"- {h}" for h in header] + [""] + table) + "\n")
+        print(f"\nwrote {args.out_md}")
 
 
 if __name__ == "__main__":

@@ -127,6 +127,8 @@ def train(
     prefix_loss: Annotated[bool, typer.Option(help="RQAE: average the MSE over every prefix.")] = True,
     mean_init: Annotated[bool, typer.Option(help="Initialise the output bias to the data mean.")] = True,
     option: Annotated[list[str], typer.Option(help="Architecture option key=value (repeatable).")] = [],  # noqa: B006
+    dtype: Annotated[str, typer.Option(help="float32 or bfloat16 (autocast for SAEs and the codebook; "
+                                       "RQAE always trains in fp32).")] = "float32",
     checkpoint_every: int = 50,
     eval_every: int = 100,
     device: Annotated[str | None, typer.Option(help="cuda/cpu; default: cuda when present.")] = None,
@@ -142,7 +144,7 @@ def train(
         d_in = ActivationStore.open(store).d
         spec = ModelSpec(arch=arch, d_in=d_in, n_q=n_q, d_sae=d_sae, k=k, lr=default_lr(arch) if lr is None else lr,
                          prefix_loss=prefix_loss,
-                         mean_init=mean_init, options=_parse_options(option))
+                         mean_init=mean_init, options=_parse_options(option), dtype=dtype)
         cfg = TrainConfig(store=store, out=out, model=spec, batch_size=batch_size, tokens=tokens, seed=seed,
                           heldout_fraction=heldout, checkpoint_every=checkpoint_every, eval_every=eval_every,
                           device=device, resume=resume)

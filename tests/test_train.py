@@ -204,3 +204,13 @@ def test_codebook_baseline_trains_through_the_same_loop(store_path, tmp_path):
     model = load_model_dir(tmp_path / "cb")
     x = heldout_rows(ActivationStore.open(store_path), cfg, heldout_split(ActivationStore.open(store_path), 0.05))
     assert model(x).shape == x.shape
+
+
+def test_bfloat16_training_and_unknown_dtype(store_path, tmp_path):
+    spec = ModelSpec(arch="codebook", d_in=64, d_sae=64, k=4, lr=3e-3, dtype="bfloat16")
+    result = train(rqae_cfg(store_path, tmp_path / "bf16", model=spec, tokens=256 * 10), progress=False)
+    assert result.heldout["fvu"] < 1.5 and json.loads((tmp_path / "bf16" / "train.json").read_text())[
+        "config"]["model.dtype"] == "bfloat16"
+    with pytest.raises(RQAEError, match="unknown training dtype 'fp4'"):
+        train(rqae_cfg(store_path, tmp_path / "x", model=ModelSpec(arch="rqae", d_in=64, n_q=4, dtype="fp4")),
+              progress=False)

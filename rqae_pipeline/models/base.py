@@ -27,6 +27,10 @@ class ModelSpec:
     lr: float = 1e-2  # see default_lr: measured per family (docs/training.md)
     prefix_loss: bool = True  # RQAE: average MSE over every prefix reconstruction
     mean_init: bool = True  # initialise the output bias to the data mean
+    # "bfloat16": autocast the forward pass (SAEs through SAETrainer's own autocast, the
+    # codebook through torch.autocast). RQAE always trains in fp32: its quantisation and
+    # residual arithmetic run with autocast off, as vector-quantize-pytorch's FSQ does.
+    dtype: str = "float32"
     options: dict[str, Any] = field(default_factory=dict)  # architecture-specific extras
 
 
@@ -34,6 +38,9 @@ def default_lr(arch: str) -> float:
     """Adam learning rates measured on real Gemma-3-270M activations (docs/training.md);
     SAEs keep sae-lens's own default."""
     return {"rqae": 1e-2, "codebook": 1e-3}.get(arch, 3e-4)
+
+
+TRAIN_DTYPES = ("float32", "bfloat16")
 
 
 class Trainable(Protocol):

@@ -99,6 +99,7 @@ class SAEBaseline:
         sae_kw = {**_defaults(self.name, spec, fields, self.total_steps),
                   **{k: v for k, v in spec.options.items() if k in fields}}
         trainer_kw = {"lr_end": spec.lr / 10,  # sae-lens's runner default; only cosine/decay read it
+                      "autocast": spec.dtype == "bfloat16",
                       **{k: v for k, v in spec.options.items() if k in TRAINER_OPTIONS}}
         with torch.random.fork_rng(devices=[]):
             # built on the CPU from a seeded CPU generator (only: torch.manual_seed would also

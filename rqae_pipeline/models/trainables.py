@@ -40,7 +40,8 @@ class ModuleTrainable:
     def train_step(self, x: torch.Tensor) -> dict[str, float]:
         self.module.train()
         x = x.to(self.device)
-        loss, x_hat, _ = self._loss(x)
+        with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.spec.dtype == "bfloat16"):
+            loss, x_hat, _ = self._loss(x)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -124,6 +125,10 @@ class CodebookTrainable(ModuleTrainable):
 
 def build_trainable(spec: ModelSpec, *, total_steps: int, batch_size: int, device: str, seed: int) -> Trainable:
     """Construct the architecture's trainable with seeded init (the global RNG is left alone)."""
+    from rqae_pipeline.models.base import TRAIN_DTYPES
+
+    if spec.dtype not in TRAIN_DTYPES:
+        raise RQAEError(f"unknown training dtype {spec.dtype!r}; use {' or '.join(TRAIN_DTYPES)}")
     if spec.arch.endswith("-sae"):
         from rqae_pipeline.models.sae import SAEBaseline
 
