@@ -98,7 +98,7 @@ def wait_for_step(out, step, proc, timeout=180):
         time.sleep(0.05)
 
 
-CLI_TRAIN = ["--arch", "rqae", "--n-q", "8", "--lr", "0.003", "--batch-size", "256", "--tokens", str(256 * 200),
+CLI_TRAIN = ["--arch", "rqae", "--n-q", "8", "--lr", "0.003", "--batch-size", "256", "--tokens", str(256 * 1000),
              "--checkpoint-every", "7", "--eval-every", "1000"]
 
 
@@ -110,7 +110,7 @@ def start_train(store_path, out, *extra):
 
 def cli_cfg(store_path, out, resume=False):
     return TrainConfig(store=store_path, out=out, model=ModelSpec(arch="rqae", d_in=64, n_q=8, lr=0.003),
-                       batch_size=256, tokens=256 * 200, checkpoint_every=7, eval_every=1000, resume=resume)
+                       batch_size=256, tokens=256 * 1000, checkpoint_every=7, eval_every=1000, resume=resume)
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +133,9 @@ def test_interrupted_training_resumes_to_the_same_weights(store_path, tmp_path, 
         _, err = proc.communicate(timeout=60)
         assert proc.returncode == 130 and "rerun with --resume" in err
     ckpt = torch.load(out / CHECKPOINT, weights_only=False)
-    assert 0 < ckpt["step"] < 200
+    assert 0 < ckpt["step"] < 1000
     result = train(cli_cfg(store_path, out, resume=True), progress=False)
-    assert result.steps == 200
+    assert result.steps == 1000
     got = weights(out)
     for name, ref in uninterrupted.items():
         torch.testing.assert_close(got[name], ref, rtol=1e-5, atol=1e-6, msg=name)
