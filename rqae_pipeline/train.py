@@ -249,8 +249,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                     save_checkpoint(out, trainable, step, cfg)
                     last_good = step
     except KeyboardInterrupt:
+        # The interrupt may land inside a step (after the optimiser moved the weights, before
+        # the counter did), so the last periodic checkpoint is the one to resume from.
         interrupted = True
-        save_checkpoint(out, trainable, step, cfg)  # the weights after the last whole step
     finally:
         bar.close()
     result = TrainResult(out=out, steps=step, interrupted=interrupted, seconds=time.perf_counter() - t0)
