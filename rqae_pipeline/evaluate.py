@@ -12,6 +12,8 @@ golden cases that catch that.) Tasks run in-process or on dask.distributed: a
 from __future__ import annotations
 
 import json
+import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,10 +25,22 @@ from rqae_pipeline import RQAEError
 from rqae_pipeline.store import ActivationStore, Flags
 
 
+@dataclass(frozen=True)
+class PretrainedSAE:
+    """An SAE of sae-lens's pretrained directory (e.g. Gemma Scope), loaded with
+    `SAE.from_pretrained(release, sae_id)`; it reads raw residuals."""
+
+    release: str
+    sae_id: str
+
+    def __str__(self) -> str:
+        return f"{self.release}/{self.sae_id}"
+
+
 @dataclass(frozen=True, kw_only=True)
 class EvalConfig:
     store: Path
-    model: Path
+    model: Path | PretrainedSAE
     rows: str = "heldout"  # "heldout": the training run's held-out contexts; "all": every row
     prefixes: tuple[int, ...] | None = None  # RQAE prefix lengths (default: powers of two and n_q)
     exclude: int = int(Flags.BOS | Flags.OUTLIER)
@@ -39,6 +53,7 @@ class EvalConfig:
     # directory (e.g. Gemma Scope) reads raw residuals, rebuilt as acts / gain * scale.
     space: str = "auto"
     threads_per_worker: int | None = None  # torch threads in each dask task (default: cores / --workers)
+    row_range: tuple[int, int] | None = None  # explicit [start, stop) rows, overriding `rows`
 
 
 @dataclass
@@ -89,13 +104,40 @@ class Stats:
 _MODELS: dict[tuple[str, str], Any] = {}  # per process: each dask worker loads a model once
 
 
-def load_model(path: Path, device: str = "cpu"):
+def load_model(ref: Path | str | PretrainedSAE, device: str = "cpu"):
+    """A model directory (RQAE, codebook, any sae-lens SAE dir) or a pretrained sae-lens SAE."""
     from rqae_pipeline.models.trainables import load_model_dir
 
-    key = (str(Path(path).resolve()), device)
+    key = (str(ref) if isinstance(ref, PretrainedSAE) else str(Path(ref).resolve()), device)
     if key not in _MODELS:
-        _MODELS[key] = load_model_dir(path, device)
+        _MODELS[key] = load_pretrained_sae(ref, device) if isinstance(ref, PretrainedSAE) else load_model_dir(ref, device)
     return _MODELS[key]
+
+
+def load_pretrained_sae(ref: PretrainedSAE, device: str = "cpu"):
+    """Look the release and id up in sae-lens's directory first (offline, so a typo is
+    reported as such), then download and load the SAE."""
+    from sae_lens import SAE
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    directory = get_pretrained_saes_directory()
+    if ref.release not in directory:
+        near = sorted(r for r in directory if ref.release.split("-")[0] in r)[:5]
+        raise RQAEError(f"unknown sae-lens release {ref.release!r}" + (f" (similar: {', '.join(near)})" if near else ""))
+    if ref.sae_id not in directory[ref.release].saes_map:
+        ids = list(directory[ref.release].saes_map)
+        raise RQAEError(f"release {ref.release} has no SAE {ref.sae_id!r} ({len(ids)} ids, e.g. {ids[0]})")
+    try:
+        return SAE.from_pretrained(ref.release, ref.sae_id, device=device)
+    except Exception as e:  # network, hub or cache errors: one line, not a traceback
+        raise RQAEError(f"cannot load {ref} through sae-lens: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+
+
+def pretrained_model_name(ref: PretrainedSAE) -> str | None:
+    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
+
+    lookup = get_pretrained_saes_directory().get(ref.release)
+    return getattr(lookup, "model", None)
 
 
 def model_kind(model) -> str:
@@ -138,6 +180,8 @@ def model_space(cfg: EvalConfig) -> str:
         if cfg.space not in ("raw", "normalised"):
             raise RQAEError(f"unknown space {cfg.space!r}; use auto, raw or normalised")
         return cfg.space
+    if isinstance(cfg.model, PretrainedSAE):
+        return "raw"
     return "normalised" if (Path(cfg.model) / "train.json").exists() else "raw"
 
 
@@ -166,7 +210,7 @@ def _lm(name: str, device: str):
 
 
 @torch.no_grad()
-def ce_stats(store_path: str, model_path: str, first_ctx: int, stop_ctx: int, cfg: EvalConfig) -> Stats:
+def ce_stats(store_path: str, model_ref, first_ctx: int, stop_ctx: int, cfg: EvalConfig) -> Stats:
     """Next-token CE of the LM with each reconstruction spliced in at the store's hook.
 
     Reconstructions are mapped back to raw space with the stored per-token scale (and the
@@ -178,7 +222,7 @@ def ce_stats(store_path: str, model_path: str, first_ctx: int, stop_ctx: int, cf
     store = ActivationStore.open(store_path)
     spec, R = store.spec, store.spec.rows_per_context
     lm = _lm(spec.model, cfg.device)
-    model = load_model(Path(model_path), cfg.device)
+    model = load_model(model_ref, cfg.device)
     rows = store.read(first_ctx * R, stop_ctx * R)
     tokens = torch.from_numpy(rows.tokens.astype(np.int64)).reshape(-1, R)
     if spec.skip_bos:
@@ -187,32 +231,46 @@ def ce_stats(store_path: str, model_path: str, first_ctx: int, stop_ctx: int, cf
     recons, _ = reconstruct_rows(model, store, rows.acts.to(cfg.device), rows.scale, cfg)
     gain = store.gain if spec.normalisation == "final-norm" else torch.ones(store.d)
     off = 1 if spec.skip_bos else 0
-
-    def run(replacement: torch.Tensor | None) -> torch.Tensor:
-        def splice(act, hook):
-            new = replacement.reshape(len(tokens), R, -1).to(act.dtype)
-            mask = keep.reshape(len(tokens), R)
-            act[:, off:][mask] = new[mask]
-            return act
-
-        hooks = [] if replacement is None else [(spec.hook, splice)]
-        return lm.model.run_with_hooks(tokens.to(cfg.device), fwd_hooks=hooks).float().log_softmax(-1)
-
-    def next_token_ce(logp):
-        return -logp[:, :-1].gather(-1, tokens[:, 1:, None].to(logp.device)).squeeze(-1)
-
-    clean = run(None)
+    replacements = {"zero": torch.zeros_like(rows.acts)}
+    replacements.update({label: x_hat.cpu() / gain * rows.scale[:, None] for label, x_hat in recons.items()})
+    keep = keep.reshape(len(tokens), R)
     stats = Stats()
-    stats.sse["ce:clean"] = float(next_token_ce(clean).double().sum())
-    stats.sse["ce:zero"] = float(next_token_ce(run(torch.zeros_like(rows.acts))).double().sum())
-    for label, x_hat in recons.items():
-        raw_hat = x_hat.cpu() / gain * rows.scale[:, None]
-        logp = run(raw_hat)
-        stats.sse[f"ce:{label}"] = float(next_token_ce(logp).double().sum())
-        kl = (clean.exp() * (clean - logp)).sum(-1)[:, :-1]
-        stats.sse[f"kl:{label}"] = float(kl.double().sum())
+    # A few contexts per forward pass: log-probabilities over a 256k vocabulary are ~1 MB a
+    # token, so whole tasks at once would spend their time allocating, not computing.
+    for c in range(0, len(tokens), CE_CONTEXTS_PER_FORWARD):
+        sl = slice(c, c + CE_CONTEXTS_PER_FORWARD)
+        toks = tokens[sl].to(cfg.device)
+
+        def run(replacement: torch.Tensor | None) -> torch.Tensor:
+            def splice(act, hook):
+                new = replacement.reshape(-1, R, replacement.shape[-1])[sl].to(act.device, act.dtype)
+                act[:, off:][keep[sl]] = new[keep[sl]]
+                return act
+
+            hooks = [] if replacement is None else [(spec.hook, splice)]
+            return lm.model.run_with_hooks(toks, fwd_hooks=hooks)[:, :-1].float().log_softmax(-1)
+
+        def ce_sum(logp: torch.Tensor) -> float:
+            return -float(logp.gather(-1, toks[:, 1:, None]).double().sum())
+
+        clean = run(None)
+        _add(stats.sse, "ce:clean", ce_sum(clean))
+        for label, replacement in replacements.items():
+            logp = run(replacement)
+            _add(stats.sse, f"ce:{label}", ce_sum(logp))
+            if label != "zero":
+                kl = torch.nn.functional.kl_div(logp, clean, log_target=True, reduction="none").sum(-1)
+                _add(stats.sse, f"kl:{label}", float(kl.double().sum()))
+            del logp
     stats.counts["ce_n"] = np.array([float(tokens[:, 1:].numel())])
     return stats
+
+
+CE_CONTEXTS_PER_FORWARD = 2
+
+
+def _add(d: dict, key: str, value: float) -> None:
+    d[key] = d.get(key, 0.0) + value
 
 
 def ce_summary(stats: Stats) -> dict[str, dict[str, float]]:
@@ -231,10 +289,10 @@ def ce_summary(stats: Stats) -> dict[str, dict[str, float]]:
 # --------------------------------------------------------------------------- tasks
 
 
-def shard_stats(store_path: str, model_path: str, start: int, stop: int, cfg: EvalConfig) -> Stats:
+def shard_stats(store_path: str, model_ref, start: int, stop: int, cfg: EvalConfig) -> Stats:
     """The sufficient statistics of rows [start, stop): one task."""
     store = ActivationStore.open(store_path)
-    model = load_model(Path(model_path), cfg.device)
+    model = load_model(model_ref, cfg.device)
     stats = Stats()
     for a in range(start, stop, cfg.batch_size):
         rows = store.read(a, min(stop, a + cfg.batch_size))
@@ -247,12 +305,17 @@ def shard_stats(store_path: str, model_path: str, start: int, stop: int, cfg: Ev
 
 
 def eval_rows(cfg: EvalConfig, store: ActivationStore) -> tuple[int, int]:
+    if cfg.row_range is not None:
+        start, stop = cfg.row_range
+        if not 0 <= start < stop <= store.n_tokens:
+            raise RQAEError(f"rows [{start}, {stop}) are outside the store's {store.n_tokens} rows")
+        return start, stop
     if cfg.rows == "all":
         return 0, store.n_tokens
-    run = Path(cfg.model) / "train.json"
     if cfg.rows != "heldout":
         raise RQAEError(f"unknown row selection {cfg.rows!r}; use 'heldout' or 'all'")
-    if not run.exists():
+    run = None if isinstance(cfg.model, PretrainedSAE) else Path(cfg.model) / "train.json"
+    if run is None or not run.exists():
         raise RQAEError(f"{cfg.model} has no train.json with a held-out split (not trained here); use --rows all")
     info = json.loads(run.read_text())
     if info.get("store_spec") != store.manifest["spec"]:
@@ -274,49 +337,66 @@ def _in_worker(fn, torch_threads: int | None, *args):
     return fn(*args)
 
 
-def run_tasks(fn, args_list: list[tuple], cfg: EvalConfig, desc: str, progress: bool) -> list:
-    """Run fn(*args) for each args, in this process or on dask.distributed."""
-    from tqdm import tqdm
-
+@contextmanager
+def dask_client(cfg: EvalConfig):
+    """A client of `cfg.scheduler`, or of a LocalCluster of `cfg.workers` processes; None
+    when the work runs in this process."""
     if not cfg.workers and not cfg.scheduler:
-        return [fn(*args) for args in tqdm(args_list, desc=desc, unit="shard", disable=not progress)]
-    from dask.distributed import Client, LocalCluster, as_completed
+        yield None
+        return
+    from dask.distributed import Client, LocalCluster
 
+    cluster = None
     try:
         if cfg.scheduler:
             client = Client(cfg.scheduler, timeout="10s")
-            cluster = None
         else:
             cluster = LocalCluster(n_workers=cfg.workers, threads_per_worker=1, processes=True,
                                    dashboard_address=None)
             client = Client(cluster)
-    except (OSError, TimeoutError) as e:
-        raise RQAEError(f"cannot reach the dask scheduler {cfg.scheduler!r}: {e}") from None
+    except (OSError, TimeoutError, ValueError) as e:
+        if cluster is not None:
+            cluster.close()
+        where = f"the dask scheduler {cfg.scheduler!r}" if cfg.scheduler else "a local dask cluster"
+        raise RQAEError(f"cannot reach {where}: {e}") from None
     try:
-        import os
-
-        threads = cfg.threads_per_worker or (None if cfg.scheduler else max(1, (os.cpu_count() or 1) // cfg.workers))
-        futures = [client.submit(_in_worker, fn, threads, *args, pure=False) for args in args_list]
-        index = {f.key: i for i, f in enumerate(futures)}
-        results = [None] * len(futures)
-        for fut in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="shard", disable=not progress):
-            results[index[fut.key]] = fut.result()
-        return results
+        yield client
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
 
 
-def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
+def run_tasks(fn, args_list: list[tuple], cfg: EvalConfig, desc: str, progress: bool, client=None) -> list:
+    """Run fn(*args) for each args, in this process or on dask.distributed (on `client`, or
+    on a cluster made for this call from `cfg`)."""
+    from tqdm import tqdm
+
+    if client is None and (cfg.workers or cfg.scheduler):
+        with dask_client(cfg) as own:
+            return run_tasks(fn, args_list, cfg, desc, progress, client=own)
+    if client is None:
+        return [fn(*args) for args in tqdm(args_list, desc=desc, unit="shard", disable=not progress)]
+    from dask.distributed import as_completed
+
+    threads = cfg.threads_per_worker or (None if cfg.scheduler else max(1, (os.cpu_count() or 1) // max(1, cfg.workers)))
+    futures = [client.submit(_in_worker, fn, threads, *args, pure=False) for args in args_list]
+    index = {f.key: i for i, f in enumerate(futures)}
+    results = [None] * len(futures)
+    for fut in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="shard", disable=not progress):
+        results[index[fut.key]] = fut.result()
+    return results
+
+
+def evaluate(cfg: EvalConfig, *, progress: bool = True, client=None) -> dict:
     """Reconstruction metrics of `cfg.model` on the store's held-out (or all) rows."""
     store = ActivationStore.open(cfg.store)
-    model = load_model(Path(cfg.model), cfg.device)
+    model = load_model(cfg.model, cfg.device)
     check_compatible(model, store, cfg)
     start, stop = eval_rows(cfg, store)
     ranges = shard_ranges(store, start, stop)
-    parts = run_tasks(shard_stats, [(str(cfg.store), str(cfg.model), a, b, cfg) for a, b in ranges], cfg,
-                      "evaluate", progress)
+    parts = run_tasks(shard_stats, [(str(cfg.store), cfg.model, a, b, cfg) for a, b in ranges], cfg,
+                      f"evaluate {model_name(cfg.model)}", progress, client)
     total = Stats()
     for p in parts:
         total = total.merge(p)
@@ -326,14 +406,18 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True) -> dict:
         first = start // R
         stop_ctx = min(store.n_contexts, first + cfg.ce_contexts)
         per_task = max(1, store.spec.contexts_per_shard // 4)
-        tasks = [(str(cfg.store), str(cfg.model), c, min(c + per_task, stop_ctx), cfg)
+        tasks = [(str(cfg.store), cfg.model, c, min(c + per_task, stop_ctx), cfg)
                  for c in range(first, stop_ctx, per_task)]
         ce = Stats()
-        for p in run_tasks(ce_stats, tasks, cfg, "CE-delta", progress):
+        for p in run_tasks(ce_stats, tasks, cfg, f"CE-delta {model_name(cfg.model)}", progress, client):
             ce = ce.merge(p)
         result["ce"] = ce_summary(ce)
         result["ce_contexts"] = [first, stop_ctx]
     return result
+
+
+def model_name(ref) -> str:
+    return str(ref) if isinstance(ref, PretrainedSAE) else Path(ref).name
 
 
 def check_compatible(model, store: ActivationStore, cfg: EvalConfig) -> None:
@@ -344,6 +428,15 @@ def check_compatible(model, store: ActivationStore, cfg: EvalConfig) -> None:
     hook = getattr(getattr(model.cfg, "metadata", None), "hook_name", None)
     if model_kind(model) == "sae" and model_space(cfg) == "raw" and hook and hook != store.spec.hook:
         raise RQAEError(f"SAE {cfg.model} reads {hook}, the store holds {store.spec.hook}")
+    sae_lm = getattr(getattr(model.cfg, "metadata", None), "model_name", None)
+    if model_kind(model) == "sae" and model_space(cfg) == "raw" and sae_lm and _lm_key(sae_lm) != _lm_key(store.spec.model):
+        raise RQAEError(f"SAE {cfg.model} was trained on {sae_lm}, the store holds {store.spec.model}")
+
+
+def _lm_key(name: str) -> str:
+    # "google/gemma-2-2b" and sae-lens's "gemma-2-2b" are the same model; so are the
+    # offline packaged copy and its hub name
+    return name.lower().rsplit("/", 1)[-1].removesuffix("-offline")
 
 
 def summarise(stats: Stats, model, d: int, rows: tuple[int, int]) -> dict:

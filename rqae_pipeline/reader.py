@@ -38,10 +38,18 @@ def shuffled_batches(store, batch_size: int, *, shuffle: bool, seed: int, start:
     groups = [ranges[i : i + per_buffer] for i in range(0, len(ranges), per_buffer)]
 
     def load(group):
-        parts = [store.read(a, b) for a, b in group]
-        acts = torch.cat([p.acts for p in parts])
-        rows = torch.cat([torch.arange(a, b) for a, b in group])
-        keep = torch.from_numpy((np.concatenate([p.flags for p in parts]) & exclude) == 0)
+        # The buffer is permuted as a whole, so its chunks can be read in store order, and
+        # neighbouring ones in one call (zarr's per-call overhead dominates for small chunks).
+        spans: list[list[int]] = []
+        for a, b in sorted(group):
+            if spans and spans[-1][1] == a:
+                spans[-1][1] = b
+            else:
+                spans.append([a, b])
+        parts = [store.read_acts(a, b) for a, b in spans]
+        acts = torch.cat([p[0] for p in parts])
+        rows = torch.cat([torch.arange(a, b) for a, b in spans])
+        keep = torch.from_numpy((np.concatenate([p[1] for p in parts]) & exclude) == 0)
         return acts[keep], rows[keep]
 
     carry, carry_rows = torch.empty(0, store.d), torch.empty(0, dtype=torch.long)

@@ -339,6 +339,12 @@ class ActivationStore:
         cols = self.read_encoded(start, stop)
         return self._decode(cols)
 
+    def read_acts(self, start: int, stop: int) -> tuple[torch.Tensor, np.ndarray]:
+        """Decoded activations and flags of rows [start, stop): all a training batch needs."""
+        g = self.group
+        row_scale = g["row_scale"][start:stop] if self.spec.dtype == "fp8" else None
+        return decode_acts(g["acts"][start:stop], self.spec.dtype, row_scale, self._mean()), g["flags"][start:stop]
+
     def read_rows(self, index: np.ndarray) -> Rows:
         """Rows at arbitrary sorted indices (a zarr orthogonal selection)."""
         names = ROW_ARRAYS + (("row_scale",) if self.spec.dtype == "fp8" else ())

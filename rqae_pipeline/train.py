@@ -251,7 +251,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     except KeyboardInterrupt:
         # The interrupt may land inside a step (after the optimiser moved the weights, before
         # the counter did), so the last periodic checkpoint is the one to resume from.
-        interrupted = True
+        interrupted, step = True, last_good
     finally:
         bar.close()
     result = TrainResult(out=out, steps=step, interrupted=interrupted, seconds=time.perf_counter() - t0)

@@ -82,3 +82,52 @@ def plot_reconstruction_vs_layers(results: dict[str, dict], out_png: Path) -> Pa
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def plot_pearson(pearson: dict, out_png: Path) -> Path:
+    """Pearson correlation of SAE activations with RQAE intensities against RQAE layers used:
+    mean and interquartile band over features, for query (a) the SAE's encoder vector and
+    (b) its top-activating token (the layout of the blog's Fig 5a)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    labels = {"a": "(a) SAE encoder vector, encoded", "b": "(b) top-activating token"}
+    for key, colour in (("a", "C0"), ("b", "C1")):
+        s = pearson["summary"][key]
+        ms = sorted(int(m) for m in s)
+        mean = [s[str(m)]["mean"] for m in ms]
+        ax.plot(ms, mean, "o-", color=colour, label=labels[key])
+        ax.fill_between(ms, [s[str(m)]["q25"] for m in ms], [s[str(m)]["q75"] for m in ms], color=colour, alpha=0.2)
+    n = max((v["n"] for v in pearson["summary"]["a"].values()), default=0)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.2, 1.05)
+    ax.set_xlabel("RQAE layers used")
+    ax.set_ylabel("Pearson r (SAE activation, RQAE intensity)")
+    ax.set_title(f"{n} SAE features; band: interquartile range", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
+
+
+def plot_decoder_matching(matching: dict, out_png: Path) -> Path:
+    """Histograms of each SAE decoder direction's best cosine with an RQAE projected code
+    and of the one-to-one assignment's cosines; and which RQAE layer holds the best match."""
+    import numpy as np
+
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    edges = np.linspace(-1, 1, 21)
+    centres = (edges[:-1] + edges[1:]) / 2
+    ax.bar(centres, matching["best_cosine_histogram"], width=0.1, alpha=0.6, label="best match")
+    ax.bar(centres, matching["assignment_cosine_histogram"], width=0.1, alpha=0.6, label="one-to-one (Hungarian)")
+    ax.set_xlabel("cosine with RQAE projected code")
+    ax.set_ylabel("SAE features")
+    ax.legend(fontsize=8)
+    counts = matching["best_match_layer_counts"]
+    ax2.bar(range(1, len(counts) + 1), counts)
+    ax2.set_xlabel("RQAE layer of the best match")
+    ax2.set_ylabel("SAE features")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    return out_png
