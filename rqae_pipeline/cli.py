@@ -227,6 +227,246 @@ def archs() -> None:
     typer.echo("\n".join(["rqae", "codebook", *(f"{a}-sae" for a in sae_architectures())]))
 
 
+# --------------------------------------------------------------------------- codes and features
+
+
+def _codes_stage(store: Path, model: Path):
+    """Open the store and the RQAE (errors as one line)."""
+    from rqae_pipeline.codes import model_identity
+    from rqae_pipeline.models.rqae import RQAE
+    from rqae_pipeline.store import ActivationStore
+
+    st = ActivationStore.open(store)
+    model_identity(model)  # a clear error for a directory that is not an RQAE
+    return st, RQAE.load(model)
+
+
+@app.command()
+def encode(
+    store: Annotated[Path, typer.Option(help="Activation store to encode.")],
+    model: Annotated[Path, typer.Option(help="RQAE model directory written by `rqae train`.")],
+    out: Annotated[Path | None, typer.Option(help="Codes store to write (default: STORE.codes/<model>-<hash>.zarr "
+                                             "beside the store).")] = None,
+    batch_size: int = 4096,
+    device: Annotated[str | None, typer.Option(help="cuda/cpu; default: cuda when present.")] = None,
+) -> None:
+    """Encode every store row once into (N, n_q) int16 RQAE codes (resumes an interrupted run)."""
+    from rqae_pipeline.codes import EncodeConfig, encode_store, open_codes
+
+    try:
+        path = encode_store(EncodeConfig(store=store, model=model, out=out, batch_size=batch_size, device=device))
+        codes = open_codes(path)
+    except (RQAEError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"{path}: {codes.n:,} rows x {codes.n_q} layers of codes")
+
+
+@app.command("codebook-stats")
+def codebook_stats_command(
+    store: Annotated[Path, typer.Option(help="Activation store the codes were encoded from.")],
+    model: Annotated[Path, typer.Option(help="RQAE model directory.")],
+    codes: Annotated[Path | None, typer.Option(help="Codes store (default: the one `rqae encode` writes; "
+                                               "encoded first if missing).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Directory for codebook_stats.json and the PNG plots "
+                                             "(default: beside the codes store).")] = None,
+    prefix_layers: Annotated[int, typer.Option(help="Count distinct prefixes of 1..N layers (N <= 6).")] = 4,
+    pairs_sample: Annotated[int, typer.Option(help="Projected codes sampled for the pairwise cosines.")] = 4096,
+) -> None:
+    """Codebook usage: distinct prefixes per layer count, code usage, projected-codebook cosines and norms."""
+    from rqae_pipeline.codes import codebook_stats, ensure_codes
+    from rqae_pipeline.report.codebook import plot_codebook_stats
+
+    try:
+        st, rq = _codes_stage(store, model)
+        cs = ensure_codes(st, model, codes)
+        stats = codebook_stats(rq, cs, prefix_layers=prefix_layers, pairs_sample=pairs_sample)
+        out = out or cs.path.with_name(cs.path.name.removesuffix(".zarr") + "-stats")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "codebook_stats.json").write_text(json.dumps(stats))
+        plots = plot_codebook_stats(stats, out)
+    except (RQAEError, ValueError) as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot write {out}: {e.strerror or e}")
+    typer.echo(f"{'layers':>6s} {'distinct prefixes':>18s} {'tokens / prefix':>16s}")
+    for p in stats["prefixes"]:
+        typer.echo(f"{p['layers']:6d} {p['distinct']:18,d} {p['tokens_per_prefix']:16.2f}")
+    used, cos = stats["usage"]["used_codes"], stats["projected"]["cosine"]
+    typer.echo(f"codes used per layer: min {min(used)}, median {sorted(used)[len(used) // 2]}, max {max(used)} "
+               f"of {stats['n_codes']} ({stats['tokens']:,} tokens)")
+    typer.echo(f"projected codebooks: {cos['abs_below_0.2']:.1%} of {cos['pairs']:,} sampled pairs have |cos| < 0.2; "
+               f"mean norm layer 1 {stats['projected']['norm_mean'][0]:.3g}, "
+               f"layer {stats['n_q']} {stats['projected']['norm_mean'][-1]:.3g}")
+    typer.echo(f"wrote {out / 'codebook_stats.json'}, " + ", ".join(str(p) for p in plots))
+
+
+def _echo_hits(st, hits, width: int, title: str) -> list[dict]:
+    from rqae_pipeline.queries import contexts, load_tokenizer
+
+    ctx = contexts(st, load_tokenizer(st.spec.model), [h.row for h in hits], width)
+    typer.echo(title)
+    typer.echo(f"{'rank':>4s} {'score':>10s} {'seq:pos':>10s}  context")
+    rows = []
+    for rank, (h, c) in enumerate(zip(hits, ctx), start=1):
+        typer.echo(f"{rank:4d} {h.score:10.4f} {f'{c.seq}:{c.pos}':>10s}  {c.render()}")
+        rows.append({"rank": rank, "score": h.score, **c.to_dict()})
+    return rows
+
+
+def _write_json(out: Path | None, result: dict) -> None:
+    if out is None:
+        return
+    from rqae_pipeline.paths import atomic_write_bytes
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out, json.dumps(result, indent=1).encode())
+    except OSError as e:
+        _fail(f"cannot write {out}: {e.strerror or e}")
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def search(
+    store: Annotated[Path, typer.Option(help="Activation store to search.")],
+    model: Annotated[Path, typer.Option(help="RQAE model directory.")],
+    query: Annotated[str | None, typer.Option(help="Query text (run through the store's LM).")] = None,
+    token_index: Annotated[int, typer.Option(help="Which token of --query (0-based; negative from the end).")] = -1,
+    address: Annotated[str | None, typer.Option(help="A stored token as SEQ:POS instead of --query.")] = None,
+    layers: Annotated[int | None, typer.Option(help="Prefix length m: intensity over layers 1..m (default: all).")] = None,
+    top_k: int = 20,
+    context: Annotated[int, typer.Option(help="Tokens shown either side of each hit.")] = 8,
+    codes: Annotated[Path | None, typer.Option(help="Codes store (default: the one `rqae encode` writes; encoded "
+                                               "first if missing).")] = None,
+    include_special: Annotated[bool, typer.Option(help="Also rank BOS and norm-outlier tokens.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Also write the hits as JSON here.")] = None,
+) -> None:
+    """Rank stored tokens by the L_i-weighted per-layer cosine similarity to one query token."""
+    from rqae_pipeline.codes import ensure_codes
+    from rqae_pipeline.features import check_layers
+    from rqae_pipeline.features import search as run_search
+    from rqae_pipeline.queries import query_codes_matrix, query_set
+    from rqae_pipeline.store import Flags
+
+    if (query is None) == (address is None):
+        _fail("give one query: --query TEXT [--token-index I] or --address SEQ:POS")
+    try:
+        st, rq = _codes_stage(store, model)
+        m = check_layers(rq, layers)
+        qs = query_set(st, rq, addresses=[address] if address is not None else [],
+                       texts=[query] if query is not None else [],
+                       token_indices=[token_index] if query is not None else [], width=context)
+        cs = ensure_codes(st, model, codes)
+        q = query_codes_matrix(qs, cs)[0]
+        hits = run_search(rq, cs, q, layers=m, top_k=top_k, store=st, exclude=0 if include_special else
+                          int(Flags.BOS | Flags.OUTLIER), progress=True)
+    except (RQAEError, ValueError) as e:
+        _fail(str(e))
+    rows = _echo_hits(st, hits, context, f"query {qs[0].context.render()}   (layers 1..{m} of {rq.n_q}, "
+                                         f"{cs.n:,} tokens)")
+    _write_json(out, {"query": qs[0].context.to_dict(), "codes": q.tolist(), "layers": m, "hits": rows})
+
+
+def _parse_split(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        _fail(f"--split expects comma-separated query numbers such as 0,2,3; got {text!r}")
+
+
+@app.command()
+def features(
+    store: Annotated[Path, typer.Option(help="Activation store to search.")],
+    model: Annotated[Path, typer.Option(help="RQAE model directory.")],
+    address: Annotated[list[str], typer.Option(help="A stored query token SEQ:POS (repeatable).")] = [],  # noqa: B006
+    query: Annotated[list[str], typer.Option(help="A query text (repeatable).")] = [],  # noqa: B006
+    token_index: Annotated[list[int], typer.Option(help="Token of each --query (repeatable; one value "
+                                                   "applies to all; default -1, the last).")] = [],  # noqa: B006
+    split: Annotated[list[str], typer.Option(help="Also fit a sub-feature on these query numbers, e.g. 0,2 "
+                                             "(repeatable; numbers follow the order printed).")] = [],  # noqa: B006
+    layers: Annotated[int | None, typer.Option(help="Layers 1..m scored (default: all).")] = None,
+    top_k: int = 20,
+    context: Annotated[int, typer.Option(help="Tokens shown either side of each hit.")] = 8,
+    codes: Annotated[Path | None, typer.Option(help="Codes store (default: the one `rqae encode` writes).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the fitted feature(s) and hits as JSON here.")] = None,
+) -> None:
+    """Fit a von Mises-Fisher feature per layer to several query tokens, rank tokens by its
+    L_i-weighted log-density, and optionally split it on subsets of the queries."""
+    import numpy as np
+
+    from rqae_pipeline.codes import ensure_codes
+    from rqae_pipeline.features import check_layers, fit_vmf, split_feature, vmf_feature
+    from rqae_pipeline.features import search as run_search
+    from rqae_pipeline.queries import query_codes_matrix, query_set
+
+    subsets = [_parse_split(s) for s in split]
+    try:
+        st, rq = _codes_stage(store, model)
+        m = check_layers(rq, layers)
+        qs = query_set(st, rq, addresses=address, texts=query, token_indices=token_index, width=context)
+        for s in subsets:  # checked before any encoding starts
+            bad = [i for i in s if not 0 <= i < len(qs)] or ([] if s else ["(empty)"])
+            if bad:
+                _fail(f"--split {','.join(map(str, s))}: query {bad[0]} does not exist; there are {len(qs)} "
+                      f"query tokens (0..{len(qs) - 1})")
+        cs = ensure_codes(st, model, codes)
+        qc = query_codes_matrix(qs, cs)
+        fits = [fit_vmf(rq, qc), *split_feature(rq, qc, subsets)]
+        names = ["all", *(",".join(map(str, s)) for s in subsets)]
+        results = []
+        for name, subset, vmf in zip(names, [list(range(len(qs))), *subsets], fits):
+            hits = run_search(rq, cs, vmf_feature(rq, vmf, m), top_k=top_k, store=st, progress=True)
+            results.append((name, subset, vmf, hits))
+    except (RQAEError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(f"{len(qs)} query tokens:")
+    for i, q in enumerate(qs):
+        typer.echo(f"  {i:3d}  {q.context.render()}")
+    report = {"layers": m, "queries": [q.context.to_dict() for q in qs], "features": []}
+    for name, subset, vmf, hits in results:
+        k = vmf.kappa[:m]
+        top = np.argsort(-k, kind="stable")[:5]
+        title = (f"\nfeature [{name}]: vMF on {vmf.n} tokens, layers 1..{m}; kappa median {np.median(k):.3g}, "
+                 f"highest at layers " + ", ".join(f"{i + 1} ({k[i]:.3g})" for i in top) +
+                 "\nscore = L_i-weighted mean log-density (nats)")
+        rows = _echo_hits(st, hits, context, title)
+        report["features"].append({"name": name, "queries": subset, "vmf": vmf.to_dict(), "hits": rows})
+    _write_json(out, report)
+
+
+@app.command("feature-dictionary")
+def feature_dictionary(
+    store: Annotated[Path, typer.Option(help="Activation store.")],
+    model: Annotated[Path, typer.Option(help="RQAE model directory.")],
+    out: Annotated[Path, typer.Option(help="JSON file to write (for the dashboard).")],
+    seeds: Annotated[int, typer.Option(help="Seed tokens sampled from the store; each gives a feature per "
+                                       "prefix length.")] = 64,
+    layers: Annotated[str, typer.Option(help="Prefix lengths, comma-separated (capped at n_q).")] = "16,64,256",
+    top_k: Annotated[int, typer.Option(help="Top examples kept per feature.")] = 16,
+    context: Annotated[int, typer.Option(help="Tokens of text either side of an example.")] = 8,
+    seed: int = 0,
+    codes: Annotated[Path | None, typer.Option(help="Codes store (default: the one `rqae encode` writes).")] = None,
+) -> None:
+    """Features from seed tokens' code prefixes at 16/64/256 layers, each with its top examples, as JSON."""
+    from rqae_pipeline.features import DictionaryConfig, build_feature_dictionary
+
+    try:
+        prefix = tuple(int(v) for v in layers.split(",") if v.strip())
+        cfg = DictionaryConfig(store=store, model=model, out=out, codes=codes, seeds=seeds, layers=prefix,
+                               top_k=top_k, context=context, seed=seed)
+        _codes_stage(store, model)
+        result = build_feature_dictionary(cfg)
+    except (RQAEError, ValueError) as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot write {out}: {e.strerror or e}")
+    by_m: dict[int, int] = {}
+    for f in result["features"]:
+        by_m[f["layers"]] = by_m.get(f["layers"], 0) + 1
+    typer.echo(f"{out}: {len(result['features'])} features (" +
+               ", ".join(f"{n} at {m} layers" for m, n in sorted(by_m.items())) + f"), {top_k} examples each")
+
+
 def main() -> None:
     try:
         app()

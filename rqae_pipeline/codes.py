@@ -1,0 +1,390 @@
+"""The codes store: an activation store encoded once by an RQAE, and codebook statistics.
+
+Query search, vMF features and the feature dictionary (`features.py`) only need each
+token's code tuple (c_1..c_n_q), never the activations, so a store is encoded once into a
+sibling Zarr v3 group and every later tool reads int16 codes (n_q x 2 bytes a token
+instead of d x 2):
+
+```
+CODES/            attrs["rqae_codes"] = {schema, model identity, store identity, committed}
+  codes  (N, n_q) int16   chunked and sharded like the store's rows
+```
+The default place is beside the store: `<store>.codes/<model dir name>-<hash>.zarr`.
+Shards are encoded in order and the committed row count is rewritten after each one
+(zarr writes `zarr.json` by temp file + rename), so a kill leaves a valid prefix and the
+next run resumes from it. The attrs name the model (sha256 of its config and weights) and
+the store (its manifest spec and creation time): a codes store is never read against
+another model or store by mistake.
+
+Codebook statistics follow the RQAE write-up: the distinct-prefix table ("Defining a
+Feature": 544 / 234,994 / 3,279,894 / 4,383,319 prefixes of 1-4 layers on 4M tokens), per
+layer code usage, and the projected codebooks C_c W_out[i] (Fig 2a: pairwise cosine
+similarity, norms by layer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rqae_pipeline import RQAEError
+from rqae_pipeline.store import ActivationStore, StoreLock
+
+CODES_SCHEMA = 1
+ATTR = "rqae_codes"
+
+
+@dataclass(frozen=True, kw_only=True)
+class EncodeConfig:
+    store: Path
+    model: Path  # an RQAE model directory written by `rqae train`
+    out: Path | None = None  # default: default_codes_path(store, model)
+    batch_size: int = 4096
+    device: str | None = None
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be positive")
+
+
+# --------------------------------------------------------------------------- identities
+
+
+def model_identity(model_dir: Path) -> dict:
+    """What makes two RQAE directories the same model: sha256 of config.json and the weights."""
+    model_dir = Path(model_dir)
+    cfg_path, weights = model_dir / "config.json", model_dir / "model.safetensors"
+    if not cfg_path.exists() or not weights.exists():
+        raise RQAEError(f"{model_dir} is not an RQAE model directory (config.json + model.safetensors)")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("architecture") != "rqae":
+        raise RQAEError(f"{model_dir} holds a {cfg.get('architecture')!r} model; codes need an RQAE")
+    h = hashlib.sha256()
+    with open(weights, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return {"name": model_dir.name, "n_q": int(cfg["n_q"]), "d_in": int(cfg["d_in"]),
+            "config_sha256": hashlib.sha256(cfg_path.read_bytes()).hexdigest(), "weights_sha256": h.hexdigest()}
+
+
+def store_identity(store: ActivationStore) -> dict:
+    # The spec says how the rows were made; the creation time tells two harvests with equal
+    # specs apart. The row count is not identity: a store may grow and its codes follow.
+    return {"spec": store.manifest["spec"], "created": store.manifest.get("created")}
+
+
+def default_codes_path(store_path: Path, model_dir: Path, identity: dict | None = None) -> Path:
+    identity = identity or model_identity(model_dir)
+    store_path = Path(store_path)
+    return store_path.parent / f"{store_path.name.removesuffix('.zarr')}.codes" / \
+        f"{Path(model_dir).name}-{identity['weights_sha256'][:8]}.zarr"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+class CodesStore:
+    """A committed prefix of rows of (N, n_q) int16 codes; open with `open_codes`."""
+
+    def __init__(self, path: Path, group, meta: dict):
+        self.path, self.group, self.meta = path, group, meta
+        self.codes = group["codes"]
+
+    @property
+    def n(self) -> int:
+        return int(self.meta["committed"])
+
+    @property
+    def n_q(self) -> int:
+        return int(self.codes.shape[1])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta.get("complete"))
+
+    @property
+    def block_rows(self) -> int:
+        """Rows per read in chunked loops: one store shard (whole Zarr shard files)."""
+        return int(self.meta["store"]["spec"]["contexts_per_shard"] * _rows_per_context(self.meta["store"]["spec"]))
+
+    def read(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        stop = self.n if stop is None else min(stop, self.n)
+        if not 0 <= start <= stop:
+            raise RQAEError(f"row range [{start}, {stop}) is outside the {self.n} encoded rows")
+        return np.asarray(self.codes[start:stop])
+
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.n):
+            raise RQAEError(f"row {int(rows.max() if rows.max() >= self.n else rows.min())} is outside the "
+                            f"{self.n} encoded rows")
+        order = np.argsort(rows)
+        out = np.empty((len(rows), self.n_q), dtype=np.int16)
+        out[order] = self.codes.get_orthogonal_selection((rows[order], slice(None)))
+        return out
+
+    def blocks(self, start: int = 0, stop: int | None = None):
+        """(start, codes) for consecutive blocks of `block_rows` rows: bounded memory."""
+        stop = self.n if stop is None else min(stop, self.n)
+        step = self.block_rows
+        for a in range(start, stop, step):
+            yield a, self.read(a, min(a + step, stop))
+
+    def dask(self):
+        """The committed codes as a dask array chunked by store shard."""
+        import dask.array as da
+
+        return da.from_zarr(self.codes, chunks=(self.block_rows, self.n_q))[: self.n]
+
+    def check(self, *, store: ActivationStore | None = None, model_dir: Path | None = None,
+              identity: dict | None = None) -> None:
+        """Refuse codes made from another store or by another model (naming which)."""
+        if store is not None and self.meta["store"] != store_identity(store):
+            raise RQAEError(f"codes at {self.path} were encoded from another store than {store.path} "
+                            f"(created {self.meta['store'].get('created')}); encode this store with `rqae encode`")
+        if model_dir is not None or identity is not None:
+            identity = identity or model_identity(model_dir)
+            if self.meta["model"]["weights_sha256"] != identity["weights_sha256"]:
+                raise RQAEError(f"codes at {self.path} were encoded by another model ({self.meta['model']['name']}, "
+                                f"weights {self.meta['model']['weights_sha256'][:8]}), not {identity['name']} "
+                                f"({identity['weights_sha256'][:8]}); encode with this model")
+
+
+def _rows_per_context(spec: dict) -> int:
+    return int(spec["context_length"]) - (1 if spec["skip_bos"] else 0)
+
+
+def open_codes(path: Path) -> CodesStore:
+    import zarr
+
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise RQAEError(f"no codes store at {path}; make one with `rqae encode`")
+    try:
+        group = zarr.open_group(str(path), mode="r", zarr_format=3)
+    except Exception as e:  # zarr raises several types for "not a group"
+        raise RQAEError(f"{path} is not a codes store ({type(e).__name__})") from e
+    meta = group.attrs.get(ATTR)
+    if not isinstance(meta, dict) or meta.get("schema") != CODES_SCHEMA or "codes" not in group:
+        raise RQAEError(f"{path} is a Zarr group but not a codes store (schema {CODES_SCHEMA})")
+    return CodesStore(path, group, meta)
+
+
+def open_codes_for(store: ActivationStore, model_dir: Path, path: Path | None = None) -> CodesStore:
+    """The codes of `store` under `model_dir`, checked against both and complete."""
+    identity = model_identity(model_dir)
+    codes = open_codes(path or default_codes_path(store.path, model_dir, identity))
+    codes.check(store=store, identity=identity)
+    if codes.n < store.n_tokens:
+        raise RQAEError(f"codes at {codes.path} cover {codes.n:,} of the store's {store.n_tokens:,} rows; "
+                        f"finish them with `rqae encode`")
+    return codes
+
+
+def ensure_codes(store: ActivationStore, model_dir: Path, path: Path | None = None, *, progress: bool = True,
+                 device: str | None = None) -> CodesStore:
+    """Codes at `path`, checked; without a path, the default codes store, encoded (or
+    finished) first when it is missing or behind the store."""
+    if path is None:
+        path = default_codes_path(store.path, model_dir)
+        if not (path / "zarr.json").exists() or open_codes(path).n < store.n_tokens:
+            encode_store(EncodeConfig(store=store.path, model=model_dir, out=path, device=device), progress=progress)
+    return open_codes_for(store, model_dir, path)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def encode_store(cfg: EncodeConfig, *, progress: bool = True) -> Path:
+    """Encode every committed store row with the RQAE, shard by shard; resumes a partial run."""
+    from tqdm import tqdm
+
+    from rqae_pipeline.lm import default_device
+    from rqae_pipeline.models.rqae import RQAE
+
+    store = ActivationStore.open(cfg.store)
+    identity = model_identity(cfg.model)
+    if identity["d_in"] != store.d:
+        raise RQAEError(f"model {cfg.model} reads d={identity['d_in']} but the store holds d={store.d}")
+    out = Path(cfg.out) if cfg.out else default_codes_path(store.path, cfg.model, identity)
+    device = cfg.device or default_device()
+    model = RQAE.load(cfg.model, device)
+    group, lock = _open_for_writing(out, store, identity)
+    try:
+        meta = dict(group.attrs[ATTR])
+        arr, done, n = group["codes"], int(meta["committed"]), store.n_tokens
+        if arr.shape[0] != n:
+            arr.resize((n, identity["n_q"]))
+        shard = store.spec.shard_rows
+        with tqdm(total=n, initial=done, unit="tok", unit_scale=True, desc="encode", disable=not progress,
+                  dynamic_ncols=True) as bar:
+            # Restart at the committed row's shard: a shard is the unit written and committed.
+            for a in range(done - done % shard, n, shard):
+                b = min(a + shard, n)
+                arr[a:b] = _encode_rows(model, store, a, b, cfg.batch_size, device)
+                meta.update(committed=b, complete=b == n, updated=_now())
+                group.attrs[ATTR] = meta  # the commit: one atomic rewrite of zarr.json
+                bar.update(b - max(a, done))
+        if n == done and not meta.get("complete"):
+            meta.update(complete=True)
+            group.attrs[ATTR] = meta
+    finally:
+        lock.release()
+    return out
+
+
+@torch.no_grad()
+def _encode_rows(model, store: ActivationStore, a: int, b: int, batch: int, device: str) -> np.ndarray:
+    parts = []
+    for s in range(a, b, batch):
+        acts = store.read(s, min(s + batch, b)).acts
+        parts.append(model.encode(acts.to(device)).cpu().numpy())
+    return np.concatenate(parts).astype(np.int16)
+
+
+def _open_for_writing(out: Path, store: ActivationStore, identity: dict):
+    import zarr
+    from zarr.codecs import BloscCodec
+
+    exists = (out / "zarr.json").exists()
+    if exists:
+        codes = open_codes(out)
+        codes.check(store=store, identity=identity)  # never append another model's codes
+    elif out.exists() and (not out.is_dir() or any(p.name != ".lock" for p in out.iterdir())):
+        raise RQAEError(f"{out} exists and is not a codes store; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RQAEError(f"cannot write to {out}: {e.strerror or e}") from None
+    lock = StoreLock(out)
+    lock.acquire()
+    try:
+        group = zarr.open_group(str(out), mode="a", zarr_format=3)
+        if not exists:
+            spec = store.spec
+            group.create_array("codes", shape=(0, identity["n_q"]), dtype="int16",
+                               chunks=(spec.chunk_rows, identity["n_q"]), shards=(spec.shard_rows, identity["n_q"]),
+                               compressors=[BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")], fill_value=0)
+            group.attrs[ATTR] = {"schema": CODES_SCHEMA, "model": identity, "store": store_identity(store),
+                                 "store_path": str(store.path), "committed": 0, "complete": False, "created": _now()}
+    except BaseException:
+        lock.release()
+        raise
+    return group, lock
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def prefix_keys(codes: np.ndarray, m: int, n_codes: int) -> np.ndarray:
+    """One int64 per row naming its first m codes (exact while n_codes**m < 2**63: m <= 6)."""
+    key = np.zeros(len(codes), dtype=np.int64)
+    for i in range(m):
+        key = key * n_codes + codes[:, i].astype(np.int64)
+    return key
+
+
+def codebook_stats(model, codes: CodesStore, *, prefix_layers: int = 4, pairs_sample: int = 4096,
+                   seed: int = 0, progress: bool = True) -> dict:
+    """Distinct prefixes (layers 1..prefix_layers), code usage per layer, and the projected
+    codebooks' pairwise cosines and norms. One pass over the codes; memory is bounded by a
+    block plus the set of distinct prefixes (which the count itself needs)."""
+    from tqdm import tqdm
+
+    if codes.n == 0:
+        raise RQAEError(f"codes store {codes.path} has no committed rows")
+    n_codes, n_q = int(model.codebook.shape[0]), model.n_q
+    if codes.n_q != n_q:
+        raise RQAEError(f"codes have {codes.n_q} layers but the model has {n_q}")
+    m_max = min(prefix_layers, n_q, 6)
+    usage = np.zeros((n_q, n_codes), dtype=np.int64)
+    distinct = [_Distinct() for _ in range(m_max)]
+    offsets = (np.arange(n_q, dtype=np.int64) * n_codes)[None, :]
+    with tqdm(total=codes.n, unit="tok", unit_scale=True, desc="codebook stats", disable=not progress) as bar:
+        for _, block in codes.blocks():
+            usage += np.bincount((block.astype(np.int64) + offsets).ravel(), minlength=n_q * n_codes).reshape(n_q, -1)
+            for m in range(1, m_max + 1):
+                distinct[m - 1].add(prefix_keys(block, m, n_codes))
+            bar.update(len(block))
+    N = codes.n
+    counts = [d.count() for d in distinct]
+    prefixes = [{"layers": m, "distinct": c, "tokens_per_prefix": N / c} for m, c in enumerate(counts, start=1)]
+    p = usage / N
+    with np.errstate(divide="ignore", invalid="ignore"):
+        entropy = -np.where(p > 0, p * np.log(p), 0.0).sum(1)
+    return {
+        "tokens": N, "n_q": n_q, "n_codes": n_codes,
+        "prefixes": prefixes,
+        "usage": {"used_codes": (usage > 0).sum(1).tolist(), "perplexity": np.exp(entropy).tolist(),
+                  "counts": usage.tolist()},
+        "projected": projected_codebook_stats(model, sample=pairs_sample, seed=seed),
+    }
+
+
+class _Distinct:
+    """Exact count of distinct int64 keys: per-block uniques merged once the pending ones
+    outgrow the merged set, so the merging work stays O(D log D) overall."""
+
+    def __init__(self):
+        self.merged, self.pending, self.pending_size = np.empty(0, np.int64), [], 0
+
+    def add(self, keys: np.ndarray) -> None:
+        u = np.unique(keys)
+        self.pending.append(u)
+        self.pending_size += len(u)
+        if self.pending_size >= max(len(self.merged), 1 << 16):
+            self._merge()
+
+    def _merge(self) -> None:
+        self.merged = np.unique(np.concatenate([self.merged, *self.pending]))
+        self.pending, self.pending_size = [], 0
+
+    def count(self) -> int:
+        self._merge()
+        return int(len(self.merged))
+
+
+@torch.no_grad()
+def projected_codebook_stats(model, *, sample: int = 4096, seed: int = 0, bins: int = 200) -> dict:
+    """Fig 2a: the vectors C_c W_out[i] (every code of every layer, in the store's units).
+    Norms are exact per layer; the cosine histogram is over all pairs of a seeded sample of
+    `sample` (layer, code) vectors (all n_q x 544 would be ~3e11 pairs at n_q=1024)."""
+    C = model.codebook.double()
+    scale = float(model.input_scale)
+    norms = torch.stack([(C @ model.W_out[i].double()).norm(dim=1) * scale for i in range(model.n_q)])  # (n_q, 544)
+    total = model.n_q * C.shape[0]
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(total, generator=g)[: min(sample, total)]
+    layer, code = pick // C.shape[0], pick % C.shape[0]
+    vecs = torch.einsum("sk,skd->sd", C[code], model.W_out.detach().double()[layer])
+    vecs = (vecs / vecs.norm(dim=1, keepdim=True).clamp_min(1e-30)).float()
+    # Histogram of the whole Gram matrix minus its diagonal, halved: each unordered pair once,
+    # without materialising (s^2 / 2) pair indices.
+    hist = np.zeros(bins, dtype=np.int64)
+    for a in range(0, len(vecs), 1024):
+        hist += np.histogram((vecs[a:a + 1024] @ vecs.T).clamp(-1, 1).numpy(), bins=bins, range=(-1.0, 1.0))[0]
+    hist -= np.histogram(np.ones(len(vecs)), bins=bins, range=(-1.0, 1.0))[0]
+    hist //= 2
+    edges = np.linspace(-1.0, 1.0, bins + 1)
+    centres, pairs = (edges[1:] + edges[:-1]) / 2, int(hist.sum())
+    cdf = np.cumsum(hist) / max(pairs, 1)
+    return {
+        "layer_norm_L": model.layer_norms().double().mul(scale).tolist(),
+        "norm_mean": norms.mean(1).tolist(), "norm_min": norms.min(1).values.tolist(),
+        "norm_max": norms.max(1).values.tolist(),
+        "cosine": {"sampled_vectors": len(vecs), "pairs": pairs,
+                   "abs_below_0.2": float(hist[np.abs(centres) < 0.2].sum() / max(pairs, 1)),
+                   "quantiles": {q: float(edges[1:][np.searchsorted(cdf, f)]) for q, f in
+                                 (("1%", 0.01), ("50%", 0.5), ("99%", 0.99))},
+                   "hist": hist.tolist(), "edges": edges.tolist()},
+    }

@@ -1,0 +1,242 @@
+"""Query tokens for feature search: from free text (through the LM) or a stored token's address,
+and the text around stored tokens for showing hits.
+
+A query text goes through exactly what a stored row went through: BOS + tokens, the LM
+forward pass to the store's hook, the store's normalisation (final-norm gain or pure RMS),
+and the store's storage codec (fp16 / fp8 rounding), then `RQAE.encode`. So a stored
+context queried by its token ids gets its stored codes, and query and store are compared
+like with like.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rqae_pipeline import RQAEError
+from rqae_pipeline.store import ActivationStore, decode_acts, encode_acts
+
+
+@dataclass(frozen=True)
+class TextCodes:
+    tokens: list[int]  # the text's token ids (the BOS fed in front is not counted)
+    codes: np.ndarray  # (len(tokens), n_q) int16
+
+
+@dataclass(frozen=True)
+class Context:
+    """A stored token and the text either side of it, inside its own context."""
+
+    row: int
+    seq: int
+    pos: int
+    left: str
+    token: str
+    right: str
+
+    def render(self, mark: tuple[str, str] = ("[[", "]]")) -> str:
+        text = f"{self.left}{mark[0]}{self.token}{mark[1]}{self.right}"
+        return text.replace("\n", "\\n").replace("\r", "\\r").replace("\t", " ")
+
+    def to_dict(self) -> dict:
+        return {"row": self.row, "seq": self.seq, "pos": self.pos, "left": self.left, "token": self.token,
+                "right": self.right}
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def load_tokenizer(model_name: str):
+    """The tokenizer of a store's model without loading the model's weights where possible."""
+    from transformers import AutoTokenizer
+
+    from rqae_pipeline import lm
+
+    if model_name == lm.TINY or model_name.startswith(lm.TINY + ":"):
+        return lm._tiny_tokenizer()
+    if model_name == lm.OFFLINE_GEMMA:
+        d = lm._offline_gemma_dir()
+        if (d / "tokenizer_config.json").exists():
+            return AutoTokenizer.from_pretrained(d)
+        return lm.load_lm(model_name, device="cpu").tokenizer  # converts and caches once
+    try:
+        return AutoTokenizer.from_pretrained(model_name)
+    except Exception as e:
+        raise RQAEError(f"cannot load the tokenizer of {model_name!r}: {type(e).__name__}") from e
+
+
+# --------------------------------------------------------------------------- query codes
+
+
+def check_lm(lm, store: ActivationStore) -> None:
+    if lm.name != store.spec.model or lm.d_model != store.d:
+        raise RQAEError(f"the store was harvested from {store.spec.model!r}, not {lm.name!r}")
+
+
+def tokenize(tokenizer, text: str) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise RQAEError(f"the query text {text!r} tokenises to no tokens; give some text")
+    return list(ids)
+
+
+@torch.inference_mode()
+def encode_tokens(lm, model, store: ActivationStore, ids: list[int]) -> np.ndarray:
+    """(len(ids), n_q) codes of token ids read as one context after BOS, as harvested."""
+    check_lm(lm, store)
+    spec = store.spec
+    if not ids:
+        raise RQAEError("no query tokens to encode")
+    body = spec.context_length - 1
+    if len(ids) > body:
+        raise RQAEError(f"the query has {len(ids)} tokens; the store's contexts hold {body} after BOS")
+    from rqae_pipeline.lm import normalise
+
+    tokens = torch.tensor([[lm.tokenizer.bos_token_id, *ids]], device=lm.model.cfg.device)
+    _, cache = lm.model.run_with_cache(tokens, names_filter=[spec.hook], stop_at_layer=spec.layer + 1)
+    acts, _ = normalise(cache[spec.hook][0, 1:].float(), store.gain, float(lm.model.cfg.eps), spec.normalisation)
+    acts = acts.cpu()
+    mean = np.asarray(store.group["mean"][:], np.float32) if spec.dtype == "fp8" else None
+    cols = encode_acts(acts, spec.dtype, mean)  # the storage rounding a stored row went through
+    acts = decode_acts(cols["acts"], spec.dtype, cols.get("row_scale"), mean)
+    device = next(model.parameters()).device
+    return model.encode(acts.to(device)).cpu().numpy().astype(np.int16)
+
+
+def encode_text(lm, model, store: ActivationStore, text: str) -> TextCodes:
+    ids = tokenize(lm.tokenizer, text)
+    return TextCodes(tokens=ids, codes=encode_tokens(lm, model, store, ids))
+
+
+def pick_token(n_tokens: int, token_index: int) -> int:
+    """Python-style index into the query's tokens (negative counts from the end)."""
+    if not -n_tokens <= token_index < n_tokens:
+        raise RQAEError(f"token index {token_index} is out of range: the query has {n_tokens} token(s) "
+                        f"(0..{n_tokens - 1}, or -{n_tokens}..-1)")
+    return token_index % n_tokens
+
+
+def query_codes(lm, model, store: ActivationStore, text: str, token_index: int) -> np.ndarray:
+    """(n_q,) codes of token `token_index` of `text` (the blog's query token, step 1)."""
+    tc = encode_text(lm, model, store, text)
+    return tc.codes[pick_token(len(tc.tokens), token_index)]
+
+
+def text_context(tokenizer, ids: list[int], index: int, width: int = 8) -> Context:
+    """A query text shown like a hit (row, seq and pos are -1: it is not a stored token)."""
+    a, b = max(0, index - width), min(len(ids), index + width + 1)
+    dec = tokenizer.decode
+    return Context(row=-1, seq=-1, pos=-1, left=dec(ids[a:index]), token=dec([ids[index]]), right=dec(ids[index + 1:b]))
+
+
+# --------------------------------------------------------------------------- stored tokens
+
+
+def parse_address(text: str) -> tuple[int, int]:
+    seq, sep, pos = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return int(seq), int(pos)
+    except ValueError:
+        raise RQAEError(f"an address is SEQ:POS (context and position), got {text!r}") from None
+
+
+def address_row(store: ActivationStore, seq: int, pos: int) -> int:
+    """Row of the stored token at context `seq`, position `pos` (rows are whole contexts, in order)."""
+    R, off = store.spec.rows_per_context, 1 if store.spec.skip_bos else 0
+    if not 0 <= seq < store.n_contexts:
+        raise RQAEError(f"context {seq} is not in the store (contexts 0..{store.n_contexts - 1})")
+    if not off <= pos < off + R:
+        raise RQAEError(f"position {pos} is not stored (positions {off}..{off + R - 1})")
+    row = seq * R + pos - off
+    g = store.group
+    if int(g["seq"][row]) != seq or int(g["pos"][row]) != pos:  # guards the layout assumption
+        raise RQAEError(f"row {row} holds {int(g['seq'][row])}:{int(g['pos'][row])}, not {seq}:{pos}")
+    return row
+
+
+def contexts(store: ActivationStore, tokenizer, rows, width: int = 8) -> list[Context]:
+    """Each row's token with up to `width` tokens either side, inside its own context."""
+    R, g, out = store.spec.rows_per_context, store.group, []
+    cache: dict[int, tuple[list, np.ndarray, np.ndarray]] = {}  # one read per context shown
+
+    def dec(t):
+        return tokenizer.decode(t, skip_special_tokens=True)
+
+    for r in (int(r) for r in rows):
+        start = r - r % R
+        if start not in cache:
+            cache[start] = (np.asarray(g["tokens"][start:start + R]).tolist(), np.asarray(g["seq"][start:start + R]),
+                            np.asarray(g["pos"][start:start + R]))
+        ids, seq, pos = cache[start]
+        i = r - start
+        a, b = max(0, i - width), min(len(ids), i + width + 1)
+        out.append(Context(row=r, seq=int(seq[i]), pos=int(pos[i]), left=dec(ids[a:i]),
+                           token=tokenizer.decode([ids[i]]), right=dec(ids[i + 1:b])))
+    return out
+
+
+# --------------------------------------------------------------------------- query sets
+
+
+@dataclass(frozen=True)
+class Query:
+    """One query token: a stored row (codes read from the codes store) or a text token (encoded)."""
+
+    context: Context
+    row: int | None = None
+    codes: np.ndarray | None = None  # (n_q,), for text queries
+
+
+def pair_text_queries(texts: list[str], token_indices: list[int]) -> list[tuple[str, int]]:
+    """--query / --token-index pairs: one of either side is shared by all of the other."""
+    if not texts:
+        if token_indices:
+            raise RQAEError("--token-index needs a --query text")
+        return []
+    if not token_indices:
+        token_indices = [-1]
+    if len(texts) == 1 or len(token_indices) == 1:
+        n = max(len(texts), len(token_indices))
+        return [(texts[i % len(texts)], token_indices[i % len(token_indices)]) for i in range(n)]
+    if len(texts) != len(token_indices):
+        raise RQAEError(f"{len(texts)} --query texts but {len(token_indices)} --token-index values; give one "
+                        f"index per text, or one for all")
+    return list(zip(texts, token_indices))
+
+
+def query_set(store: ActivationStore, model, *, addresses: list[str] = (), texts: list[str] = (),
+              token_indices: list[int] = (), lm=None, width: int = 8) -> list[Query]:
+    """Validate and resolve every query token before any long work starts: addresses to rows,
+    texts through the LM (loaded only when a text is given) to codes."""
+    pairs = pair_text_queries(list(texts), list(token_indices))
+    if not addresses and not pairs:
+        raise RQAEError("no query tokens: give --address SEQ:POS or --query TEXT [--token-index I]")
+    rows = [address_row(store, *parse_address(a)) for a in addresses]
+    tokenizer = lm.tokenizer if lm is not None else load_tokenizer(store.spec.model)
+    for text, index in pairs:  # cheap checks before the LM is loaded
+        pick_token(len(tokenize(tokenizer, text)), index)
+    if pairs and lm is None:
+        from rqae_pipeline.lm import load_lm
+
+        lm = load_lm(store.spec.model)
+    out = [Query(context=c, row=c.row) for c in contexts(store, tokenizer, rows, width)]
+    encoded: dict[str, TextCodes] = {}
+    for text, index in pairs:
+        if text not in encoded:
+            encoded[text] = encode_text(lm, model, store, text)
+        tc = encoded[text]
+        i = pick_token(len(tc.tokens), index)
+        out.append(Query(context=text_context(tokenizer, tc.tokens, i, width), codes=tc.codes[i]))
+    return out
+
+
+def query_codes_matrix(queries: list[Query], codes) -> np.ndarray:
+    """(k, n_q) codes of the query tokens; stored rows are read from the codes store."""
+    out = []
+    for q in queries:
+        out.append(q.codes if q.codes is not None else codes.read_rows(np.array([q.row]))[0])
+    return np.stack(out).astype(np.int16)
