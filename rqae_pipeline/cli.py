@@ -294,7 +294,8 @@ def codebook_stats_command(
     used, cos = stats["usage"]["used_codes"], stats["projected"]["cosine"]
     typer.echo(f"codes used per layer: min {min(used)}, median {sorted(used)[len(used) // 2]}, max {max(used)} "
                f"of {stats['n_codes']} ({stats['tokens']:,} tokens)")
-    typer.echo(f"projected codebooks: {cos['abs_below_0.2']:.1%} of {cos['pairs']:,} sampled pairs have |cos| < 0.2; "
+    typer.echo(f"projected codebooks: {cos['abs_below_0.2']:.1%} of {cos['pairs']:,} sampled pairs have |cos| < 0.2 "
+               f"({cos['across_layers_abs_below_0.2']:.1%} of the pairs from different layers); "
                f"mean norm layer 1 {stats['projected']['norm_mean'][0]:.3g}, "
                f"layer {stats['n_q']} {stats['projected']['norm_mean'][-1]:.3g}")
     typer.echo(f"wrote {out / 'codebook_stats.json'}, " + ", ".join(str(p) for p in plots))

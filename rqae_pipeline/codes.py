@@ -370,11 +370,17 @@ def projected_codebook_stats(model, *, sample: int = 4096, seed: int = 0, bins: 
     vecs = (vecs / vecs.norm(dim=1, keepdim=True).clamp_min(1e-30)).float()
     # Histogram of the whole Gram matrix minus its diagonal, halved: each unordered pair once,
     # without materialising (s^2 / 2) pair indices.
-    hist = np.zeros(bins, dtype=np.int64)
+    # Pairs inside one layer span its 4-dim subspace (c and -c are antipodal), so they are
+    # also counted apart: the blog's near-orthogonality is a statement about the rest.
+    hist, within = np.zeros(bins, dtype=np.int64), np.zeros(bins, dtype=np.int64)
     for a in range(0, len(vecs), 1024):
-        hist += np.histogram((vecs[a:a + 1024] @ vecs.T).clamp(-1, 1).numpy(), bins=bins, range=(-1.0, 1.0))[0]
-    hist -= np.histogram(np.ones(len(vecs)), bins=bins, range=(-1.0, 1.0))[0]
-    hist //= 2
+        gram = (vecs[a:a + 1024] @ vecs.T).clamp(-1, 1)
+        hist += np.histogram(gram.numpy(), bins=bins, range=(-1.0, 1.0))[0]
+        same = layer[a:a + 1024, None] == layer[None, :]
+        within += np.histogram(gram[same].numpy(), bins=bins, range=(-1.0, 1.0))[0]
+    diagonal = np.histogram(np.ones(len(vecs)), bins=bins, range=(-1.0, 1.0))[0]
+    hist, within = (hist - diagonal) // 2, (within - diagonal) // 2
+    across = hist - within
     edges = np.linspace(-1.0, 1.0, bins + 1)
     centres, pairs = (edges[1:] + edges[:-1]) / 2, int(hist.sum())
     cdf = np.cumsum(hist) / max(pairs, 1)
@@ -384,6 +390,8 @@ def projected_codebook_stats(model, *, sample: int = 4096, seed: int = 0, bins: 
         "norm_max": norms.max(1).values.tolist(),
         "cosine": {"sampled_vectors": len(vecs), "pairs": pairs,
                    "abs_below_0.2": float(hist[np.abs(centres) < 0.2].sum() / max(pairs, 1)),
+                   "across_layers_pairs": int(across.sum()),
+                   "across_layers_abs_below_0.2": float(across[np.abs(centres) < 0.2].sum() / max(int(across.sum()), 1)),
                    "quantiles": {q: float(edges[1:][np.searchsorted(cdf, f)]) for q, f in
                                  (("1%", 0.01), ("50%", 0.5), ("99%", 0.99))},
                    "hist": hist.tolist(), "edges": edges.tolist()},

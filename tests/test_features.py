@@ -122,7 +122,9 @@ def test_codebook_stats_equal_a_brute_force_count(env):
     proj = stats["projected"]
     direct = (model.codebook @ model.W_out[3].detach()).norm(dim=1) * model.input_scale
     assert proj["norm_mean"][3] == pytest.approx(float(direct.mean()), rel=1e-5)
-    assert proj["cosine"]["pairs"] == 300 * 299 // 2 and 0 <= proj["cosine"]["abs_below_0.2"] <= 1
+    cos = proj["cosine"]
+    assert cos["pairs"] == sum(cos["hist"]) == 300 * 299 // 2 and 0 <= cos["abs_below_0.2"] <= 1
+    assert 0 < cos["across_layers_pairs"] < cos["pairs"]
 
 
 # --------------------------------------------------------------------------- search
@@ -336,3 +338,23 @@ def test_codes_of_another_model_are_refused_by_the_cli(env):
     r = invoke("encode", "--store", env["store"], "--model", other, "--out", env["codes"])
     assert_one_line_error(r, "another model")
     assert tree_digest(env["codes"]) == before
+
+
+@pytest.mark.slow
+def test_real_gemma_query_text_gets_the_stored_codes(gemma_lm, tmp_path):
+    from rqae_pipeline.harvest import HarvestConfig
+    from rqae_pipeline.lm import OFFLINE_GEMMA
+
+    store = tmp_path / "g.zarr"
+    harvest(HarvestConfig(out=store, model=OFFLINE_GEMMA, tokens=256, batch_contexts=2, contexts_per_shard=2,
+                          contexts_per_chunk=2), lm=gemma_lm, progress=False)
+    st = ActivationStore.open(store)
+    torch.manual_seed(0)
+    model = RQAE(RQAEConfig(d_in=640, n_q=16))
+    model.init_from_data(st.read().acts)
+    model.save(tmp_path / "rqae")
+    cs = open_codes(encode_store(EncodeConfig(store=store, model=tmp_path / "rqae"), progress=False))
+    ids = np.asarray(st.group["tokens"][129:256]).tolist()  # context 1 after its BOS
+    assert (encode_tokens(gemma_lm, model, st, ids) == cs.read(129, 256)).mean() > 0.99
+    hits = search(model, cs, cs.read(200, 201)[0], top_k=3, store=st)
+    assert hits[0].row == 200 and hits[0].score == pytest.approx(1.0)
