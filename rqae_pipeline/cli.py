@@ -152,7 +152,7 @@ def train(
     except (RQAEError, ValueError) as e:
         _fail(str(e))
     if result.interrupted:
-        typer.echo(f"interrupted at step {result.steps}: checkpoint saved in {out}; rerun with --resume", err=True)
+        typer.echo(f"interrupted at step {result.steps}: resume from the checkpoint in {out}; rerun with --resume", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
     h = result.heldout
     line = f"{out}: {arch} held-out FVU {h['fvu']:.4f}, MSE {h['mse']:.4g} on {h['tokens']:,} tokens"
@@ -217,6 +217,45 @@ def eval_command(
         for label, m in result["ce"].items():
             extra = "".join(f"  {k} {v:.4f}" for k, v in m.items() if k != "ce")
             typer.echo(f"  {label:16s} CE {m['ce']:.4f}{extra}")
+
+
+@app.command("compare-gemmascope")
+def compare_gemmascope(
+    store: Annotated[Path, typer.Option(help="Activation store (the RQAE's held-out rows are used).")],
+    rqae: Annotated[Path, typer.Option(help="RQAE model directory written by `rqae train`.")],
+    out: Annotated[Path, typer.Option(help="Report directory: report.json, report.html and PNG plots.")],
+    release: Annotated[str | None, typer.Option(help="sae-lens release, e.g. gemma-scope-2b-pt-res-canonical.")] = None,
+    sae_id: Annotated[str | None, typer.Option(help="SAE id in the release, e.g. layer_12/width_16k/canonical.")] = None,
+    sae_path: Annotated[Path | None, typer.Option(help="Any sae-lens SAE directory instead of a release.")] = None,
+    workers: Annotated[int, typer.Option(help="dask LocalCluster workers (0: this process).")] = 0,
+    scheduler: Annotated[str | None, typer.Option(help="An existing dask scheduler, e.g. tcp://host:8786.")] = None,
+    ce_contexts: Annotated[int, typer.Option(help="Held-out contexts for CE-delta and KL (loads the LM); "
+                                             "0 skips them.")] = 32,
+    features: Annotated[int, typer.Option(help="SAE features sampled for Pearson matching.")] = 32,
+    pearson_tokens: Annotated[int, typer.Option(help="Held-out rows scanned for Pearson matching.")] = 200_000,
+    match_layers: Annotated[int | None, typer.Option(help="RQAE layers whose codebooks enter decoder "
+                                                    "matching (default: all).")] = None,
+    device: str = "cpu",
+) -> None:
+    """Compare an RQAE with a Gemma Scope (or any sae-lens) SAE: metrics, CE-delta, Pearson and decoder matching."""
+    from rqae_pipeline.compare import PearsonConfig
+    from rqae_pipeline.evaluate import PretrainedSAE
+    from rqae_pipeline.report.comparison import CompareConfig, run_comparison, summary_lines
+
+    if (sae_path is None) == (release is None and sae_id is None):
+        _fail("give either --release and --sae-id (a sae-lens pretrained SAE) or --sae-path (a sae-lens directory)")
+    if sae_path is None and (release is None or sae_id is None):
+        _fail("--release and --sae-id go together")
+    sae = sae_path if sae_path is not None else PretrainedSAE(release, sae_id)
+    cfg = CompareConfig(store=store, rqae=rqae, sae=sae, out=out, workers=workers, scheduler=scheduler,
+                        ce_contexts=ce_contexts, device=device, match_layers=match_layers,
+                        pearson=PearsonConfig(n_features=features, max_tokens=pearson_tokens))
+    try:
+        report = run_comparison(cfg, echo=lambda m: typer.echo(m, err=True))
+    except (RQAEError, ValueError) as e:
+        _fail(str(e))
+    typer.echo("\n".join(summary_lines(report)))
+    typer.echo(f"report: {out / 'report.html'}")
 
 
 @app.command()

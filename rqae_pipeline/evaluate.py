@@ -234,6 +234,7 @@ def ce_stats(store_path: str, model_ref, first_ctx: int, stop_ctx: int, cfg: Eva
     replacements = {"zero": torch.zeros_like(rows.acts)}
     replacements.update({label: x_hat.cpu() / gain * rows.scale[:, None] for label, x_hat in recons.items()})
     keep = keep.reshape(len(tokens), R)
+    start = residual_start_layer(spec.hook)
     stats = Stats()
     # A few contexts per forward pass: log-probabilities over a 256k vocabulary are ~1 MB a
     # token, so whole tasks at once would spend their time allocating, not computing.
@@ -241,14 +242,23 @@ def ce_stats(store_path: str, model_ref, first_ctx: int, stop_ctx: int, cfg: Eva
         sl = slice(c, c + CE_CONTEXTS_PER_FORWARD)
         toks = tokens[sl].to(cfg.device)
 
+        # At a residual-stream hook the clean run's residual there is computed once and each
+        # spliced run starts from it (TransformerLens `start_at_layer`), skipping the layers
+        # below the hook; any other hook splices through a forward hook on a full run.
+        resid = None if start is None else lm.model(toks, stop_at_layer=start)
+
         def run(replacement: torch.Tensor | None) -> torch.Tensor:
-            def splice(act, hook):
+            def splice(act, hook=None):
                 new = replacement.reshape(-1, R, replacement.shape[-1])[sl].to(act.device, act.dtype)
                 act[:, off:][keep[sl]] = new[keep[sl]]
                 return act
 
-            hooks = [] if replacement is None else [(spec.hook, splice)]
-            return lm.model.run_with_hooks(toks, fwd_hooks=hooks)[:, :-1].float().log_softmax(-1)
+            if resid is not None:
+                logits = lm.model(resid if replacement is None else splice(resid.clone()), start_at_layer=start)
+            else:
+                hooks = [] if replacement is None else [(spec.hook, splice)]
+                logits = lm.model.run_with_hooks(toks, fwd_hooks=hooks)
+            return logits[:, :-1].float().log_softmax(-1)
 
         def ce_sum(logp: torch.Tensor) -> float:
             return -float(logp.gather(-1, toks[:, 1:, None]).double().sum())
@@ -267,6 +277,15 @@ def ce_stats(store_path: str, model_ref, first_ctx: int, stop_ctx: int, cfg: Eva
 
 
 CE_CONTEXTS_PER_FORWARD = 2
+
+
+def residual_start_layer(hook: str) -> int | None:
+    """The block a forward pass can start at with the activation of `hook` as its residual
+    input: L + 1 for blocks.L.hook_resid_post, L for blocks.L.hook_resid_pre; else None."""
+    import re
+
+    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(post|pre)", hook)
+    return None if m is None else int(m.group(1)) + (m.group(2) == "post")
 
 
 def _add(d: dict, key: str, value: float) -> None:

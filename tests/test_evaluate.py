@@ -161,6 +161,24 @@ def test_ce_delta_and_kl_agree_with_sae_lens_evals(trained, tmp_path, tiny_lm):
     assert ours["sae"]["kl"] > 0  # the SAE changes the next-token distribution
 
 
+def test_ce_from_the_hook_layer_equals_a_full_forward_with_a_hook(trained, monkeypatch):
+    """The CE path that starts the LM at the hook's block must equal splicing by a forward
+    hook on a full run (the path every other hook takes)."""
+    from rqae_pipeline import evaluate as ev
+
+    store_path, runs = trained
+    cfg = EvalConfig(store=store_path, model=runs["rqae"], rows="all", ce_contexts=5, prefixes=(1, 8))
+    assert ev.residual_start_layer(ActivationStore.open(store_path).spec.hook) == 2
+    fast = evaluate(cfg, progress=False)["ce"]
+    monkeypatch.setattr(ev, "residual_start_layer", lambda hook: None)
+    slow = evaluate(cfg, progress=False)["ce"]
+    assert fast.keys() == slow.keys() and len(fast) == 4
+    for label in fast:
+        for key, value in fast[label].items():
+            assert value == pytest.approx(slow[label][key], rel=1e-4, abs=1e-6), (label, key)
+    assert fast["rqae@1"]["kl"] > 0
+
+
 def test_raw_space_sae_of_another_hook_or_width_is_refused(trained, tmp_path):
     store_path, _ = trained
     sae_dir = raw_space_sae(store_path, tmp_path / "sae", "blocks.0.hook_resid_post")
