@@ -21,3 +21,25 @@ def gemma_lm():
     from rqae_pipeline.lm import OFFLINE_GEMMA, load_lm
 
     return load_lm(OFFLINE_GEMMA, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def trained(tiny_lm, tmp_path_factory):
+    """A tiny store (64 contexts, 8 shards) with an 8-layer RQAE and a TopK SAE trained on it
+    (a quarter of the contexts held out)."""
+    from rqae_pipeline.harvest import harvest
+    from rqae_pipeline.models.base import ModelSpec
+    from rqae_pipeline.train import TrainConfig, train
+
+    from helpers import tiny_config
+
+    root = tmp_path_factory.mktemp("eval")
+    store = root / "s.zarr"
+    harvest(tiny_config(store, tokens=8192, contexts_per_shard=8), lm=tiny_lm, progress=False)
+    runs = {}
+    for arch, spec in {"rqae": ModelSpec(arch="rqae", d_in=64, n_q=8, lr=3e-3),
+                       "topk-sae": ModelSpec(arch="topk-sae", d_in=64, d_sae=128, k=8, lr=1e-3)}.items():
+        runs[arch] = root / arch
+        train(TrainConfig(store=store, out=runs[arch], model=spec, batch_size=256, tokens=256 * 20,
+                          heldout_fraction=0.25), progress=False)
+    return store, runs

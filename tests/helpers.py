@@ -44,3 +44,22 @@ def rqae_cmd(*args: str) -> list[str]:
 def run_rqae(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(rqae_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO, **kw)
+
+
+def raw_space_sae(store_path, out, hook, d_sae: int = 96):
+    """A sae-lens TopK SAE on raw residuals, as Gemma Scope's are (no train.json beside it)."""
+    import torch
+    from sae_lens import SAE
+
+    store = ActivationStore.open(store_path)
+    raw = store.raw(store.read())
+    torch.manual_seed(0)
+    sae = SAE.from_dict({"architecture": "topk", "d_in": store.d, "d_sae": d_sae, "k": 16, "dtype": "float32",
+                         "device": "cpu", "apply_b_dec_to_input": True, "metadata": {"hook_name": hook}})
+    with torch.no_grad():
+        sae.W_dec.copy_(raw[torch.randperm(len(raw))[:d_sae]] - raw.mean(0))
+        sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
+        sae.W_enc.copy_(sae.W_dec.T)
+        sae.b_dec.copy_(raw.mean(0))
+    sae.save_model(str(out))
+    return out

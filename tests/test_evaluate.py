@@ -12,7 +12,7 @@ from rqae_pipeline.models.trainables import load_model_dir
 from rqae_pipeline.store import ActivationStore, Flags
 from rqae_pipeline.train import TrainConfig, train
 
-from helpers import tiny_config
+from helpers import raw_space_sae, tiny_config
 
 
 def test_golden_mean_prediction_is_fvu_1_and_perfect_is_0():
@@ -30,20 +30,6 @@ def test_golden_mean_prediction_is_fvu_1_and_perfect_is_0():
     legacy = np.mean([float((x[a:a + 137] - mean).pow(2).sum() / (x[a:a + 137] - x[a:a + 137].mean(0)).pow(2).sum())
                       for a in range(0, 1000, 137)])
     assert abs(legacy - 1.0) > 1e-3
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_lm, tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    store = root / "s.zarr"
-    harvest(tiny_config(store, tokens=8192, contexts_per_shard=8), lm=tiny_lm, progress=False)
-    runs = {}
-    for arch, spec in {"rqae": ModelSpec(arch="rqae", d_in=64, n_q=8, lr=3e-3),
-                       "topk-sae": ModelSpec(arch="topk-sae", d_in=64, d_sae=128, k=8, lr=1e-3)}.items():
-        runs[arch] = root / arch
-        train(TrainConfig(store=store, out=runs[arch], model=spec, batch_size=256, tokens=256 * 20,
-                          heldout_fraction=0.25), progress=False)
-    return store, runs
 
 
 def direct_fvu(store_path, model_dir, start, prefix=None):
@@ -118,25 +104,6 @@ def test_eval_cli_prints_a_table_and_writes_json(trained, tmp_path):
     assert saved["metrics"]["rqae@8"]["fvu"] < saved["metrics"]["rqae@1"]["fvu"]
     r = CliRunner().invoke(app, ["eval", "--store", str(store), "--model", str(runs["rqae"]), "--rows", "some"])
     assert r.exit_code == 2 and r.stderr.startswith("error: unknown row selection")
-
-
-def raw_space_sae(store_path, out, hook):
-    """A sae-lens TopK SAE on raw residuals, as Gemma Scope's are (no train.json beside it)."""
-    from sae_lens import SAE
-
-    store = ActivationStore.open(store_path)
-    rows = store.read()
-    raw = store.raw(rows)
-    torch.manual_seed(0)
-    sae = SAE.from_dict({"architecture": "topk", "d_in": store.d, "d_sae": 96, "k": 16, "dtype": "float32",
-                         "device": "cpu", "apply_b_dec_to_input": True, "metadata": {"hook_name": hook}})
-    with torch.no_grad():
-        sae.W_dec.copy_(raw[torch.randperm(len(raw))[:96]] - raw.mean(0))
-        sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))
-        sae.W_enc.copy_(sae.W_dec.T)
-        sae.b_dec.copy_(raw.mean(0))
-    sae.save_model(str(out))
-    return out
 
 
 def test_ce_delta_and_kl_agree_with_sae_lens_evals(trained, tmp_path, tiny_lm):
