@@ -507,6 +507,63 @@ def feature_dictionary(
                ", ".join(f"{n} at {m} layers" for m, n in sorted(by_m.items())) + f"), {top_k} examples each")
 
 
+
+# --------------------------------------------------------------------------- steering and the dashboard
+
+
+@app.command()
+def steer(
+    store: Annotated[Path, typer.Option(help="Activation store (its LM, hook and normalisation are used).")],
+    model: Annotated[Path, typer.Option(help="RQAE (or codebook, with --code) model directory.")],
+    prompt: Annotated[list[str], typer.Option(help="Prompt to continue (repeatable).")],
+    feature: Annotated[str | None, typer.Option(help="DICT.json#ID (a feature-dictionary entry) or FEATURE.json[#NAME] "
+                                                "(written by `rqae features --out`).")] = None,
+    address: Annotated[list[str], typer.Option(help="Or query tokens: a stored token SEQ:POS (repeatable).")] = [],  # noqa: B006
+    query: Annotated[list[str], typer.Option(help="Or query tokens: a query text (repeatable).")] = [],  # noqa: B006
+    token_index: Annotated[list[int], typer.Option(help="Token of each --query (default -1).")] = [],  # noqa: B006
+    code: Annotated[int | None, typer.Option(help="Codebook model: the code to activate.")] = None,
+    strength: Annotated[float, typer.Option(help="0 (no steering) .. 1 (codes set to the feature's mean).")] = 0.8,
+    top_k_layers: Annotated[int, typer.Option(help="Steer the RQAE layers with the k largest kappa.")] = 8,
+    splice: Annotated[str, typer.Option(help="delta (add the change of the reconstruction, keep the error) or "
+                                        "replace (splice the steered reconstruction).")] = "delta",
+    word: Annotated[list[str], typer.Option(help="Concept word counted in the generations (repeatable; default: "
+                                            "the feature's top-example tokens).")] = [],  # noqa: B006
+    max_new_tokens: int = 32,
+    samples: Annotated[int, typer.Option(help="Generations per prompt.")] = 4,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.5,
+    repetition_penalty: float = 1.5,
+    seed: int = 0,
+    codes: Annotated[Path | None, typer.Option(help="Codes store (default: the one `rqae encode` writes).")] = None,
+    device: Annotated[str | None, typer.Option(help="cuda/cpu; default: cuda when present.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Write the generations and counts as JSON here.")] = None,
+) -> None:
+    """Generate with and without steering toward a feature; report how often its concept appears."""
+    from rqae_pipeline.steer import GenerationConfig, SteerConfig, SteerRunConfig, run_steering
+
+    try:
+        cfg = SteerRunConfig(
+            store=store, model=model, prompts=tuple(prompt), feature=feature, addresses=tuple(address),
+            texts=tuple(query), token_indices=tuple(token_index), code=code, words=tuple(word), codes=codes,
+            steer=SteerConfig(strength=strength, top_k_layers=top_k_layers, splice=splice),
+            generation=GenerationConfig(max_new_tokens=max_new_tokens, samples=samples, temperature=temperature,
+                                        repetition_penalty=repetition_penalty, seed=seed), device=device)
+        result = run_steering(cfg, echo=lambda m: typer.echo(m, err=True))
+    except (RQAEError, ValueError) as e:
+        _fail(str(e))
+    what = (f"feature {result['feature']['name']} on layers {result['feature']['layers']}"
+            if "feature" in result else f"code {result['code']}")
+    typer.echo(f"steering {what}, strength {strength}")
+    for g in result["generations"]:
+        for label in ("baseline", "steered"):
+            for i, text in enumerate(g[label]):
+                typer.echo(f"[{label} {i}] {g['prompt']}{text}".replace("\n", "\\n"))
+    b, s = result["baseline"], result["steered"]
+    typer.echo(f"concept words: {', '.join(result['words'])}")
+    typer.echo(f"generations containing the concept: baseline {b['fraction']:.0%} "
+               f"({b['mean_count']:.2f} per generation), steered {s['fraction']:.0%} ({s['mean_count']:.2f})")
+    _write_json(out, result)
+
+
 def main() -> None:
     try:
         app()
