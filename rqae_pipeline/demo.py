@@ -1,5 +1,6 @@
 """The offline demo: harvest real Gemma-3-270M activations, train an RQAE and two SAEs on
-them, and compare held-out reconstruction and weight size. Each step is an ordinary stage
+them, compare held-out reconstruction and weight size, and write the RQAE-vs-SAE report
+of `rqae compare-gemmascope`. Each step is an ordinary stage
 call, so the demo is also a worked example of the Python API."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 from rqae_pipeline.harvest import HarvestConfig, harvest
 from rqae_pipeline.lm import OFFLINE_GEMMA
 from rqae_pipeline.models.base import ModelSpec, default_lr
+from rqae_pipeline.report.comparison import CompareConfig, run_comparison, summary_lines
 from rqae_pipeline.store import ActivationStore
 from rqae_pipeline.summary import format_summary, summarise
 from rqae_pipeline.train import TrainConfig, train
@@ -25,6 +27,7 @@ class DemoConfig:
     k: int = 32
     steps: int = 200
     batch_size: int = 512
+    ce_contexts: int = 8
     device: str | None = None
 
 
@@ -42,14 +45,14 @@ def demo_models(cfg: DemoConfig, d_in: int) -> dict[str, ModelSpec]:
 def run_demo(cfg: DemoConfig, echo=print) -> list[dict]:
     store_path = cfg.out / "store.zarr"
     resume = (store_path / "zarr.json").exists()
-    echo(f"1/3 harvest {cfg.tokens:,} tokens of {OFFLINE_GEMMA} into {store_path}")
+    echo(f"1/4 harvest {cfg.tokens:,} tokens of {OFFLINE_GEMMA} into {store_path}")
     harvest(HarvestConfig(out=store_path, model=OFFLINE_GEMMA, tokens=cfg.tokens, device=cfg.device, resume=resume))
     store = ActivationStore.open(store_path)
     echo(format_summary(summarise(store)))
     rows = []
     models = demo_models(cfg, store.d)
     for i, (name, spec) in enumerate(models.items(), start=1):
-        echo(f"2/3 train {name} ({i}/{len(models)})")
+        echo(f"2/4 train {name} ({i}/{len(models)})")
         out = cfg.out / name
         done = (out / "train.json").exists() and json.loads((out / "train.json").read_text()).get("status") == "done"
         if not done:
@@ -59,9 +62,18 @@ def run_demo(cfg: DemoConfig, echo=print) -> list[dict]:
         h = run["heldout_metrics"]
         rows.append({"model": name, "fvu": h["fvu"], "mse": h["mse"], "weight_bytes": run["weight_bytes"],
                      "prefix": h.get("fvu_by_prefix")})
-    echo("3/3 held-out reconstruction on the same store")
+    echo("3/4 held-out reconstruction on the same store")
     echo(format_table(rows))
     (cfg.out / "demo_results.json").write_text(json.dumps(rows, indent=1))
+    report_dir = cfg.out / "compare"
+    echo(f"4/4 compare rqae-{cfg.n_q} with topk-sae (CE-delta on {cfg.ce_contexts} held-out contexts, "
+         f"Pearson and decoder matching) into {report_dir}")
+    report = run_comparison(CompareConfig(store=store_path, rqae=cfg.out / f"rqae-{cfg.n_q}",
+                                          sae=cfg.out / "topk-sae", out=report_dir, ce_contexts=cfg.ce_contexts,
+                                          prefixes=(1, 4, 16, cfg.n_q), device=cfg.device or "cpu"),
+                            echo=echo)
+    echo("\n".join(summary_lines(report)))
+    echo(f"report: {report_dir / 'report.html'}")
     return rows
 
 
