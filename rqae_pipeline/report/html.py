@@ -71,7 +71,7 @@ def render_comparison(report: dict, pngs: dict[str, Path]) -> str:
         u = r["code_usage"]
         parts.append(f'<p class="note">RQAE code usage: perplexity {u["perplexity_mean"]:.1f} of 544 on average '
                      f'(first layers {u["perplexity_first_layers"]}), {u["dead_codes_mean"]:.1f} unused codes per layer.</p>')
-    parts.append(_img(pngs["reconstruction"], "FVU and CE delta against RQAE layers used, SAE at its L0"))
+    parts.append(_img(pngs["reconstruction"], "MSE, FVU and CE delta against RQAE layers used, SAE at its L0"))
 
     parts.append("<h2>Pearson feature matching</h2>")
     p = report["pearson"]

@@ -51,27 +51,23 @@ def plot_training(metrics_path: Path, out_dir: Path, heldout: dict | None = None
 
 
 def plot_reconstruction_vs_layers(results: dict[str, dict], out_png: Path) -> Path:
-    """Held-out FVU (and CE-delta where measured) against RQAE layers used, with SAEs as
+    """Held-out MSE, FVU and (where measured) CE-delta against RQAE layers used, with SAEs as
     points at their L0: the layout of the blog's Fig 2b. `results` maps a model name to
     what `evaluate` returned for it."""
-    has_ce = any("ce" in r for r in results.values())
-    fig, axes = plt.subplots(1, 2 if has_ce else 1, figsize=(11 if has_ce else 6, 4), squeeze=False)
-    for name, r in results.items():
-        for ax, metric in zip(axes[0], ("fvu", "ce_delta")):
-            if metric == "fvu":
-                source = r["metrics"]
-            elif "ce" in r:
-                source = r["ce"]
-            else:
+    panels = [("mse", "held-out MSE"), ("fvu", "held-out FVU")]
+    if any("ce" in r for r in results.values()):
+        panels.append(("ce_delta", "CE delta (nats)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (metric, ylabel) in zip(axes[0], panels):
+        for name, r in results.items():
+            source = r.get("ce") if metric == "ce_delta" else r["metrics"]
+            if not source:
                 continue
             if r["kind"] == "rqae":
                 pts = sorted((int(k.split("@")[1]), v[metric]) for k, v in source.items() if k.startswith("rqae@"))
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{name} (layers used)")
-            else:
-                label = r["kind"]
-                if label in source and "l0" in r:
-                    ax.plot([r["l0"]], [source[label][metric]], "s", markersize=8, label=f"{name} (L0)")
-    for ax, ylabel in zip(axes[0], ("held-out FVU", "CE delta (nats)")):
+            elif r["kind"] in source and "l0" in r:
+                ax.plot([r["l0"]], [source[r["kind"]][metric]], "s", markersize=8, label=f"{name} (L0)")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("RQAE layers used / SAE L0")
