@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from train import make_store  # noqa: E402  (bench/train.py: a store of random rows via the store API)
 
-from rqae_pipeline.evaluate import EvalConfig, evaluate  # noqa: E402
+from rqae_pipeline.evaluate import EvalConfig, evaluate, local_cluster  # noqa: E402
 from rqae_pipeline.models.rqae import RQAE, RQAEConfig  # noqa: E402
 
 
@@ -47,10 +47,10 @@ def single_process(base: dict, threads: int) -> tuple[float, dict]:
 def on_cluster(base: dict, workers: int, threads: int) -> tuple[float, dict, float]:
     """Time on a started, warmed LocalCluster (the run's own start-up reported apart): the
     client is handed to `evaluate` as `rqae compare-gemmascope` does."""
-    from dask.distributed import Client, LocalCluster
+    from dask.distributed import Client
 
     t0 = time.perf_counter()
-    cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+    cluster = local_cluster(workers)
     with Client(cluster) as client:
         client.run(lambda: __import__("rqae_pipeline.evaluate"))  # workers import torch & co. once
         startup = time.perf_counter() - t0
