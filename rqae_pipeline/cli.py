@@ -564,6 +564,49 @@ def steer(
     _write_json(out, result)
 
 
+
+@app.command()
+def dashboard(
+    store: Annotated[Path, typer.Option(help="Activation store.")],
+    model: Annotated[Path, typer.Option(help="RQAE model directory.")],
+    out: Annotated[Path, typer.Option(help="Directory to write (index.html and the codebook plots).")],
+    features: Annotated[Path | None, typer.Option(help="Feature dictionary JSON (`rqae feature-dictionary`); "
+                                                 "default: built here and saved in OUT.")] = None,
+    query: Annotated[list[str], typer.Option(help="A search query text (repeatable).")] = [],  # noqa: B006
+    token_index: Annotated[list[int], typer.Option(help="Token of each --query (default -1).")] = [],  # noqa: B006
+    address: Annotated[list[str], typer.Option(help="A stored query token SEQ:POS (repeatable).")] = [],  # noqa: B006
+    layers: Annotated[int | None, typer.Option(help="Prefix length of the searches (default: all).")] = None,
+    top_k: Annotated[int, typer.Option(help="Hits per search.")] = 10,
+    examples: Annotated[int, typer.Option(help="Examples shown per feature.")] = 8,
+    context: Annotated[int, typer.Option(help="Tokens either side of an example.")] = 8,
+    seeds: Annotated[int, typer.Option(help="Seed tokens when the dictionary is built here.")] = 64,
+    codes: Annotated[Path | None, typer.Option(help="Codes store (default: the one `rqae encode` writes).")] = None,
+    serve: Annotated[bool, typer.Option(help="Then serve OUT on http://127.0.0.1:PORT until Ctrl-C.")] = False,
+    port: int = 8000,
+) -> None:
+    """A static HTML dashboard: features with intensity-shaded examples, searches and codebook plots."""
+    from rqae_pipeline.dashboard import DashboardConfig, build_dashboard
+
+    try:
+        cfg = DashboardConfig(store=store, model=model, out=out, features=features, codes=codes, texts=tuple(query),
+                              token_indices=tuple(token_index), addresses=tuple(address), query_layers=layers,
+                              top_k=top_k, examples=examples, context=context, seeds=seeds)
+        index = build_dashboard(cfg, echo=lambda m: typer.echo(m, err=True))
+    except (RQAEError, ValueError) as e:
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"cannot write {out}: {e.strerror or e}")
+    typer.echo(f"wrote {index}")
+    if serve:
+        import functools
+        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+        handler = functools.partial(SimpleHTTPRequestHandler, directory=str(out))
+        with ThreadingHTTPServer(("127.0.0.1", port), handler) as server:
+            typer.echo(f"serving http://127.0.0.1:{port}/ (Ctrl-C stops)")
+            server.serve_forever()
+
+
 def main() -> None:
     try:
         app()

@@ -245,6 +245,19 @@ def _sample(logits: torch.Tensor, seen: torch.Tensor, gen: GenerationConfig, g: 
     return torch.multinomial(probs, 1, generator=g)[:, 0]
 
 
+def _last_logits(model, toks: torch.Tensor, cache) -> torch.Tensor:
+    """(B, vocab) logits at the last position. The blocks run through TransformerLens (hooks
+    and the KV cache apply); the unembedding is done here for the last position only, as
+    TransformerLens's own copies the transposed (d, vocab) matrix on every call (670 MB for
+    Gemma-3's 262k vocabulary, most of a generation step on a CPU)."""
+    resid = model(toks, past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)[:, -1]
+    logits = model.ln_final(resid[:, None])[:, 0] @ model.W_U + model.b_U
+    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
+    if cap > 0:
+        logits = cap * torch.tanh(logits / cap)
+    return logits.float().cpu()
+
+
 @torch.no_grad()
 def generate(lm, hook_name: str, ids: list[int], gen: GenerationConfig, hook=None,
              logits_out: list | None = None) -> torch.Tensor:
@@ -259,7 +272,7 @@ def generate(lm, hook_name: str, ids: list[int], gen: GenerationConfig, hook=Non
     g = torch.Generator().manual_seed(gen.seed)
     seen, out = toks.cpu(), []
     with model.hooks(fwd_hooks=[(hook_name, hook)] if hook is not None else []):
-        logits = model(toks, past_kv_cache=cache)[:, -1].float().cpu()
+        logits = _last_logits(model, toks, cache)
         for t in range(gen.max_new_tokens):
             if logits_out is not None:
                 logits_out.append(logits)
@@ -267,7 +280,7 @@ def generate(lm, hook_name: str, ids: list[int], gen: GenerationConfig, hook=Non
             out.append(nxt)
             seen = torch.cat([seen, nxt[:, None]], 1)
             if t + 1 < gen.max_new_tokens:
-                logits = model(nxt[:, None].to(dev), past_kv_cache=cache)[:, -1].float().cpu()
+                logits = _last_logits(model, nxt[:, None].to(dev), cache)
     return torch.stack(out, 1)
 
 
@@ -362,6 +375,15 @@ def load_feature(ref: str, store, model_dir: Path, model, codes_path: Path | Non
     raise RQAEError(f"{path} is neither a feature dictionary nor a `rqae features --out` file")
 
 
+def check_dictionary(data: dict, path: Path, store, identity: dict, model_dir: Path) -> None:
+    """A feature dictionary must come from this model and this store."""
+    if data["model"]["weights_sha256"] != identity["weights_sha256"]:
+        raise RQAEError(f"{path} was built with another model ({data['model']['name']}), not {model_dir}")
+    key = first_difference(data["store_spec"], store.manifest["spec"])
+    if key is not None:
+        raise RQAEError(f"{path} was built from another store than {store.path} ({key} differs)")
+
+
 def _dictionary_feature(data, path, key, store, model_dir, model, codes_path) -> SteerFeature:
     from rqae_pipeline.codes import ensure_codes, model_identity
     from rqae_pipeline.features import fit_vmf
@@ -371,10 +393,7 @@ def _dictionary_feature(data, path, key, store, model_dir, model, codes_path) ->
         what = "give one as" if key is None else f"there is no feature {key!r} in it; use"
         raise RQAEError(f"{path} is a feature dictionary: {what} {path}#ID ({ids[0]} .. {ids[-1]})" if ids
                         else f"{path} holds no features")
-    if data["model"]["weights_sha256"] != model_identity(model_dir)["weights_sha256"]:
-        raise RQAEError(f"{path} was built with another model ({data['model']['name']}), not {model_dir}")
-    if first_difference(data["store_spec"], store.manifest["spec"]) is not None:
-        raise RQAEError(f"{path} was built from another store than {store.path}")
+    check_dictionary(data, path, store, model_identity(model_dir), model_dir)
     feat = data["features"][ids.index(key)]
     rows = np.array([e["row"] for e in feat["examples"]], dtype=np.int64)
     codes = ensure_codes(store, model_dir, codes_path).read_rows(rows)
