@@ -159,7 +159,7 @@ def read_dictionary(cfg: DashboardConfig, store, identity: dict) -> dict:
 
 
 def _token_html(text: str) -> str:
-    return html.escape(text.replace("\n", "↵\n").replace("\t", "⇥"))
+    return html.escape(text.replace("\n", "↵").replace("\t", "⇥"))
 
 
 def render_context(s: Shown) -> str:

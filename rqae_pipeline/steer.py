@@ -8,11 +8,14 @@ hidden state at the store's hook during generation:
    code u_i = C[c_i] toward the feature's mean direction mu_i with the strength-scaled
    concentration kappa_i' = kappa_i * s / (1 - s):
 
-       q_i = (u_i + kappa_i' mu_i) / |u_i + kappa_i' mu_i|
+       q_i = (kappa_ref u_i + kappa_i' mu_i) / |kappa_ref u_i + kappa_i' mu_i|
 
-   This is the posterior mode of a direction observed as u_i (unit concentration) under
-   a vMF(mu_i, kappa_i') prior: a layer with a low "standard deviation" 1/kappa_i pulls
-   harder, and a code already near mu_i moves less. The multiplier s / (1 - s) is
+   This is the posterior mode of a direction observed as u_i under a vMF(mu_i, kappa_i')
+   prior, the observation counted with the feature's median concentration kappa_ref: a
+   layer with a low "standard deviation" 1/kappa_i pulls harder than the feature's typical
+   layer, and a code already near mu_i moves less. (With a unit observation weight, the
+   fitted kappas of a few similar tokens, 20-200, would snap every steered layer to its
+   mean at any strength above ~0.05: the dial would do nothing.) The multiplier s / (1 - s) is
    exp(logit(s)), an exponential scaling with the blog's three anchors: s = 0 makes
    every distribution uniform (no pull, the generation is unchanged), s = 0.5 keeps the
    fitted distribution, s = 1 makes it a point mass (q_i = mu_i). The blog's own code was
@@ -139,6 +142,14 @@ def steering_layers(vmf: VMF, k: int) -> np.ndarray:
     return np.sort(np.argsort(-np.asarray(vmf.kappa), kind="stable")[:k])
 
 
+def reference_kappa(vmf: VMF) -> float:
+    """The concentration the token's own code is counted with: the feature's median kappa
+    over all layers (1 when that is 0), so the pull of a layer depends on its kappa relative
+    to the feature's typical layer and the strength dial works at any absolute scale."""
+    ref = float(np.median(vmf.kappa))
+    return ref if ref > 0 else 1.0
+
+
 def pull_toward_mean(u: torch.Tensor, mean: torch.Tensor, kappa: torch.Tensor, strength: float) -> torch.Tensor:
     """(N, k, 4) unit codes turned toward (k, 4) means: q = normalise(u + kappa' mu).
     Strength 0 returns u itself (bit for bit), strength 1 the means."""
@@ -174,7 +185,7 @@ def steer_rqae(model, raw: torch.Tensor, vmf: VMF, layers: np.ndarray, cfg: Stee
     idx = torch.as_tensor(layers, device=x.device, dtype=torch.long)
     u = model.codebook[codes[:, idx]]  # (N, k, 4)
     mean = torch.as_tensor(vmf.mean[layers], dtype=torch.float32, device=x.device)
-    kappa = torch.as_tensor(vmf.kappa[layers], dtype=torch.float64, device=x.device)
+    kappa = torch.as_tensor(vmf.kappa[layers] / reference_kappa(vmf), dtype=torch.float64, device=x.device)
     q = pull_toward_mean(u, mean, kappa, cfg.strength)
     change = torch.einsum("nkc,kcd->nd", q - u, model.W_out.detach()[idx]) * model.input_scale
     if cfg.splice == "delta":
@@ -524,6 +535,7 @@ def run_steering(cfg: SteerRunConfig, *, lm=None, echo: Callable[[str], None] | 
         k = feature.vmf.kappa
         out["feature"] = {"name": feature.name, "queries": feature.vmf.n,
                           "layers": [int(i) + 1 for i in layers], "kappa": [float(k[i]) for i in layers],
+                          "kappa_reference": reference_kappa(feature.vmf),
                           "kappa_multiplier": None if cfg.steer.strength >= 1 else strength_multiplier(cfg.steer.strength)}
     else:
         out["code"] = cfg.code
