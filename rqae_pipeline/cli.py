@@ -550,9 +550,9 @@ def steer(
         result = run_steering(cfg, echo=lambda m: typer.echo(m, err=True))
     except (RQAEError, ValueError) as e:
         _fail(str(e))
-    what = (f"feature {result['feature']['name']} on layers {result['feature']['layers']}"
+    what = (f"feature {result['feature']['name']} on layers {result['feature']['layers']}, strength {strength}"
             if "feature" in result else f"code {result['code']}")
-    typer.echo(f"steering {what}, strength {strength}")
+    typer.echo(f"steering {what}")
     for g in result["generations"]:
         for label in ("baseline", "steered"):
             for i, text in enumerate(g[label]):
