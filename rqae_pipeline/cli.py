@@ -168,7 +168,8 @@ def demo(
     steps: Annotated[int, typer.Option(help="Training steps per model.")] = 200,
     device: str | None = None,
 ) -> None:
-    """Offline demo: harvest Gemma-3-270M, train an RQAE, a TopK and a Matryoshka SAE, compare."""
+    """Offline demo: harvest Gemma-3-270M, train an RQAE, a TopK and a Matryoshka SAE, compare them, then
+    encode the store, build a feature dictionary and write the dashboard."""
     from rqae_pipeline.demo import DemoConfig, run_demo
 
     try:

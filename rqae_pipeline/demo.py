@@ -1,7 +1,8 @@
 """The offline demo: harvest real Gemma-3-270M activations, train an RQAE and two SAEs on
-them, compare held-out reconstruction and weight size, and write the RQAE-vs-SAE report
-of `rqae compare-gemmascope`. Each step is an ordinary stage
-call, so the demo is also a worked example of the Python API."""
+them, compare held-out reconstruction and weight size, write the RQAE-vs-SAE report of
+`rqae compare-gemmascope`, then encode the store into codes, build a feature dictionary and
+write the dashboard. Each step is an ordinary stage call, so the demo is also a worked
+example of the Python API."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from rqae_pipeline.codes import ensure_codes
+from rqae_pipeline.dashboard import DashboardConfig, build_dashboard
+from rqae_pipeline.features import DictionaryConfig, build_feature_dictionary
 from rqae_pipeline.harvest import HarvestConfig, harvest
 from rqae_pipeline.lm import OFFLINE_GEMMA
 from rqae_pipeline.models.base import ModelSpec, default_lr
@@ -45,14 +49,14 @@ def demo_models(cfg: DemoConfig, d_in: int) -> dict[str, ModelSpec]:
 def run_demo(cfg: DemoConfig, echo=print) -> list[dict]:
     store_path = cfg.out / "store.zarr"
     resume = (store_path / "zarr.json").exists()
-    echo(f"1/4 harvest {cfg.tokens:,} tokens of {OFFLINE_GEMMA} into {store_path}")
+    echo(f"1/5 harvest {cfg.tokens:,} tokens of {OFFLINE_GEMMA} into {store_path}")
     harvest(HarvestConfig(out=store_path, model=OFFLINE_GEMMA, tokens=cfg.tokens, device=cfg.device, resume=resume))
     store = ActivationStore.open(store_path)
     echo(format_summary(summarise(store)))
     rows = []
     models = demo_models(cfg, store.d)
     for i, (name, spec) in enumerate(models.items(), start=1):
-        echo(f"2/4 train {name} ({i}/{len(models)})")
+        echo(f"2/5 train {name} ({i}/{len(models)})")
         out = cfg.out / name
         done = (out / "train.json").exists() and json.loads((out / "train.json").read_text()).get("status") == "done"
         if not done:
@@ -62,11 +66,11 @@ def run_demo(cfg: DemoConfig, echo=print) -> list[dict]:
         h = run["heldout_metrics"]
         rows.append({"model": name, "fvu": h["fvu"], "mse": h["mse"], "weight_bytes": run["weight_bytes"],
                      "prefix": h.get("fvu_by_prefix")})
-    echo("3/4 held-out reconstruction on the same store")
+    echo("3/5 held-out reconstruction on the same store")
     echo(format_table(rows))
     (cfg.out / "demo_results.json").write_text(json.dumps(rows, indent=1))
     report_dir = cfg.out / "compare"
-    echo(f"4/4 compare rqae-{cfg.n_q} with topk-sae (CE-delta on {cfg.ce_contexts} held-out contexts, "
+    echo(f"4/5 compare rqae-{cfg.n_q} with topk-sae (CE-delta on {cfg.ce_contexts} held-out contexts, "
          f"Pearson and decoder matching) into {report_dir}")
     report = run_comparison(CompareConfig(store=store_path, rqae=cfg.out / f"rqae-{cfg.n_q}",
                                           sae=cfg.out / "topk-sae", out=report_dir, ce_contexts=cfg.ce_contexts,
@@ -74,7 +78,25 @@ def run_demo(cfg: DemoConfig, echo=print) -> list[dict]:
                             echo=echo)
     echo("\n".join(summary_lines(report)))
     echo(f"report: {report_dir / 'report.html'}")
+    run_features(cfg, store, echo)
     return rows
+
+
+def run_features(cfg: DemoConfig, store: ActivationStore, echo=print) -> None:
+    """Step 5: the interpretability tools on the RQAE (`rqae encode`, `rqae feature-dictionary`,
+    `rqae dashboard`). `rqae search`, `rqae features` and `rqae steer` then work on the same
+    codes store and dictionary (docs/features.md, docs/steering.md)."""
+    model = cfg.out / f"rqae-{cfg.n_q}"
+    features = cfg.out / "features.json"
+    echo(f"5/5 encode the store with rqae-{cfg.n_q}, build a feature dictionary ({features}) and the dashboard")
+    codes = ensure_codes(store, model)
+    if not features.exists():
+        build_feature_dictionary(DictionaryConfig(store=store.path, model=model, out=features, codes=codes.path))
+    index = build_dashboard(DashboardConfig(store=store.path, model=model, out=cfg.out / "dashboard", features=features,
+                                            codes=codes.path, texts=("Python has a dictionary type",),
+                                            token_indices=(-2,)),
+                            echo=echo)
+    echo(f"dashboard: {index}")
 
 
 def format_table(rows: list[dict]) -> str:
