@@ -7,7 +7,7 @@ it with the single-process path at one thread; the single-process path at its de
 (all cores) and `--workers 1`'s default (all cores to its one worker) are printed too.
 Measured in one run:
 
-    python bench/eval.py            # d=640, n_q=256, 32 shards of 16,384 rows
+    python bench/eval.py            # d=640, n_q=256, 16 shards of 16,384 rows (~8 min on 2 cores)
     python bench/eval.py --quick
 """
 
@@ -61,9 +61,13 @@ def on_cluster(base: dict, workers: int, threads: int) -> tuple[float, dict, flo
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="d=128, n_q=32, 8 shards")
+    ap.add_argument("--d", type=int, help="activation width (default 640, Gemma-3-270M's)")
+    ap.add_argument("--n-q", type=int, help="RQAE layers (default 256)")
+    ap.add_argument("--shards", type=int, help="store shards = evaluation tasks (default 16)")
     args = ap.parse_args()
-    d, n_q, shards = (640, 256, 32) if not args.quick else (128, 32, 8)
+    d, n_q, shards = (640, 256, 16) if not args.quick else (128, 32, 8)
+    d, n_q, shards = args.d or d, args.n_q or n_q, args.shards or shards
     rows = shards * 128 * 128
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
