@@ -565,7 +565,6 @@ def steer(
     _write_json(out, result)
 
 
-
 @app.command()
 def dashboard(
     store: Annotated[Path, typer.Option(help="Activation store.")],

@@ -63,3 +63,18 @@ def raw_space_sae(store_path, out, hook, d_sae: int = 96):
         sae.b_dec.copy_(raw.mean(0))
     sae.save_model(str(out))
     return out
+
+
+def tiny_rqae(store_path: Path, out: Path, *, n_q: int = 8, seed: int = 0, init_rows: int = 2048) -> Path:
+    """A seeded RQAE of n_q layers initialised from the store's first rows (not trained):
+    enough structure for codes, search, features and steering tests."""
+    import torch
+
+    from rqae_pipeline.models.rqae import RQAE, RQAEConfig
+
+    store = ActivationStore.open(store_path)
+    torch.manual_seed(seed)
+    model = RQAE(RQAEConfig(d_in=store.d, n_q=n_q))
+    model.init_from_data(store.read(0, init_rows).acts)
+    model.save(out)
+    return out

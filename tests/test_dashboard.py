@@ -7,7 +7,6 @@ from html.parser import HTMLParser
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from rqae_pipeline.cli import app
@@ -15,11 +14,11 @@ from rqae_pipeline.codes import EncodeConfig, encode_store, open_codes
 from rqae_pipeline.dashboard import DashboardConfig, build_dashboard
 from rqae_pipeline.features import DictionaryConfig, build_feature_dictionary, intensity_feature, score_codes, search
 from rqae_pipeline.harvest import harvest
-from rqae_pipeline.models.rqae import RQAE, RQAEConfig
+from rqae_pipeline.models.rqae import RQAE
 from rqae_pipeline.queries import query_codes
 from rqae_pipeline.store import ActivationStore
 
-from helpers import tiny_config, tree_digest
+from helpers import tiny_config, tiny_rqae, tree_digest
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 QUERY = "The value of an object"
@@ -65,10 +64,7 @@ def env(tiny_lm, tmp_path_factory):
     root = tmp_path_factory.mktemp("dashboard")
     store = root / "s.zarr"
     harvest(tiny_config(store, tokens=2048, contexts_per_shard=8), lm=tiny_lm, progress=False)
-    torch.manual_seed(0)
-    model = RQAE(RQAEConfig(d_in=64, n_q=8))
-    model.init_from_data(ActivationStore.open(store).read(0, 1024).acts)
-    model.save(root / "rqae")
+    tiny_rqae(store, root / "rqae", n_q=8, init_rows=1024)
     codes = encode_store(EncodeConfig(store=store, model=root / "rqae"), progress=False)
     dictionary = root / "dict.json"
     build_feature_dictionary(DictionaryConfig(store=store, model=root / "rqae", out=dictionary, seeds=5,

@@ -7,10 +7,8 @@ import torch
 from rqae_pipeline import RQAEError
 from rqae_pipeline.evaluate import EvalConfig, Stats, evaluate
 from rqae_pipeline.harvest import harvest
-from rqae_pipeline.models.base import ModelSpec
 from rqae_pipeline.models.trainables import load_model_dir
 from rqae_pipeline.store import ActivationStore, Flags
-from rqae_pipeline.train import TrainConfig, train
 
 from helpers import raw_space_sae, tiny_config
 

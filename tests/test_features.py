@@ -20,17 +20,13 @@ from rqae_pipeline.models.rqae import RQAE, RQAEConfig
 from rqae_pipeline.queries import encode_tokens, query_codes
 from rqae_pipeline.store import ActivationStore, Flags
 
-from helpers import run_rqae, tiny_config, tree_digest
+from helpers import run_rqae, tiny_config, tiny_rqae, tree_digest
 
 N_Q = 8
 
 
 def make_model(store_path, out, seed):
-    torch.manual_seed(seed)
-    model = RQAE(RQAEConfig(d_in=64, n_q=N_Q))
-    model.init_from_data(ActivationStore.open(store_path).read(0, 2048).acts)
-    model.save(out)
-    return out
+    return tiny_rqae(store_path, out, n_q=N_Q, seed=seed)
 
 
 @pytest.fixture(scope="module")

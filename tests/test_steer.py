@@ -20,7 +20,7 @@ from rqae_pipeline.steer import (GenerationConfig, Norm, SteerConfig, concept_fr
                                  strength_multiplier)
 from rqae_pipeline.store import ActivationStore
 
-from helpers import tiny_config, tree_digest
+from helpers import tiny_config, tiny_rqae, tree_digest
 
 N_Q = 8
 PROMPT = "The value of an object is"
@@ -32,10 +32,8 @@ def env(tiny_lm, tmp_path_factory):
     store = root / "s.zarr"
     harvest(tiny_config(store, tokens=2048, contexts_per_shard=8), lm=tiny_lm, progress=False)
     st = ActivationStore.open(store)
-    torch.manual_seed(0)
-    model = RQAE(RQAEConfig(d_in=64, n_q=N_Q))
-    model.init_from_data(st.read(0, 1024).acts)
-    model.save(root / "rqae")
+    tiny_rqae(store, root / "rqae", n_q=N_Q, init_rows=1024)
+    model = RQAE.load(root / "rqae")
     codes = open_codes(encode_store(EncodeConfig(store=store, model=root / "rqae"), progress=False))
     norm = Norm(gain=st.gain, eps=float(tiny_lm.model.cfg.eps), mode=st.spec.normalisation)
     # a feature: the vMF of 16 stored tokens' codes (its mean is off the code grid)
