@@ -23,6 +23,7 @@ from rqae_pipeline.compare import PearsonConfig, decoder_directions, match_dicti
 from rqae_pipeline.evaluate import (EvalConfig, PretrainedSAE, dask_client, default_prefixes, eval_rows, evaluate,
                                     load_model, model_kind, model_space)
 from rqae_pipeline.paths import atomic_write_bytes
+from rqae_pipeline.report.html import layers_label
 from rqae_pipeline.store import ActivationStore
 
 
@@ -131,7 +132,7 @@ def summary_lines(report: dict) -> list[str]:
                      f"{ce.get('kl', math.nan):8.4f}  {size}")
 
     for label in sorted(r["metrics"], key=lambda k: int(k.split("@")[1])):
-        row(label, "fvu", "rqae", f"{label.split('@')[1]} layers")
+        row(label, "fvu", "rqae", layers_label(label))
     row("sae", "fvu", "sae", f"L0 {s.get('l0', math.nan):.1f}, dead {s.get('dead_latents', 0)}/{s.get('latents', 0)}")
     if "ce" in r:
         z = r["ce"]["zero-ablation"]

@@ -22,6 +22,12 @@ def _img(path: Path, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+def layers_label(label: str) -> str:
+    """'rqae@1' -> '1 layer', 'rqae@16' -> '16 layers'."""
+    m = label.split("@")[1]
+    return f"{m} layer" if m == "1" else f"{m} layers"
+
+
 def _num(v, fmt: str = ".4f") -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
@@ -54,7 +60,7 @@ def render_comparison(report: dict, pngs: dict[str, Path]) -> str:
     ce_r, ce_s = r.get("ce", {}), s.get("ce", {})
     for label in sorted(r["metrics"], key=lambda k: int(k.split("@")[1])):
         m, c = r["metrics"][label], ce_r.get(label, {})
-        rows.append([f"RQAE, {label.split('@')[1]} layers", _num(m["fvu"]), _num(m["mse"], ".4g"),
+        rows.append([f"RQAE, {layers_label(label)}", _num(m["fvu"]), _num(m["mse"], ".4g"),
                      _num(c.get("ce_delta")), _num(c.get("kl")), _num(c.get("ce_recovered"), ".3f")])
     m, c = s["metrics"]["sae"], ce_s.get("sae", {})
     rows.append([f"SAE (L0 {_num(s.get('l0'), '.1f')}, dead {s.get('dead_latents', 0):,}/{s.get('latents', 0):,})",
