@@ -155,6 +155,11 @@ def default_prefixes(n_q: int) -> tuple[int, ...]:
     return (*out, n_q)
 
 
+def prefix_of(label: str) -> int:
+    """The prefix length an RQAE metrics label names: 'rqae@16' -> 16 (labels from `reconstruct`)."""
+    return int(label.split("@")[1])
+
+
 @torch.no_grad()
 def reconstruct(model, x: torch.Tensor, prefixes: tuple[int, ...] | None) -> tuple[dict, dict]:
     """{label: x_hat} and {label: usage counts} for one batch."""

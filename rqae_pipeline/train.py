@@ -129,7 +129,7 @@ def heldout_rows(store: ActivationStore, cfg: TrainConfig, split: dict) -> torch
 def evaluate(trainable: Trainable, x: torch.Tensor, batch: int = 4096) -> dict[str, Any]:
     """Held-out MSE and FVU with the evaluator's float64 sums (FVU against the set's own
     mean); for RQAE also the FVU of every power-of-two prefix."""
-    from rqae_pipeline.evaluate import Stats, reconstruct
+    from rqae_pipeline.evaluate import Stats, prefix_of, reconstruct
 
     model = trainable.eval_model()
     stats = Stats()
@@ -141,7 +141,7 @@ def evaluate(trainable: Trainable, x: torch.Tensor, batch: int = 4096) -> dict[s
     full = metrics[f"rqae@{trainable.spec.n_q}"] if is_rqae else next(iter(metrics.values()))
     out = {"mse": full["mse"], "fvu": full["fvu"], "tokens": len(x)}
     if is_rqae:
-        by_prefix = {int(k.split("@")[1]): v["fvu"] for k, v in metrics.items()}
+        by_prefix = {prefix_of(k): v["fvu"] for k, v in metrics.items()}
         out["fvu_by_prefix"] = {str(m): by_prefix[m] for m in sorted(by_prefix)}
     out["health"] = trainable.health(x[:4096])
     return out

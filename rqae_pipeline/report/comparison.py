@@ -21,7 +21,7 @@ import torch
 from rqae_pipeline import RQAEError
 from rqae_pipeline.compare import PearsonConfig, decoder_directions, match_dictionaries, pearson_matching
 from rqae_pipeline.evaluate import (EvalConfig, PretrainedSAE, dask_client, default_prefixes, eval_rows, evaluate,
-                                    load_model, model_kind, model_space)
+                                    load_model, model_kind, model_space, prefix_of)
 from rqae_pipeline.paths import atomic_write_bytes
 from rqae_pipeline.report.html import layers_label
 from rqae_pipeline.store import ActivationStore
@@ -131,7 +131,7 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"{name:28s} {m['fvu']:8.4f} {m['mse']:10.4g} {ce.get('ce_delta', math.nan):9.4f} "
                      f"{ce.get('kl', math.nan):8.4f}  {size}")
 
-    for label in sorted(r["metrics"], key=lambda k: int(k.split("@")[1])):
+    for label in sorted(r["metrics"], key=prefix_of):
         row(label, "fvu", "rqae", layers_label(label))
     row("sae", "fvu", "sae", f"L0 {s.get('l0', math.nan):.1f}, dead {s.get('dead_latents', 0)}/{s.get('latents', 0)}")
     if "ce" in r:

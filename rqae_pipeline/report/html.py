@@ -8,6 +8,8 @@ import html
 import math
 from pathlib import Path
 
+from rqae_pipeline.evaluate import prefix_of
+
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }
 h1 { font-size: 1.5em; } h2 { font-size: 1.2em; margin-top: 2em; border-bottom: 1px solid #ddd; }
@@ -24,8 +26,8 @@ def _img(path: Path, alt: str) -> str:
 
 def layers_label(label: str) -> str:
     """'rqae@1' -> '1 layer', 'rqae@16' -> '16 layers'."""
-    m = label.split("@")[1]
-    return f"{m} layer" if m == "1" else f"{m} layers"
+    m = prefix_of(label)
+    return f"{m} layer" if m == 1 else f"{m} layers"
 
 
 def _num(v, fmt: str = ".4f") -> str:
@@ -58,7 +60,7 @@ def render_comparison(report: dict, pngs: dict[str, Path]) -> str:
     parts.append("<h2>Reconstruction</h2>")
     rows = []
     ce_r, ce_s = r.get("ce", {}), s.get("ce", {})
-    for label in sorted(r["metrics"], key=lambda k: int(k.split("@")[1])):
+    for label in sorted(r["metrics"], key=prefix_of):
         m, c = r["metrics"][label], ce_r.get(label, {})
         rows.append([f"RQAE, {layers_label(label)}", _num(m["fvu"]), _num(m["mse"], ".4g"),
                      _num(c.get("ce_delta")), _num(c.get("kl")), _num(c.get("ce_recovered"), ".3f")])

@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # headless: CI and servers have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from rqae_pipeline.evaluate import prefix_of  # noqa: E402
+
 
 def plot_training(metrics_path: Path, out_dir: Path, heldout: dict | None = None) -> list[Path]:
     """loss_curve.png (training loss and held-out FVU against tokens) and, for RQAE,
@@ -64,7 +66,7 @@ def plot_reconstruction_vs_layers(results: dict[str, dict], out_png: Path) -> Pa
             if not source:
                 continue
             if r["kind"] == "rqae":
-                pts = sorted((int(k.split("@")[1]), v[metric]) for k, v in source.items() if k.startswith("rqae@"))
+                pts = sorted((prefix_of(k), v[metric]) for k, v in source.items() if k.startswith("rqae@"))
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{name} (layers used)")
             elif r["kind"] in source and "l0" in r:
                 ax.plot([r["l0"]], [source[r["kind"]][metric]], "s", markersize=8, label=f"{name} (L0)")
