@@ -239,9 +239,9 @@ def compare_gemmascope(
     device: str = "cpu",
 ) -> None:
     """Compare an RQAE with a Gemma Scope (or any sae-lens) SAE: metrics, CE-delta, Pearson and decoder matching."""
-    from rqae_pipeline.compare import PearsonConfig
+    from rqae_pipeline.compare import CompareConfig, PearsonConfig, run_comparison
     from rqae_pipeline.evaluate import PretrainedSAE
-    from rqae_pipeline.report.comparison import CompareConfig, run_comparison, summary_lines
+    from rqae_pipeline.report.comparison import summary_lines
 
     if (sae_path is None) == (release is None and sae_id is None):
         _fail("give either --release and --sae-id (a sae-lens pretrained SAE) or --sae-path (a sae-lens directory)")

@@ -1,4 +1,11 @@
-"""Comparing dictionaries: decoder-direction matching between any two of them.
+"""Comparing an RQAE with an SAE: `run_comparison` (what `rqae compare-gemmascope` runs),
+decoder-direction matching between any two dictionaries, and Pearson feature matching.
+
+`run_comparison` is one pass over the pieces: reconstruction metrics and CE-delta for both
+models (`evaluate`, sharded on dask when asked) on the RQAE's held-out rows, Pearson
+feature matching and decoder-direction matching (below); `report.comparison` renders the
+result as JSON, PNG plots and one self-contained HTML page. The SAE is a sae-lens
+pretrained release/id (Gemma Scope) or any sae-lens directory; both go through the same code.
 
 A dictionary here is a set of unit directions in the residual space: an SAE's decoder
 rows, a codebook's codes, or an RQAE's projected codebooks (for each layer i, the 544
@@ -10,17 +17,32 @@ an RQAE with 1024 layers) never holds the full similarity matrix.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from rqae_pipeline import RQAEError
+from rqae_pipeline.evaluate import (
+    EvalConfig,
+    PretrainedSAE,
+    dask_client,
+    default_prefixes,
+    eval_rows,
+    evaluate,
+    load_model,
+    model_kind,
+    model_space,
+)
+from rqae_pipeline.store import ActivationStore
+
 
 def decoder_directions(model) -> torch.Tensor:
     """(n, d) decoder directions of an RQAE, codebook autoencoder or sae-lens SAE."""
-    from rqae_pipeline.evaluate import model_kind
-
     kind = model_kind(model)
     with torch.no_grad():
         if kind == "rqae":
@@ -217,11 +239,17 @@ def pearson_matching(rqae, sae, store, cfg: PearsonConfig, *, sae_space: str, pr
             enc_vec = enc_vec.float() / enc_vec.float().pow(2).mean().sqrt() * mean_rms
         query = {"a": rqae.encode(enc_vec[None].float())[0], "b": codes_of[top]}
         tok_codes = torch.stack([codes_of[t] for t in tok.tolist()])
-        row = {"feature": f, "tokens": int(len(tok)), "a": {}, "b": {}}
+        row = {"feature": f, "tokens": len(tok), "a": {}, "b": {}}
         for m in prefixes:
             for name, q in query.items():
                 row[name][str(m)] = _pearson(rqae.intensity(q, tok_codes, m), acts[tok, j])
         per_feature.append(row)
+    return {"features": per_feature, "summary": pearson_summary(per_feature, prefixes), "rows": [start, stop],
+            "sae_space": sae_space}
+
+
+def pearson_summary(per_feature: list[dict], prefixes: tuple[int, ...]) -> dict:
+    """Mean, spread and count of the finite correlations, per RQAE feature kind and prefix."""
     summary = {}
     for name in ("a", "b"):
         summary[name] = {}
@@ -232,11 +260,96 @@ def pearson_matching(rqae, sae, store, cfg: PearsonConfig, *, sae_space: str, pr
                                      "std": float(vals.std()) if len(vals) else float("nan"),
                                      "q25": float(np.quantile(vals, 0.25)) if len(vals) else float("nan"),
                                      "q75": float(np.quantile(vals, 0.75)) if len(vals) else float("nan"),
-                                     "n": int(len(vals))}
-    return {"features": per_feature, "summary": summary, "rows": [start, stop], "sae_space": sae_space}
+                                     "n": len(vals)}
+    return summary
 
 
 def _pearson(u: torch.Tensor, v: torch.Tensor) -> float:
     u, v = u.double() - u.double().mean(), v.double() - v.double().mean()
     den = float(u.norm() * v.norm())
     return float((u @ v) / den) if den > 0 else float("nan")
+
+
+# --------------------------------------------------------------------------- the comparison run
+
+
+@dataclass(frozen=True, kw_only=True)
+class CompareConfig:
+    store: Path
+    rqae: Path
+    sae: Path | PretrainedSAE
+    out: Path
+    prefixes: tuple[int, ...] | None = None  # RQAE prefix lengths (default: powers of two and n_q)
+    ce_contexts: int = 32  # held-out contexts for CE-delta / KL; 0 skips them (no LM needed)
+    workers: int = 0
+    scheduler: str | None = None
+    device: str = "cpu"
+    batch_size: int = 4096
+    pearson: PearsonConfig = PearsonConfig()
+    match_candidates: int = 16
+    match_layers: int | None = None  # RQAE layers whose projected codebooks enter decoder matching
+
+
+def run_comparison(cfg: CompareConfig, *, progress: bool = True, echo: Callable[[str], None] = print) -> dict:
+    """Evaluate both models on the RQAE's held-out rows, match their features and decoder
+    directions, and write the report (report.json, report.html, PNGs) into `cfg.out`."""
+    from rqae_pipeline.report.comparison import jsonable, write_report
+
+    store = ActivationStore.open(cfg.store)
+    rqae = load_model(cfg.rqae, cfg.device)
+    if model_kind(rqae) != "rqae":
+        raise RQAEError(f"{cfg.rqae} is not an RQAE model directory")
+    if cfg.out.exists() and not cfg.out.is_dir():
+        raise RQAEError(f"--out {cfg.out} exists and is not a directory")
+    base = EvalConfig(store=cfg.store, model=cfg.rqae, workers=cfg.workers, scheduler=cfg.scheduler,
+                      device=cfg.device, ce_contexts=cfg.ce_contexts, batch_size=cfg.batch_size,
+                      prefixes=cfg.prefixes or default_prefixes(rqae.n_q))
+    rows = eval_rows(base, store)  # the RQAE's held-out rows; the SAE is measured on the same ones
+    sae_cfg = replace(base, model=cfg.sae, row_range=rows)
+    sae = load_model(cfg.sae, cfg.device)  # errors (unknown release, bad dir) before any work
+    if model_kind(sae) != "sae":
+        raise RQAEError(f"{cfg.sae} is not a sae-lens SAE")
+    t0 = time.perf_counter()
+    with dask_client(base) as client:
+        echo(f"evaluating {cfg.rqae.name} and {cfg.sae} on rows {rows[0]:,}..{rows[1]:,}"
+             + (f" (dask: {client.dashboard_link or client.scheduler.address})" if client else ""))
+        results = {"rqae": evaluate(replace(base, row_range=rows), progress=progress, client=client),
+                   "sae": evaluate(sae_cfg, progress=progress, client=client)}
+    space = model_space(sae_cfg)
+    echo("Pearson feature matching")
+    pearson = pearson_matching(rqae, sae, store, cfg.pearson, sae_space=space, prefixes=base.prefixes,
+                               rows=rows, exclude=base.exclude)
+    echo("decoder-direction matching")
+    matching = decoder_matching(rqae, sae, store, space, cfg)
+    report = {
+        "store": {"path": str(cfg.store), "model": store.spec.model, "hook": store.spec.hook, "d": store.d,
+                  "normalisation": store.spec.normalisation},
+        "rqae": {"path": str(cfg.rqae), "n_q": rqae.n_q, **results["rqae"]},
+        "sae": {"source": str(cfg.sae), "space": space, "d_sae": int(sae.cfg.d_sae),
+                "architecture": sae.cfg.architecture(), **results["sae"]},
+        "pearson": pearson,
+        "decoder_matching": matching,
+        "config": jsonable(asdict(cfg)),
+        "seconds": time.perf_counter() - t0,
+    }
+    write_report(report, cfg.out)
+    return report
+
+
+def decoder_matching(rqae, sae, store, sae_space: str, cfg: CompareConfig) -> dict:
+    """Each SAE decoder direction's best match among the RQAE's projected codebooks, and a
+    one-to-one assignment. RQAE directions live in the normalised space; for an SAE on raw
+    residuals they are mapped to raw space (x_norm = x_raw / scale * gain, so a direction v
+    becomes v / gain; the per-token scale does not change a direction)."""
+    layers = min(rqae.n_q, cfg.match_layers or rqae.n_q)
+    dirs = decoder_directions(rqae)[: layers * rqae.codebook.shape[0]]
+    if sae_space == "raw" and store.spec.normalisation == "final-norm":
+        dirs = dirs / store.gain
+    sae_dirs = decoder_directions(sae)
+    result = match_dictionaries(sae_dirs, dirs, candidates=cfg.match_candidates)
+    per_layer = np.bincount(result.best_index // rqae.codebook.shape[0], minlength=layers)
+    return {**result.summary(), "sae_features": len(sae_dirs), "rqae_directions": len(dirs), "rqae_layers": layers,
+            "best_cosine_histogram": np.histogram(result.best_cosine, bins=20, range=(-1, 1))[0].tolist(),
+            "assignment_cosine_histogram": np.histogram(result.assignment_cosine[result.assignment >= 0], bins=20,
+                                                        range=(-1, 1))[0].tolist(),
+            "best_match_layer_counts": per_layer.tolist()}

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rqae_pipeline.codes import ensure_codes
+from rqae_pipeline.compare import CompareConfig, run_comparison
 from rqae_pipeline.dashboard import DashboardConfig, build_dashboard
 from rqae_pipeline.features import DictionaryConfig, build_feature_dictionary
 from rqae_pipeline.harvest import HarvestConfig, harvest
 from rqae_pipeline.lm import OFFLINE_GEMMA
 from rqae_pipeline.models.base import ModelSpec, default_lr
-from rqae_pipeline.report.comparison import CompareConfig, run_comparison, summary_lines
+from rqae_pipeline.report.comparison import summary_lines
 from rqae_pipeline.store import ActivationStore
 from rqae_pipeline.summary import format_summary, summarise
 from rqae_pipeline.train import TrainConfig, train
