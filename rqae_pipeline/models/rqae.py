@@ -10,10 +10,12 @@ projects back to d, and subtracts:
     for i in 1..n_q:
         p   = r W_in[i] + b_in[i]                     (B, 4)
         c_i = argmax_j <p / |p|, C_j>                  nearest unit code
-        q   = C[c_i]    (straight-through from p/|p| while training)
+        q   = C[c_i]    (straight-through from p/|p|, or from p: `RQAEConfig.ste`)
         r  -= q W_out[i] + b_out[i]                    (detached, as the reference)
 
 Weights are layer-stacked tensors, not n_q modules, so encoding and decoding are GEMMs.
+Training computes the loop's loss and gradients in closed form from the codes
+(`models/rqae_closed_form.py`); `training_loss_loop` is the loop itself, the reference.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from rqae_pipeline.models.base import read_module_dir, save_module_dir
+from rqae_pipeline.models.rqae_closed_form import (
+    PrecomputedGradients,
+    loss_and_grads,
+    nearest_code_symmetric,
+    symmetric_search_tables,
+)
 
 LEVELS = (-1.0, -0.5, 0.0, 0.5, 1.0)
 CODE_DIM = 4
@@ -62,12 +70,17 @@ class RQAEConfig:
     # untrained layer adds little noise (measured in docs/training.md: held-out FVU at
     # 32 layers 0.45 vs 0.74 for "reference", nn.Linear's default init, at equal steps).
     init: Literal["tied", "reference"] = "tied"
+    # Straight-through estimator: the code's gradient reaches the normalised projection
+    # p/|p| ("normalised") or, as the reference implementation, the raw projection p.
+    ste: Literal["normalised", "unnormalised"] = "normalised"
 
     def __post_init__(self):
         if self.d_in < 1 or self.n_q < 1:
             raise ValueError("d_in and n_q must be positive")
         if self.init not in ("tied", "reference"):
             raise ValueError(f"unknown init {self.init!r}; use 'tied' or 'reference'")
+        if self.ste not in ("normalised", "unnormalised"):
+            raise ValueError(f"unknown ste {self.ste!r}; use 'normalised' or 'unnormalised'")
 
 
 class RQAE(HookedRootModule):
@@ -86,6 +99,8 @@ class RQAE(HookedRootModule):
                 self.W_out.copy_(self.W_in.transpose(1, 2))
                 self.b_out.zero_()
         self.register_buffer("codebook", hypersphere_codebook(), persistent=False)  # (544, 4)
+        for name, table in symmetric_search_tables(self.codebook).items():
+            self.register_buffer(name, table, persistent=False)
         # Inputs are divided by this data-derived scalar (set by `init_from_data`) so every
         # store trains at the same learning rate: final-norm activations carry the LM's
         # gain (up to ~280 on Gemma) and are far from unit scale. A scalar is absorbed by
@@ -106,12 +121,17 @@ class RQAE(HookedRootModule):
 
     def _nearest(self, p: torch.Tensor) -> torch.Tensor:
         # argmin |p/|p| - C_j| = argmax <p, C_j>: the codes are unit vectors and |p| is common.
+        # Searched among the 10 canonical codes by symmetry (models/rqae_closed_form.py).
+        return nearest_code_symmetric(p, self.canon_units, self.canon_levels, self.place_values, self.code_of_key)
+
+    def _nearest_brute_force(self, p: torch.Tensor) -> torch.Tensor:
+        """The same argmax, scoring all 544 codes (the reference for tests and bench)."""
         return (p @ self.codebook.T).argmax(dim=-1)
 
     @torch.no_grad()
     def encode_naive(self, x: torch.Tensor) -> torch.Tensor:
         """(B, d) -> (B, n_q) int16 codes, the reference loop: n_q passes over (B, d)."""
-        r = x.float() / self.input_scale
+        r = x.to(self.W_in.dtype) / self.input_scale
         codes = torch.empty(x.shape[0], self.n_q, dtype=torch.int16, device=x.device)
         for i in range(self.n_q):
             c = self._nearest(r @ self.W_in[i] + self.b_in[i])
@@ -135,15 +155,21 @@ class RQAE(HookedRootModule):
 
     @torch.no_grad()
     def encode(self, x: torch.Tensor, block: int = 64) -> torch.Tensor:
-        """(B, d) -> (B, n_q) int16 codes, same as `encode_naive` up to float ties.
+        """(B, d) -> (B, n_q) int16 codes, same as `encode_naive` up to float ties."""
+        return self.encode_with_projections(x.to(self.W_in.dtype) / self.input_scale, block)[0].to(torch.int16)
+
+    @torch.no_grad()
+    def encode_with_projections(self, x: torch.Tensor, block: int = 64, nearest=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scaled (B, d) input -> (B, n_q) long codes and (B, 4 n_q) projections p_i.
 
         All layers' input projections of x are one GEMM; what earlier layers subtract
         reaches later projections through the 4x4 blocks of `_cross_terms`, so the
         recurrence runs on 4-vectors instead of re-reading (B, d) n_q times. Within a
         block of layers corrections are applied layer by layer; a finished block pushes
-        its contribution to all later layers with one GEMM.
+        its contribution to all later layers with one GEMM. Once layer i is coded its
+        columns receive no more corrections, so they hold p_i when the loop ends.
         """
-        x = x.float() / self.input_scale
+        nearest = nearest or self._nearest
         B, n, k = x.shape[0], self.n_q, CODE_DIM
         cross, bias = self._cross_terms()
         proj = x @ self.W_in.detach().permute(1, 0, 2).reshape(-1, n * k) + bias  # (B, n*4)
@@ -151,14 +177,14 @@ class RQAE(HookedRootModule):
         for b0 in range(0, n, block):
             b1 = min(b0 + block, n)
             for i in range(b0, b1):
-                c = self._nearest(proj[:, i * k : (i + 1) * k])
+                c = nearest(proj[:, i * k : (i + 1) * k])
                 codes[:, i] = c
                 if i + 1 < b1:
                     proj[:, (i + 1) * k : b1 * k] -= self.codebook[c] @ cross[i * k : (i + 1) * k, (i + 1) * k : b1 * k]
             if b1 < n:
                 q = self.codebook[codes[:, b0:b1]].reshape(B, -1)
                 proj[:, b1 * k :] -= q @ cross[b0 * k : b1 * k, b1 * k :]
-        return codes.to(torch.int16)
+        return codes, proj
 
     def decode(self, codes: torch.Tensor, n_layers: int | None = None) -> torch.Tensor:
         """(B, n_q) codes -> (B, d): the sum of the first `n_layers` layers' outputs."""
@@ -172,15 +198,34 @@ class RQAE(HookedRootModule):
     # ------------------------------------------------------------------ training
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Differentiable reconstruction (straight-through codes); see `training_loss`."""
-        return self.training_loss(x, prefix_loss=False)[1]
+        """Differentiable reconstruction (straight-through codes); see `training_loss_loop`."""
+        return self.training_loss_loop(x, prefix_loss=False)[1]
 
     def training_loss(self, x: torch.Tensor, *, prefix_loss: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(loss, x_hat, codes). With `prefix_loss` the MSE is averaged over every prefix
+        """(loss, x_hat, codes), the values and parameter gradients of `training_loss_loop`
+        (up to float rounding and ties between codes) computed in closed form from the
+        blocked encoder's codes: a few large matrix products instead of a loop over layers.
+        `loss.backward()` sets the four weights' gradients; x_hat carries no gradient."""
+        with torch.autocast(device_type=x.device.type, enabled=False), torch.no_grad():
+            x = self.hook_in(x.to(self.W_in.dtype) / self.input_scale)
+            codes, proj = self.encode_with_projections(x)
+            params = (self.W_in, self.b_in, self.W_out, self.b_out)
+            loss, x_hat, grads = loss_and_grads(params, self.codebook, x, codes, proj,
+                                                prefix_loss=prefix_loss, ste=self.cfg.ste)
+            self.hook_codes(codes)
+            x_hat = self.hook_recons(x_hat * self.input_scale)
+            self.hook_error(x * self.input_scale - x_hat)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            loss = PrecomputedGradients.apply(loss, grads, *params)
+        return loss, x_hat, codes
+
+    def training_loss_loop(self, x: torch.Tensor, *, prefix_loss: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(loss, x_hat, codes) by the layer loop, differentiated by autograd (the reference
+        for `training_loss`). With `prefix_loss` the MSE is averaged over every prefix
         reconstruction (layers 1..m for m = 1..n_q), which keeps early layers usable on
         their own (DESIGN §4: held-out FVU at 1/4/16 layers 0.90/0.68/0.29 vs 1.00/0.95/0.74)."""
         with torch.autocast(device_type=x.device.type, enabled=False):  # quantise in fp32
-            x = self.hook_in(x.float() / self.input_scale)
+            x = self.hook_in(x.to(self.W_in.dtype) / self.input_scale)
             r = x.detach().clone()
             x_hat = torch.zeros_like(x)
             codes = torch.empty(x.shape[0], self.n_q, dtype=torch.long, device=x.device)
@@ -193,7 +238,8 @@ class RQAE(HookedRootModule):
                 p_norm = F.normalize(p, dim=-1)
                 c = self._nearest(p_norm.detach())
                 codes[:, i] = c
-                q = p_norm + (self.codebook[c] - p_norm).detach()  # straight-through estimator
+                through = p if self.cfg.ste == "unnormalised" else p_norm
+                q = through + (self.codebook[c] - through).detach()  # straight-through estimator
                 r_hat = q @ w_out[i] + b_out[i]
                 x_hat = x_hat + r_hat
                 if prefix_loss:
@@ -241,6 +287,7 @@ class RQAE(HookedRootModule):
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu") -> RQAE:
         cfg, state = read_module_dir(model_dir, "rqae")
-        model = cls(RQAEConfig(d_in=cfg["d_in"], n_q=cfg["n_q"], init=cfg.get("init", "tied")))
+        model = cls(RQAEConfig(d_in=cfg["d_in"], n_q=cfg["n_q"], init=cfg.get("init", "tied"),
+                               ste=cfg.get("ste", "normalised")))
         model.load_state_dict(state, strict=True)
         return model.to(device).eval()
