@@ -209,6 +209,7 @@ def encode_store(cfg: EncodeConfig, *, progress: bool = True) -> Path:
     from rqae_pipeline.models.rqae import RQAE
 
     store = ActivationStore.open(cfg.store)
+    store.check_shards()  # a missing shard is an error before any output exists
     identity = model_identity(cfg.model)
     if identity["d_in"] != store.d:
         raise RQAEError(f"model {cfg.model} reads d={identity['d_in']} but the store holds d={store.d}")

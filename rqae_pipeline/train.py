@@ -86,6 +86,7 @@ def open_training_store(path: Path) -> ActivationStore:
         raise RQAEError(f"store {path} is still being written (harvest running); wait for it to finish")
     if store.n_tokens == 0:
         raise RQAEError(f"store {path} is empty")
+    store.check_shards()
     return store
 
 
@@ -204,9 +205,14 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         raise RQAEError(f"model d_in {cfg.model.d_in} does not match the store's d_model {store.d}")
     device = cfg.device or default_device()
     ckpt = _prepare_out(cfg, store)
+    split = heldout_split(store, cfg.heldout_fraction)
+    # Read the held-out rows and the first batch before the run directory exists, so a
+    # damaged store (an error naming the shard) leaves no half-made run behind.
+    heldout = heldout_rows(store, cfg, split)
+    fresh = ckpt is None or ckpt["step"] == 0
+    first_batch = next(train_batches(store, cfg, split, skip=0)) if fresh else None
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    split = heldout_split(store, cfg.heldout_fraction)
     trainable = build_trainable(cfg.model, total_steps=cfg.total_steps, batch_size=cfg.batch_size, device=device,
                                 seed=cfg.seed)
     step = 0
@@ -216,10 +222,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         _keep_metrics_up_to(out / METRICS, step)
     _atomic_json(out / RUN_FILE, {"config": cfg.identity(), "store": str(cfg.store), "store_spec": store.manifest["spec"],
                                   "heldout": split, "rqae_pipeline": __version__, "status": "training"})
-    heldout = heldout_rows(store, cfg, split)
     batches = train_batches(store, cfg, split, skip=step)
     if step == 0:
-        trainable.init_from_data(next(train_batches(store, cfg, split, skip=0)))
+        trainable.init_from_data(first_batch)
         _keep_metrics_up_to(out / METRICS, 0)
     bar = tqdm(total=cfg.total_steps, initial=step, unit="step", desc=f"train {cfg.model.arch}",
                disable=not progress, dynamic_ncols=True)

@@ -1,0 +1,111 @@
+"""Checked reads of a store's arrays: a missing or damaged shard is an error, never data.
+
+Zarr reads a missing shard as the fill value (zeros) without complaint, so before a read
+every shard file the read covers is stat'ed (a few stats per read: negligible next to the
+decompression). Chunks written since checksums were added carry a crc32c (see
+`store._compressors`) and the shard index always has one, so corrupted bytes raise inside
+zarr; the error is turned into one line naming the store, the array and the shard file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from rqae_pipeline import RQAEError
+
+
+def shard_rows(arr) -> int:
+    """Rows per shard (per chunk, for an unsharded array): the outer chunk grid."""
+    return int(arr.metadata.chunk_grid.chunk_shape[0])
+
+
+def shard_key(arr, name: str, i: int) -> str:
+    """The shard's object key inside the store, e.g. `acts/c/3/0` or `flags/c/3`."""
+    return f"{name}/" + arr.metadata.encode_chunk_key((i,) + (0,) * (arr.ndim - 1))
+
+
+def shards_of(arr, rows: slice | np.ndarray) -> list[int]:
+    per = shard_rows(arr)
+    if isinstance(rows, slice):
+        start, stop, _ = rows.indices(arr.shape[0])
+        return list(range(start // per, -(-stop // per))) if stop > start else []
+    return np.unique(np.asarray(rows, dtype=np.int64) // per).tolist()
+
+
+def missing_shards(root: Path, arr, name: str, shards: Iterable[int]) -> list[str]:
+    return [key for key in (shard_key(arr, name, i) for i in shards) if not (root / key).is_file()]
+
+
+def require_shards(root: Path, arr, name: str, shards: Iterable[int]) -> None:
+    missing = missing_shards(root, arr, name, shards)
+    if missing:
+        raise RQAEError(f"store {root}: array {name}: shard file {root / missing[0]} is missing"
+                        f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+                        f"see `rqae verify {root}` and docs on repairing a store")
+
+
+def read_checked(root: Path, arr, name: str, rows: slice | np.ndarray) -> np.ndarray:
+    """Rows of one array as stored (a slice or sorted row indices), or RQAEError naming the
+    missing or damaged shard."""
+    shards = shards_of(arr, rows)
+    require_shards(root, arr, name, shards)
+    try:
+        return _read(arr, rows)
+    except Exception as e:  # noqa: BLE001  zarr and its codecs raise many types for damaged bytes
+        drain_zarr_tasks()
+        raise damage_error(root, arr, name, shards, e) from None
+
+
+def _read(arr, rows: slice | np.ndarray) -> np.ndarray:
+    if isinstance(rows, slice):
+        return arr[rows]
+    return arr.get_orthogonal_selection((np.asarray(rows),) + (slice(None),) * (arr.ndim - 1))
+
+
+def shard_error(arr, i: int) -> Exception | None:
+    """The error reading shard `i` whole raises, or None when it reads."""
+    per = shard_rows(arr)
+    try:
+        arr[i * per : min((i + 1) * per, arr.shape[0])]
+    except Exception as e:  # noqa: BLE001  as above
+        drain_zarr_tasks()
+        return e
+    return None
+
+
+def describe(e: Exception) -> str:
+    text = str(e)
+    if "checksum" in text.lower():
+        return "checksum mismatch: the bytes on disk are not the bytes written"
+    return f"unreadable: {type(e).__name__}: {text[:200]}"
+
+
+def damage_error(root: Path, arr, name: str, shards: list[int], first: Exception) -> RQAEError:
+    """Find which of `shards` fails on its own (the read that failed may span several)."""
+    for i in shards:
+        e = shard_error(arr, i)
+        if e is not None:
+            return RQAEError(f"store {root}: array {name}: shard file {root / shard_key(arr, name, i)} is damaged "
+                             f"({describe(e)}); see `rqae verify {root}` and docs on repairing a store")
+    return RQAEError(f"store {root}: reading array {name} failed ({describe(first)})")
+
+
+def drain_zarr_tasks() -> None:
+    """Wait for the sibling tasks of a zarr read that raised. zarr gathers a read's chunk
+    tasks without cancelling the rest when one fails; left pending, they are reported as
+    "Task was destroyed but it is pending!" at exit."""
+    from zarr.core.sync import sync
+
+    async def wait_for_others():
+        me = asyncio.current_task()
+        others = [t for t in asyncio.all_tasks() if t is not me]
+        await asyncio.gather(*others, return_exceptions=True)
+
+    try:
+        sync(wait_for_others())
+    except Exception:  # noqa: BLE001, S110  best effort: the read's own error is the one to report
+        pass

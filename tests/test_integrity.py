@@ -1,0 +1,255 @@
+"""Store integrity: checksummed chunks, missing shards, `rqae verify`, and an atomic writer lock.
+
+The tiny store has 1024 rows in 8 shards of 128 rows (4 contexts of 32 tokens); a shard of a
+2-D array is the file `<array>/c/<i>/0`, of a 1-D array `<array>/c/<i>`.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from rqae_pipeline import RQAEError
+from rqae_pipeline.harvest import harvest
+from rqae_pipeline.store import ActivationStore, StoreLock
+from helpers import run_rqae, store_arrays, tiny_config, tiny_rqae
+
+
+@pytest.fixture(scope="module")
+def intact(tmp_path_factory, tiny_lm):
+    out = tmp_path_factory.mktemp("integrity") / "store.zarr"
+    harvest(tiny_config(out), lm=tiny_lm, progress=False)
+    return out
+
+
+@pytest.fixture()
+def copy(intact, tmp_path):
+    dst = tmp_path / "store.zarr"
+    shutil.copytree(intact, dst)
+    return dst
+
+
+def _one_clean_error(proc, *must_name: str) -> str:
+    """The CLI failed with exit 2 and printed exactly one `error:` line naming each of `must_name`."""
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("error:")]
+    assert len(errors) == 1 and len(lines) == 1, proc.stderr[-2000:]
+    for name in must_name:
+        assert name in errors[0], (name, errors[0])
+    assert "Traceback" not in proc.stderr and "Task was destroyed" not in proc.stderr
+    return errors[0]
+
+
+def _train(store, out, *extra):
+    return run_rqae("train", "--store", str(store), "--out", str(out), "--n-q", "4", "--tokens", "512",
+                    "--batch-size", "64", "--device", "cpu", *extra)
+
+
+# --------------------------------------------------------------------------- item 1: missing shards
+
+
+def test_a_missing_shard_is_an_error_not_zeros(copy):
+    (copy / "acts" / "c" / "3" / "0").unlink()
+    store = ActivationStore.open(copy)
+    with pytest.raises(RQAEError, match=r"acts.*c/3/0.*missing"):
+        store.read()
+    with pytest.raises(RQAEError, match=r"c/3/0"):
+        store.read_acts(3 * 128 + 5, 3 * 128 + 9)
+    with pytest.raises(RQAEError, match=r"c/3/0"):
+        list(store.batches(64))
+    assert store.read(0, 3 * 128).acts.shape == (384, store.d)  # intact shards still read
+
+
+def test_train_and_encode_refuse_a_store_with_a_missing_shard(copy, tmp_path):
+    model = tiny_rqae(copy, tmp_path / "rqae", n_q=4, init_rows=256)
+    (copy / "flags" / "c" / "5").unlink()
+    run = tmp_path / "run"
+    _one_clean_error(_train(copy, run), str(copy), "flags", "c/5")
+    assert not run.exists()  # no half-made run directory
+    _one_clean_error(run_rqae("encode", "--store", str(copy), "--model", str(model), "--device", "cpu",
+                              "--out", str(tmp_path / "codes.zarr")), str(copy), "flags", "c/5")
+
+
+# --------------------------------------------------------------------------- item 2: checksums
+
+
+def _scribble(path, offset: int, n: int = 40) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset:offset + n] = np.random.default_rng(0).integers(0, 256, n, dtype=np.uint8).tobytes()
+    path.write_bytes(bytes(data))
+
+
+def test_garbage_inside_a_chunk_is_detected(copy, tmp_path):
+    _scribble(copy / "acts" / "c" / "2" / "0", 200)  # inside the first chunk; the index at the end is intact
+    store = ActivationStore.open(copy)
+    with pytest.raises(RQAEError, match=r"acts.*c/2/0.*checksum"):
+        store.read()
+    with pytest.raises(RQAEError, match=r"c/2/0"):
+        store.read_rows(np.array([1, 2 * 128 + 3, 900]))
+    run = tmp_path / "run"
+    _one_clean_error(_train(copy, run), str(copy), "acts", "c/2/0")
+    assert not run.exists()
+
+
+def test_every_row_array_is_checksummed(intact):
+    for name in ("acts", "scale", "tokens", "seq", "pos", "flags", "gain"):
+        meta = json.loads((intact / name / "zarr.json").read_text())
+        assert "crc32c" in json.dumps(meta["codecs"]), name
+
+
+def test_a_store_written_without_checksums_still_reads_identically(intact, tmp_path, tiny_lm, monkeypatch):
+    from zarr.codecs import BloscCodec
+
+    import rqae_pipeline.store as store_mod
+
+    old = tmp_path / "old.zarr"
+    monkeypatch.setattr(store_mod, "_compressors", lambda dtype: [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")])
+    monkeypatch.setattr(store_mod, "_checksummed_array_codecs", lambda: {}, raising=False)
+    harvest(tiny_config(old), lm=tiny_lm, progress=False)
+    monkeypatch.undo()
+    assert "crc32c" not in json.dumps(json.loads((old / "acts" / "zarr.json").read_text())["codecs"][0]
+                                      ["configuration"]["codecs"])
+    want, got = store_arrays(intact), store_arrays(old)
+    assert all(np.array_equal(want[k], got[k]) for k in want)
+    from rqae_pipeline.verify import verify_store
+
+    assert verify_store(ActivationStore.open(old)).ok
+
+
+# --------------------------------------------------------------------------- item 3: rqae verify
+
+
+def test_verify_passes_an_intact_store(intact):
+    proc = run_rqae("verify", str(intact))
+    assert proc.returncode == 0, proc.stderr
+    assert "ok" in proc.stdout.lower() and "1,024" in proc.stdout
+
+
+def test_verify_names_every_damaged_shard_and_exits_1(copy):
+    (copy / "acts" / "c" / "3" / "0").unlink()
+    _scribble(copy / "scale" / "c" / "6", 20)
+    shard = copy / "tokens" / "c" / "1"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    proc = run_rqae("verify", str(copy))
+    assert proc.returncode == 1, (proc.returncode, proc.stdout, proc.stderr)
+    for bad in ("acts/c/3/0", "scale/c/6", "tokens/c/1"):
+        assert bad in proc.stdout, (bad, proc.stdout)
+    assert "Traceback" not in proc.stderr and "Task was destroyed" not in proc.stderr
+
+
+def test_verify_checks_counts_finiteness_and_flags(copy):
+    import zarr
+
+    from rqae_pipeline.verify import verify_store
+
+    group = zarr.open_group(str(copy), mode="r+", zarr_format=3)
+    group["acts"][10, 3] = np.inf  # rewritten with a valid checksum: damage only the content check sees
+    group["flags"][40] = 128  # an undefined bit
+    group["pos"][70] = 5  # pos must be the row's place in its context
+    report = verify_store(ActivationStore.open(copy))
+    text = "\n".join(report.problems)
+    assert not report.ok
+    assert "non-finite" in text and "acts" in text
+    assert "flags" in text and "pos" in text
+    manifest = dict(group.attrs["rqae"])
+    manifest["committed"] = {**manifest["committed"], "contexts": 31}  # 1024 rows are 32 contexts of 32
+    group.attrs["rqae"] = manifest
+    assert any("contexts" in p for p in verify_store(ActivationStore.open(copy)).problems)
+
+
+def test_verify_help_states_the_exit_status():
+    proc = run_rqae("verify", "--help")
+    assert proc.returncode == 0 and "exit" in proc.stdout.lower() and "1" in proc.stdout
+
+
+def test_a_shard_rebuilt_from_a_scratch_harvest_repairs_the_store(copy, tmp_path, tiny_lm):
+    """The documented repair: harvest the same settings up to the damaged shard into a scratch
+    store and copy that shard's files over."""
+    from rqae_pipeline.verify import verify_store
+
+    want = store_arrays(copy)
+    (copy / "acts" / "c" / "3" / "0").unlink()
+    scratch = tmp_path / "scratch.zarr"
+    harvest(tiny_config(scratch, tokens=4 * 128), lm=tiny_lm, progress=False)
+    shutil.copyfile(scratch / "acts" / "c" / "3" / "0", copy / "acts" / "c" / "3" / "0")
+    assert verify_store(ActivationStore.open(copy)).ok
+    got = store_arrays(copy)
+    assert all(np.array_equal(want[k], got[k]) for k in want)
+
+
+# --------------------------------------------------------------------------- item 4: truncated shard
+
+
+def test_a_truncated_shard_is_one_line_and_no_run_directory(copy, tmp_path):
+    shard = copy / "acts" / "c" / "1" / "0"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    run = tmp_path / "run"
+    _one_clean_error(_train(copy, run), str(copy), "acts", "c/1/0")
+    assert not run.exists()
+
+
+# --------------------------------------------------------------------------- item 5: the lock
+
+
+def _race(root: str, barrier, done, results) -> None:
+    from pathlib import Path
+
+    barrier.wait()
+    try:
+        StoreLock(Path(root)).acquire()
+        results.put(1)
+    except RQAEError:
+        results.put(0)
+    done.wait()  # the winner stays alive (its lock live) until everyone has tried
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+@pytest.mark.parametrize("stale", [False, True], ids=["fresh", "stale-lock"])
+def test_exactly_one_of_many_racing_processes_gets_the_lock(tmp_path, stale):
+    ctx = mp.get_context("fork")
+    n_proc, trials = 6, 12
+    dead = _dead_pid()
+    for trial in range(trials):
+        root = tmp_path / f"t{trial}"
+        root.mkdir()
+        if stale:
+            (root / ".lock").write_text(json.dumps({"pid": dead, "host": socket.gethostname(), "started": 0.0}))
+        barrier, done, results = ctx.Barrier(n_proc), ctx.Barrier(n_proc), ctx.Queue()
+        procs = [ctx.Process(target=_race, args=(str(root), barrier, done, results)) for _ in range(n_proc)]
+        for p in procs:
+            p.start()
+        won = sum(results.get(timeout=60) for _ in procs)
+        for p in procs:
+            p.join(timeout=60)
+        assert won == 1, f"trial {trial}: {won} processes hold the lock"
+        assert [p.name for p in root.iterdir()] == [".lock"]  # no temp files left behind
+
+
+def test_a_lock_that_is_not_json_is_refused(tmp_path):
+    (tmp_path / ".lock").write_text("{not json")
+    with pytest.raises(RQAEError, match="not valid JSON"):
+        StoreLock(tmp_path).acquire()
+    assert (tmp_path / ".lock").read_text() == "{not json"
+
+
+def test_release_leaves_a_lock_it_does_not_own(tmp_path):
+    lock = StoreLock(tmp_path)
+    lock.acquire()
+    other = {"pid": os.getpid(), "host": socket.gethostname(), "started": 1.0}  # same pid, another process
+    (tmp_path / ".lock").write_text(json.dumps(other))
+    lock.release()
+    assert json.loads((tmp_path / ".lock").read_text()) == other
