@@ -129,7 +129,8 @@ def main() -> None:
     print(f"| RQAE training (prefix loss), batch {train_batch} | {tr['train_tok_s']:,.0f} tok/s |")
     print(f"| RQAE encoding, fast (batch {batch}) | {enc['fast_tok_s']:,.0f} tok/s |")
     print(f"| RQAE encoding, naive loop | {enc['naive_tok_s']:,.0f} tok/s |")
-    print(f"| fast / naive encoder | **{enc['speedup']:.2f}x** (rows with identical codes: {enc['rows_identical']:.4f}) |")
+    print(f"| fast / naive encoder | **{enc['speedup']:.2f}x** "
+          f"(rows with identical codes: {enc['rows_identical']:.4f}) |")
     print(f"| cross-term precompute (once per weights) | {enc['precompute_s']:.2f} s |")
     print(f"| peak RSS training on {base_rows:,} rows (d=640) | {rss_small:,.0f} MiB |")
     print(f"| peak RSS training on {10 * base_rows:,} rows (10x) | {rss_big:,.0f} MiB |")

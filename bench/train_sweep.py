@@ -63,8 +63,8 @@ def main() -> None:
         p = h["fvu_by_prefix"]
         rows.append({"variant": name, "fvu": h["fvu"], "fvu_1": p["1"], "fvu_4": p["4"], "fvu_16": p.get("16"),
                      "seconds": secs})
-        print(f"| {name} | {h['fvu']:.3f} | {p['1']:.3f} | {p['4']:.3f} | {p.get('16', float('nan')):.3f} | {secs:.0f} |",
-              flush=True)
+        fvu_16 = p.get("16", float("nan"))
+        print(f"| {name} | {h['fvu']:.3f} | {p['1']:.3f} | {p['4']:.3f} | {fvu_16:.3f} | {secs:.0f} |", flush=True)
     if args.json_out:
         args.json_out.write_text(json.dumps(rows, indent=1))
 

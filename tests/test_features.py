@@ -10,11 +10,29 @@ from typer.testing import CliRunner
 from rqae_pipeline import RQAEError
 from rqae_pipeline import codes as codes_mod
 from rqae_pipeline.cli import app
-from rqae_pipeline.codes import (EncodeConfig, codebook_stats, default_codes_path, encode_store, open_codes,
-                                 open_codes_for)
-from rqae_pipeline.features import (KAPPA_MAX, DictionaryConfig, Feature, build_feature_dictionary, codebook64,
-                                    fit_vmf, intensity_feature, score_codes, search, split_feature,
-                                    vmf_feature, vmf_log_normaliser, vmf_scores)
+from rqae_pipeline.codes import (
+    EncodeConfig,
+    codebook_stats,
+    default_codes_path,
+    encode_store,
+    open_codes,
+    open_codes_for,
+)
+from rqae_pipeline.features import (
+    KAPPA_MAX,
+    DictionaryConfig,
+    Feature,
+    build_feature_dictionary,
+    codebook64,
+    fit_vmf,
+    intensity_feature,
+    score_codes,
+    search,
+    split_feature,
+    vmf_feature,
+    vmf_log_normaliser,
+    vmf_scores,
+)
 from rqae_pipeline.harvest import harvest
 from rqae_pipeline.models.rqae import RQAE, RQAEConfig
 from rqae_pipeline.queries import encode_tokens, query_codes
@@ -281,7 +299,8 @@ def test_cli_encode_stats_search_features_and_dictionary(env, tmp_path):
     r = invoke("codebook-stats", "--store", s, "--model", m, "--codes", codes, "--out", tmp_path / "stats",
                "--pairs-sample", "200")
     assert r.exit_code == 0, r.output
-    assert {"codebook_stats.json", "codebook_projected.png", "code_usage.png"} <= {p.name for p in (tmp_path / "stats").iterdir()}
+    written = {p.name for p in (tmp_path / "stats").iterdir()}
+    assert {"codebook_stats.json", "codebook_projected.png", "code_usage.png"} <= written
     row = ordinary_row(env["st"], 500)
     seq, pos = (int(env["st"].group[k][row]) for k in ("seq", "pos"))
     r = invoke("search", "--store", s, "--model", m, "--codes", codes, "--address", f"{seq}:{pos}", "--top-k", "3",

@@ -36,7 +36,8 @@ def first_mismatch_is_a_tie(model, x, naive, fast, tol=1e-3):
     return abs(float(scores[naive[i].long()] - scores[fast[i].long()])) < tol
 
 
-@pytest.mark.parametrize("block, init", [(1, "reference"), (7, "tied"), (64, "reference"), (64, "tied"), (500, "reference")])
+@pytest.mark.parametrize("block, init",
+                         [(1, "reference"), (7, "tied"), (64, "reference"), (64, "tied"), (500, "reference")])
 def test_fast_encoder_gives_the_naive_codes(block, init):
     model = random_rqae(n_q=200, init=init)
     x = torch.randn(400, 48) * 4

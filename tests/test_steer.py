@@ -15,9 +15,20 @@ from rqae_pipeline.harvest import harvest
 from rqae_pipeline.lm import normalise
 from rqae_pipeline.models.codebook import CodebookAE, CodebookConfig
 from rqae_pipeline.models.rqae import RQAE, RQAEConfig
-from rqae_pipeline.steer import (GenerationConfig, Norm, SteerConfig, concept_frequency, concept_words, generate,
-                                 pull_toward_mean, splice_hook, steer_codebook, steer_rqae, steering_layers,
-                                 strength_multiplier)
+from rqae_pipeline.steer import (
+    GenerationConfig,
+    Norm,
+    SteerConfig,
+    concept_frequency,
+    concept_words,
+    generate,
+    pull_toward_mean,
+    splice_hook,
+    steer_codebook,
+    steer_rqae,
+    steering_layers,
+    strength_multiplier,
+)
 from rqae_pipeline.store import ActivationStore
 
 from helpers import tiny_config, tiny_rqae, tree_digest
@@ -250,7 +261,8 @@ def _other_store_model(env):
     return d
 
 
-@pytest.mark.parametrize("case", ["strength", "unknown-file", "unknown-id", "empty-prompt", "other-store", "no-feature"])
+@pytest.mark.parametrize("case",
+                         ["strength", "unknown-file", "unknown-id", "empty-prompt", "other-store", "no-feature"])
 def test_cli_steer_bad_input_is_one_error_line_and_writes_nothing(env, dictionary, tmp_path, case):
     path, fid = dictionary
     model, feature, prompt, extra = env["model_dir"], f"{path}#{fid}", PROMPT, []
@@ -267,7 +279,8 @@ def test_cli_steer_bad_input_is_one_error_line_and_writes_nothing(env, dictionar
         prompt = ""
     elif case == "other-store":
         model = _other_store_model(env)
-    args = ["steer", "--store", env["store"], "--model", model, "--prompt", prompt, "--out", tmp_path / "o.json", *extra]
+    args = ["steer", "--store", env["store"], "--model", model, "--prompt", prompt, "--out", tmp_path / "o.json",
+            *extra]
     if case != "no-feature":
         args += ["--feature", feature]
     before = tree_digest(env["store"])
