@@ -1,25 +1,18 @@
-"""The `rqae` command line: argument parsing, progress and exit codes over the stage functions."""
+"""The `rqae` command line: option declarations over the stage functions, their printed results
+and exit codes. Errors are handled once, in `Commands.invoke`."""
 
 from __future__ import annotations
 
 import json
-import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer.core import TyperGroup
 
 from rqae_pipeline import RQAEError
-
-app = typer.Typer(
-    name="rqae",
-    help="Harvest language-model activations into Zarr, train Residual Quantisation Autoencoders, "
-    "and compare them with sparse autoencoders.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"max_content_width": 120, "help_option_names": ["-h", "--help"]},
-)
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
@@ -28,6 +21,59 @@ EXIT_INTERRUPTED = 130
 def _fail(message: str, code: int = EXIT_USER_ERROR) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def _raised_by_config(e: ValueError) -> bool:
+    """A ValueError raised directly in a config's `__post_init__` is a validation message
+    for the user; any other ValueError is a bug and keeps its traceback."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_name == "__post_init__"
+
+
+class Commands(TyperGroup):
+    """Every command runs through `invoke`, so the console script and `CliRunner` share the
+    one error handler: RQAEError (and config validation) -> `error: <msg>`, exit 2;
+    Ctrl-C -> `interrupted`, exit 130."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except RQAEError as e:
+            _fail(str(e))
+        except ValueError as e:
+            if not _raised_by_config(e):
+                raise
+            _fail(str(e))
+        except KeyboardInterrupt:
+            _interrupted()
+
+
+def _interrupted() -> None:
+    typer.echo("interrupted", err=True)
+    raise typer.Exit(EXIT_INTERRUPTED)
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """An OSError while writing the command's output reads `cannot write PATH: reason`."""
+    try:
+        yield
+    except OSError as e:
+        raise RQAEError(f"cannot write {path}: {e.strerror or e}") from None
+
+
+app = typer.Typer(
+    name="rqae",
+    cls=Commands,
+    help="Harvest language-model activations into Zarr, train Residual Quantisation Autoencoders, "
+    "and compare them with sparse autoencoders.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"max_content_width": 120, "help_option_names": ["-h", "--help"]},
+)
 
 
 @app.command()
@@ -60,19 +106,12 @@ def harvest(
     from rqae_pipeline.harvest import HarvestConfig
     from rqae_pipeline.harvest import harvest as run_harvest
 
-    try:
-        cfg = HarvestConfig(
-            out=out, model=model, hook=layer, dataset=dataset, dataset_config=dataset_config, split=split,
-            text_field=text_field, tokens=tokens, context_length=context_length, batch_contexts=batch_size,
-            contexts_per_shard=contexts_per_shard, contexts_per_chunk=contexts_per_chunk, dtype=dtype,
-            normalisation=normalisation, skip_bos=skip_bos, device=device, model_dtype=model_dtype, resume=resume,
-        )
-    except ValueError as e:
-        _fail(str(e))
-    try:
-        result = run_harvest(cfg)
-    except RQAEError as e:
-        _fail(str(e))
+    result = run_harvest(HarvestConfig(
+        out=out, model=model, hook=layer, dataset=dataset, dataset_config=dataset_config, split=split,
+        text_field=text_field, tokens=tokens, context_length=context_length, batch_contexts=batch_size,
+        contexts_per_shard=contexts_per_shard, contexts_per_chunk=contexts_per_chunk, dtype=dtype,
+        normalisation=normalisation, skip_bos=skip_bos, device=device, model_dtype=model_dtype, resume=resume,
+    ))
     if result.interrupted:
         typer.echo(f"interrupted: {result.tokens:,} tokens committed in {out}; rerun with --resume", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -89,10 +128,7 @@ def inspect(
     from rqae_pipeline.store import ActivationStore
     from rqae_pipeline.summary import format_summary, summarise
 
-    try:
-        summary = summarise(ActivationStore.open(store))
-    except RQAEError as e:
-        _fail(str(e))
+    summary = summarise(ActivationStore.open(store))
     typer.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
 
 
@@ -104,9 +140,16 @@ def _parse_options(pairs: list[str]) -> dict:
             _fail(f"--option expects key=value, got {pair!r}")
         try:
             out[key] = json.loads(value)
-        except ValueError:
+        except ValueError:  # not JSON: the plain string
             out[key] = value
     return out
+
+
+def _parse_ints(text: str, option: str, example: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        _fail(f"{option} expects comma-separated {example}; got {text!r}")
 
 
 @app.command()
@@ -140,17 +183,12 @@ def train(
     from rqae_pipeline.train import TrainConfig
     from rqae_pipeline.train import train as run_train
 
-    try:
-        d_in = ActivationStore.open(store).d
-        spec = ModelSpec(arch=arch, d_in=d_in, n_q=n_q, d_sae=d_sae, k=k, lr=default_lr(arch) if lr is None else lr,
-                         prefix_loss=prefix_loss,
-                         mean_init=mean_init, options=_parse_options(option), dtype=dtype)
-        cfg = TrainConfig(store=store, out=out, model=spec, batch_size=batch_size, tokens=tokens, seed=seed,
-                          heldout_fraction=heldout, checkpoint_every=checkpoint_every, eval_every=eval_every,
-                          device=device, resume=resume)
-        result = run_train(cfg)
-    except (RQAEError, ValueError) as e:
-        _fail(str(e))
+    d_in = ActivationStore.open(store).d
+    spec = ModelSpec(arch=arch, d_in=d_in, n_q=n_q, d_sae=d_sae, k=k, lr=default_lr(arch) if lr is None else lr,
+                     prefix_loss=prefix_loss, mean_init=mean_init, options=_parse_options(option), dtype=dtype)
+    result = run_train(TrainConfig(store=store, out=out, model=spec, batch_size=batch_size, tokens=tokens, seed=seed,
+                                   heldout_fraction=heldout, checkpoint_every=checkpoint_every,
+                                   eval_every=eval_every, device=device, resume=resume))
     if result.interrupted:
         typer.echo(f"interrupted at step {result.steps}: resume from the checkpoint in {out}; rerun with --resume", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
@@ -172,10 +210,7 @@ def demo(
     encode the store, build a feature dictionary and write the dashboard."""
     from rqae_pipeline.demo import DemoConfig, run_demo
 
-    try:
-        run_demo(DemoConfig(out=out, tokens=tokens, steps=steps, device=device), echo=typer.echo)
-    except RQAEError as e:
-        _fail(str(e))
+    run_demo(DemoConfig(out=out, tokens=tokens, steps=steps, device=device), echo=typer.echo)
 
 
 @app.command("eval")
@@ -194,30 +229,13 @@ def eval_command(
 ) -> None:
     """Reconstruction metrics (MSE, FVU, CE-delta, KL, L0, dead latents, code usage) of a model on a store."""
     from rqae_pipeline.evaluate import EvalConfig, evaluate
+    from rqae_pipeline.report.evaluation import evaluation_lines, write_evaluation
 
-    try:
-        result = evaluate(EvalConfig(store=store, model=model, rows=rows, workers=workers, scheduler=scheduler,
-                                     batch_size=batch_size, ce_contexts=ce_contexts, space=space))
-    except RQAEError as e:
-        _fail(str(e))
+    result = evaluate(EvalConfig(store=store, model=model, rows=rows, workers=workers, scheduler=scheduler,
+                                 batch_size=batch_size, ce_contexts=ce_contexts, space=space))
     if out is not None:
-        from rqae_pipeline.report.plots import plot_reconstruction_vs_layers
-
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=1))
-        plot_reconstruction_vs_layers({model.name: result}, out.with_suffix(".png"))
-    typer.echo(f"{model} on {result['tokens']:,} tokens (rows {result['rows'][0]:,}..{result['rows'][1]:,})")
-    typer.echo(f"{'reconstruction':16s} {'FVU':>10s} {'MSE':>12s}")
-    for label, m in sorted(result["metrics"].items(), key=lambda kv: (len(kv[0]), kv[0])):
-        typer.echo(f"{label:16s} {m['fvu']:10.5f} {m['mse']:12.5g}")
-    for key in ("l0", "dead_latents", "code_usage"):
-        if key in result:
-            typer.echo(f"{key}: {result[key]}")
-    if "ce" in result:
-        typer.echo(f"next-token CE on contexts {result['ce_contexts'][0]}..{result['ce_contexts'][1]}:")
-        for label, m in result["ce"].items():
-            extra = "".join(f"  {k} {v:.4f}" for k, v in m.items() if k != "ce")
-            typer.echo(f"  {label:16s} CE {m['ce']:.4f}{extra}")
+        write_evaluation(result, out, model.name)
+    typer.echo("\n".join(evaluation_lines(result, model)))
 
 
 @app.command("compare-gemmascope")
@@ -251,10 +269,7 @@ def compare_gemmascope(
     cfg = CompareConfig(store=store, rqae=rqae, sae=sae, out=out, workers=workers, scheduler=scheduler,
                         ce_contexts=ce_contexts, device=device, match_layers=match_layers,
                         pearson=PearsonConfig(n_features=features, max_tokens=pearson_tokens))
-    try:
-        report = run_comparison(cfg, echo=lambda m: typer.echo(m, err=True))
-    except (RQAEError, ValueError) as e:
-        _fail(str(e))
+    report = run_comparison(cfg, echo=lambda m: typer.echo(m, err=True))
     typer.echo("\n".join(summary_lines(report)))
     typer.echo(f"report: {out / 'report.html'}")
 
@@ -270,15 +285,15 @@ def archs() -> None:
 # --------------------------------------------------------------------------- codes and features
 
 
-def _codes_stage(store: Path, model: Path):
-    """Open the store and the RQAE (errors as one line)."""
-    from rqae_pipeline.codes import model_identity
-    from rqae_pipeline.models.rqae import RQAE
-    from rqae_pipeline.store import ActivationStore
+def _write_json(out: Path | None, result: dict) -> None:
+    if out is None:
+        return
+    from rqae_pipeline.paths import atomic_write_bytes
 
-    st = ActivationStore.open(store)
-    model_identity(model)  # a clear error for a directory that is not an RQAE
-    return st, RQAE.load(model)
+    with _writing(out):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(out, json.dumps(result, indent=1).encode())
+    typer.echo(f"wrote {out}")
 
 
 @app.command()
@@ -293,11 +308,8 @@ def encode(
     """Encode every store row once into (N, n_q) int16 RQAE codes (resumes an interrupted run)."""
     from rqae_pipeline.codes import EncodeConfig, encode_store, open_codes
 
-    try:
-        path = encode_store(EncodeConfig(store=store, model=model, out=out, batch_size=batch_size, device=device))
-        codes = open_codes(path)
-    except (RQAEError, ValueError) as e:
-        _fail(str(e))
+    path = encode_store(EncodeConfig(store=store, model=model, out=out, batch_size=batch_size, device=device))
+    codes = open_codes(path)
     typer.echo(f"{path}: {codes.n:,} rows x {codes.n_q} layers of codes")
 
 
@@ -313,58 +325,12 @@ def codebook_stats_command(
     pairs_sample: Annotated[int, typer.Option(help="Projected codes sampled for the pairwise cosines.")] = 4096,
 ) -> None:
     """Codebook usage: distinct prefixes per layer count, code usage, projected-codebook cosines and norms."""
-    from rqae_pipeline.codes import codebook_stats, ensure_codes
-    from rqae_pipeline.report.codebook import plot_codebook_stats
+    from rqae_pipeline.codes import CodebookStatsConfig, write_codebook_stats
+    from rqae_pipeline.report.codebook import codebook_stats_lines
 
-    try:
-        st, rq = _codes_stage(store, model)
-        cs = ensure_codes(st, model, codes)
-        stats = codebook_stats(rq, cs, prefix_layers=prefix_layers, pairs_sample=pairs_sample)
-        out = out or cs.path.with_name(cs.path.name.removesuffix(".zarr") + "-stats")
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "codebook_stats.json").write_text(json.dumps(stats))
-        plots = plot_codebook_stats(stats, out)
-    except (RQAEError, ValueError) as e:
-        _fail(str(e))
-    except OSError as e:
-        _fail(f"cannot write {out}: {e.strerror or e}")
-    typer.echo(f"{'layers':>6s} {'distinct prefixes':>18s} {'tokens / prefix':>16s}")
-    for p in stats["prefixes"]:
-        typer.echo(f"{p['layers']:6d} {p['distinct']:18,d} {p['tokens_per_prefix']:16.2f}")
-    used, cos = stats["usage"]["used_codes"], stats["projected"]["cosine"]
-    typer.echo(f"codes used per layer: min {min(used)}, median {sorted(used)[len(used) // 2]}, max {max(used)} "
-               f"of {stats['n_codes']} ({stats['tokens']:,} tokens)")
-    typer.echo(f"projected codebooks: {cos['abs_below_0.2']:.1%} of {cos['pairs']:,} sampled pairs have |cos| < 0.2 "
-               f"({cos['across_layers_abs_below_0.2']:.1%} of the pairs from different layers); "
-               f"mean norm layer 1 {stats['projected']['norm_mean'][0]:.3g}, "
-               f"layer {stats['n_q']} {stats['projected']['norm_mean'][-1]:.3g}")
-    typer.echo(f"wrote {out / 'codebook_stats.json'}, " + ", ".join(str(p) for p in plots))
-
-
-def _echo_hits(st, hits, width: int, title: str) -> list[dict]:
-    from rqae_pipeline.queries import contexts, load_tokenizer
-
-    ctx = contexts(st, load_tokenizer(st.spec.model), [h.row for h in hits], width)
-    typer.echo(title)
-    typer.echo(f"{'rank':>4s} {'score':>10s} {'seq:pos':>10s}  context")
-    rows = []
-    for rank, (h, c) in enumerate(zip(hits, ctx), start=1):
-        typer.echo(f"{rank:4d} {h.score:10.4f} {f'{c.seq}:{c.pos}':>10s}  {c.render()}")
-        rows.append({"rank": rank, "score": h.score, **c.to_dict()})
-    return rows
-
-
-def _write_json(out: Path | None, result: dict) -> None:
-    if out is None:
-        return
-    from rqae_pipeline.paths import atomic_write_bytes
-
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out, json.dumps(result, indent=1).encode())
-    except OSError as e:
-        _fail(f"cannot write {out}: {e.strerror or e}")
-    typer.echo(f"wrote {out}")
+    result = write_codebook_stats(CodebookStatsConfig(store=store, model=model, codes=codes, out=out,
+                                                      prefix_layers=prefix_layers, pairs_sample=pairs_sample))
+    typer.echo("\n".join(codebook_stats_lines(result.stats, result.files)))
 
 
 @app.command()
@@ -383,36 +349,14 @@ def search(
     out: Annotated[Path | None, typer.Option(help="Also write the hits as JSON here.")] = None,
 ) -> None:
     """Rank stored tokens by the L_i-weighted per-layer cosine similarity to one query token."""
-    from rqae_pipeline.codes import ensure_codes
-    from rqae_pipeline.features import check_layers
-    from rqae_pipeline.features import search as run_search
-    from rqae_pipeline.queries import query_codes_matrix, query_set
-    from rqae_pipeline.store import Flags
+    from rqae_pipeline.token_search import QueryConfig, search_lines, search_tokens
 
-    if (query is None) == (address is None):
-        _fail("give one query: --query TEXT [--token-index I] or --address SEQ:POS")
-    try:
-        st, rq = _codes_stage(store, model)
-        m = check_layers(rq, layers)
-        qs = query_set(st, rq, addresses=[address] if address is not None else [],
-                       texts=[query] if query is not None else [],
-                       token_indices=[token_index] if query is not None else [], width=context)
-        cs = ensure_codes(st, model, codes)
-        q = query_codes_matrix(qs, cs)[0]
-        hits = run_search(rq, cs, q, layers=m, top_k=top_k, store=st, exclude=0 if include_special else
-                          int(Flags.BOS | Flags.OUTLIER), progress=True)
-    except (RQAEError, ValueError) as e:
-        _fail(str(e))
-    rows = _echo_hits(st, hits, context, f"query {qs[0].context.render()}   (layers 1..{m} of {rq.n_q}, "
-                                         f"{cs.n:,} tokens)")
-    _write_json(out, {"query": qs[0].context.to_dict(), "codes": q.tolist(), "layers": m, "hits": rows})
-
-
-def _parse_split(text: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        _fail(f"--split expects comma-separated query numbers such as 0,2,3; got {text!r}")
+    result = search_tokens(QueryConfig(
+        store=store, model=model, addresses=() if address is None else (address,),
+        texts=() if query is None else (query,), token_indices=() if query is None else (token_index,),
+        layers=layers, top_k=top_k, context=context, codes=codes, include_special=include_special))
+    typer.echo("\n".join(search_lines(result)))
+    _write_json(out, result.to_dict())
 
 
 @app.command()
@@ -433,46 +377,14 @@ def features(
 ) -> None:
     """Fit a von Mises-Fisher feature per layer to several query tokens, rank tokens by its
     L_i-weighted log-density, and optionally split it on subsets of the queries."""
-    import numpy as np
+    from rqae_pipeline.token_search import QueryConfig, features_lines, fit_features
 
-    from rqae_pipeline.codes import ensure_codes
-    from rqae_pipeline.features import check_layers, fit_vmf, split_feature, vmf_feature
-    from rqae_pipeline.features import search as run_search
-    from rqae_pipeline.queries import query_codes_matrix, query_set
-
-    subsets = [_parse_split(s) for s in split]
-    try:
-        st, rq = _codes_stage(store, model)
-        m = check_layers(rq, layers)
-        qs = query_set(st, rq, addresses=address, texts=query, token_indices=token_index, width=context)
-        for s in subsets:  # checked before any encoding starts
-            bad = [i for i in s if not 0 <= i < len(qs)] or ([] if s else ["(empty)"])
-            if bad:
-                _fail(f"--split {','.join(map(str, s))}: query {bad[0]} does not exist; there are {len(qs)} "
-                      f"query tokens (0..{len(qs) - 1})")
-        cs = ensure_codes(st, model, codes)
-        qc = query_codes_matrix(qs, cs)
-        fits = [fit_vmf(rq, qc), *split_feature(rq, qc, subsets)]
-        names = ["all", *(",".join(map(str, s)) for s in subsets)]
-        results = []
-        for name, subset, vmf in zip(names, [list(range(len(qs))), *subsets], fits):
-            hits = run_search(rq, cs, vmf_feature(rq, vmf, m), top_k=top_k, store=st, progress=True)
-            results.append((name, subset, vmf, hits))
-    except (RQAEError, ValueError) as e:
-        _fail(str(e))
-    typer.echo(f"{len(qs)} query tokens:")
-    for i, q in enumerate(qs):
-        typer.echo(f"  {i:3d}  {q.context.render()}")
-    report = {"layers": m, "queries": [q.context.to_dict() for q in qs], "features": []}
-    for name, subset, vmf, hits in results:
-        k = vmf.kappa[:m]
-        top = np.argsort(-k, kind="stable")[:5]
-        title = (f"\nfeature [{name}]: vMF on {vmf.n} tokens, layers 1..{m}; kappa median {np.median(k):.3g}, "
-                 f"highest at layers " + ", ".join(f"{i + 1} ({k[i]:.3g})" for i in top) +
-                 "\nscore = L_i-weighted mean log-density (nats)")
-        rows = _echo_hits(st, hits, context, title)
-        report["features"].append({"name": name, "queries": subset, "vmf": vmf.to_dict(), "hits": rows})
-    _write_json(out, report)
+    splits = tuple(_parse_ints(s, "--split", "query numbers such as 0,2,3") for s in split)
+    result = fit_features(QueryConfig(
+        store=store, model=model, addresses=tuple(address), texts=tuple(query), token_indices=tuple(token_index),
+        layers=layers, top_k=top_k, context=context, codes=codes, splits=splits))
+    typer.echo("\n".join(features_lines(result)))
+    _write_json(out, result.to_dict())
 
 
 @app.command("feature-dictionary")
@@ -489,24 +401,18 @@ def feature_dictionary(
     codes: Annotated[Path | None, typer.Option(help="Codes store (default: the one `rqae encode` writes).")] = None,
 ) -> None:
     """Features from seed tokens' code prefixes at 16/64/256 layers, each with its top examples, as JSON."""
-    from rqae_pipeline.features import DictionaryConfig, build_feature_dictionary
+    from rqae_pipeline.features import (
+        DictionaryConfig,
+        build_feature_dictionary,
+        dictionary_summary,
+    )
 
-    try:
-        prefix = tuple(int(v) for v in layers.split(",") if v.strip())
-        cfg = DictionaryConfig(store=store, model=model, out=out, codes=codes, seeds=seeds, layers=prefix,
-                               top_k=top_k, context=context, seed=seed)
-        _codes_stage(store, model)
+    cfg = DictionaryConfig(store=store, model=model, out=out, codes=codes, seeds=seeds,
+                           layers=_parse_ints(layers, "--layers", "prefix lengths such as 16,64,256"),
+                           top_k=top_k, context=context, seed=seed)
+    with _writing(out):
         result = build_feature_dictionary(cfg)
-    except (RQAEError, ValueError) as e:
-        _fail(str(e))
-    except OSError as e:
-        _fail(f"cannot write {out}: {e.strerror or e}")
-    by_m: dict[int, int] = {}
-    for f in result["features"]:
-        by_m[f["layers"]] = by_m.get(f["layers"], 0) + 1
-    typer.echo(f"{out}: {len(result['features'])} features (" +
-               ", ".join(f"{n} at {m} layers" for m, n in sorted(by_m.items())) + f"), {top_k} examples each")
-
+    typer.echo(f"{out}: {dictionary_summary(result)}, {top_k} examples each")
 
 
 # --------------------------------------------------------------------------- steering and the dashboard
@@ -539,29 +445,22 @@ def steer(
     out: Annotated[Path | None, typer.Option(help="Write the generations and counts as JSON here.")] = None,
 ) -> None:
     """Generate with and without steering toward a feature; report how often its concept appears."""
-    from rqae_pipeline.steer import GenerationConfig, SteerConfig, SteerRunConfig, run_steering
+    from rqae_pipeline.steer import (
+        GenerationConfig,
+        SteerConfig,
+        SteerRunConfig,
+        run_steering,
+        steering_lines,
+    )
 
-    try:
-        cfg = SteerRunConfig(
-            store=store, model=model, prompts=tuple(prompt), feature=feature, addresses=tuple(address),
-            texts=tuple(query), token_indices=tuple(token_index), code=code, words=tuple(word), codes=codes,
-            steer=SteerConfig(strength=strength, top_k_layers=top_k_layers, splice=splice),
-            generation=GenerationConfig(max_new_tokens=max_new_tokens, samples=samples, temperature=temperature,
-                                        repetition_penalty=repetition_penalty, seed=seed), device=device)
-        result = run_steering(cfg, echo=lambda m: typer.echo(m, err=True))
-    except (RQAEError, ValueError) as e:
-        _fail(str(e))
-    what = (f"feature {result['feature']['name']} on layers {result['feature']['layers']}, strength {strength}"
-            if "feature" in result else f"code {result['code']}")
-    typer.echo(f"steering {what}")
-    for g in result["generations"]:
-        for label in ("baseline", "steered"):
-            for i, text in enumerate(g[label]):
-                typer.echo(f"[{label} {i}] {g['prompt']}{text}".replace("\n", "\\n"))
-    b, s = result["baseline"], result["steered"]
-    typer.echo(f"concept words: {', '.join(result['words'])}")
-    typer.echo(f"generations containing the concept: baseline {b['fraction']:.0%} "
-               f"({b['mean_count']:.2f} per generation), steered {s['fraction']:.0%} ({s['mean_count']:.2f})")
+    cfg = SteerRunConfig(
+        store=store, model=model, prompts=tuple(prompt), feature=feature, addresses=tuple(address),
+        texts=tuple(query), token_indices=tuple(token_index), code=code, words=tuple(word), codes=codes,
+        steer=SteerConfig(strength=strength, top_k_layers=top_k_layers, splice=splice),
+        generation=GenerationConfig(max_new_tokens=max_new_tokens, samples=samples, temperature=temperature,
+                                    repetition_penalty=repetition_penalty, seed=seed), device=device)
+    result = run_steering(cfg, echo=lambda m: typer.echo(m, err=True))
+    typer.echo("\n".join(steering_lines(result)))
     _write_json(out, result)
 
 
@@ -585,34 +484,41 @@ def dashboard(
     port: int = 8000,
 ) -> None:
     """A static HTML dashboard: features with intensity-shaded examples, searches and codebook plots."""
-    from rqae_pipeline.dashboard import DashboardConfig, build_dashboard
+    from rqae_pipeline.dashboard import (
+        DashboardConfig,
+        build_dashboard,
+        serve_dashboard,
+    )
 
-    try:
-        cfg = DashboardConfig(store=store, model=model, out=out, features=features, codes=codes, texts=tuple(query),
-                              token_indices=tuple(token_index), addresses=tuple(address), query_layers=layers,
-                              top_k=top_k, examples=examples, context=context, seeds=seeds)
+    cfg = DashboardConfig(store=store, model=model, out=out, features=features, codes=codes, texts=tuple(query),
+                          token_indices=tuple(token_index), addresses=tuple(address), query_layers=layers,
+                          top_k=top_k, examples=examples, context=context, seeds=seeds)
+    with _writing(out):
         index = build_dashboard(cfg, echo=lambda m: typer.echo(m, err=True))
-    except (RQAEError, ValueError) as e:
-        _fail(str(e))
-    except OSError as e:
-        _fail(f"cannot write {out}: {e.strerror or e}")
     typer.echo(f"wrote {index}")
     if serve:
-        import functools
-        from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+        serve_dashboard(out, port, echo=typer.echo)
 
-        handler = functools.partial(SimpleHTTPRequestHandler, directory=str(out))
-        with ThreadingHTTPServer(("127.0.0.1", port), handler) as server:
-            typer.echo(f"serving http://127.0.0.1:{port}/ (Ctrl-C stops)")
-            server.serve_forever()
+
+@app.command()
+def verify(
+    store: Annotated[Path, typer.Argument(help="An activation store directory.")],
+    progress: Annotated[bool, typer.Option(help="Show a progress bar (one step per shard).")] = True,
+) -> None:
+    """Read every committed row of every array once: shard files present, checksums, shapes, the
+    manifest's counts, finiteness, seq/pos and flags. Lists every problem found. Exit status: 0 when
+    the store is intact, 1 when any damage is found, 2 when STORE is not an activation store."""
+    from rqae_pipeline.store import ActivationStore
+    from rqae_pipeline.verify import EXIT_DAMAGED, format_report, verify_store
+
+    report = verify_store(ActivationStore.open(store), progress=progress)
+    typer.echo(format_report(report))
+    if not report.ok:
+        raise typer.Exit(EXIT_DAMAGED)
 
 
 def main() -> None:
-    try:
-        app()
-    except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
+    app()
 
 
 if __name__ == "__main__":

@@ -397,3 +397,44 @@ def projected_codebook_stats(model, *, sample: int = 4096, seed: int = 0, bins: 
                                  (("1%", 0.01), ("50%", 0.5), ("99%", 0.99))},
                    "hist": hist.tolist(), "edges": edges.tolist()},
     }
+
+
+# --------------------------------------------------------------------------- `rqae codebook-stats`
+
+
+@dataclass(frozen=True, kw_only=True)
+class CodebookStatsConfig:
+    store: Path
+    model: Path  # an RQAE model directory
+    codes: Path | None = None  # default: the one `rqae encode` writes (encoded first if missing)
+    out: Path | None = None  # directory; default: beside the codes store
+    prefix_layers: int = 4
+    pairs_sample: int = 4096
+
+
+@dataclass(frozen=True)
+class CodebookStatsResult:
+    stats: dict  # `codebook_stats`
+    out: Path
+    files: list[Path]  # codebook_stats.json and the plots
+
+
+def write_codebook_stats(cfg: CodebookStatsConfig, *, progress: bool = True) -> CodebookStatsResult:
+    """Codebook statistics of the encoded store, written as codebook_stats.json and PNG plots."""
+    from rqae_pipeline.models.rqae import RQAE
+    from rqae_pipeline.report.codebook import plot_codebook_stats
+
+    store = ActivationStore.open(cfg.store)
+    model_identity(cfg.model)  # a clear error for a directory that is not an RQAE
+    model = RQAE.load(cfg.model)
+    codes = ensure_codes(store, cfg.model, cfg.codes, progress=progress)
+    stats = codebook_stats(model, codes, prefix_layers=cfg.prefix_layers, pairs_sample=cfg.pairs_sample,
+                           progress=progress)
+    out = cfg.out or codes.path.with_name(codes.path.name.removesuffix(".zarr") + "-stats")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "codebook_stats.json").write_text(json.dumps(stats))
+        plots = plot_codebook_stats(stats, out)
+    except OSError as e:
+        raise RQAEError(f"cannot write {out}: {e.strerror or e}") from None
+    return CodebookStatsResult(stats=stats, out=out, files=[out / "codebook_stats.json", *plots])

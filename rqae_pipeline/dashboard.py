@@ -19,9 +19,9 @@ import html
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -143,7 +143,7 @@ def examples_shown(model, codes, store, tokenizer, items: list[tuple[object, lis
 
 def read_dictionary(cfg: DashboardConfig, store, identity: dict) -> dict:
     """The given feature dictionary, checked against the model and the store."""
-    from rqae_pipeline.steer import check_dictionary
+    from rqae_pipeline.features import check_dictionary
 
     try:
         data = json.loads(Path(cfg.features).read_text())
@@ -244,17 +244,14 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 def build_dashboard(cfg: DashboardConfig, *, progress: bool = True, echo: Callable[[str], None] | None = None,
                     lm=None) -> Path:
-    """Write OUT/index.html (+ the codebook PNGs, + features.json when built here)."""
-    from rqae_pipeline.codes import codebook_stats, ensure_codes, model_identity
-    from rqae_pipeline.features import (DictionaryConfig, build_feature_dictionary, check_layers, intensity_feature,
-                                        search)
+    """Write OUT/index.html (+ the codebook PNGs, + features.json when built here). Every
+    input (store, model, queries, a given dictionary) is checked before anything is written."""
+    from rqae_pipeline.codes import model_identity
+    from rqae_pipeline.features import check_layers, check_model_store
     from rqae_pipeline.models.rqae import RQAE
-    from rqae_pipeline.queries import load_tokenizer, query_codes_matrix, query_set
-    from rqae_pipeline.report.codebook import plot_codebook_stats
-    from rqae_pipeline.steer import check_model_store
+    from rqae_pipeline.queries import query_set
     from rqae_pipeline.store import ActivationStore
 
-    say = echo or (lambda m: None)
     store = ActivationStore.open(cfg.store)
     identity = model_identity(cfg.model)
     model = RQAE.load(cfg.model)
@@ -267,38 +264,68 @@ def build_dashboard(cfg: DashboardConfig, *, progress: bool = True, echo: Callab
     out = Path(cfg.out)
     tmp = _staging(out)
     try:
-        codes = ensure_codes(store, cfg.model, cfg.codes, progress=progress)
-        if dictionary is None:
-            dictionary = build_feature_dictionary(DictionaryConfig(
-                store=cfg.store, model=cfg.model, out=tmp / "features.json", codes=cfg.codes, seeds=cfg.seeds,
-                layers=cfg.layers, top_k=cfg.examples, context=cfg.context), progress=progress)
-        say(f"{len(dictionary['features'])} features; codebook statistics ...")
-        stats = codebook_stats(model, codes, pairs_sample=cfg.pairs_sample, progress=progress)
-        pngs = plot_codebook_stats(stats, tmp)
-        (tmp / "codebook_stats.json").write_text(json.dumps({k: v for k, v in stats.items() if k != "usage"}))
-        tokenizer = load_tokenizer(store.spec.model)
-        feats = dictionary["features"]
-        items = [(intensity_feature(model, np.asarray(f["prefix"]), f["layers"]),
-                  [(e["row"], e["score"]) for e in f["examples"][: cfg.examples]]) for f in feats]
-        qcodes = query_codes_matrix(queries, codes) if queries else np.empty((0, model.n_q), np.int16)
-        for q in qcodes:
-            qf = intensity_feature(model, q, m_query)
-            items.append((qf, [(h.row, h.score) for h in search(model, codes, qf, top_k=cfg.top_k, store=store)]))
-        shown = examples_shown(model, codes, store, tokenizer, items, cfg.context)
-        features_html = [render_feature(f, s, open_=i < 3) for i, (f, s) in enumerate(zip(feats, shown))]
-        searches_html = [f'<section class="query"><h3>query <span class="ctx">{_token_html(q.context.render())}'
-                         f'</span> <span class="meta">layers 1..{m_query}</span></h3>{render_examples(s)}</section>'
-                         for q, s in zip(queries, shown[len(feats):])]
-        sp = store.spec
-        meta = {"summary": f"Store {store.path.name}: {sp.model} {sp.hook}, {store.n_tokens:,} tokens, {sp.normalisation} "
-                           f"normalisation. Model {Path(cfg.model).name}: {model.n_q} RQAE layers.",
-                "features_note": "Each example's context is shaded by the feature's intensity on every token "
-                                 "(sum_i L_i cos(C[f_i], C[t_i]) / sum_i L_i over the feature's layers; hover for "
-                                 "the value); the example's own token is outlined."}
-        (tmp / "index.html").write_text(render_page(meta, features_html, searches_html, render_codebook(stats, pngs)),
-                                        encoding="utf-8")
+        _write_into(tmp, cfg, store, model, dictionary, queries, m_query, progress, echo or (lambda m: None))
         _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out / "index.html"
+
+
+def _write_into(tmp: Path, cfg: DashboardConfig, store, model, dictionary: dict | None, queries: list,
+                m_query: int, progress: bool, say: Callable[[str], None]) -> None:
+    """The dashboard's files, written into the staging directory."""
+    from rqae_pipeline.codes import codebook_stats, ensure_codes
+    from rqae_pipeline.features import DictionaryConfig, build_feature_dictionary
+    from rqae_pipeline.report.codebook import plot_codebook_stats
+
+    codes = ensure_codes(store, cfg.model, cfg.codes, progress=progress)
+    if dictionary is None:
+        dictionary = build_feature_dictionary(DictionaryConfig(
+            store=cfg.store, model=cfg.model, out=tmp / "features.json", codes=cfg.codes, seeds=cfg.seeds,
+            layers=cfg.layers, top_k=cfg.examples, context=cfg.context), progress=progress)
+    say(f"{len(dictionary['features'])} features; codebook statistics ...")
+    stats = codebook_stats(model, codes, pairs_sample=cfg.pairs_sample, progress=progress)
+    pngs = plot_codebook_stats(stats, tmp)
+    (tmp / "codebook_stats.json").write_text(json.dumps({k: v for k, v in stats.items() if k != "usage"}))
+    features_html, searches_html = _examples_html(cfg, store, model, codes, dictionary["features"], queries,
+                                                  m_query)
+    sp = store.spec
+    meta = {"summary": f"Store {store.path.name}: {sp.model} {sp.hook}, {store.n_tokens:,} tokens, {sp.normalisation} "
+                       f"normalisation. Model {Path(cfg.model).name}: {model.n_q} RQAE layers.",
+            "features_note": "Each example's context is shaded by the feature's intensity on every token "
+                             "(sum_i L_i cos(C[f_i], C[t_i]) / sum_i L_i over the feature's layers; hover for "
+                             "the value); the example's own token is outlined."}
+    (tmp / "index.html").write_text(render_page(meta, features_html, searches_html, render_codebook(stats, pngs)),
+                                    encoding="utf-8")
+
+
+def _examples_html(cfg: DashboardConfig, store, model, codes, feats: list[dict], queries: list,
+                   m_query: int) -> tuple[list[str], list[str]]:
+    """The features' and the searches' examples, shaded (one read of all their rows)."""
+    from rqae_pipeline.features import intensity_feature, search
+    from rqae_pipeline.queries import load_tokenizer, query_codes_matrix
+
+    items = [(intensity_feature(model, np.asarray(f["prefix"]), f["layers"]),
+              [(e["row"], e["score"]) for e in f["examples"][: cfg.examples]]) for f in feats]
+    qcodes = query_codes_matrix(queries, codes) if queries else np.empty((0, model.n_q), np.int16)
+    for q in qcodes:
+        qf = intensity_feature(model, q, m_query)
+        items.append((qf, [(h.row, h.score) for h in search(model, codes, qf, top_k=cfg.top_k, store=store)]))
+    shown = examples_shown(model, codes, store, load_tokenizer(store.spec.model), items, cfg.context)
+    features_html = [render_feature(f, s, open_=i < 3) for i, (f, s) in enumerate(zip(feats, shown))]
+    searches_html = [f'<section class="query"><h3>query <span class="ctx">{_token_html(q.context.render())}'
+                     f'</span> <span class="meta">layers 1..{m_query}</span></h3>{render_examples(s)}</section>'
+                     for q, s in zip(queries, shown[len(feats):])]
+    return features_html, searches_html
+
+
+def serve_dashboard(out: Path, port: int, echo: Callable[[str], None] = print) -> None:
+    """Serve OUT on http://127.0.0.1:PORT until Ctrl-C."""
+    import functools
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(out))
+    with ThreadingHTTPServer(("127.0.0.1", port), handler) as server:
+        echo(f"serving http://127.0.0.1:{port}/ (Ctrl-C stops)")
+        server.serve_forever()

@@ -338,3 +338,45 @@ def build_feature_dictionary(cfg: DictionaryConfig, *, progress: bool = True) ->
     atomic_write_bytes(out, json.dumps(result, indent=1).encode())
     return result
 
+
+# --------------------------------------------------------------------------- checks of inputs against the store
+
+
+def first_difference(a: dict, b: dict) -> str | None:
+    """The first key (sorted) whose values differ between two store specs, if any."""
+    for key in sorted(set(a) | set(b)):
+        if key != "tokenizer" and a.get(key) != b.get(key):  # the tokenizer path is machine-specific
+            return key
+    return None
+
+
+def check_model_store(model_dir: Path, d_in: int, store: ActivationStore) -> None:
+    """The model must read this store's activations: same width, and (when the run recorded
+    it) trained on a store with the same spec."""
+    if d_in != store.d:
+        raise RQAEError(f"model {model_dir} reads d={d_in} but the store holds d={store.d}")
+    run = Path(model_dir) / "train.json"
+    spec = json.loads(run.read_text()).get("store_spec") if run.exists() else None
+    if spec:
+        key = first_difference(spec, store.manifest["spec"])
+        if key is not None:
+            raise RQAEError(f"model {model_dir} was trained on another store ({key}: {spec.get(key)!r}, "
+                            f"this store: {store.manifest['spec'].get(key)!r})")
+
+
+def check_dictionary(data: dict, path: Path, store: ActivationStore, identity: dict, model_dir: Path) -> None:
+    """A feature dictionary must come from this model (`codes.model_identity`) and this store."""
+    if data["model"]["weights_sha256"] != identity["weights_sha256"]:
+        raise RQAEError(f"{path} was built with another model ({data['model']['name']}), not {model_dir}")
+    key = first_difference(data["store_spec"], store.manifest["spec"])
+    if key is not None:
+        raise RQAEError(f"{path} was built from another store than {store.path} ({key} differs)")
+
+
+def dictionary_summary(result: dict) -> str:
+    """'N features (a at 16 layers, b at 64 layers)' for a feature dictionary."""
+    by_m: dict[int, int] = {}
+    for f in result["features"]:
+        by_m[f["layers"]] = by_m.get(f["layers"], 0) + 1
+    return (f"{len(result['features'])} features (" +
+            ", ".join(f"{n} at {m} layers" for m, n in sorted(by_m.items())) + ")")

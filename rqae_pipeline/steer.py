@@ -36,22 +36,31 @@ keeps k codes on), and the change of the reconstruction is spliced in the same w
 
 The topic-steering measure is the Codebook Features paper's: the share of generations
 that contain a word of the concept (here: the feature's top-example tokens, or a given
-word list), with and without steering, from the same prompts and sampling seed.
+word list), with and without steering, from the same prompts and sampling seed
+(`generation.py`). Each architecture steers through its strategy (`RQAESteering`,
+`CodebookSteering`), chosen once from the model directory; `run_steering` is the same for both.
 """
 
 from __future__ import annotations
 
 import json
-import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 
 from rqae_pipeline import RQAEError
-from rqae_pipeline.features import VMF
+from rqae_pipeline.features import VMF, check_dictionary, check_model_store
+from rqae_pipeline.generation import (
+    GenerationConfig,
+    concept_frequency,
+    concept_words,
+    decode_continuation,
+    generate,
+)
 
 Splice = Literal["delta", "replace"]
 
@@ -72,21 +81,6 @@ class SteerConfig:
             raise ValueError(f"--top-k-layers must be positive, got {self.top_k_layers}")
         if self.splice not in ("delta", "replace"):
             raise ValueError(f"unknown splice {self.splice!r}; use 'delta' or 'replace'")
-
-
-@dataclass(frozen=True, kw_only=True)
-class GenerationConfig:
-    max_new_tokens: int = 32
-    samples: int = 4  # generations per prompt (one batch)
-    temperature: float = 0.5  # 0: greedy
-    repetition_penalty: float = 1.5  # CTRL-style; 1: off (the blog's examples use 1.5)
-    seed: int = 0
-
-    def __post_init__(self):
-        if self.max_new_tokens < 1 or self.samples < 1:
-            raise ValueError("--max-new-tokens and --samples must be positive")
-        if self.temperature < 0 or self.repetition_penalty <= 0:
-            raise ValueError("--temperature must be >= 0 and --repetition-penalty > 0")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -242,93 +236,6 @@ def splice_hook(step: Callable[[torch.Tensor], torch.Tensor], record: list | Non
     return hook
 
 
-# --------------------------------------------------------------------------- generation
-
-
-def _sample(logits: torch.Tensor, seen: torch.Tensor, gen: GenerationConfig, g: torch.Generator) -> torch.Tensor:
-    logits = logits.float().clone()
-    if gen.repetition_penalty != 1.0:
-        prev = logits.gather(1, seen)
-        logits.scatter_(1, seen, torch.where(prev > 0, prev / gen.repetition_penalty, prev * gen.repetition_penalty))
-    if gen.temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / gen.temperature, -1)
-    return torch.multinomial(probs, 1, generator=g)[:, 0]
-
-
-def _last_logits(model, toks: torch.Tensor, cache) -> torch.Tensor:
-    """(B, vocab) logits at the last position. The blocks run through TransformerLens (hooks
-    and the KV cache apply); the unembedding is done here for the last position only, as
-    TransformerLens's own copies the transposed (d, vocab) matrix on every call (670 MB for
-    Gemma-3's 262k vocabulary, most of a generation step on a CPU)."""
-    resid = model(toks, past_kv_cache=cache, stop_at_layer=model.cfg.n_layers)[:, -1]
-    logits = model.ln_final(resid[:, None])[:, 0] @ model.W_U + model.b_U
-    cap = getattr(model.cfg, "output_logits_soft_cap", -1.0) or -1.0
-    if cap > 0:
-        logits = cap * torch.tanh(logits / cap)
-    return logits.float().cpu()
-
-
-@torch.no_grad()
-def generate(lm, hook_name: str, ids: list[int], gen: GenerationConfig, hook=None,
-             logits_out: list | None = None) -> torch.Tensor:
-    """(samples, max_new_tokens) tokens continuing BOS + ids, with `hook` at `hook_name`.
-    A KV cache keeps each step to one new token; sampling runs on the CPU from a generator
-    seeded with `gen.seed`, so two runs differ only through the hook."""
-    from transformer_lens import TransformerLensKeyValueCache
-
-    model, dev = lm.model, lm.model.cfg.device
-    toks = torch.tensor([[lm.tokenizer.bos_token_id, *ids]] * gen.samples, device=dev)
-    cache = TransformerLensKeyValueCache.init_cache(model.cfg, dev, gen.samples)
-    g = torch.Generator().manual_seed(gen.seed)
-    seen, out = toks.cpu(), []
-    with model.hooks(fwd_hooks=[(hook_name, hook)] if hook is not None else []):
-        logits = _last_logits(model, toks, cache)
-        for t in range(gen.max_new_tokens):
-            if logits_out is not None:
-                logits_out.append(logits)
-            nxt = _sample(logits, seen, gen, g)
-            out.append(nxt)
-            seen = torch.cat([seen, nxt[:, None]], 1)
-            if t + 1 < gen.max_new_tokens:
-                logits = _last_logits(model, nxt[:, None].to(dev), cache)
-    return torch.stack(out, 1)
-
-
-def decode_continuation(tokenizer, tokens: list[int]) -> str:
-    eos = tokenizer.eos_token_id
-    if eos in tokens:
-        tokens = tokens[: tokens.index(eos)]
-    return tokenizer.decode(tokens, skip_special_tokens=True)
-
-
-# --------------------------------------------------------------------------- the topic measure
-
-
-def concept_words(tokens: list[str], limit: int = 32) -> tuple[str, ...]:
-    """Distinct lower-cased words among tokens (>= 2 characters, at least one letter)."""
-    out: list[str] = []
-    for t in tokens:
-        w = t.strip().lower()
-        if len(w) >= 2 and any(ch.isalpha() for ch in w) and w not in out:
-            out.append(w)
-    return tuple(out[:limit])
-
-
-def concept_frequency(texts: list[str], words: tuple[str, ...]) -> dict:
-    """Codebook Features' topic-steering measure: the share of texts containing any of the
-    words (whole words, case-insensitive), and the mean number of occurrences."""
-    if not texts:
-        return {"fraction": 0.0, "mean_count": 0.0, "contains": []}
-    if not words:
-        raise RQAEError("no concept words to count; give --word")
-    pattern = re.compile(r"(?<!\w)(?:" + "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
-                         + r")(?!\w)", re.IGNORECASE)
-    counts = [len(pattern.findall(t)) for t in texts]
-    return {"fraction": sum(c > 0 for c in counts) / len(texts), "mean_count": float(np.mean(counts)),
-            "contains": [c > 0 for c in counts]}
-
-
 # --------------------------------------------------------------------------- features and checks
 
 
@@ -340,27 +247,6 @@ def model_architecture(model_dir: Path) -> str:
     if arch not in ("rqae", "codebook"):
         raise RQAEError(f"{model_dir} holds a {arch!r} model; steering needs an RQAE or a codebook model")
     return arch
-
-
-def first_difference(a: dict, b: dict) -> str | None:
-    for key in sorted(set(a) | set(b)):
-        if key != "tokenizer" and a.get(key) != b.get(key):  # the tokenizer path is machine-specific
-            return key
-    return None
-
-
-def check_model_store(model_dir: Path, d_in: int, store) -> None:
-    """The model must read this store's activations: same width, and (when the run recorded
-    it) trained on a store with the same spec."""
-    if d_in != store.d:
-        raise RQAEError(f"model {model_dir} reads d={d_in} but the store holds d={store.d}")
-    run = Path(model_dir) / "train.json"
-    spec = json.loads(run.read_text()).get("store_spec") if run.exists() else None
-    if spec:
-        key = first_difference(spec, store.manifest["spec"])
-        if key is not None:
-            raise RQAEError(f"model {model_dir} was trained on another store ({key}: {spec.get(key)!r}, "
-                            f"this store: {store.manifest['spec'].get(key)!r})")
 
 
 def parse_feature_ref(ref: str) -> tuple[Path, str | None]:
@@ -384,15 +270,6 @@ def load_feature(ref: str, store, model_dir: Path, model, codes_path: Path | Non
     if isinstance(data, dict) and isinstance(data.get("features"), list) and data["features"] and "vmf" in data["features"][0]:
         return _vmf_file_feature(data, path, key, model)
     raise RQAEError(f"{path} is neither a feature dictionary nor a `rqae features --out` file")
-
-
-def check_dictionary(data: dict, path: Path, store, identity: dict, model_dir: Path) -> None:
-    """A feature dictionary must come from this model and this store."""
-    if data["model"]["weights_sha256"] != identity["weights_sha256"]:
-        raise RQAEError(f"{path} was built with another model ({data['model']['name']}), not {model_dir}")
-    key = first_difference(data["store_spec"], store.manifest["spec"])
-    if key is not None:
-        raise RQAEError(f"{path} was built from another store than {store.path} ({key} differs)")
 
 
 def _dictionary_feature(data, path, key, store, model_dir, model, codes_path) -> SteerFeature:
@@ -442,6 +319,84 @@ def query_feature(cfg: SteerRunConfig, store, model, lm) -> SteerFeature:
     return SteerFeature(name=name, vmf=vmf, words=concept_words(tokens))
 
 
+# --------------------------------------------------------------------------- one strategy per architecture
+
+
+class RQAESteering:
+    """Steer toward a vMF feature (a feature file, or fitted to query tokens once the LM is
+    loaded) on the `top_k_layers` layers with the largest kappa."""
+
+    def __init__(self, cfg: SteerRunConfig, store, device: str):
+        from rqae_pipeline.models.rqae import RQAE
+
+        if cfg.code is not None:
+            raise RQAEError("--code steers a codebook model; an RQAE steers with --feature or query tokens")
+        if (cfg.feature is None) == (not cfg.addresses and not cfg.texts):
+            raise RQAEError("give one feature: --feature FILE.json[#ID] or query tokens (--query/--address)")
+        self.cfg, self.store = cfg, store
+        self.model = RQAE.load(cfg.model, device)
+        self.feature: SteerFeature | None = None
+        self.layers = np.empty(0, np.int64)
+
+    def check_before_lm(self) -> None:
+        """Load a feature file and check the layer count, before the LM is loaded."""
+        if self.cfg.feature is not None:
+            self.feature = load_feature(self.cfg.feature, self.store, self.cfg.model, self.model, self.cfg.codes)
+        n_q, k = self.model.n_q, self.cfg.steer.top_k_layers
+        if not 1 <= k <= n_q:
+            raise RQAEError(f"--top-k-layers must be in 1..{n_q} (the model's layers), got {k}")
+
+    def prepare(self, lm) -> None:
+        if self.feature is None:
+            self.feature = query_feature(self.cfg, self.store, self.model, lm)
+        self.layers = steering_layers(self.feature.vmf, self.cfg.steer.top_k_layers)
+
+    @property
+    def words(self) -> tuple[str, ...]:
+        return self.feature.words
+
+    def step(self, norm: Norm) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda raw: steer_rqae(self.model, raw, self.feature.vmf, self.layers, self.cfg.steer, norm).raw
+
+    def describe(self) -> dict:
+        k, strength = self.feature.vmf.kappa, self.cfg.steer.strength
+        return {"feature": {"name": self.feature.name, "queries": self.feature.vmf.n,
+                            "layers": [int(i) + 1 for i in self.layers], "kappa": [float(k[i]) for i in self.layers],
+                            "kappa_reference": reference_kappa(self.feature.vmf),
+                            "kappa_multiplier": None if strength >= 1 else strength_multiplier(strength)}}
+
+
+class CodebookSteering:
+    """Codebook Features steering: activate one code at every position."""
+
+    def __init__(self, cfg: SteerRunConfig, store, device: str):
+        from rqae_pipeline.models.codebook import CodebookAE
+
+        if cfg.code is None or cfg.feature is not None or cfg.addresses or cfg.texts:
+            raise RQAEError("a codebook model steers with --code N (the code to activate)")
+        self.cfg = cfg
+        self.model = CodebookAE.load(cfg.model, device)
+        if not 0 <= cfg.code < self.model.cfg.n_codes:
+            raise RQAEError(f"--code must be in 0..{self.model.cfg.n_codes - 1}, got {cfg.code}")
+
+    def check_before_lm(self) -> None:
+        pass
+
+    def prepare(self, lm) -> None:
+        pass
+
+    words: tuple[str, ...] = ()  # no feature to take concept words from: give --word
+
+    def step(self, norm: Norm) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda raw: steer_codebook(self.model, raw, self.cfg.code, norm, self.cfg.steer.splice).raw
+
+    def describe(self) -> dict:
+        return {"code": self.cfg.code}
+
+
+STRATEGIES = {"rqae": RQAESteering, "codebook": CodebookSteering}
+
+
 # --------------------------------------------------------------------------- the run
 
 
@@ -464,79 +419,55 @@ def run_steering(cfg: SteerRunConfig, *, lm=None, echo: Callable[[str], None] | 
 
     store = ActivationStore.open(cfg.store)
     arch = model_architecture(cfg.model)
-    device = cfg.device or default_device()
-    if arch == "rqae":
-        from rqae_pipeline.models.rqae import RQAE
-
-        if cfg.code is not None:
-            raise RQAEError("--code steers a codebook model; an RQAE steers with --feature or query tokens")
-        if (cfg.feature is None) == (not cfg.addresses and not cfg.texts):
-            raise RQAEError("give one feature: --feature FILE.json[#ID] or query tokens (--query/--address)")
-        model = RQAE.load(cfg.model, device)
-    else:
-        from rqae_pipeline.models.codebook import CodebookAE
-
-        if cfg.code is None or cfg.feature is not None or cfg.addresses or cfg.texts:
-            raise RQAEError("a codebook model steers with --code N (the code to activate)")
-        model = CodebookAE.load(cfg.model, device)
-        if not 0 <= cfg.code < model.cfg.n_codes:
-            raise RQAEError(f"--code must be in 0..{model.cfg.n_codes - 1}, got {cfg.code}")
-    check_model_store(cfg.model, model.cfg.d_in, store)
-    tokenizer = lm.tokenizer if lm is not None else load_tokenizer(store.spec.model)
-    prompt_ids = _prompt_ids(tokenizer, cfg.prompts)
-    feature = None
-    if arch == "rqae" and cfg.feature is not None:
-        feature = load_feature(cfg.feature, store, cfg.model, model, cfg.codes)
-    if arch == "rqae":
-        n_q = model.n_q
-        if not 1 <= cfg.steer.top_k_layers <= n_q:
-            raise RQAEError(f"--top-k-layers must be in 1..{n_q} (the model's layers), got {cfg.steer.top_k_layers}")
+    steering = STRATEGIES[arch](cfg, store, cfg.device or default_device())
+    check_model_store(cfg.model, steering.model.cfg.d_in, store)
+    prompt_ids = _prompt_ids(lm.tokenizer if lm is not None else load_tokenizer(store.spec.model), cfg.prompts)
+    steering.check_before_lm()
     if lm is None:
         if echo:
             echo(f"loading {store.spec.model} ...")
-        lm = load_lm(store.spec.model, device=device)
+        lm = load_lm(store.spec.model, device=cfg.device or default_device())
     check_lm(lm, store)
-    if arch == "rqae" and feature is None:
-        feature = query_feature(cfg, store, model, lm)
-    words = tuple(w.lower() for w in cfg.words) or (feature.words if feature else ())
+    steering.prepare(lm)
+    words = tuple(w.lower() for w in cfg.words) or steering.words
     if not words:
         raise RQAEError("no concept words to count: give --word (repeatable)")
     norm = Norm(gain=store.gain if store.spec.normalisation == "final-norm" else torch.ones(store.d),
                 eps=float(lm.model.cfg.eps), mode=store.spec.normalisation)
-    if arch == "rqae":
-        layers = steering_layers(feature.vmf, cfg.steer.top_k_layers)
+    generations = generate_both(cfg, lm, store.spec.hook, prompt_ids, steering.step(norm), echo)
+    return {
+        "store": str(store.path), "model": str(cfg.model), "architecture": arch, "hook": store.spec.hook,
+        "steer": asdict(cfg.steer), "generation": asdict(cfg.generation), "words": list(words),
+        "baseline": concept_frequency([t for g in generations for t in g["baseline"]], words),
+        "steered": concept_frequency([t for g in generations for t in g["steered"]], words),
+        "generations": generations, **steering.describe(),
+    }
 
-        def step(raw):
-            return steer_rqae(model, raw, feature.vmf, layers, cfg.steer, norm).raw
-    else:
-        layers = np.empty(0, np.int64)
 
-        def step(raw):
-            return steer_codebook(model, raw, cfg.code, norm, cfg.steer.splice).raw
-
-    results, base_texts, steered_texts = [], [], []
+def generate_both(cfg: SteerRunConfig, lm, hook: str, prompt_ids: list[list[int]],
+                  step: Callable[[torch.Tensor], torch.Tensor], echo: Callable[[str], None] | None) -> list[dict]:
+    """For each prompt: the baseline and the steered continuations, from the same seed."""
+    results = []
     for prompt, ids in zip(cfg.prompts, prompt_ids):
         if echo:
             echo(f"generating from {prompt!r} ...")
-        base = generate(lm, store.spec.hook, ids, cfg.generation)
-        steered = generate(lm, store.spec.hook, ids, cfg.generation, hook=splice_hook(step))
-        b = [decode_continuation(lm.tokenizer, t) for t in base.tolist()]
-        s = [decode_continuation(lm.tokenizer, t) for t in steered.tolist()]
-        base_texts += b
-        steered_texts += s
-        results.append({"prompt": prompt, "baseline": b, "steered": s})
-    out = {
-        "store": str(store.path), "model": str(cfg.model), "architecture": arch, "hook": store.spec.hook,
-        "steer": asdict(cfg.steer), "generation": asdict(cfg.generation), "words": list(words),
-        "baseline": concept_frequency(base_texts, words), "steered": concept_frequency(steered_texts, words),
-        "generations": results,
-    }
-    if arch == "rqae":
-        k = feature.vmf.kappa
-        out["feature"] = {"name": feature.name, "queries": feature.vmf.n,
-                          "layers": [int(i) + 1 for i in layers], "kappa": [float(k[i]) for i in layers],
-                          "kappa_reference": reference_kappa(feature.vmf),
-                          "kappa_multiplier": None if cfg.steer.strength >= 1 else strength_multiplier(cfg.steer.strength)}
-    else:
-        out["code"] = cfg.code
-    return out
+        base = generate(lm, hook, ids, cfg.generation)
+        steered = generate(lm, hook, ids, cfg.generation, hook=splice_hook(step))
+        results.append({"prompt": prompt, "baseline": [decode_continuation(lm.tokenizer, t) for t in base.tolist()],
+                        "steered": [decode_continuation(lm.tokenizer, t) for t in steered.tolist()]})
+    return results
+
+
+def steering_lines(result: dict) -> list[str]:
+    """The terminal output of `rqae steer`."""
+    what = (f"feature {result['feature']['name']} on layers {result['feature']['layers']}, "
+            f"strength {result['steer']['strength']}" if "feature" in result else f"code {result['code']}")
+    lines = [f"steering {what}"]
+    for g in result["generations"]:
+        for label in ("baseline", "steered"):
+            lines += [f"[{label} {i}] {g['prompt']}{text}".replace("\n", "\\n") for i, text in enumerate(g[label])]
+    b, s = result["baseline"], result["steered"]
+    lines.append(f"concept words: {', '.join(result['words'])}")
+    lines.append(f"generations containing the concept: baseline {b['fraction']:.0%} "
+                 f"({b['mean_count']:.2f} per generation), steered {s['fraction']:.0%} ({s['mean_count']:.2f})")
+    return lines

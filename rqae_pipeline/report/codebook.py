@@ -55,3 +55,19 @@ def plot_codebook_stats(stats: dict, out_dir: Path) -> list[Path]:
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
     return written
+
+
+def codebook_stats_lines(stats: dict, files: list[Path]) -> list[str]:
+    """The terminal summary of `rqae codebook-stats`."""
+    lines = [f"{'layers':>6s} {'distinct prefixes':>18s} {'tokens / prefix':>16s}"]
+    for p in stats["prefixes"]:
+        lines.append(f"{p['layers']:6d} {p['distinct']:18,d} {p['tokens_per_prefix']:16.2f}")
+    used, cos = stats["usage"]["used_codes"], stats["projected"]["cosine"]
+    lines.append(f"codes used per layer: min {min(used)}, median {sorted(used)[len(used) // 2]}, max {max(used)} "
+                 f"of {stats['n_codes']} ({stats['tokens']:,} tokens)")
+    lines.append(f"projected codebooks: {cos['abs_below_0.2']:.1%} of {cos['pairs']:,} sampled pairs have |cos| < 0.2 "
+                 f"({cos['across_layers_abs_below_0.2']:.1%} of the pairs from different layers); "
+                 f"mean norm layer 1 {stats['projected']['norm_mean'][0]:.3g}, "
+                 f"layer {stats['n_q']} {stats['projected']['norm_mean'][-1]:.3g}")
+    lines.append("wrote " + ", ".join(str(p) for p in files))
+    return lines
