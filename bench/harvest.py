@@ -122,7 +122,7 @@ def compact_schemes(x: torch.Tensor, mean: np.ndarray) -> dict[str, float]:
     }
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=OFFLINE_GEMMA, help="also tiny-random:SEED for a smoke run")
     ap.add_argument("--layer", default="auto", help="layer number; auto = n_layers // 2")
@@ -132,76 +132,84 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="interleaved rounds of bare / harvest / sae-lens")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--out-md", type=Path, help="also write the table here")
-    args = ap.parse_args()
+    return ap.parse_args()
 
-    import sae_lens  # noqa: F401  (imported before any timing)
 
-    t0 = time.perf_counter()
-    lm = load_lm(args.model, device=args.device)
-    load_s = time.perf_counter() - t0
+def bench_config(args: argparse.Namespace, lm) -> tuple[object, HarvestConfig]:
+    """(hook, the harvest config every run uses): whole batches, ~4 shards so commits happen mid-run."""
     hook = resolve_hook(lm, lm.n_layers // 2 if args.layer == "auto" else args.layer)
     B, T = args.batch_size, args.context_length
     n_ctx = math.ceil(args.tokens / (B * T)) * B
-    per_shard = max(1, n_ctx // 4 // math.lcm(B, 8)) * math.lcm(B, 8)  # ~4 shards: commits happen mid-run
-    cfg = HarvestConfig(out=Path("unset"), model=lm.name, hook=hook.name, tokens=n_ctx * T, context_length=T,
-                        batch_contexts=B, contexts_per_shard=per_shard, contexts_per_chunk=8)
-    contexts = get_contexts(cfg, lm)
-    n = contexts.size
+    per_shard = max(1, n_ctx // 4 // math.lcm(B, 8)) * math.lcm(B, 8)
+    return hook, HarvestConfig(out=Path("unset"), model=lm.name, hook=hook.name, tokens=n_ctx * T, context_length=T,
+                               batch_contexts=B, contexts_per_shard=per_shard, contexts_per_chunk=8)
+
+
+def header_lines(args: argparse.Namespace, lm, hook, cfg: HarvestConfig, contexts: np.ndarray,
+                 load_s: float) -> list[str]:
     load = os.getloadavg()[0]
-    header = [
+    return [
         f"machine: {os.cpu_count()} CPU cores ({len(os.sched_getaffinity(0))} usable), torch {torch.__version__} "
         f"with {torch.get_num_threads()} threads, device {lm.model.cfg.device}"
         + (f" ({torch.cuda.get_device_name()})" if str(lm.model.cfg.device).startswith("cuda") else "")
         + f", load average {load:.2f} at start",
         f"model: {lm.name} (loaded in {load_s:.1f} s, excluded), {hook.name}, d={lm.d_model}, "
         f"{str(lm.model.cfg.dtype).removeprefix('torch.')} forward",
-        f"tokens: {n:,} ({len(contexts)} contexts of {T} from {cfg.dataset} -> "
-        f"{resolve_corpus(cfg, lm.name).name}), batch {B} contexts, {per_shard} contexts per shard, "
-        f"{args.repeats} interleaved rounds",
+        f"tokens: {contexts.size:,} ({len(contexts)} contexts of {cfg.context_length} from {cfg.dataset} -> "
+        f"{resolve_corpus(cfg, lm.name).name}), batch {cfg.batch_contexts} contexts, {cfg.contexts_per_shard} "
+        f"contexts per shard, {args.repeats} interleaved rounds",
     ]
-    print("\n".join(header), flush=True)
 
+
+def timed_rounds(args: argparse.Namespace, lm, hook, cfg: HarvestConfig, contexts: np.ndarray, tmp: Path) -> dict:
+    """A warm-up through each path (first-call allocations, lazy imports), then `--repeats`
+    interleaved rounds of bare forward / harvest / sae-lens, and one fp32 and one fp8 harvest."""
+    B, T = cfg.batch_contexts, cfg.context_length
+    bare_forward(lm, contexts[:B], hook.layer, B)
+    run_harvest(dataclasses.replace(cfg, tokens=B * T, contexts_per_shard=math.lcm(B, 8)), lm, tmp / "warm.zarr")
+    run_saelens(lm, contexts[:B], hook.name, B, tmp / "warm-saelens")
     bare, harv, sael = [], [], []
-    with tempfile.TemporaryDirectory(prefix="bench-harvest-") as tmp:
-        tmp = Path(tmp)
-        # Warm-up: one batch through each path (first-call allocations, lazy imports).
-        bare_forward(lm, contexts[:B], hook.layer, B)
-        run_harvest(dataclasses.replace(cfg, tokens=B * T, contexts_per_shard=math.lcm(B, 8)), lm, tmp / "warm.zarr")
-        run_saelens(lm, contexts[:B], hook.name, B, tmp / "warm-saelens")
-        for r in range(args.repeats):
-            bare.append(bare_forward(lm, contexts, hook.layer, B))
-            harv.append(run_harvest(cfg, lm, tmp / f"fp16-{r}.zarr")[0])
-            sael.append(run_saelens(lm, contexts, hook.name, B, tmp / f"saelens-{r}"))
-            print(f"round {r}: wall (CPU) s: bare {bare[-1][0]:.2f} ({bare[-1][1]:.2f}), harvest {harv[-1][0]:.2f} "
-                  f"({harv[-1][1]:.2f}), sae-lens {sael[-1][0]:.2f} ({sael[-1][1]:.2f}); load {os.getloadavg()[0]:.2f}",
-                  flush=True)
-        t32, s32 = run_harvest(cfg, lm, tmp / "fp32.zarr", dtype="float32")
-        t8, s8 = run_harvest(cfg, lm, tmp / "fp8.zarr", dtype="fp8")
-        s16 = ActivationStore.open(tmp / "fp16-0.zarr")
+    for r in range(args.repeats):
+        bare.append(bare_forward(lm, contexts, hook.layer, B))
+        harv.append(run_harvest(cfg, lm, tmp / f"fp16-{r}.zarr")[0])
+        sael.append(run_saelens(lm, contexts, hook.name, B, tmp / f"saelens-{r}"))
+        print(f"round {r}: wall (CPU) s: bare {bare[-1][0]:.2f} ({bare[-1][1]:.2f}), harvest {harv[-1][0]:.2f} "
+              f"({harv[-1][1]:.2f}), sae-lens {sael[-1][0]:.2f} ({sael[-1][1]:.2f}); load {os.getloadavg()[0]:.2f}",
+              flush=True)
+    t32, s32 = run_harvest(cfg, lm, tmp / "fp32.zarr", dtype="float32")
+    t8, s8 = run_harvest(cfg, lm, tmp / "fp8.zarr", dtype="fp8")
+    return {"bare": bare, "harv": harv, "sael": sael, "t32": t32[0], "t8": t8[0], "s32": s32, "s8": s8,
+            "s16": ActivationStore.open(tmp / "fp16-0.zarr")}
 
-        # Same tokens everywhere, and the same activations as sae-lens computed.
-        import datasets
 
-        cache = datasets.load_from_disk(str(tmp / "saelens-0")).with_format("numpy")
-        for s in (s16, s32, s8):
-            assert s.n_tokens == n and np.array_equal(s.read_encoded(0, n)["tokens"], contexts.reshape(-1))
-        assert np.array_equal(cache["token_ids"], contexts), "sae-lens cached other tokens"
-        theirs = torch.from_numpy(np.asarray(cache[hook.name], dtype=np.float32).reshape(n, -1))
-        ours = s32.raw(s32.read())
-        raw_err = float((ours - theirs).norm() / theirs.norm())
-        saelens_bytes = sum(f.stat().st_size for f in (tmp / "saelens-0").rglob("*") if f.is_file())
+def store_checks(lm, hook, contexts: np.ndarray, runs: dict, tmp: Path) -> dict:
+    """Same tokens everywhere, the same activations as sae-lens computed, and the sizes and
+    storage errors of the three store dtypes."""
+    import datasets
 
-        x = s32.read().acts
-        schemes = compact_schemes(x, np.asarray(s8.group["mean"][:], dtype=np.float32))
-        fp32_cache = 4 * lm.d_model
-        b16, b8 = (s.nbytes_on_disk() / n / fp32_cache for s in (s16, s8))
-        f16, f8 = storage_fvu(s16.manifest), storage_fvu(s8.manifest)
+    n, s16, s32, s8 = contexts.size, runs["s16"], runs["s32"], runs["s8"]
+    cache = datasets.load_from_disk(str(tmp / "saelens-0")).with_format("numpy")
+    for s in (s16, s32, s8):
+        assert s.n_tokens == n and np.array_equal(s.read_encoded(0, n)["tokens"], contexts.reshape(-1))
+    assert np.array_equal(cache["token_ids"], contexts), "sae-lens cached other tokens"
+    theirs = torch.from_numpy(np.asarray(cache[hook.name], dtype=np.float32).reshape(n, -1))
+    ours = s32.raw(s32.read())
+    fp32_cache = 4 * lm.d_model
+    b16, b8 = (s.nbytes_on_disk() / n / fp32_cache for s in (s16, s8))
+    return {"raw_err": float((ours - theirs).norm() / theirs.norm()),
+            "saelens_bytes": sum(f.stat().st_size for f in (tmp / "saelens-0").rglob("*") if f.is_file()),
+            "schemes": compact_schemes(s32.read().acts, np.asarray(s8.group["mean"][:], dtype=np.float32)),
+            "fp32_cache": fp32_cache, "b16": b16, "b8": b8,
+            "f16": storage_fvu(s16.manifest), "f8": storage_fvu(s8.manifest)}
 
+
+def result_rows(args: argparse.Namespace, n: int, runs: dict, m: dict) -> list[tuple[str, str, str, str]]:
+    bare, harv, sael = runs["bare"], runs["harv"], runs["sael"]
     (tb, cb), (th, ch), (ts, cs) = (np.median(np.stack(v), axis=0) for v in (bare, harv, sael))
-    t32, t8 = t32[0], t8[0]
     r_bare = [b[0] / h[0] for b, h in zip(bare, harv)]  # per round: harvest tok/s / bare tok/s
     r_sael = [h[0] / s[0] for h, s in zip(harv, sael)]  # per round: harvest time / sae-lens time
     rb, rs = float(np.median(r_bare)), float(np.median(r_sael))
+    b16, b8, f16, f8, fp32_cache, raw_err = (m[k] for k in ("b16", "b8", "f16", "f8", "fp32_cache", "raw_err"))
     each = lambda v: ", ".join(f"{x:.3f}" for x in v)  # noqa: E731
     ok = lambda c: "yes" if c else "**NO**"  # noqa: E731
     rows = [
@@ -217,17 +225,33 @@ def main() -> None:
          "<= 0.26", ok(b8 <= 0.26)),
         ("fp8 (compact) storage FVU vs fp32", f"**{f8:.2e}**", "<= 2e-3", ok(f8 <= 2e-3)),
     ]
-    rows += [(f"8-bit scheme on the fp32 store: {k}, FVU", f"{v:.2e}", "", "") for k, v in schemes.items()]
-    rows += [
-        ("sae-lens cache on disk, bytes/token / 4·d (check)", f"{saelens_bytes / n / fp32_cache:.3f}", "", ""),
+    rows += [(f"8-bit scheme on the fp32 store: {k}, FVU", f"{v:.2e}", "", "") for k, v in m["schemes"].items()]
+    return rows + [
+        ("sae-lens cache on disk, bytes/token / 4·d (check)", f"{m['saelens_bytes'] / n / fp32_cache:.3f}", "", ""),
         ("raw rebuilt from our fp32 store vs sae-lens's activations, relative error (check)", f"{raw_err:.1e}",
          "<= 1e-5", ok(raw_err <= 1e-5)),
         ("the two time ratios above in process CPU time instead of wall time (check)",
          f"{cb / ch:.3f} / {ch / cs:.3f}", "", ""),
-        ("fp32 / fp8 harvest tok/s / bare (one run each)", f"{tb / t32:.3f} / {tb / t8:.3f}", "", ""),
+        ("fp32 / fp8 harvest tok/s / bare (one run each)", f"{tb / runs['t32']:.3f} / {tb / runs['t8']:.3f}", "", ""),
     ]
+
+
+def main() -> None:
+    args = parse_args()
+    import sae_lens  # noqa: F401  (imported before any timing)
+
+    t0 = time.perf_counter()
+    lm = load_lm(args.model, device=args.device)
+    load_s = time.perf_counter() - t0
+    hook, cfg = bench_config(args, lm)
+    contexts = get_contexts(cfg, lm)
+    header = header_lines(args, lm, hook, cfg, contexts, load_s)
+    print("\n".join(header), flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-harvest-") as tmp:
+        runs = timed_rounds(args, lm, hook, cfg, contexts, Path(tmp))
+        measured = store_checks(lm, hook, contexts, runs, Path(tmp))
     table = ["| measure | value | target | met |", "|---|---|---|---|"]
-    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in result_rows(args, contexts.size, runs, measured)]
     print("\n" + "\n".join(table))
     if args.out_md:
         args.out_md.write_text("\n".join([f"- {h}" for h in header] + [""] + table) + "\n")
