@@ -70,7 +70,7 @@ class RQAETrainable(ModuleTrainable):
         try:
             cfg = RQAEConfig(d_in=spec.d_in, n_q=spec.n_q, **spec.options)
         except TypeError as e:
-            raise RQAEError(f"unknown RQAE option in {sorted(spec.options)}; valid: init") from e
+            raise RQAEError(f"unknown RQAE option in {sorted(spec.options)}; valid: init, ste") from e
         except ValueError as e:
             raise RQAEError(str(e)) from None
         super().__init__(spec, RQAE(cfg), device)
