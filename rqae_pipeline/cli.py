@@ -82,7 +82,8 @@ def harvest(
         "cache/gemma-3-270m-offline.zarr"
     ),
     model: Annotated[str, typer.Option(help="'gemma-3-270m-offline' (packaged, no network), a TransformerLens "
-                                       "name such as google/gemma-2-2b, or tiny-random[:SEED].")] = "gemma-3-270m-offline",
+                                       "name such as google/gemma-2-2b, or tiny-random[:SEED].")
+                     ] = "gemma-3-270m-offline",
     layer: Annotated[str, typer.Option("--layer", "--hook", help="Layer number (its hook_resid_post) or a full "
                                        "hook name; 'auto' = the centre layer.")] = "auto",
     dataset: Annotated[str, typer.Option(help="'auto', builtin:python-docs, a hub dataset, or local "
@@ -95,8 +96,10 @@ def harvest(
     batch_size: Annotated[int, typer.Option(help="Contexts per forward pass.")] = 8,
     contexts_per_shard: int = 128,
     contexts_per_chunk: int = 8,
-    dtype: Annotated[str, typer.Option(help="float16 (lossless enough), float32, or fp8 (compact, ~0.26x fp32).")] = "float16",
-    normalisation: Annotated[str, typer.Option(help="final-norm (the LM's final RMSNorm incl. gain) or rms.")] = "final-norm",
+    dtype: Annotated[str, typer.Option(help="float16 (lossless enough), float32, or fp8 (compact, "
+                                       "~0.26x fp32).")] = "float16",
+    normalisation: Annotated[str, typer.Option(help="final-norm (the LM's final RMSNorm incl. gain) "
+                                               "or rms.")] = "final-norm",
     skip_bos: Annotated[bool, typer.Option(help="Do not store the BOS position of each context.")] = False,
     device: Annotated[str | None, typer.Option(help="cuda/cpu; default: cuda when present.")] = None,
     model_dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16 for the forward pass.")] = "float32",
@@ -190,7 +193,8 @@ def train(
                                    heldout_fraction=heldout, checkpoint_every=checkpoint_every,
                                    eval_every=eval_every, device=device, resume=resume))
     if result.interrupted:
-        typer.echo(f"interrupted at step {result.steps}: resume from the checkpoint in {out}; rerun with --resume", err=True)
+        typer.echo(f"interrupted at step {result.steps}: resume from the checkpoint in {out}; rerun with --resume",
+                   err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
     h = result.heldout
     line = f"{out}: {arch} held-out FVU {h['fvu']:.4f}, MSE {h['mse']:.4g} on {h['tokens']:,} tokens"
@@ -244,7 +248,8 @@ def compare_gemmascope(
     rqae: Annotated[Path, typer.Option(help="RQAE model directory written by `rqae train`.")],
     out: Annotated[Path, typer.Option(help="Report directory: report.json, report.html and PNG plots.")],
     release: Annotated[str | None, typer.Option(help="sae-lens release, e.g. gemma-scope-2b-pt-res-canonical.")] = None,
-    sae_id: Annotated[str | None, typer.Option(help="SAE id in the release, e.g. layer_12/width_16k/canonical.")] = None,
+    sae_id: Annotated[str | None, typer.Option(help="SAE id in the release, e.g. "
+                                               "layer_12/width_16k/canonical.")] = None,
     sae_path: Annotated[Path | None, typer.Option(help="Any sae-lens SAE directory instead of a release.")] = None,
     workers: Annotated[int, typer.Option(help="dask LocalCluster workers (0: this process).")] = 0,
     scheduler: Annotated[str | None, typer.Option(help="An existing dask scheduler, e.g. tcp://host:8786.")] = None,
@@ -340,7 +345,8 @@ def search(
     query: Annotated[str | None, typer.Option(help="Query text (run through the store's LM).")] = None,
     token_index: Annotated[int, typer.Option(help="Which token of --query (0-based; negative from the end).")] = -1,
     address: Annotated[str | None, typer.Option(help="A stored token as SEQ:POS instead of --query.")] = None,
-    layers: Annotated[int | None, typer.Option(help="Prefix length m: intensity over layers 1..m (default: all).")] = None,
+    layers: Annotated[int | None, typer.Option(help="Prefix length m: intensity over layers 1..m "
+                                               "(default: all).")] = None,
     top_k: int = 20,
     context: Annotated[int, typer.Option(help="Tokens shown either side of each hit.")] = 8,
     codes: Annotated[Path | None, typer.Option(help="Codes store (default: the one `rqae encode` writes; encoded "

@@ -64,7 +64,8 @@ class MatchResult:
         return {"mean_best_cosine": float(self.best_cosine.mean()),
                 "median_best_cosine": float(np.median(self.best_cosine)),
                 "frac_best_above_0.9": float((self.best_cosine > 0.9).mean()),
-                "mean_assignment_cosine": float(self.assignment_cosine[matched].mean()) if matched.any() else float("nan"),
+                "mean_assignment_cosine": (float(self.assignment_cosine[matched].mean()) if matched.any()
+                                           else float("nan")),
                 "assigned": int(matched.sum())}
 
 
@@ -108,7 +109,8 @@ def match_dictionaries(a: torch.Tensor, b: torch.Tensor, *, candidates: int = 16
     else:
         rows, cols = _sparse_assignment(values.numpy(), index.numpy(), len(b))
         assignment[rows] = cols
-        assignment_cos[rows] = (F.normalize(a[rows].float(), dim=1) * F.normalize(b[cols].float(), dim=1)).sum(1).numpy()
+        assignment_cos[rows] = (F.normalize(a[rows].float(), dim=1)
+                                * F.normalize(b[cols].float(), dim=1)).sum(1).numpy()
     return MatchResult(best_index, best_cos, assignment, assignment_cos)
 
 
@@ -125,7 +127,7 @@ def _sparse_assignment(values: np.ndarray, index: np.ndarray, n_b: int) -> tuple
     except ValueError:  # no full matching in the candidate graph: match greedily instead
         taken, rows, cols = set(), [], []
         for r in np.argsort(-values[:, 0]):
-            for v, c in zip(values[r], index[r]):
+            for c in index[r]:
                 if c not in taken:
                     taken.add(c)
                     rows.append(r)
@@ -220,8 +222,9 @@ def pearson_matching(rqae, sae, store, cfg: PearsonConfig, *, sae_space: str, pr
         tok = example_tokens(acts[:, j], ctx, cfg.contexts_per_group)
         if len(tok) >= 3:
             picked[f] = (j, tok, int(acts[:, j].argmax()))
-    needed = np.unique(np.concatenate([t.numpy() for _, t, _ in picked.values()] + [[top for *_, top in picked.values()]])
-                       .astype(np.int64)) if picked else np.empty(0, np.int64)
+    tops = [[top for *_, top in picked.values()]]
+    needed = (np.unique(np.concatenate([t.numpy() for _, t, _ in picked.values()] + tops).astype(np.int64))
+              if picked else np.empty(0, np.int64))
     codes_of = {}
     for i in range(0, len(needed), cfg.chunk):
         part = needed[i : i + cfg.chunk]

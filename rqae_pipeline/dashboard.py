@@ -148,7 +148,8 @@ def read_dictionary(cfg: DashboardConfig, store, identity: dict) -> dict:
     try:
         data = json.loads(Path(cfg.features).read_text())
     except (OSError, ValueError) as e:
-        raise RQAEError(f"cannot read the feature dictionary {cfg.features}: {getattr(e, 'strerror', None) or e}") from None
+        reason = getattr(e, "strerror", None) or e
+        raise RQAEError(f"cannot read the feature dictionary {cfg.features}: {reason}") from None
     if not isinstance(data, dict) or data.get("kind") != "rqae-feature-dictionary":
         raise RQAEError(f"{cfg.features} is not a feature dictionary (write one with `rqae feature-dictionary`)")
     check_dictionary(data, Path(cfg.features), store, identity, cfg.model)
@@ -192,23 +193,23 @@ def render_feature(f: dict, shown: list[Shown], open_: bool) -> str:
 def render_codebook(stats: dict, pngs: list[Path]) -> str:
     rows = [[p["layers"], f'{p["distinct"]:,}', f'{p["tokens_per_prefix"]:.2f}'] for p in stats["prefixes"]]
     used, cos = stats["usage"]["used_codes"], stats["projected"]["cosine"]
-    note = (f'<p class="note">{stats["tokens"]:,} tokens, {stats["n_q"]} layers of {stats["n_codes"]} codes. Codes used '
-            f'per layer: min {min(used)}, max {max(used)}. Projected codebooks: {cos["abs_below_0.2"]:.1%} of '
-            f'{cos["pairs"]:,} sampled pairs have |cos| &lt; 0.2 ({cos["across_layers_abs_below_0.2"]:.1%} across '
-            f'layers).</p>')
+    note = (f'<p class="note">{stats["tokens"]:,} tokens, {stats["n_q"]} layers of {stats["n_codes"]} codes. '
+            f'Codes used per layer: min {min(used)}, max {max(used)}. '
+            f'Projected codebooks: {cos["abs_below_0.2"]:.1%} of {cos["pairs"]:,} sampled pairs have |cos| &lt; 0.2 '
+            f'({cos["across_layers_abs_below_0.2"]:.1%} across layers).</p>')
     imgs = "".join(f'<p><img class="plot" alt="{html.escape(p.stem)}" src="{html.escape(p.name)}"></p>' for p in pngs)
     return table(["layers", "distinct prefixes", "tokens / prefix"], rows, "prefixes") + note + imgs
 
 
 def render_page(meta: dict, features_html: list[str], searches_html: list[str], codebook_html: str) -> str:
     n = len(features_html)
+    searches = "".join(searches_html) or "<p class=note>No queries given.</p>"
     body = (f'<p class="note">{html.escape(meta["summary"])}</p>'
             '<nav><a href="#features">Features</a><a href="#search">Search</a><a href="#codebook">Codebook</a></nav>'
             f'<h2 id="features">Features ({n})</h2><p class="note">{html.escape(meta["features_note"])}</p>'
             f'<input id="filter" placeholder="filter by id or token"> <span class="meta"><span id="shown">{n}'
             f'</span> shown</span><div id="feature-list">{"".join(features_html)}</div>'
-            f'<h2 id="search">Search</h2><div id="searches">{"".join(searches_html) or "<p class=note>No queries given.</p>"}'
-            '</div>'
+            f'<h2 id="search">Search</h2><div id="searches">{searches}</div>'
             f'<h2 id="codebook">Codebook</h2>{codebook_html}')
     return (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="generator" content="{GENERATOR}">'
             f'<title>RQAE dashboard</title><style>{DASH_CSS}</style></head><body><h1>RQAE dashboard</h1>{body}'

@@ -267,7 +267,8 @@ def load_feature(ref: str, store, model_dir: Path, model, codes_path: Path | Non
         raise RQAEError(f"{path} is not JSON; give a feature dictionary or a `rqae features --out` file") from None
     if isinstance(data, dict) and data.get("kind") == "rqae-feature-dictionary":
         return _dictionary_feature(data, path, key, store, model_dir, model, codes_path)
-    if isinstance(data, dict) and isinstance(data.get("features"), list) and data["features"] and "vmf" in data["features"][0]:
+    features = data.get("features") if isinstance(data, dict) else None
+    if isinstance(features, list) and features and "vmf" in features[0]:
         return _vmf_file_feature(data, path, key, model)
     raise RQAEError(f"{path} is neither a feature dictionary nor a `rqae features --out` file")
 
@@ -285,7 +286,8 @@ def _dictionary_feature(data, path, key, store, model_dir, model, codes_path) ->
     feat = data["features"][ids.index(key)]
     rows = np.array([e["row"] for e in feat["examples"]], dtype=np.int64)
     codes = ensure_codes(store, model_dir, codes_path).read_rows(rows)
-    return SteerFeature(name=key, vmf=fit_vmf(model, codes), words=concept_words([e["token"] for e in feat["examples"]]))
+    words = concept_words([e["token"] for e in feat["examples"]])
+    return SteerFeature(name=key, vmf=fit_vmf(model, codes), words=words)
 
 
 def _vmf_file_feature(data, path, key, model) -> SteerFeature:

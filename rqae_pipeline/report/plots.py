@@ -24,7 +24,8 @@ def plot_training(metrics_path: Path, out_dir: Path, heldout: dict | None = None
         ev = [r for r in rows if "heldout" in r]
         if ev:
             ax2 = ax.twinx()
-            ax2.plot([r["tokens"] for r in ev], [r["heldout"]["fvu"] for r in ev], "o-", color="C1", label="held-out FVU")
+            ax2.plot([r["tokens"] for r in ev], [r["heldout"]["fvu"] for r in ev], "o-", color="C1",
+                     label="held-out FVU")
             ax2.set_ylabel("held-out FVU")
             ax2.legend(loc="upper center")
         ax.set_xlabel("training tokens")
