@@ -51,7 +51,8 @@ def loss_and_grads(model, x, method, prefix_loss):
 def relative_errors(model, x, prefix_loss):
     cf = loss_and_grads(model, x, "closed_form", prefix_loss)
     loop = loss_and_grads(model, x, "loop", prefix_loss)
-    return [float((a - b).norm() / b.norm()) for a, b in zip((cf[0], cf[1], *cf[3]), (loop[0], loop[1], *loop[3]))], cf, loop
+    pairs = zip((cf[0], cf[1], *cf[3]), (loop[0], loop[1], *loop[3]))
+    return [float((a - b).norm() / b.norm()) for a, b in pairs], cf, loop
 
 
 CASES = [dict(ste=ste, prefix_loss=prefix, trained=trained, mean_init=mean_init)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from rqae_pipeline import metrics
 from rqae_pipeline.models.base import read_module_dir, save_module_dir
 from rqae_pipeline.models.rqae_closed_form import (
     PrecomputedGradients,
@@ -159,7 +160,9 @@ class RQAE(HookedRootModule):
         return self.encode_with_projections(x.to(self.W_in.dtype) / self.input_scale, block)[0].to(torch.int16)
 
     @torch.no_grad()
-    def encode_with_projections(self, x: torch.Tensor, block: int = 64, nearest=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_with_projections(
+        self, x: torch.Tensor, block: int = 64, nearest=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled (B, d) input -> (B, n_q) long codes and (B, 4 n_q) projections p_i.
 
         All layers' input projections of x are one GEMM; what earlier layers subtract
@@ -201,7 +204,9 @@ class RQAE(HookedRootModule):
         """Differentiable reconstruction (straight-through codes); see `training_loss_loop`."""
         return self.training_loss_loop(x, prefix_loss=False)[1]
 
-    def training_loss(self, x: torch.Tensor, *, prefix_loss: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def training_loss(
+        self, x: torch.Tensor, *, prefix_loss: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, x_hat, codes), the values and parameter gradients of `training_loss_loop`
         (up to float rounding and ties between codes) computed in closed form from the
         blocked encoder's codes: a few large matrix products instead of a loop over layers.
@@ -219,7 +224,9 @@ class RQAE(HookedRootModule):
             loss = PrecomputedGradients.apply(loss, grads, *params)
         return loss, x_hat, codes
 
-    def training_loss_loop(self, x: torch.Tensor, *, prefix_loss: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def training_loss_loop(
+        self, x: torch.Tensor, *, prefix_loss: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, x_hat, codes) by the layer loop, differentiated by autograd (the reference
         for `training_loss`). With `prefix_loss` the MSE is averaged over every prefix
         reconstruction (layers 1..m for m = 1..n_q), which keeps early layers usable on
@@ -271,11 +278,11 @@ class RQAE(HookedRootModule):
     def intensity(self, query_codes: torch.Tensor, codes: torch.Tensor, n_layers: int | None = None) -> torch.Tensor:
         """Intensity of the feature given by the first `n_layers` of `query_codes` (n_q,) on
         each row of `codes` (N, n_q): sum_i cos(C[t_i], C[f_i]) L_i / sum_i L_i
-        (blog, "Defining a Feature"). The codes are unit vectors, so cos is a dot product."""
+        (blog, "Defining a Feature"). Accumulated in float64 by `metrics.intensity`, the one
+        formula the feature search uses too; returned as float32 on the codes' device."""
         m = self.n_q if n_layers is None else n_layers
-        L = self.layer_norms()[:m]
-        cos = (self.codebook[codes[:, :m].long()] * self.codebook[query_codes[:m].long()]).sum(-1)  # (N, m)
-        return (cos * L).sum(-1) / L.sum()
+        values = metrics.intensity(self.codebook, self.layer_norms(), query_codes, codes, m)
+        return torch.from_numpy(values).to(codes.device, torch.float32)
 
     # ------------------------------------------------------------------ files
 
