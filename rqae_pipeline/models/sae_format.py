@@ -138,8 +138,9 @@ class SAESource:
 
     @classmethod
     def of_store(cls, store) -> SAESource:
-        """From an `ActivationStore`'s manifest (eps: recorded by the harvest since it went in
-        the manifest; older stores get 1e-6, Gemma's, which moves rms by < 1e-6 / (2 rms^2))."""
+        """From an `ActivationStore`'s manifest. eps is the harvest's (`provenance.norm_eps`);
+        older stores did not record it and get 1e-6, Gemma's, which moves rms(x) by a relative
+        |eps - 1e-6| / (2 rms(x)^2), negligible for residual streams."""
         spec = store.spec
         gain = store.gain if spec.normalisation == "final-norm" else torch.ones(store.d)
         eps = store.manifest.get("provenance", {}).get("norm_eps", 1e-6)
