@@ -34,6 +34,9 @@ import numpy as np
 import torch
 
 from rqae_pipeline import RQAEError
+from rqae_pipeline.io import default_device, empty_except_lock
+from rqae_pipeline.metrics import code_counts, usage_perplexity
+from rqae_pipeline.models.registry import architecture_of
 from rqae_pipeline.store import ActivationStore, StoreLock
 
 CODES_SCHEMA = 1
@@ -62,9 +65,10 @@ def model_identity(model_dir: Path) -> dict:
     cfg_path, weights = model_dir / "config.json", model_dir / "model.safetensors"
     if not cfg_path.exists() or not weights.exists():
         raise RQAEError(f"{model_dir} is not an RQAE model directory (config.json + model.safetensors)")
+    arch = architecture_of(model_dir)
+    if arch != "rqae":
+        raise RQAEError(f"{model_dir} holds a {arch!r} model; codes need an RQAE")
     cfg = json.loads(cfg_path.read_text())
-    if cfg.get("architecture") != "rqae":
-        raise RQAEError(f"{model_dir} holds a {cfg.get('architecture')!r} model; codes need an RQAE")
     h = hashlib.sha256()
     with open(weights, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -205,7 +209,6 @@ def encode_store(cfg: EncodeConfig, *, progress: bool = True) -> Path:
     """Encode every committed store row with the RQAE, shard by shard; resumes a partial run."""
     from tqdm import tqdm
 
-    from rqae_pipeline.lm import default_device
     from rqae_pipeline.models.rqae import RQAE
 
     store = ActivationStore.open(cfg.store)
@@ -257,7 +260,7 @@ def _open_for_writing(out: Path, store: ActivationStore, identity: dict):
     if exists:
         codes = open_codes(out)
         codes.check(store=store, identity=identity)  # never append another model's codes
-    elif out.exists() and (not out.is_dir() or any(p.name != ".lock" for p in out.iterdir())):
+    elif not empty_except_lock(out):
         raise RQAEError(f"{out} exists and is not a codes store; choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -310,23 +313,19 @@ def codebook_stats(model, codes: CodesStore, *, prefix_layers: int = 4, pairs_sa
     m_max = min(prefix_layers, n_q, 6)
     usage = np.zeros((n_q, n_codes), dtype=np.int64)
     distinct = [_Distinct() for _ in range(m_max)]
-    offsets = (np.arange(n_q, dtype=np.int64) * n_codes)[None, :]
     with tqdm(total=codes.n, unit="tok", unit_scale=True, desc="codebook stats", disable=not progress) as bar:
         for _, block in codes.blocks():
-            usage += np.bincount((block.astype(np.int64) + offsets).ravel(), minlength=n_q * n_codes).reshape(n_q, -1)
+            usage += code_counts(block, n_codes)
             for m in range(1, m_max + 1):
                 distinct[m - 1].add(prefix_keys(block, m, n_codes))
             bar.update(len(block))
     N = codes.n
     counts = [d.count() for d in distinct]
     prefixes = [{"layers": m, "distinct": c, "tokens_per_prefix": N / c} for m, c in enumerate(counts, start=1)]
-    p = usage / N
-    with np.errstate(divide="ignore", invalid="ignore"):
-        entropy = -np.where(p > 0, p * np.log(p), 0.0).sum(1)
     return {
         "tokens": N, "n_q": n_q, "n_codes": n_codes,
         "prefixes": prefixes,
-        "usage": {"used_codes": (usage > 0).sum(1).tolist(), "perplexity": np.exp(entropy).tolist(),
+        "usage": {"used_codes": (usage > 0).sum(1).tolist(), "perplexity": usage_perplexity(usage).tolist(),
                   "counts": usage.tolist()},
         "projected": projected_codebook_stats(model, sample=pairs_sample, seed=seed),
     }

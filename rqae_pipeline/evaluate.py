@@ -14,15 +14,22 @@ from __future__ import annotations
 import json
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 
 from rqae_pipeline import RQAEError
+
+# Stats, default_prefixes, prefix_of and reconstruct are also imported from here by older callers
+from rqae_pipeline.metrics import Stats, code_usage_summary, default_prefixes, prefix_of  # noqa: F401
+from rqae_pipeline.models.registry import kind_of, load_model_dir, reconstruct
 from rqae_pipeline.store import ActivationStore, Flags
+
+RowSelection = Literal["heldout", "all"]
+ModelSpace = Literal["auto", "raw", "normalised"]
 
 
 @dataclass(frozen=True)
@@ -41,7 +48,7 @@ class PretrainedSAE:
 class EvalConfig:
     store: Path
     model: Path | PretrainedSAE
-    rows: str = "heldout"  # "heldout": the training run's held-out contexts; "all": every row
+    rows: RowSelection = "heldout"  # "heldout": the training run's held-out contexts; "all": every row
     prefixes: tuple[int, ...] | None = None  # RQAE prefix lengths (default: powers of two and n_q)
     exclude: int = int(Flags.BOS | Flags.OUTLIER)
     batch_size: int = 4096
@@ -51,52 +58,16 @@ class EvalConfig:
     ce_contexts: int = 0  # held-out contexts for CE-delta / KL (needs the LM); 0 skips them
     # "auto": models trained here read the store's normalised acts; any other sae-lens
     # directory (e.g. Gemma Scope) reads raw residuals, rebuilt as acts / gain * scale.
-    space: str = "auto"
+    space: ModelSpace = "auto"
     threads_per_worker: int | None = None  # torch threads in each dask task (default: cores / --workers)
     row_range: tuple[int, int] | None = None  # explicit [start, stop) rows, overriding `rows`
 
-
-@dataclass
-class Stats:
-    """Mergeable float64 sums for a set of rows."""
-
-    n: int = 0
-    sum: np.ndarray | None = None  # (d,)
-    sumsq: float = 0.0
-    sse: dict[str, float] = field(default_factory=dict)  # per reconstruction label
-    counts: dict[str, np.ndarray] = field(default_factory=dict)  # usage counts, e.g. SAE latent firing
-
-    def add(self, x: torch.Tensor, recons: dict[str, torch.Tensor], counts: dict[str, np.ndarray] | None = None):
-        x64 = x.double()
-        s = x64.sum(0).cpu().numpy()
-        self.sum = s if self.sum is None else self.sum + s
-        self.sumsq += float(x64.pow(2).sum())
-        self.n += int(x.shape[0])
-        for label, x_hat in recons.items():
-            self.sse[label] = self.sse.get(label, 0.0) + float((x64 - x_hat.double()).pow(2).sum())
-        for label, c in (counts or {}).items():
-            self.counts[label] = self.counts[label] + c if label in self.counts else c.astype(np.float64)
-        return self
-
-    def merge(self, other: Stats) -> Stats:
-        sums = [t for t in (self.sum, other.sum) if t is not None]
-        out = Stats(n=self.n + other.n, sumsq=self.sumsq + other.sumsq,
-                    sum=None if not sums else sums[0] + sums[1] if len(sums) == 2 else sums[0].copy())
-        for label in set(self.sse) | set(other.sse):
-            out.sse[label] = self.sse.get(label, 0.0) + other.sse.get(label, 0.0)
-        for label in set(self.counts) | set(other.counts):
-            a, b = self.counts.get(label), other.counts.get(label)
-            out.counts[label] = b.copy() if a is None else a if b is None else a + b
-        return out
-
-    def total_variance(self) -> float:
-        return self.sumsq - float(self.sum @ self.sum) / self.n
-
-    def metrics(self, d: int) -> dict[str, dict[str, float]]:
-        if self.n == 0:
-            raise RQAEError("no rows to evaluate (all excluded or an empty range)")
-        total = self.total_variance()
-        return {label: {"mse": sse / (self.n * d), "fvu": sse / total} for label, sse in sorted(self.sse.items())}
+    def __post_init__(self):
+        # RQAEError, not ValueError: the CLI builds this config from its options directly
+        if self.rows not in get_args(RowSelection):
+            raise RQAEError(f"unknown row selection {self.rows!r}; use 'heldout' or 'all'")
+        if self.space not in get_args(ModelSpace):
+            raise RQAEError(f"unknown space {self.space!r}; use auto, raw or normalised")
 
 
 # --------------------------------------------------------------------------- models
@@ -106,8 +77,6 @@ _MODELS: dict[tuple[str, str], Any] = {}  # per process: each dask worker loads 
 
 def load_model(ref: Path | str | PretrainedSAE, device: str = "cpu"):
     """A model directory (RQAE, codebook, any sae-lens SAE dir) or a pretrained sae-lens SAE."""
-    from rqae_pipeline.models.trainables import load_model_dir
-
     key = (str(ref) if isinstance(ref, PretrainedSAE) else str(Path(ref).resolve()), device)
     if key not in _MODELS:
         _MODELS[key] = load_pretrained_sae(ref, device) if isinstance(ref, PretrainedSAE) else load_model_dir(ref, device)
@@ -195,8 +164,7 @@ def reconstruct_rows(model, store: ActivationStore, acts: torch.Tensor, scale: t
     """Reconstructions in the store's normalised space, whatever space the model reads."""
     if model_space(cfg) == "normalised":
         return reconstruct(model, acts, cfg.prefixes)
-    gain = store.gain.to(acts.device) if store.spec.normalisation == "final-norm" else torch.ones(store.d)
-    factor = (scale[:, None].to(acts.device) / gain)  # normalised -> raw
+    factor = store.to_raw_factor(scale, acts.device)  # normalised -> raw
     recons, counts = reconstruct(model, acts * factor, cfg.prefixes)
     return {label: x_hat / factor for label, x_hat in recons.items()}, counts
 
@@ -232,53 +200,72 @@ def ce_stats(store_path: str, model_ref, first_ctx: int, stop_ctx: int, cfg: Eva
     tokens = torch.from_numpy(rows.tokens.astype(np.int64)).reshape(-1, R)
     if spec.skip_bos:
         tokens = torch.cat([torch.full((len(tokens), 1), lm.tokenizer.bos_token_id), tokens], 1)
-    keep = torch.from_numpy((rows.flags & cfg.exclude) == 0)
-    recons, _ = reconstruct_rows(model, store, rows.acts.to(cfg.device), rows.scale, cfg)
-    gain = store.gain if spec.normalisation == "final-norm" else torch.ones(store.d)
-    off = 1 if spec.skip_bos else 0
-    replacements = {"zero": torch.zeros_like(rows.acts)}
-    replacements.update({label: x_hat.cpu() / gain * rows.scale[:, None] for label, x_hat in recons.items()})
-    keep = keep.reshape(len(tokens), R)
-    start = residual_start_layer(spec.hook)
+    keep = torch.from_numpy((rows.flags & cfg.exclude) == 0).reshape(len(tokens), R)
+    replacements = ce_replacements(model, store, rows, cfg)
+    splice = _Splice(lm=lm, hook=spec.hook, start=residual_start_layer(spec.hook), offset=1 if spec.skip_bos else 0)
     stats = Stats()
     # A few contexts per forward pass: log-probabilities over a 256k vocabulary are ~1 MB a
     # token, so whole tasks at once would spend their time allocating, not computing.
     for c in range(0, len(tokens), CE_CONTEXTS_PER_FORWARD):
         sl = slice(c, c + CE_CONTEXTS_PER_FORWARD)
-        toks = tokens[sl].to(cfg.device)
-
-        # At a residual-stream hook the clean run's residual there is computed once and each
-        # spliced run starts from it (TransformerLens `start_at_layer`), skipping the layers
-        # below the hook; any other hook splices through a forward hook on a full run.
-        resid = None if start is None else lm.model(toks, stop_at_layer=start)
-
-        def run(replacement: torch.Tensor | None) -> torch.Tensor:
-            def splice(act, hook=None):
-                new = replacement.reshape(-1, R, replacement.shape[-1])[sl].to(act.device, act.dtype)
-                act[:, off:][keep[sl]] = new[keep[sl]]
-                return act
-
-            if resid is not None:
-                logits = lm.model(resid if replacement is None else splice(resid.clone()), start_at_layer=start)
-            else:
-                hooks = [] if replacement is None else [(spec.hook, splice)]
-                logits = lm.model.run_with_hooks(toks, fwd_hooks=hooks)
-            return logits[:, :-1].float().log_softmax(-1)
-
-        def ce_sum(logp: torch.Tensor) -> float:
-            return -float(logp.gather(-1, toks[:, 1:, None]).double().sum())
-
-        clean = run(None)
-        _add(stats.sse, "ce:clean", ce_sum(clean))
-        for label, replacement in replacements.items():
-            logp = run(replacement)
-            _add(stats.sse, f"ce:{label}", ce_sum(logp))
-            if label != "zero":
-                kl = torch.nn.functional.kl_div(logp, clean, log_target=True, reduction="none").sum(-1)
-                _add(stats.sse, f"kl:{label}", float(kl.double().sum()))
-            del logp
+        block = {label: r.reshape(-1, R, r.shape[-1])[sl] for label, r in replacements.items()}
+        _add_ce_sums(stats, splice, tokens[sl].to(cfg.device), keep[sl], block)
     stats.counts["ce_n"] = np.array([float(tokens[:, 1:].numel())])
     return stats
+
+
+def ce_replacements(model, store: ActivationStore, rows, cfg: EvalConfig) -> dict[str, torch.Tensor]:
+    """(n, d) raw activations to splice in, by label: zeros ("zero") and each reconstruction."""
+    recons, _ = reconstruct_rows(model, store, rows.acts.to(cfg.device), rows.scale, cfg)
+    replacements = {"zero": torch.zeros_like(rows.acts)}
+    replacements.update({label: store.to_raw(x_hat.cpu(), rows.scale) for label, x_hat in recons.items()})
+    return replacements
+
+
+@dataclass(frozen=True)
+class _Splice:
+    """Forward passes of the LM with an activation spliced in at `hook`.
+
+    At a residual-stream hook the clean run's residual there is computed once and each
+    spliced run starts from it (TransformerLens `start_at_layer`), skipping the layers
+    below the hook; any other hook splices through a forward hook on a full run."""
+
+    lm: Any
+    hook: str
+    start: int | None  # `residual_start_layer(hook)`
+    offset: int  # 1 when the store skipped BOS: stored rows start at position 1
+
+    def log_probs(self, toks: torch.Tensor, resid: torch.Tensor | None, new: torch.Tensor | None,
+                  keep: torch.Tensor) -> torch.Tensor:
+        """Next-token log-probabilities with `new` (B, R, d) written where `keep` (B, R); None: clean."""
+        def splice(act, hook=None):
+            act[:, self.offset:][keep] = new.to(act.device, act.dtype)[keep]
+            return act
+
+        if resid is not None:
+            logits = self.lm.model(resid if new is None else splice(resid.clone()), start_at_layer=self.start)
+        else:
+            hooks = [] if new is None else [(self.hook, splice)]
+            logits = self.lm.model.run_with_hooks(toks, fwd_hooks=hooks)
+        return logits[:, :-1].float().log_softmax(-1)
+
+
+def _add_ce_sums(stats: Stats, splice: _Splice, toks: torch.Tensor, keep: torch.Tensor,
+                 replacements: dict[str, torch.Tensor]) -> None:
+    """CE sums of the clean run and of each replacement, and KL(clean || spliced), on a block of contexts."""
+    def ce_sum(logp: torch.Tensor) -> float:
+        return -float(logp.gather(-1, toks[:, 1:, None]).double().sum())
+
+    resid = None if splice.start is None else splice.lm.model(toks, stop_at_layer=splice.start)
+    clean = splice.log_probs(toks, resid, None, keep)
+    stats.add_sum("ce:clean", ce_sum(clean))
+    for label, new in replacements.items():
+        logp = splice.log_probs(toks, resid, new, keep)
+        stats.add_sum(f"ce:{label}", ce_sum(logp))
+        if label != "zero":
+            kl = torch.nn.functional.kl_div(logp, clean, log_target=True, reduction="none").sum(-1)
+            stats.add_sum(f"kl:{label}", float(kl.double().sum()))
+        del logp
 
 
 CE_CONTEXTS_PER_FORWARD = 2
@@ -291,10 +278,6 @@ def residual_start_layer(hook: str) -> int | None:
 
     m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(post|pre)", hook)
     return None if m is None else int(m.group(1)) + (m.group(2) == "post")
-
-
-def _add(d: dict, key: str, value: float) -> None:
-    d[key] = d.get(key, 0.0) + value
 
 
 def ce_summary(stats: Stats) -> dict[str, dict[str, float]]:
@@ -336,8 +319,6 @@ def eval_rows(cfg: EvalConfig, store: ActivationStore) -> tuple[int, int]:
         return start, stop
     if cfg.rows == "all":
         return 0, store.n_tokens
-    if cfg.rows != "heldout":
-        raise RQAEError(f"unknown row selection {cfg.rows!r}; use 'heldout' or 'all'")
     run = None if isinstance(cfg.model, PretrainedSAE) else Path(cfg.model) / "train.json"
     if run is None or not run.exists():
         raise RQAEError(f"{cfg.model} has no train.json with a held-out split (not trained here); use --rows all")
@@ -489,13 +470,3 @@ def summarise(stats: Stats, model, d: int, rows: tuple[int, int]) -> dict:
     if "codes" in stats.counts:
         out["code_usage"] = code_usage_summary(stats.counts["codes"])
     return out
-
-
-def code_usage_summary(counts: np.ndarray) -> dict[str, Any]:
-    """(n_q, n_codes) usage counts -> per-layer perplexity (exp of the usage entropy; n_codes
-    is perfectly uniform) and codes never used."""
-    p = counts / counts.sum(1, keepdims=True)
-    perplexity = np.exp(-(p * np.log(np.clip(p, 1e-300, None))).sum(1))
-    return {"perplexity_mean": float(perplexity.mean()), "perplexity_min": float(perplexity.min()),
-            "perplexity_first_layers": perplexity[:4].round(1).tolist(),
-            "dead_codes_mean": float((counts == 0).sum(1).mean())}

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rqae_pipeline import RQAEError
+from rqae_pipeline import RQAEError, metrics
 from rqae_pipeline.codes import CodesStore, ensure_codes
 from rqae_pipeline.store import ActivationStore, Flags
 
@@ -73,8 +73,7 @@ class Hit:
 
 def codebook64(model) -> np.ndarray:
     """(544, 4) unit codes in float64 (renormalised, so a code's cosine with itself is 1)."""
-    c = model.codebook.detach().double().cpu().numpy()
-    return c / np.linalg.norm(c, axis=1, keepdims=True)
+    return metrics.unit_codebook64(model.codebook)
 
 
 def check_layers(model, layers: int | None) -> int:
@@ -85,28 +84,19 @@ def check_layers(model, layers: int | None) -> int:
 
 
 def layer_weights(model, m: int) -> np.ndarray:
-    L = model.layer_norms().detach().double().cpu().numpy()[:m]
-    return L / L.sum()
+    return metrics.layer_weights(model.layer_norms(), m)
 
 
 def intensity_feature(model, query_codes: np.ndarray, layers: int | None = None) -> Feature:
     """The blog's intensity of the feature given by the first `layers` codes of a query token."""
     m = check_layers(model, layers)
-    q = np.asarray(query_codes).astype(np.int64)
-    return Feature(weights=layer_weights(model, m)[:, None] * codebook64(model)[q[:m]])
+    return Feature(weights=metrics.intensity_weights(codebook64(model), model.layer_norms(), query_codes, m))
 
 
 def score_codes(model, feature: Feature, codes: np.ndarray) -> np.ndarray:
     """(n,) float64 scores of rows of codes (n, >= m)."""
     table = feature.weights @ codebook64(model).T  # (m, 544)
-    return _score_table(table, feature.bias, codes)
-
-
-def _score_table(table: np.ndarray, bias: float, codes: np.ndarray) -> np.ndarray:
-    out = np.zeros(len(codes), dtype=np.float64)
-    for i in range(len(table)):  # fixed summation order: identical bits in any block
-        out += table[i][codes[:, i]]
-    return out + bias
+    return metrics.table_scores(table, codes, feature.bias)
 
 
 class TopK:
@@ -136,7 +126,7 @@ class TopK:
 def _keep_mask(store: ActivationStore | None, a: int, b: int, exclude: int) -> np.ndarray | None:
     if store is None or not exclude:
         return None
-    return (np.asarray(store.group["flags"][a:b]) & exclude) == 0
+    return (store.column("flags", slice(a, b)) & exclude) == 0
 
 
 def search(model, codes: CodesStore, query: np.ndarray | Feature, *, layers: int | None = None, top_k: int = 20,
@@ -154,7 +144,7 @@ def search(model, codes: CodesStore, query: np.ndarray | Feature, *, layers: int
     table, top = feature.weights @ codebook64(model).T, TopK(top_k)
     with tqdm(total=codes.n, unit="tok", unit_scale=True, desc="search", disable=not progress) as bar:
         for a, block in codes.blocks():
-            scores = _score_table(table, feature.bias, block[:, : feature.layers])
+            scores = metrics.table_scores(table, block[:, : feature.layers], feature.bias)
             rows = np.arange(a, a + len(block))
             keep = _keep_mask(store, a, a + len(block), exclude)
             top.push(rows if keep is None else rows[keep], scores if keep is None else scores[keep])
@@ -290,16 +280,16 @@ def sample_seed_rows(store: ActivationStore, n: int, seed: int, exclude: int) ->
     """`n` distinct ordinary rows, seeded, reading flags block by block (bounded memory)."""
     rng = np.random.default_rng(seed)
     cand = np.sort(rng.choice(store.n_tokens, size=min(store.n_tokens, 4 * n), replace=False))
-    flags = store.group["flags"].get_orthogonal_selection((cand,)) if len(cand) else np.empty(0, np.uint8)
-    good = cand[(np.asarray(flags) & exclude) == 0]
+    flags = store.column("flags", cand) if len(cand) else np.empty(0, np.uint8)
+    good = cand[(flags & exclude) == 0]
     return np.sort(rng.permutation(good)[:n])
 
 
 def build_feature_dictionary(cfg: DictionaryConfig, *, progress: bool = True) -> dict:
     """Features from seed tokens' prefixes at each prefix length, with their top examples in
     context, written as one JSON file for a dashboard to browse."""
+    from rqae_pipeline.io import atomic_write_json
     from rqae_pipeline.models.rqae import RQAE
-    from rqae_pipeline.paths import atomic_write_bytes
     from rqae_pipeline.queries import contexts, load_tokenizer
 
     store = ActivationStore.open(cfg.store)
@@ -335,8 +325,9 @@ def build_feature_dictionary(cfg: DictionaryConfig, *, progress: bool = True) ->
     }
     out = Path(cfg.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, json.dumps(result, indent=1).encode())
+    atomic_write_json(out, result)
     return result
+
 
 
 # --------------------------------------------------------------------------- checks of inputs against the store

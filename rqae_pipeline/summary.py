@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from rqae_pipeline.store import ActivationStore, Flags, StoreLock
+from rqae_pipeline.store import ActivationStore, Flags
 
 
 def storage_fvu(manifest: dict) -> float | None:
@@ -19,7 +19,6 @@ def storage_fvu(manifest: dict) -> float | None:
 
 def summarise(store: ActivationStore, *, sample_rows: int = 65536, seed: int = 0) -> dict:
     spec, n = store.spec, store.n_tokens
-    lock = StoreLock(store.path).read()
     out = {
         "path": str(store.path),
         "model": spec.model,
@@ -35,7 +34,7 @@ def summarise(store: ActivationStore, *, sample_rows: int = 65536, seed: int = 0
         "complete": store.manifest["committed"]["complete"],
         "shards": -(-n // spec.shard_rows),
         "bytes_on_disk": store.nbytes_on_disk(),
-        "writer": None if not lock else {**lock, "live": StoreLock._alive(lock)},
+        "writer": store.writer(),
         "created": store.manifest.get("created"),
         "storage_fvu_vs_fp32": storage_fvu(store.manifest),
     }

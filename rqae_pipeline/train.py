@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -22,8 +21,10 @@ from typing import Any
 import torch
 
 from rqae_pipeline import RQAEError, __version__
+from rqae_pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text, default_device
+from rqae_pipeline.metrics import Stats, prefix_label, prefix_of
 from rqae_pipeline.models.base import ModelSpec, Trainable
-from rqae_pipeline.models.trainables import build_trainable
+from rqae_pipeline.models.registry import build_trainable, reconstruct
 from rqae_pipeline.store import ActivationStore, Flags
 
 CHECKPOINT = "checkpoint.pt"
@@ -130,8 +131,6 @@ def heldout_rows(store: ActivationStore, cfg: TrainConfig, split: dict) -> torch
 def evaluate(trainable: Trainable, x: torch.Tensor, batch: int = 4096) -> dict[str, Any]:
     """Held-out MSE and FVU with the evaluator's float64 sums (FVU against the set's own
     mean); for RQAE also the FVU of every power-of-two prefix."""
-    from rqae_pipeline.evaluate import Stats, prefix_of, reconstruct
-
     model = trainable.eval_model()
     stats = Stats()
     for i in range(0, len(x), batch):
@@ -139,7 +138,7 @@ def evaluate(trainable: Trainable, x: torch.Tensor, batch: int = 4096) -> dict[s
         stats.add(xb, reconstruct(model, xb, None)[0])
     metrics = stats.metrics(x.shape[1])
     is_rqae = trainable.spec.arch == "rqae"
-    full = metrics[f"rqae@{trainable.spec.n_q}"] if is_rqae else next(iter(metrics.values()))
+    full = metrics[prefix_label(trainable.spec.n_q)] if is_rqae else next(iter(metrics.values()))
     out = {"mse": full["mse"], "fvu": full["fvu"], "tokens": len(x)}
     if is_rqae:
         by_prefix = {prefix_of(k): v["fvu"] for k, v in metrics.items()}
@@ -151,16 +150,14 @@ def evaluate(trainable: Trainable, x: torch.Tensor, batch: int = 4096) -> dict[s
 # --------------------------------------------------------------------------- run directory
 
 
-def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+def _write_run_file(out: Path, run: dict) -> None:
+    atomic_write_json(out / RUN_FILE, run, default=str)
 
 
 def save_checkpoint(out: Path, trainable: Trainable, step: int, cfg: TrainConfig) -> None:
-    tmp = out / (CHECKPOINT + ".tmp")
-    torch.save({"step": step, "state": trainable.checkpoint_state(), "identity": cfg.identity()}, tmp)
-    os.replace(tmp, out / CHECKPOINT)  # a kill mid-save leaves the previous checkpoint
+    # atomic: a kill mid-save leaves the previous checkpoint
+    atomic_torch_save({"step": step, "state": trainable.checkpoint_state(), "identity": cfg.identity()},
+                      out / CHECKPOINT)
 
 
 def _prepare_out(cfg: TrainConfig, store: ActivationStore) -> dict | None:
@@ -189,17 +186,37 @@ def _prepare_out(cfg: TrainConfig, store: ActivationStore) -> dict | None:
 def _keep_metrics_up_to(path: Path, step: int) -> None:
     if path.exists():
         lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-        path.write_text("".join(ln + "\n" for ln in lines))
+        atomic_write_text(path, "".join(ln + "\n" for ln in lines))
 
 
 # --------------------------------------------------------------------------- the loop
 
 
+@dataclass
+class _Run:
+    """What the loop needs of a started run."""
+
+    cfg: TrainConfig
+    out: Path
+    trainable: Trainable
+    step: int  # steps already taken (a resumed run's checkpoint step)
+    heldout: torch.Tensor  # held-out rows for periodic and final evaluation
+    batches: Any  # iterator of training batches, from `step` on
+
+
 def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
-    from tqdm import tqdm
+    run = _start_run(cfg)
+    t0 = time.perf_counter()
+    step, interrupted = _train_loop(run, progress=progress)
+    result = TrainResult(out=run.out, steps=step, interrupted=interrupted, seconds=time.perf_counter() - t0)
+    if not interrupted:
+        result.heldout = _finish_run(run, step)
+    return result
 
-    from rqae_pipeline.lm import default_device
 
+def _start_run(cfg: TrainConfig) -> _Run:
+    """Open the store, check or create the run directory, build (or restore) the model and
+    record the run in `train.json`."""
     store = open_training_store(cfg.store)
     if cfg.model.d_in != store.d:
         raise RQAEError(f"model d_in {cfg.model.d_in} does not match the store's d_model {store.d}")
@@ -220,56 +237,82 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         trainable.load_checkpoint_state(ckpt["state"])
         step = ckpt["step"]
         _keep_metrics_up_to(out / METRICS, step)
-    _atomic_json(out / RUN_FILE, {"config": cfg.identity(), "store": str(cfg.store), "store_spec": store.manifest["spec"],
-                                  "heldout": split, "rqae_pipeline": __version__, "status": "training"})
+    _write_run_file(out, {"config": cfg.identity(), "store": str(cfg.store), "store_spec": store.manifest["spec"],
+                          "heldout": split, "rqae_pipeline": __version__, "status": "training"})
     batches = train_batches(store, cfg, split, skip=step)
     if step == 0:
         trainable.init_from_data(first_batch)
         _keep_metrics_up_to(out / METRICS, 0)
+    return _Run(cfg=cfg, out=out, trainable=trainable, step=step, heldout=heldout, batches=batches)
+
+
+def _train_loop(run: _Run, *, progress: bool) -> tuple[int, bool]:
+    """Step until `total_steps`, logging and checkpointing; (steps done, interrupted)."""
+    from tqdm import tqdm
+
+    cfg, step = run.cfg, run.step
     bar = tqdm(total=cfg.total_steps, initial=step, unit="step", desc=f"train {cfg.model.arch}",
                disable=not progress, dynamic_ncols=True)
-    t0, t_last, tok_last, interrupted = time.perf_counter(), time.perf_counter(), 0, False
+    throughput = _Throughput()
     last_good = step
     try:
-        with open(out / METRICS, "a") as log:
+        with open(run.out / METRICS, "a") as log:
             while step < cfg.total_steps:
-                stats = trainable.train_step(next(batches))
+                stats = run.trainable.train_step(next(run.batches))
                 if not math.isfinite(stats["loss"]):
                     raise RQAEError(f"loss became {stats['loss']} at step {step + 1}; stopped, the checkpoint of "
                                     f"step {last_good} is kept (try a lower --lr)")
                 step += 1
                 bar.update(1)
                 if step % cfg.log_every == 0 or step == cfg.total_steps:
-                    now = time.perf_counter()
-                    tok_s = (step * cfg.batch_size - tok_last) / max(now - t_last, 1e-9)
-                    t_last, tok_last = now, step * cfg.batch_size
-                    row = {"step": step, "tokens": step * cfg.batch_size, **stats, "tok_per_s": tok_s}
-                    if step % cfg.eval_every == 0 or step == cfg.total_steps:
-                        row["heldout"] = evaluate(trainable, heldout)
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
-                    bar.set_postfix(loss=f"{stats['loss']:.4g}", fvu=f"{stats.get('fvu', float('nan')):.3f}",
-                                    tok_s=f"{tok_s:,.0f}")
+                    _log_step(run, log, bar, step, stats, throughput.tokens_per_second(step * cfg.batch_size))
                 if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
-                    save_checkpoint(out, trainable, step, cfg)
+                    save_checkpoint(run.out, run.trainable, step, cfg)
                     last_good = step
     except KeyboardInterrupt:
         # The interrupt may land inside a step (after the optimiser moved the weights, before
         # the counter did), so the last periodic checkpoint is the one to resume from.
-        interrupted, step = True, last_good
+        return last_good, True
     finally:
         bar.close()
-    result = TrainResult(out=out, steps=step, interrupted=interrupted, seconds=time.perf_counter() - t0)
-    if not interrupted:
-        result.heldout = evaluate(trainable, heldout)
-        trainable.save(out)
-        run = json.loads((out / RUN_FILE).read_text())
-        run.update(status="done", steps=step, heldout_metrics=result.heldout, weight_bytes=trainable.weight_bytes())
-        _atomic_json(out / RUN_FILE, run)
-        from rqae_pipeline.report.plots import plot_training
+    return step, False
 
-        plot_training(out / METRICS, out, result.heldout)
-    return result
+
+class _Throughput:
+    """Tokens per second since the previous call."""
+
+    def __init__(self):
+        self.t_last, self.tok_last = time.perf_counter(), 0
+
+    def tokens_per_second(self, tokens: int) -> float:
+        now = time.perf_counter()
+        tok_s = (tokens - self.tok_last) / max(now - self.t_last, 1e-9)
+        self.t_last, self.tok_last = now, tokens
+        return tok_s
+
+
+def _log_step(run: _Run, log, bar, step: int, stats: dict, tok_s: float) -> None:
+    """One metrics.jsonl row (with a held-out evaluation every `eval_every` steps)."""
+    cfg = run.cfg
+    row = {"step": step, "tokens": step * cfg.batch_size, **stats, "tok_per_s": tok_s}
+    if step % cfg.eval_every == 0 or step == cfg.total_steps:
+        row["heldout"] = evaluate(run.trainable, run.heldout)
+    log.write(json.dumps(row) + "\n")
+    log.flush()
+    bar.set_postfix(loss=f"{stats['loss']:.4g}", fvu=f"{stats.get('fvu', float('nan')):.3f}", tok_s=f"{tok_s:,.0f}")
+
+
+def _finish_run(run: _Run, step: int) -> dict[str, Any]:
+    """Final held-out evaluation, the saved model, `train.json` marked done and the plots."""
+    heldout = evaluate(run.trainable, run.heldout)
+    run.trainable.save(run.out)
+    info = json.loads((run.out / RUN_FILE).read_text())
+    info.update(status="done", steps=step, heldout_metrics=heldout, weight_bytes=run.trainable.weight_bytes())
+    _write_run_file(run.out, info)
+    from rqae_pipeline.report.plots import plot_training
+
+    plot_training(run.out / METRICS, run.out, heldout)
+    return heldout
 
 
 def default_spec(arch: str, d_in: int, **kw) -> ModelSpec:

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol, get_args
 
 import torch
+
+from rqae_pipeline import RQAEError
+
+TrainDtype = Literal["float32", "bfloat16"]
+TRAIN_DTYPES: tuple[str, ...] = get_args(TrainDtype)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -24,23 +29,33 @@ class ModelSpec:
     n_q: int = 64  # RQAE layers
     d_sae: int = 4096  # SAE latents / codebook size
     k: int = 32  # active latents (TopK-style SAEs) / active codes (codebook)
-    lr: float = 1e-2  # see default_lr: measured per family (docs/training.md)
+    # None: the architecture's measured rate (`default_lr`, docs/training.md), filled in at
+    # construction so the spec, and the run identity saved from it, hold the value used
+    lr: float | None = None
     prefix_loss: bool = True  # RQAE: average MSE over every prefix reconstruction
     mean_init: bool = True  # initialise the output bias to the data mean
     # "bfloat16": autocast the forward pass (SAEs through SAETrainer's own autocast, the
     # codebook through torch.autocast). RQAE always trains in fp32: its quantisation and
     # residual arithmetic run with autocast off, as vector-quantize-pytorch's FSQ does.
-    dtype: str = "float32"
+    dtype: TrainDtype = "float32"
     options: dict[str, Any] = field(default_factory=dict)  # architecture-specific extras
+
+    def __post_init__(self):
+        from rqae_pipeline.models.registry import kind_of_spec_arch
+
+        if self.dtype not in TRAIN_DTYPES:
+            raise RQAEError(f"unknown training dtype {self.dtype!r}; use {' or '.join(TRAIN_DTYPES)}")
+        kind_of_spec_arch(self.arch)  # raises naming the valid architectures
+        if self.lr is None:
+            object.__setattr__(self, "lr", default_lr(self.arch))
 
 
 def default_lr(arch: str) -> float:
     """Adam learning rates measured on real Gemma-3-270M activations (docs/training.md);
-    SAEs keep sae-lens's own default."""
-    return {"rqae": 1e-2, "codebook": 1e-3}.get(arch, 3e-4)
+    SAEs keep sae-lens's own default. Each architecture's value lives in its registration."""
+    from rqae_pipeline.models.registry import default_lr as registered_lr
 
-
-TRAIN_DTYPES = ("float32", "bfloat16")
+    return registered_lr(arch)
 
 
 class Trainable(Protocol):
@@ -93,8 +108,10 @@ def read_module_dir(model_dir: str | Path, architecture: str) -> tuple[dict, dic
 
     from safetensors.torch import load_file
 
+    from rqae_pipeline.models.registry import architecture_of
+
     d = Path(model_dir)
-    cfg = json.loads((d / "config.json").read_text())
-    if cfg.get("architecture") != architecture:
-        raise ValueError(f"{d} holds a {cfg.get('architecture')!r} model, not {architecture!r}")
-    return cfg, load_file(d / "model.safetensors")
+    found = architecture_of(d)
+    if found != architecture:
+        raise RQAEError(f"{d} holds a {found!r} model, not {architecture!r}")
+    return json.loads((d / "config.json").read_text()), load_file(d / "model.safetensors")

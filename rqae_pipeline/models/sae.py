@@ -26,6 +26,7 @@ import torch
 
 from rqae_pipeline import RQAEError
 from rqae_pipeline.models.base import ModelSpec
+from rqae_pipeline.models.registry import Architecture, register
 
 # SAETrainerConfig fields a spec may set through `options`; the others belong to our loop
 # (sizes, lr, device, checkpoints, logging) or to `fit()` alone.
@@ -263,3 +264,38 @@ class SAEBaseline:
         w = state["whitening"]
         t.activation_scaler.whitening = ActivationWhitening(**w) if w is not None else None
         self._inference = None
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def _is_sae(model) -> bool:
+    import sys
+
+    sae_lens = sys.modules.get("sae_lens")  # an SAE object exists only once sae-lens is imported
+    return sae_lens is not None and isinstance(model, sae_lens.SAE)
+
+
+def _load_sae_dir(path: Path, device: str = "cpu"):
+    from sae_lens import SAE
+
+    return SAE.load_from_disk(str(path), device=device)
+
+
+@torch.no_grad()
+def reconstruct_sae(model, x: torch.Tensor, prefixes=None):
+    """The reconstruction ("sae"), each latent's firing count and the summed L0."""
+    import numpy as np
+
+    acts = model.encode(x)
+    fired = (acts != 0).double()
+    return {"sae": model.decode(acts)}, {"latents": fired.sum(0).cpu().numpy(), "l0": np.array([float(fired.sum())])}
+
+
+def _build_sae(spec: ModelSpec, *, total_steps: int, batch_size: int, device: str, seed: int) -> SAEBaseline:
+    return SAEBaseline(spec, total_steps=total_steps, batch_size=batch_size, device=device, seed=seed)
+
+
+# sae-lens's own default Adam rate (its runner config), kept for every SAE architecture
+register(Architecture(kind="sae", is_instance=_is_sae, load=_load_sae_dir, reconstruct=reconstruct_sae,
+                      encode=lambda model, x: model.encode(x), default_lr=3e-4, build=_build_sae))

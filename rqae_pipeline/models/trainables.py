@@ -1,21 +1,27 @@
-"""`Trainable` adapters for the torch modules (RQAE, codebook) and the dispatch by architecture.
+"""`Trainable` adapters for the torch modules (RQAE, codebook), and their registrations.
 
 The sae-lens SAEs have their own adapter (`models/sae.py`), which steps sae-lens's
-`SAETrainer`; RQAE and the codebook use plain Adam, nanoGPT style.
+`SAETrainer`; RQAE and the codebook use plain Adam, nanoGPT style. Dispatch by
+architecture is `models/registry.py`'s.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from rqae_pipeline import RQAEError
-from rqae_pipeline.models.base import ModelSpec, Trainable
+from rqae_pipeline.metrics import code_counts, code_usage, default_prefixes, prefix_label
+from rqae_pipeline.models.base import ModelSpec
 from rqae_pipeline.models.codebook import CodebookAE, CodebookConfig
+from rqae_pipeline.models.registry import Architecture, build_trainable, load_model_dir, register
 from rqae_pipeline.models.rqae import RQAE, RQAEConfig
+
+__all__ = ["ModuleTrainable", "RQAETrainable", "CodebookTrainable", "batch_fvu", "code_usage", "build_trainable",
+           "load_model_dir"]  # the last three are re-exported for old imports
 
 
 def batch_fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
@@ -93,15 +99,6 @@ class RQAETrainable(ModuleTrainable):
         return code_usage(codes, int(self.module.codebook.shape[0]))
 
 
-def code_usage(codes: torch.Tensor, n_codes: int) -> dict[str, Any]:
-    """Per-layer code counts -> perplexity (exp of the usage entropy) and dead codes."""
-    from rqae_pipeline.evaluate import code_usage_summary
-
-    counts = torch.zeros(codes.shape[1], n_codes, dtype=torch.float64, device=codes.device)
-    counts.scatter_add_(1, codes.T, torch.ones_like(codes.T, dtype=torch.float64))
-    return {**code_usage_summary(counts.cpu().numpy()), "tokens": int(codes.shape[0])}
-
-
 class CodebookTrainable(ModuleTrainable):
     def __init__(self, spec: ModelSpec, device: str):
         super().__init__(spec, CodebookAE(CodebookConfig(d_in=spec.d_in, n_codes=spec.d_sae, k=spec.k)), device)
@@ -123,35 +120,36 @@ class CodebookTrainable(ModuleTrainable):
         return {"dead_codes": int((~used).sum()), "tokens": int(x.shape[0])}
 
 
-def build_trainable(spec: ModelSpec, *, total_steps: int, batch_size: int, device: str, seed: int) -> Trainable:
-    """Construct the architecture's trainable with seeded init (the global RNG is left alone)."""
-    from rqae_pipeline.models.base import TRAIN_DTYPES
-
-    if spec.dtype not in TRAIN_DTYPES:
-        raise RQAEError(f"unknown training dtype {spec.dtype!r}; use {' or '.join(TRAIN_DTYPES)}")
-    if spec.arch.endswith("-sae"):
-        from rqae_pipeline.models.sae import SAEBaseline
-
-        return SAEBaseline(spec, total_steps=total_steps, batch_size=batch_size, device=device, seed=seed)
-    builders = {"rqae": RQAETrainable, "codebook": CodebookTrainable}
-    if spec.arch not in builders:
-        raise RQAEError(f"unknown architecture {spec.arch!r}; use rqae, codebook or <sae-lens architecture>-sae")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return builders[spec.arch](spec, device)
+# --------------------------------------------------------------------------- registrations
 
 
-def load_model_dir(path: Path, device: str = "cpu"):
-    """Open a trained model directory: an RQAE, a codebook or a sae-lens SAE."""
-    path = Path(path)
-    if (path / "config.json").exists():
-        arch = json.loads((path / "config.json").read_text()).get("architecture")
-        if arch == "rqae":
-            return RQAE.load(path, device)
-        if arch == "codebook":
-            return CodebookAE.load(path, device)
-    if (path / "cfg.json").exists():
-        from sae_lens import SAE
+def _seeded(cls):
+    def build(spec: ModelSpec, *, total_steps: int, batch_size: int, device: str, seed: int):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(spec, device)
 
-        return SAE.load_from_disk(str(path), device=device)
-    raise RQAEError(f"{path} is not a trained model directory")
+    return build
+
+
+@torch.no_grad()
+def reconstruct_rqae(model: RQAE, x: torch.Tensor, prefixes: tuple[int, ...] | None):
+    """One reconstruction per prefix length ("rqae@m") and the per-layer code counts."""
+    codes = model.encode(x)
+    recons = {prefix_label(m): model.decode(codes, m) for m in (prefixes or default_prefixes(model.n_q))}
+    return recons, {"codes": code_counts(codes, int(model.codebook.shape[0])).astype(np.float64)}
+
+
+@torch.no_grad()
+def reconstruct_codebook(model: CodebookAE, x: torch.Tensor, prefixes=None):
+    idx = model.encode(x)
+    fired = torch.zeros(model.cfg.n_codes, dtype=torch.float64).index_add_(
+        0, idx.reshape(-1).cpu(), torch.ones(idx.numel(), dtype=torch.float64))
+    return {"codebook": model.decode(idx)}, {"latents": fired.numpy()}
+
+
+register(Architecture(kind="rqae", is_instance=lambda m: isinstance(m, RQAE), load=RQAE.load,
+                      reconstruct=reconstruct_rqae, encode=RQAE.encode, default_lr=1e-2, build=_seeded(RQAETrainable)))
+register(Architecture(kind="codebook", is_instance=lambda m: isinstance(m, CodebookAE), load=CodebookAE.load,
+                      reconstruct=reconstruct_codebook, encode=CodebookAE.encode, default_lr=1e-3,
+                      build=_seeded(CodebookTrainable)))
