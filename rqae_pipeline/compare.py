@@ -154,7 +154,7 @@ def normalise_like_store(v: torch.Tensor, store) -> torch.Tensor:
     final-norm mode), as the reference passes W_enc[:, f] through the final norm."""
     v = v.float()
     v = v / v.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
-    return v * store.gain if store.spec.normalisation == "final-norm" else v
+    return v * store.gain  # ones in "rms" mode
 
 
 def _sae_input(store, rows, sae_space: str) -> torch.Tensor:
@@ -346,8 +346,8 @@ def decoder_matching(rqae, sae, store, sae_space: str, cfg: CompareConfig) -> di
     becomes v / gain; the per-token scale does not change a direction)."""
     layers = min(rqae.n_q, cfg.match_layers or rqae.n_q)
     dirs = decoder_directions(rqae)[: layers * rqae.codebook.shape[0]]
-    if sae_space == "raw" and store.spec.normalisation == "final-norm":
-        dirs = dirs / store.gain
+    if sae_space == "raw":
+        dirs = dirs / store.gain  # ones in "rms" mode
     sae_dirs = decoder_directions(sae)
     result = match_dictionaries(sae_dirs, dirs, candidates=cfg.match_candidates)
     per_layer = np.bincount(result.best_index // rqae.codebook.shape[0], minlength=layers)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import html
 import json
-import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from rqae_pipeline import RQAEError
+from rqae_pipeline.io import staging_dir, swap_in
 from rqae_pipeline.report.html import CSS, table
 
 GENERATOR = "rqae dashboard"
@@ -117,9 +117,8 @@ def examples_shown(model, codes, store, tokenizer, items: list[tuple[object, lis
     if len(rows) == 0:
         return [[] for _ in items]
     code_rows = codes.read_rows(rows)
-    token_ids = np.asarray(store.group["tokens"].get_orthogonal_selection((rows,)))
-    seqs = np.asarray(store.group["seq"].get_orthogonal_selection((rows,)))
-    poss = np.asarray(store.group["pos"].get_orthogonal_selection((rows,)))
+    cols = store.columns(rows, "tokens", "seq", "pos")
+    token_ids, seqs, poss = cols["tokens"], cols["seq"], cols["pos"]
     where = {int(r): i for i, r in enumerate(rows)}
     text: dict[int, str] = {}
 
@@ -226,21 +225,10 @@ def _staging(out: Path) -> Path:
         index = out / "index.html"
         if not index.exists() or f'content="{GENERATOR}"' not in index.read_text(errors="replace")[:2000]:
             raise RQAEError(f"{out} is not empty and holds no dashboard; choose another --out")
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     try:
-        tmp.mkdir(parents=True)
+        return staging_dir(out)
     except OSError as e:
         raise RQAEError(f"cannot write to {out.parent}: {e.strerror or e}") from None
-    return tmp
-
-
-def _swap_in(tmp: Path, out: Path) -> None:
-    old = out.with_name(f".{out.name}.old{os.getpid()}")
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def build_dashboard(cfg: DashboardConfig, *, progress: bool = True, echo: Callable[[str], None] | None = None,
@@ -266,7 +254,7 @@ def build_dashboard(cfg: DashboardConfig, *, progress: bool = True, echo: Callab
     tmp = _staging(out)
     try:
         _write_into(tmp, cfg, store, model, dictionary, queries, m_query, progress, echo or (lambda m: None))
-        _swap_in(tmp, out)
+        swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -240,10 +240,11 @@ def splice_hook(step: Callable[[torch.Tensor], torch.Tensor], record: list | Non
 
 
 def model_architecture(model_dir: Path) -> str:
-    path = Path(model_dir) / "config.json"
-    if not path.exists():
+    from rqae_pipeline.models.registry import architecture_of
+
+    if not (Path(model_dir) / "config.json").exists():
         raise RQAEError(f"{model_dir} is not a model directory written by `rqae train` (no config.json)")
-    arch = json.loads(path.read_text()).get("architecture")
+    arch = architecture_of(model_dir)
     if arch not in ("rqae", "codebook"):
         raise RQAEError(f"{model_dir} holds a {arch!r} model; steering needs an RQAE or a codebook model")
     return arch
@@ -434,7 +435,7 @@ def run_steering(cfg: SteerRunConfig, *, lm=None, echo: Callable[[str], None] | 
     words = tuple(w.lower() for w in cfg.words) or steering.words
     if not words:
         raise RQAEError("no concept words to count: give --word (repeatable)")
-    norm = Norm(gain=store.gain if store.spec.normalisation == "final-norm" else torch.ones(store.d),
+    norm = Norm(gain=store.gain,  # ones in "rms" mode
                 eps=float(lm.model.cfg.eps), mode=store.spec.normalisation)
     generations = generate_both(cfg, lm, store.spec.hook, prompt_ids, steering.step(norm), echo)
     return {

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rqae_pipeline.evaluate import prefix_of
-from rqae_pipeline.paths import atomic_write_bytes
+from rqae_pipeline.metrics import prefix_of
+from rqae_pipeline.io import atomic_write_bytes
 from rqae_pipeline.report.html import layers_label
 
 

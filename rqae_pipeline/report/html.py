@@ -8,7 +8,7 @@ import html
 import math
 from pathlib import Path
 
-from rqae_pipeline.evaluate import prefix_of
+from rqae_pipeline.metrics import prefix_of
 
 CSS = """
 body { font: 14px/1.45 system-ui, sans-serif; max-width: 1100px; margin: 2em auto; padding: 0 1em; color: #222; }

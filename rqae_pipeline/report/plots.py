@@ -10,7 +10,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: CI and servers have no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-from rqae_pipeline.evaluate import prefix_of  # noqa: E402
+from rqae_pipeline.metrics import prefix_of  # noqa: E402
 
 
 def plot_training(metrics_path: Path, out_dir: Path, heldout: dict | None = None) -> list[Path]:
