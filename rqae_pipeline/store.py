@@ -293,7 +293,9 @@ class ActivationStore:
         n = len(cols["scale"])
         stop = start + n
         for name, data in cols.items():
-            arr = self.group[name]
+            # Write every shard, all-zero ones too (zarr skips those by default), so that a
+            # missing shard file always means damage (see integrity.py).
+            arr = self.group[name].with_config({"write_empty_chunks": True})
             if arr.shape[0] < stop:
                 arr.resize((stop,) + arr.shape[1:])
             arr[start:stop] = data

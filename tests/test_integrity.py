@@ -20,6 +20,7 @@ import pytest
 from rqae_pipeline import RQAEError
 from rqae_pipeline.harvest import harvest
 from rqae_pipeline.store import ActivationStore, StoreLock
+
 from helpers import run_rqae, store_arrays, tiny_config, tiny_rqae
 
 
@@ -100,6 +101,14 @@ def test_garbage_inside_a_chunk_is_detected(copy, tmp_path):
     assert not run.exists()
 
 
+def test_an_all_zero_shard_is_written_not_skipped(copy):
+    store = ActivationStore.open(copy).reopen_for_append()
+    cols = store.read_encoded(0, 128)
+    store.write_rows(0, {**cols, "flags": np.zeros(128, np.uint8)})  # zarr skips all-fill shards by default
+    assert (copy / "flags" / "c" / "0").is_file()
+    assert (ActivationStore.open(copy).read(0, 128).flags == 0).all()
+
+
 def test_every_row_array_is_checksummed(intact):
     for name in ("acts", "scale", "tokens", "seq", "pos", "flags", "gain"):
         meta = json.loads((intact / name / "zarr.json").read_text())
@@ -112,8 +121,8 @@ def test_a_store_written_without_checksums_still_reads_identically(intact, tmp_p
     import rqae_pipeline.store as store_mod
 
     old = tmp_path / "old.zarr"
-    monkeypatch.setattr(store_mod, "_compressors", lambda dtype: [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")])
-    monkeypatch.setattr(store_mod, "_checksummed_array_codecs", lambda: {}, raising=False)
+    without_crc = [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")]  # the codecs before checksums
+    monkeypatch.setattr(store_mod, "_compressors", lambda dtype: without_crc)
     harvest(tiny_config(old), lm=tiny_lm, progress=False)
     monkeypatch.undo()
     assert "crc32c" not in json.dumps(json.loads((old / "acts" / "zarr.json").read_text())["codecs"][0]
@@ -122,7 +131,8 @@ def test_a_store_written_without_checksums_still_reads_identically(intact, tmp_p
     assert all(np.array_equal(want[k], got[k]) for k in want)
     from rqae_pipeline.verify import verify_store
 
-    assert verify_store(ActivationStore.open(old)).ok
+    report = verify_store(ActivationStore.open(old))
+    assert report.ok and "acts" in report.unchecksummed
 
 
 # --------------------------------------------------------------------------- item 3: rqae verify

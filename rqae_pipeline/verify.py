@@ -1,0 +1,197 @@
+"""`rqae verify`: read every committed row of every array once and report all damage.
+
+Checks, shard by shard: every shard file the committed rows need exists and reads (the
+chunk and shard-index checksums match), each array's shape and dtype, the manifest's
+counts (tokens = contexts x rows per context, no array shorter than the commit), that
+acts, scale (and fp8's row_scale) are finite, that `seq`/`pos` are each row's context and
+position, that flags use only defined bits and that a token id's special-token bits are
+the same wherever it occurs; plus the (d,) arrays (gain, fp8's mean). Unlike a training
+read, which stops at the first bad shard, it lists every one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from rqae_pipeline.integrity import (
+    describe,
+    drain_zarr_tasks,
+    has_chunk_checksums,
+    missing_shards,
+    shard_key,
+    shard_rows,
+)
+from rqae_pipeline.store import ROW_ARRAYS, ActivationStore, Flags, decode_acts
+
+EXIT_DAMAGED = 1  # `rqae verify` exit status when any problem is found (2: not a store / usage)
+DEFINED_FLAGS = int(Flags.ANY_SPECIAL | Flags.OUTLIER)
+
+
+@dataclass
+class VerifyReport:
+    path: str
+    tokens: int
+    contexts: int
+    shards: int  # shards per row array that the committed rows cover
+    arrays: int
+    bytes_read: int = 0
+    problems: list[str] = field(default_factory=list)
+    unchecksummed: list[str] = field(default_factory=list)  # arrays written before chunks had a crc32c
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _row_arrays(store: ActivationStore) -> tuple[str, ...]:
+    return ROW_ARRAYS + (("row_scale",) if store.spec.dtype == "fp8" else ())
+
+
+def verify_store(store: ActivationStore, *, progress: bool = False) -> VerifyReport:
+    from tqdm import tqdm
+
+    n, names = store.n_tokens, _row_arrays(store)
+    per = store.spec.shard_rows
+    report = VerifyReport(path=str(store.path), tokens=n, contexts=store.n_contexts, shards=-(-n // per),
+                          arrays=len(names))
+    report.problems += _check_manifest(store)
+    names = [name for name in names if _check_array(store, name, report)]
+    report.unchecksummed = [name for name in names if not has_chunk_checksums(store.group[name])]
+    special_bits: set[tuple[int, int]] = set()
+    for i in tqdm(range(report.shards), desc="verify", unit="shard", disable=not progress):
+        cols = {name: _read_shard(store, name, i, report) for name in names}
+        _check_rows(store, i * per, {k: v for k, v in cols.items() if v is not None}, report, special_bits)
+    report.problems += _check_special_bits(special_bits)
+    report.problems += _check_vectors(store, report)
+    return report
+
+
+def _check_manifest(store: ActivationStore) -> list[str]:
+    n, ctx, R = store.n_tokens, store.n_contexts, store.spec.rows_per_context
+    if n != ctx * R:
+        return [f"manifest: {n:,} committed tokens but {ctx:,} contexts x {R} rows per context = {ctx * R:,}"]
+    return []
+
+
+def _check_array(store: ActivationStore, name: str, report: VerifyReport) -> bool:
+    """Shape and dtype of one row array; False when it cannot be read row-aligned at all."""
+    if name not in store.group:
+        report.problems.append(f"{name}: array missing")
+        return False
+    arr = store.group[name]
+    want_tail = (store.d,) if name == "acts" else ()
+    if tuple(arr.shape[1:]) != want_tail:
+        report.problems.append(f"{name}: shape {tuple(arr.shape)}, expected (N,{''.join(f' {d}' for d in want_tail)})")
+        return False
+    if arr.shape[0] < store.n_tokens:
+        report.problems.append(f"{name}: {arr.shape[0]:,} rows but the manifest commits {store.n_tokens:,}")
+        return False
+    if shard_rows(arr) != store.spec.shard_rows:
+        report.problems.append(f"{name}: shards of {shard_rows(arr)} rows, the manifest says {store.spec.shard_rows}")
+        return False
+    return True
+
+
+def _read_shard(store: ActivationStore, name: str, i: int, report: VerifyReport) -> np.ndarray | None:
+    arr, per = store.group[name], store.spec.shard_rows
+    key = shard_key(arr, name, i)
+    a, b = i * per, min((i + 1) * per, store.n_tokens)
+    if missing_shards(store.path, arr, name, [i]):
+        report.problems.append(f"{key}: shard file missing (rows {a:,}-{b - 1:,})")
+        return None
+    try:
+        data = arr[a:b]
+    except Exception as e:  # noqa: BLE001  zarr and its codecs raise many types for damaged bytes
+        drain_zarr_tasks()
+        report.problems.append(f"{key}: {describe(e)} (rows {a:,}-{b - 1:,})")
+        return None
+    report.bytes_read += (store.path / key).stat().st_size if (store.path / key).is_file() else 0
+    return data
+
+
+def _check_rows(store: ActivationStore, start: int, cols: dict[str, np.ndarray], report: VerifyReport,
+                special_bits: set[tuple[int, int]]) -> None:
+    """Content checks of one shard's rows (arrays that failed to read are skipped)."""
+    bad = report.problems.append
+    spec = store.spec
+    if "acts" in cols and (spec.dtype != "fp8" or "row_scale" in cols):
+        acts = decode_acts(cols["acts"], spec.dtype, cols.get("row_scale"), store.codec_mean())
+        _report_nonfinite("acts", start, ~np.isfinite(acts.numpy()).all(axis=1), bad)
+    for name in ("scale", "row_scale"):
+        if name in cols:
+            _report_nonfinite(name, start, ~np.isfinite(cols[name]), bad)
+    rows = np.arange(start, start + len(next(iter(cols.values())))) if cols else np.empty(0, np.int64)
+    expected = {"seq": rows // spec.rows_per_context,
+                "pos": rows % spec.rows_per_context + (1 if spec.skip_bos else 0)}
+    for name, want in expected.items():
+        if name in cols and not np.array_equal(cols[name], want):
+            first = start + int(np.flatnonzero(cols[name] != want)[0])
+            bad(f"{name}: row {first:,} holds {int(cols[name][first - start])}, expected {int(want[first - start])}")
+    if "flags" in cols:
+        undefined = (cols["flags"].astype(np.int64) & ~DEFINED_FLAGS) != 0
+        if undefined.any():
+            bad(f"flags: {int(undefined.sum())} row(s) from row {start + int(np.flatnonzero(undefined)[0]):,} "
+                f"set undefined bits")
+        if "tokens" in cols:
+            special = cols["flags"] & int(Flags.ANY_SPECIAL)
+            pairs = np.unique(np.stack([cols["tokens"].astype(np.int64), special]), axis=1)
+            special_bits.update(map(tuple, pairs.T.tolist()))
+
+
+def _report_nonfinite(name: str, start: int, mask: np.ndarray, bad) -> None:
+    if mask.any():
+        bad(f"{name}: {int(mask.sum())} non-finite row(s), the first at row {start + int(np.flatnonzero(mask)[0]):,}")
+
+
+def _check_special_bits(pairs: set[tuple[int, int]]) -> list[str]:
+    """Special-token flags come from the token id, so one id must always carry the same bits."""
+    seen: dict[int, int] = {}
+    clashes = sorted({tok for tok, bits in pairs if seen.setdefault(tok, bits) != bits})
+    if clashes:
+        return [f"flags: token id(s) {clashes[:5]} carry different special-token bits in different rows"]
+    return []
+
+
+def _check_vectors(store: ActivationStore, report: VerifyReport) -> list[str]:
+    """The (d,) arrays: gain in final-norm stores, the codec mean in fp8 stores."""
+    names = ["gain"] if store.spec.normalisation == "final-norm" else []
+    names += ["mean"] if store.spec.dtype == "fp8" else []
+    problems = []
+    for name in names:
+        if name not in store.group:
+            problems.append(f"{name}: array missing")
+            continue
+        arr = store.group[name]
+        key = shard_key(arr, name, 0)
+        if not (store.path / key).is_file():
+            problems.append(f"{key}: chunk file missing")
+            continue
+        try:
+            data = arr[:]
+        except Exception as e:  # noqa: BLE001  as in _read_shard
+            drain_zarr_tasks()
+            problems.append(f"{key}: {describe(e)}")
+            continue
+        if data.shape != (store.d,) or not np.isfinite(data).all():
+            problems.append(f"{name}: expected {store.d} finite values, got shape {data.shape}")
+    return problems
+
+
+def format_report(r: VerifyReport) -> str:
+    lines = [
+        f"store     {r.path}",
+        (f"checked   {r.tokens:,} committed rows ({r.contexts:,} contexts) in {r.shards} shard(s) x {r.arrays} "
+         f"arrays, {r.bytes_read / 1e6:,.2f} MB read"),
+    ]
+    if r.unchecksummed:
+        lines.append(f"note      {', '.join(r.unchecksummed)} written without chunk checksums (an older store): "
+                     f"damage inside a chunk is found only where it breaks decompression or a check above")
+    if r.ok:
+        return "\n".join([*lines, "result    ok: no damage found"])
+    lines.append(f"result    DAMAGED: {len(r.problems)} problem(s)")
+    lines += [f"  {p}" for p in r.problems]
+    lines.append("repair    see 'Damaged stores' in README.md: rebuild the named shards from a scratch "
+                 "harvest, or re-harvest the store")
+    return "\n".join(lines)
