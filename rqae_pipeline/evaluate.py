@@ -156,6 +156,12 @@ def model_space(cfg: EvalConfig) -> str:
         return cfg.space
     if isinstance(cfg.model, PretrainedSAE):
         return "raw"
+    if (Path(cfg.model) / "cfg.json").exists():  # a sae-lens SAE saved here says what it reads
+        from rqae_pipeline.models.sae_format import recorded_normalisation
+
+        if recorded_normalisation(cfg.model):
+            return "normalised"
+    # directories saved before that: trained here (train.json beside it) or a raw-residual SAE
     return "normalised" if (Path(cfg.model) / "train.json").exists() else "raw"
 
 
@@ -445,11 +451,21 @@ def check_compatible(model, store: ActivationStore, cfg: EvalConfig) -> None:
     d_in = model.cfg.d_in
     if d_in != store.d:
         raise RQAEError(f"model {cfg.model} has d_in {d_in}, the store has d_model {store.d}")
+    recorded = None  # the store normalisation a saved SAE's cfg.json names
+    if model_kind(model) == "sae" and not isinstance(cfg.model, PretrainedSAE):
+        from rqae_pipeline.models.sae_format import recorded_normalisation
+
+        recorded = recorded_normalisation(cfg.model)
+    if recorded and model_space(cfg) == "raw":
+        raise RQAEError(f"SAE {cfg.model} reads the store's {recorded} rows (its cfg.json says so); drop --space raw")
+    if recorded and recorded != store.spec.normalisation:
+        raise RQAEError(f"SAE {cfg.model} was trained on {recorded} rows, the store's are {store.spec.normalisation}")
+    checked = model_kind(model) == "sae" and (model_space(cfg) == "raw" or recorded)  # metadata it can trust
     hook = getattr(getattr(model.cfg, "metadata", None), "hook_name", None)
-    if model_kind(model) == "sae" and model_space(cfg) == "raw" and hook and hook != store.spec.hook:
+    if checked and hook and hook != store.spec.hook:
         raise RQAEError(f"SAE {cfg.model} reads {hook}, the store holds {store.spec.hook}")
     sae_lm = getattr(getattr(model.cfg, "metadata", None), "model_name", None)
-    if model_kind(model) == "sae" and model_space(cfg) == "raw" and sae_lm and _lm_key(sae_lm) != _lm_key(store.spec.model):
+    if checked and sae_lm and _lm_key(sae_lm) != _lm_key(store.spec.model):
         raise RQAEError(f"SAE {cfg.model} was trained on {sae_lm}, the store holds {store.spec.model}")
 
 

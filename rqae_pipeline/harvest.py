@@ -107,6 +107,7 @@ def _provenance(lm: LoadedLM) -> dict:
 
     return {
         "model_load": lm.load_info,
+        "norm_eps": float(lm.model.cfg.eps),  # the normalisation's eps, for SAEs that redo it (models/sae_format.py)
         "rqae_pipeline": __version__,
         "zarr": zarr.__version__,
         "numcodecs": numcodecs.__version__,

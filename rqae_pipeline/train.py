@@ -25,6 +25,7 @@ from rqae_pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_
 from rqae_pipeline.metrics import Stats, prefix_label, prefix_of
 from rqae_pipeline.models.base import ModelSpec, Trainable
 from rqae_pipeline.models.registry import build_trainable, reconstruct
+from rqae_pipeline.models.sae import SAEBaseline
 from rqae_pipeline.store import ActivationStore, Flags
 
 CHECKPOINT = "checkpoint.pt"
@@ -232,6 +233,8 @@ def _start_run(cfg: TrainConfig) -> _Run:
     out.mkdir(parents=True, exist_ok=True)
     trainable = build_trainable(cfg.model, total_steps=cfg.total_steps, batch_size=cfg.batch_size, device=device,
                                 seed=cfg.seed)
+    if isinstance(trainable, SAEBaseline):  # its cfg.json then says which activations it reads
+        trainable.record_source(store)
     step = 0
     if ckpt is not None:
         trainable.load_checkpoint_state(ckpt["state"])

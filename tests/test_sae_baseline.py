@@ -16,6 +16,7 @@ from rqae_pipeline import RQAEError
 from rqae_pipeline.harvest import harvest
 from rqae_pipeline.models.base import ModelSpec
 from rqae_pipeline.models.sae import SAEBaseline, parse_sae_arch, sae_architectures
+from rqae_pipeline.models.sae_format import load_sae_dir
 from rqae_pipeline.models.trainables import build_trainable
 from rqae_pipeline.store import ActivationStore
 from rqae_pipeline.train import TrainConfig, evaluate, heldout_rows, heldout_split, train, train_batches
@@ -224,13 +225,13 @@ def test_each_architecture_learns_through_train_and_its_saved_sae_reads_the_stor
     # measured (sae-lens 6.50): every architecture's held-out FVU falls by 0.13 (matching
     # pursuit, which starts at 0.60) to 0.34 from its untrained value (~1.03) in these steps
     assert result.heldout["fvu"] < untrained_heldout_fvu(cfg) - 0.08
-    sae = SAE.load_from_disk(str(tmp_path / arch))
+    sae = load_sae_dir(tmp_path / arch)  # as the pipeline reads it: in the stored space (models/sae_format.py)
     store = ActivationStore.open(store_path)
     x = heldout_rows(store, cfg, heldout_split(store, cfg.heldout_fraction))
     with torch.no_grad():
         err = (sae(x) - x).double().pow(2).sum() / (x.double() - x.double().mean(0)).pow(2).sum()
-    # the saved SAE reads store activations directly (activation scale folded in) and
-    # reproduces the held-out FVU measured before saving
+    # the saved SAE, back in the stored space, reads store activations directly (activation
+    # scale folded in) and reproduces the held-out FVU measured before saving
     assert float(err) == pytest.approx(result.heldout["fvu"], rel=1e-3, abs=1e-4)
 
 

@@ -10,9 +10,10 @@ Inputs are scaled to mean norm sqrt(d_in) (sae-lens's `expected_average_only_in`
 Anthropic's April 2024 update), estimated as sae-lens's `ActivationScaler` does, on the
 init sample; this makes the sparsity coefficients below independent of the store's
 activation scale. Like `fit()`, the factor is folded into the weights of what is saved
-(`save_inference_model`, the format sae-lens's runners write), so the saved SAE reads
-store activations and `sae_lens.SAE.load_from_disk` opens it. Evaluation uses that same
-inference SAE, built in memory, so reported metrics are the saved model's.
+(`save_inference_model`, the format sae-lens's runners write). Evaluation uses that same
+inference SAE, built in memory, so reported metrics are the saved model's. Trained on a
+store, it is saved for raw hook activations, with the store's normalisation around the
+same weights (`models/sae_format.py`), and loaded back into the stored space here.
 """
 
 from __future__ import annotations
@@ -117,6 +118,7 @@ class SAEBaseline:
                                device=self.device, logger=LoggingConfig(log_to_wandb=False), **trainer_kw)
         self.trainer = SAETrainer(cfg, self.sae, data_provider=iter(()))
         self._inference = None  # cached inference SAE, dropped whenever the weights change
+        self.source = None  # the store's SAESource (`record_source`); `save` then writes a raw-activation SAE
 
     # ------------------------------------------------------------------ training
 
@@ -217,10 +219,26 @@ class SAEBaseline:
         return {"l0": float((acts != 0).float().sum(-1).mean()), "dead": int(self.trainer.dead_neurons.sum()),
                 "tokens": int(x.shape[0])}
 
+    def record_source(self, store) -> None:
+        """Say which activations this SAE reads (the `ActivationStore` it trains on): `save`
+        then fills cfg.json's metadata (LM, hook, context size, corpus) and saves it under
+        "<architecture>-<normalisation>", which normalises raw hook activations as the store
+        did (`models/sae_format.py`), so sae-lens and `rqae eval` cannot misread it."""
+        from rqae_pipeline.models.sae_format import SAESource
+
+        self.source = SAESource.of_store(store)
+
     def save(self, out_dir: Path) -> None:
-        """sae-lens's inference format (cfg.json + sae_weights.safetensors), as its runners write it."""
+        """sae-lens's inference format (cfg.json + sae_weights.safetensors), as its runners write
+        it; for raw activations when `record_source` said what the store's rows are."""
         self.trainer.set_final_sae_metadata()  # l0 / dead latents of the last window, into cfg.json
-        self._folded().save_inference_model(str(out_dir))
+        if self.source is None:
+            self._folded().save_inference_model(str(out_dir))
+            return
+        from rqae_pipeline.models.sae_format import normalised_sae
+
+        self._inference = None  # rebuilt with the final metadata
+        normalised_sae(self.inference_sae(), self.source).save_model(str(out_dir))
 
     def weight_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.inference_sae().state_dict().values())
@@ -277,9 +295,9 @@ def _is_sae(model) -> bool:
 
 
 def _load_sae_dir(path: Path, device: str = "cpu"):
-    from sae_lens import SAE
+    from rqae_pipeline.models.sae_format import load_sae_dir
 
-    return SAE.load_from_disk(str(path), device=device)
+    return load_sae_dir(path, device)  # in the stored space, whatever space its cfg.json names
 
 
 @torch.no_grad()
