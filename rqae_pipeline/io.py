@@ -76,7 +76,9 @@ def empty_except_lock(path: Path) -> bool:
     path = Path(path)
     if not path.exists():
         return True
-    return path.is_dir() and all(p.name == LOCK_NAME for p in path.iterdir())
+    # `.lock.<host>.<pid>.tmp`: another process's lock record on its way to `.lock` (lock.py)
+    return path.is_dir() and all(p.name == LOCK_NAME or (p.name.startswith(f"{LOCK_NAME}.") and p.name.endswith(".tmp"))
+                                 for p in path.iterdir())
 
 
 def default_device() -> str:
