@@ -117,7 +117,7 @@ def adversarial_projections() -> torch.Tensor:
     unit = grid / grid.norm(dim=1, keepdim=True)
     pairs = torch.randint(len(unit), (4000, 2), generator=torch.Generator().manual_seed(1))
     midpoints = unit[pairs[:, 0]] + unit[pairs[:, 1]]
-    base = torch.cat([grid, unit * 3, midpoints, torch.tensor([[1.0, 1, 1, 1], [0, 0, 0, 1e-30]])])
+    base = torch.cat([grid, unit * 3, midpoints, torch.tensor([[1.0, 1, 1, 1], [0, 0, 0, 1e-30], [0, 0, 0, 0]])])
     noise = torch.randn(base.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     return torch.cat([base, base + 1e-6 * noise, base + 1e-3 * noise])
 

@@ -140,28 +140,29 @@ class RQAE(HookedRootModule):
             r -= self.codebook[c] @ self.W_out[i] + self.b_out[i]
         return codes
 
-    def _cross_terms(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """M[4j:4j+4, 4i:4i+4] = W_out[j] W_in[i] (how layer j's output moves layer i's input)
-        and the effective input bias b_in[i] - (sum_{j<i} b_out[j]) W_in[i]; cached until the
-        weights change (optimiser steps bump the tensors' version counters)."""
+    def _cross_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """W_in stacked as (d, 4 n_q), M[4j:4j+4, 4i:4i+4] = W_out[j] W_in[i] (how layer j's
+        output moves layer i's input) and the effective input bias
+        b_in[i] - (sum_{j<i} b_out[j]) W_in[i]; cached until the weights change (optimiser
+        steps bump the tensors' version counters)."""
         key = tuple((t.data_ptr(), t._version) for t in (self.W_in, self.b_in, self.W_out, self.b_out))
         if self._cross_cache is None or self._cross_cache[0] != key:
             n, d = self.n_q, self.cfg.d_in
-            w_in = self.W_in.detach().permute(1, 0, 2).reshape(d, n * CODE_DIM)
+            w_in = self.W_in.detach().permute(1, 0, 2).reshape(d, n * CODE_DIM).contiguous()
             cross = self.W_out.detach().reshape(n * CODE_DIM, d) @ w_in
             before = torch.cumsum(self.b_out.detach(), 0) - self.b_out.detach()  # exclusive prefix sums
             bias = self.b_in.detach() - torch.einsum("nd,ndk->nk", before, self.W_in.detach())
-            self._cross_cache = (key, cross, bias.reshape(1, -1))
-        return self._cross_cache[1], self._cross_cache[2]
+            self._cross_cache = (key, w_in, cross, bias.reshape(1, -1))
+        return self._cross_cache[1:]
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor, block: int = 64) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, block: int = 16) -> torch.Tensor:
         """(B, d) -> (B, n_q) int16 codes, same as `encode_naive` up to float ties."""
         return self.encode_with_projections(x.to(self.W_in.dtype) / self.input_scale, block)[0].to(torch.int16)
 
     @torch.no_grad()
     def encode_with_projections(
-        self, x: torch.Tensor, block: int = 64, nearest=None
+        self, x: torch.Tensor, block: int = 16, nearest=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled (B, d) input -> (B, n_q) long codes and (B, 4 n_q) projections p_i.
 
@@ -174,19 +175,22 @@ class RQAE(HookedRootModule):
         """
         nearest = nearest or self._nearest
         B, n, k = x.shape[0], self.n_q, CODE_DIM
-        cross, bias = self._cross_terms()
-        proj = x @ self.W_in.detach().permute(1, 0, 2).reshape(-1, n * k) + bias  # (B, n*4)
+        w_in, cross, bias = self._cross_terms()
+        proj = torch.addmm(bias, x, w_in)  # (B, n*4)
         codes = torch.empty(B, n, dtype=torch.long, device=x.device)
         for b0 in range(0, n, block):
             b1 = min(b0 + block, n)
+            block_codes = []
             for i in range(b0, b1):
                 c = nearest(proj[:, i * k : (i + 1) * k])
-                codes[:, i] = c
-                if i + 1 < b1:
-                    proj[:, (i + 1) * k : b1 * k] -= self.codebook[c] @ cross[i * k : (i + 1) * k, (i + 1) * k : b1 * k]
+                block_codes.append(c)
+                if i + 1 < b1:  # in place: no (B, block) temporary per layer
+                    later = proj[:, (i + 1) * k : b1 * k]
+                    later.addmm_(self.codebook[c], cross[i * k : (i + 1) * k, (i + 1) * k : b1 * k], alpha=-1)
+            codes[:, b0:b1] = torch.stack(block_codes, 1)
             if b1 < n:
                 q = self.codebook[codes[:, b0:b1]].reshape(B, -1)
-                proj[:, b1 * k :] -= q @ cross[b0 * k : b1 * k, b1 * k :]
+                proj[:, b1 * k :].addmm_(q, cross[b0 * k : b1 * k, b1 * k :], alpha=-1)
         return codes, proj
 
     def decode(self, codes: torch.Tensor, n_layers: int | None = None) -> torch.Tensor:

@@ -61,9 +61,12 @@ def symmetric_search_tables(codebook: torch.Tensor) -> dict[str, torch.Tensor]:
     # canonical magnitudes in half-steps, one per direction: sorted, largest level 2 (= 1.0)
     canon = sorted({tuple(sorted(g.abs().tolist(), reverse=True)) for g in grid[nonzero]}, reverse=True)
     levels = torch.tensor([c for c in canon if c[0] == 2], dtype=torch.float64)
-    code_of_key = torch.full((len(grid),), -1, dtype=torch.long)
+    # indexed by key = Σ_i level_i 5^(3-i) in -312..312 (negative keys wrap, as in Python);
+    # p = 0 has key 0 and gets code 0, the brute-force argmax of an all-zero score row
+    code_of_key = torch.zeros(len(grid), dtype=torch.long)
     unit = grid[nonzero] / grid[nonzero].norm(dim=1, keepdim=True)
-    code_of_key[nonzero] = (unit @ codebook.double().T).argmax(1)
+    keys = (grid[nonzero] @ torch.tensor([125.0, 25.0, 5.0, 1.0], dtype=torch.float64)).long()
+    code_of_key[keys] = (unit @ codebook.double().T).argmax(1)
     return {"canon_units": (levels / levels.norm(dim=1, keepdim=True)).to(codebook.dtype),
             "canon_levels": levels.to(codebook.dtype),
             "place_values": torch.tensor([5.0**3, 5.0**2, 5.0, 1.0], dtype=codebook.dtype),
@@ -74,10 +77,10 @@ def nearest_code_symmetric(p: torch.Tensor, canon_units, canon_levels, place_val
     """(B, 4) projections -> (B,) index of the code with the largest <p, C_j>."""
     sorted_abs, order = p.abs().sort(dim=-1, descending=True)
     best = (sorted_abs @ canon_units.T).argmax(-1)
-    # key = Σ_i (2·level_i + 2) 5^(3-i) over grid coordinates; the +2 offsets sum to 312
-    signed_places = torch.where(p < 0, -place_values, place_values).gather(1, order)
-    key = (canon_levels[best] * signed_places).sum(-1).long() + 312
-    return code_of_key[key]
+    # sign(0) = 0 is safe: the best code never puts a non-zero level where p is exactly 0
+    # (zeroing it keeps <p, C> and shortens C), so that coordinate's level is 0 anyway.
+    signed_places = (p.sign() * place_values).gather(1, order)
+    return code_of_key[(canon_levels[best] * signed_places).sum(-1).long()]
 
 
 # ---------------------------------------------------------------------- closed form
