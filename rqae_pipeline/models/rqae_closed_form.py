@@ -109,13 +109,16 @@ def _gram_weighted(A: torch.Tensor, Wo: torch.Tensor, n: int, prefix: bool) -> t
 
 
 def _codes_gram_times(Z: torch.Tensor, Wo: torch.Tensor, n: int) -> torch.Tensor:
-    """(ZᵀZ ∘ W̃) Wo for the prefix weights, accumulated over column slabs: (N, d)."""
+    """(ZᵀZ ∘ W̃) Wo for the prefix weights, accumulated over column slabs: (N, d). The
+    weighted Gram matrix is symmetric, so each slab is formed only down to its own
+    columns and its part above them is used twice (as itself and transposed)."""
     N = Wo.shape[0]
     out = torch.zeros_like(Wo)
     for c0 in range(0, N, SLAB):
         c1 = min(c0 + SLAB, N)
-        slab = (Z.T @ Z[:, c0:c1]) * _prefix_weights_slab(n, N, c0, c1, Z.dtype, Z.device)
-        out += slab @ Wo[c0:c1]
+        slab = (Z[:, :c1].T @ Z[:, c0:c1]) * _prefix_weights_slab(n, c1, c0, c1, Z.dtype, Z.device)
+        out[:c1] += slab @ Wo[c0:c1]
+        out[c0:c1] += slab[:c0].T @ Wo[:c0]
     return out
 
 
