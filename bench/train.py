@@ -1,21 +1,28 @@
 """Training and encoding throughput of RQAE, and reader memory as the store grows (not a test).
 
-Measured in one run, as ratios where a ratio is the claim:
-1. RQAE training tokens/s and encoding tokens/s at n_q=1024 on Gemma-2-2B's d=2304
-   (random activations: speed does not depend on the values);
-2. fast encoder (precomputed-projection recurrence) / naive loop, same weights and batch,
-   with the fraction of rows whose codes agree exactly;
-3. peak RSS of a training run on a store and on one 10x larger (same steps): the reader
+Measured in one run, interleaved over several rounds (min / median / max of the per-round
+ratios), on `--threads` torch threads (default 1):
+1. training step (loss, backward, Adam) of the closed-form step / the layer loop, per
+   token, at n_q=1024 on Gemma-2-2B's d=2304 (random activations: speed does not depend
+   on the values). The loop keeps every layer's (B, d) tensors for backward (~77 GB at
+   B=4096), so it runs at a smaller batch and the ratio is per token;
+2. peak memory of one step above the model and batch (VmHWM of a fresh subprocess): the
+   closed form at its batch, the loop at two small batches extrapolated linearly to it;
+3. encoding tok/s: blocked encoder with the symmetric nearest-code search / with the
+   544-code argmax (the encoder before) / the naive loop, with the fraction of rows whose
+   codes agree, and the share of the 544-code encoder's time spent in its argmax;
+4. peak RSS of a training run on a store and on one 10x larger (same steps): the reader
    keeps one shuffle buffer, so the ratio should stay ~1.
 
-    python bench/train.py                 # full sizes (several minutes on 2 CPU cores)
-    python bench/train.py --quick         # smaller, for a smoke run
+    python bench/train.py                 # full sizes (~15 min on a busy 2-core machine)
+    python bench/train.py --quick         # smaller, for a smoke run (a few minutes)
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,46 +35,96 @@ import torch
 from rqae_pipeline.models.rqae import RQAE, RQAEConfig
 
 
-def timed(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def seconds(fn) -> float:
+    """CPU time on one thread (steadier than wall time on a shared machine; equal on an idle
+    one), wall time on several."""
+    clock = time.process_time if torch.get_num_threads() == 1 else time.perf_counter
+    t0 = clock()
+    fn()
+    return clock() - t0
 
 
-def encoding(d: int, n_q: int, batch: int, repeats: int) -> dict:
+def spread(values: list[float], fmt: str = "{:.2f}") -> str:
+    return " / ".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
+
+
+def model_and_batch(d: int, n_q: int, batch: int) -> tuple[RQAE, torch.Tensor]:
     torch.manual_seed(0)
     model = RQAE(RQAEConfig(d_in=d, n_q=n_q))
-    x = torch.randn(batch, d) * 3
-    model.encode(x[:8])  # builds and caches the 4x4 cross terms, as evaluation does once
-    t_fast = timed(lambda: model.encode(x), repeats)
-    t_naive = timed(lambda: model.encode_naive(x), repeats)
-    same = float((model.encode(x) == model.encode_naive(x)).all(1).float().mean())
-    t0 = time.perf_counter()
-    model._cross_cache = None
-    model._cross_terms()
-    precompute = time.perf_counter() - t0
-    return {"fast_tok_s": batch / t_fast, "naive_tok_s": batch / t_naive, "speedup": t_naive / t_fast,
-            "rows_identical": same, "precompute_s": precompute}
-
-
-def training(d: int, n_q: int, batch: int, steps: int) -> dict:
-    torch.manual_seed(0)
-    model = RQAE(RQAEConfig(d_in=d, n_q=n_q))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x = torch.randn(batch, d)
+    x = torch.randn(batch, d) * 3 + 0.5
     model.init_from_data(x)
+    return model, x
 
-    def step():
-        loss, _, _ = model.training_loss(x)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
 
-    step()  # warm-up
-    return {"train_tok_s": batch / timed(step, steps)}
+def train_step(model: RQAE, opt: torch.optim.Optimizer, x: torch.Tensor, method: str) -> None:
+    loss_fn = model.training_loss if method == "closed_form" else model.training_loss_loop
+    loss, _, _ = loss_fn(x)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+
+
+def training_rounds(d: int, n_q: int, cf_batch: int, loop_batch: int, rounds: int) -> dict:
+    model, x = model_and_batch(d, n_q, cf_batch)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    train_step(model, opt, x[:loop_batch], "loop")  # warm-up of both paths
+    train_step(model, opt, x[:loop_batch], "closed_form")
+    cf, loop = [], []
+    for _ in range(rounds):
+        cf.append(cf_batch / seconds(lambda: train_step(model, opt, x, "closed_form")))
+        loop.append(loop_batch / seconds(lambda: train_step(model, opt, x[:loop_batch], "loop")))
+    return {"cf_tok_s": cf, "loop_tok_s": loop, "ratio": [a / b for a, b in zip(cf, loop)]}
+
+
+def step_memory_mib(method: str, d: int, n_q: int, batch: int, threads: int) -> float:
+    """Peak RSS of one training step above the RSS before it, in a fresh process."""
+    code = f"""
+import torch, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from train import model_and_batch, train_step
+torch.set_num_threads({threads})
+model, x = model_and_batch({d}, {n_q}, {batch})
+opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+for p in model.parameters():  # Adam's state and the gradients exist before the measurement
+    p.grad = torch.zeros_like(p)
+opt.step()
+status = lambda key: next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key))
+before = status("VmRSS")
+train_step(model, opt, x, {method!r})
+print((status("VmHWM") - before) / 1024)
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(res.stdout.strip().splitlines()[-1])
+
+
+def memory(d: int, n_q: int, cf_batch: int, loop_batches: tuple[int, int], threads: int) -> dict:
+    cf = step_memory_mib("closed_form", d, n_q, cf_batch, threads)
+    small, big = (step_memory_mib("loop", d, n_q, b, threads) for b in loop_batches)
+    per_row = (big - small) / (loop_batches[1] - loop_batches[0])
+    loop_at_cf_batch = big + per_row * (cf_batch - loop_batches[1])
+    return {"cf_mib": cf, "loop_mib": (small, big), "loop_extrapolated_mib": loop_at_cf_batch,
+            "ratio": cf / loop_at_cf_batch}
+
+
+def encoding_rounds(d: int, n_q: int, batch: int, rounds: int) -> dict:
+    model, x = model_and_batch(d, n_q, batch)
+    model.encode(x[:8])  # builds and caches the 4x4 cross terms, as evaluation does once
+    xs = x / model.input_scale
+    p = torch.randn(batch, 4)
+    paths = {"symmetric": lambda: model.encode(x),
+             "brute": lambda: model.encode_with_projections(xs, block=64, nearest=model._nearest_brute_force),
+             "naive": lambda: model.encode_naive(x),
+             "argmax_only": lambda: [model._nearest_brute_force(p) for _ in range(n_q)]}
+    tok_s = {name: [] for name in paths}
+    for _ in range(rounds):
+        for name, fn in paths.items():
+            tok_s[name].append(batch / seconds(fn))
+    symmetric = model.encode(x).long()
+    brute = model.encode_with_projections(xs, block=64, nearest=model._nearest_brute_force)[0]
+    return {**tok_s, "sym_over_brute": [a / b for a, b in zip(tok_s["symmetric"], tok_s["brute"])],
+            "brute_over_naive": [a / b for a, b in zip(tok_s["brute"], tok_s["naive"])],
+            "rows_identical": float((symmetric == brute).all(1).float().mean()),
+            "argmax_share": statistics.median(b / a for a, b in zip(tok_s["argmax_only"], tok_s["brute"]))}
 
 
 def make_store(path: Path, n_rows: int, d: int) -> None:
@@ -109,32 +166,49 @@ print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--skip-store", action="store_true", help="leave out the reader-memory measurement (4)")
     args = ap.parse_args()
-    d, n_q, batch = (2304, 1024, 512) if not args.quick else (512, 128, 256)
-    print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"RQAE d={d}, n_q={n_q}, random activations")
-    enc = encoding(d, n_q, batch, repeats=2)
-    train_batch = 256 if not args.quick else 128
-    tr = training(d, n_q, train_batch, steps=2)
+    torch.set_num_threads(args.threads)
+    d, n_q = (2304, 1024) if not args.quick else (512, 128)
+    cf_batch, loop_batch, enc_batch = (4096, 128, 512) if not args.quick else (1024, 128, 256)
+    loop_mem_batches = (32, 64) if not args.quick else (64, 128)
+    print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} thread(s), load average "
+          f"{os.getloadavg()[0]:.1f}; RQAE d={d}, n_q={n_q}, random activations, {args.rounds} rounds")
+    tr = training_rounds(d, n_q, cf_batch, loop_batch, args.rounds)
+    mem = memory(d, n_q, cf_batch, loop_mem_batches, args.threads)
+    enc = encoding_rounds(d, n_q, enc_batch, args.rounds)
     # Start above ~3 shuffle buffers (128 MB of fp32 rows each) so both runs are past warm-up.
     base_rows = 163_840 if not args.quick else 16_384
-    with tempfile.TemporaryDirectory() as tmp:
-        small, big = Path(tmp) / "small.zarr", Path(tmp) / "big.zarr"
-        make_store(small, base_rows, 640)
-        make_store(big, base_rows * 10, 640)
-        rss_small = peak_rss_of_training(small, Path(tmp) / "r1", steps=30)
-        rss_big = peak_rss_of_training(big, Path(tmp) / "r2", steps=30)
+    if not args.skip_store:
+        with tempfile.TemporaryDirectory() as tmp:
+            small, big = Path(tmp) / "small.zarr", Path(tmp) / "big.zarr"
+            make_store(small, base_rows, 640)
+            make_store(big, base_rows * 10, 640)
+            rss_small = peak_rss_of_training(small, Path(tmp) / "r1", steps=30)
+            rss_big = peak_rss_of_training(big, Path(tmp) / "r2", steps=30)
+    tok = "{:,.0f}"
     print()
-    print("| measure | value |\n|---|---|")
-    print(f"| RQAE training (prefix loss), batch {train_batch} | {tr['train_tok_s']:,.0f} tok/s |")
-    print(f"| RQAE encoding, fast (batch {batch}) | {enc['fast_tok_s']:,.0f} tok/s |")
-    print(f"| RQAE encoding, naive loop | {enc['naive_tok_s']:,.0f} tok/s |")
-    print(f"| fast / naive encoder | **{enc['speedup']:.2f}x** "
+    print("| measure (min / median / max over rounds) | value |\n|---|---|")
+    print(f"| RQAE training (prefix loss), closed form, batch {cf_batch} | {spread(tr['cf_tok_s'], tok)} tok/s |")
+    print(f"| RQAE training (prefix loss), layer loop, batch {loop_batch} | {spread(tr['loop_tok_s'], tok)} tok/s |")
+    print(f"| closed form / loop, per token | **{spread(tr['ratio'])}x** |")
+    print(f"| step memory above weights, closed form, batch {cf_batch} | {mem['cf_mib']:,.0f} MiB |")
+    print(f"| step memory, loop, batch {loop_mem_batches[0]} / {loop_mem_batches[1]} -> {cf_batch} (linear) | "
+          f"{mem['loop_mib'][0]:,.0f} / {mem['loop_mib'][1]:,.0f} -> {mem['loop_extrapolated_mib']:,.0f} MiB |")
+    print(f"| step memory closed form / loop at batch {cf_batch} | **1/{1 / mem['ratio']:,.0f}** |")
+    print(f"| RQAE encoding, symmetric search (batch {enc_batch}) | {spread(enc['symmetric'], tok)} tok/s |")
+    print(f"| RQAE encoding, 544-code argmax, blocks of 64 (the encoder before) | {spread(enc['brute'], tok)} tok/s |")
+    print(f"| RQAE encoding, naive loop | {spread(enc['naive'], tok)} tok/s |")
+    print(f"| symmetric / 544-code argmax encoder | **{spread(enc['sym_over_brute'])}x** "
           f"(rows with identical codes: {enc['rows_identical']:.4f}) |")
-    print(f"| cross-term precompute (once per weights) | {enc['precompute_s']:.2f} s |")
-    print(f"| peak RSS training on {base_rows:,} rows (d=640) | {rss_small:,.0f} MiB |")
-    print(f"| peak RSS training on {10 * base_rows:,} rows (10x) | {rss_big:,.0f} MiB |")
-    print(f"| peak RSS ratio 10x store / 1x store | **{rss_big / rss_small:.2f}** |")
+    print(f"| 544-code argmax encoder / naive loop | {spread(enc['brute_over_naive'])}x |")
+    print(f"| share of the 544-code encoder's time in its argmax | {enc['argmax_share']:.0%} |")
+    if not args.skip_store:
+        print(f"| peak RSS training on {base_rows:,} rows (d=640) | {rss_small:,.0f} MiB |")
+        print(f"| peak RSS training on {10 * base_rows:,} rows (10x) | {rss_big:,.0f} MiB |")
+        print(f"| peak RSS ratio 10x store / 1x store | **{rss_big / rss_small:.2f}** |")
 
 
 if __name__ == "__main__":
