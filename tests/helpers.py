@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +47,53 @@ def rqae_cmd(*args: str) -> list[str]:
 def run_rqae(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.run(rqae_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO, **kw)
+
+
+# Only keeps a wedged child from hanging the suite forever; no test's outcome depends on it.
+HANG_GUARD_S = 900
+
+
+def _sigint_raises_keyboard_interrupt() -> None:
+    # A background job (`pytest &`) starts with SIGINT ignored and its children inherit that;
+    # Python installs its KeyboardInterrupt handler only if SIGINT is not ignored at startup,
+    # so without this a child would never see the Ctrl-C a test sends it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start_rqae(*args: str, stderr: Path) -> subprocess.Popen:
+    """`rqae ARGS` in the background, as a terminal starts it (Ctrl-C raises KeyboardInterrupt
+    whatever the test runner's own SIGINT disposition). Its stderr (progress bars included) goes
+    to a file, where a pipe nobody reads could fill and stall it."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    with open(stderr, "w") as err:
+        return subprocess.Popen(rqae_cmd(*args), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=_sigint_raises_keyboard_interrupt)
+
+
+def wait_until(reached: Callable[[], bool], proc: subprocess.Popen, stderr: Path) -> None:
+    """Poll until `reached()`; fails at once if `proc` ends first (it must still be running when
+    the test acts on it)."""
+    t0 = time.monotonic()
+    while not reached():
+        assert proc.poll() is None, f"rqae ended (exit {proc.returncode}) first:\n{stderr.read_text()[-2000:]}"
+        if time.monotonic() - t0 > HANG_GUARD_S:
+            proc.kill()
+            raise AssertionError(f"rqae neither got there nor ended in {HANG_GUARD_S} s:\n{stderr.read_text()[-2000:]}")
+        time.sleep(0.02)
+
+
+def untrained_heldout_fvu(cfg) -> float:
+    """The held-out FVU of a training run's model at step 0, built and initialised as `train`
+    does: the baseline a trained model must beat."""
+    from rqae_pipeline.models.trainables import build_trainable
+    from rqae_pipeline.train import evaluate, heldout_rows, heldout_split, train_batches
+
+    store = ActivationStore.open(cfg.store)
+    split = heldout_split(store, cfg.heldout_fraction)
+    model = build_trainable(cfg.model, total_steps=cfg.total_steps, batch_size=cfg.batch_size, device="cpu",
+                            seed=cfg.seed)
+    model.init_from_data(next(train_batches(store, cfg, split, skip=0)))
+    return evaluate(model, heldout_rows(store, cfg, split))["fvu"]
 
 
 def raw_space_sae(store_path, out, hook, d_sae: int = 96):

@@ -17,11 +17,10 @@ from rqae_pipeline.harvest import harvest
 from rqae_pipeline.models.base import ModelSpec
 from rqae_pipeline.models.sae import SAEBaseline, parse_sae_arch, sae_architectures
 from rqae_pipeline.models.sae_format import load_sae_dir
-from rqae_pipeline.models.trainables import build_trainable
 from rqae_pipeline.store import ActivationStore
-from rqae_pipeline.train import TrainConfig, evaluate, heldout_rows, heldout_split, train, train_batches
+from rqae_pipeline.train import TrainConfig, heldout_rows, heldout_split, train
 
-from helpers import tiny_config
+from helpers import tiny_config, untrained_heldout_fvu
 
 D_IN, D_SAE, K, BATCH, STEPS = 64, 128, 8, 256, 60
 # The standard SAE's default l1 (5, Anthropic's, for inputs at norm sqrt(d)) is for LM widths
@@ -204,16 +203,6 @@ def store_path(tiny_lm, tmp_path_factory):
 def sae_cfg(store_path, out, arch, steps=30, **kw):
     return TrainConfig(store=store_path, out=out, model=ModelSpec(arch=arch, d_in=64, d_sae=128, k=8, lr=1e-3, **kw),
                        batch_size=256, tokens=256 * steps, eval_every=1000)
-
-
-def untrained_heldout_fvu(cfg: TrainConfig) -> float:
-    """The held-out FVU of the run's model at step 0: built and initialised as `train` does."""
-    store = ActivationStore.open(cfg.store)
-    split = heldout_split(store, cfg.heldout_fraction)
-    model = build_trainable(cfg.model, total_steps=cfg.total_steps, batch_size=cfg.batch_size, device="cpu",
-                            seed=cfg.seed)
-    model.init_from_data(next(train_batches(store, cfg, split, skip=0)))
-    return evaluate(model, heldout_rows(store, cfg, split))["fvu"]
 
 
 @pytest.mark.parametrize("arch", sae_architectures())

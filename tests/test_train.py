@@ -1,8 +1,5 @@
 import json
-import os
 import signal
-import subprocess
-import time
 
 import pytest
 import torch
@@ -14,7 +11,7 @@ from rqae_pipeline.models.trainables import build_trainable
 from rqae_pipeline.store import ActivationStore, StoreLock
 from rqae_pipeline.train import CHECKPOINT, TrainConfig, evaluate, heldout_rows, heldout_split, train
 
-from helpers import REPO, rqae_cmd, tiny_config
+from helpers import HANG_GUARD_S, start_rqae, tiny_config, untrained_heldout_fvu, wait_until
 
 
 @pytest.fixture(scope="module")
@@ -84,27 +81,13 @@ def test_heldout_split_is_by_context_and_never_trained_on(store_path):
         assert keys <= train_keys and not keys & held_only
 
 
-def wait_for_step(out, step, proc, timeout=180):
-    t0 = time.time()
-    while True:
-        assert proc.poll() is None, proc.communicate()
-        assert time.time() - t0 < timeout
-        metrics = out / "metrics.jsonl"
-        if metrics.exists():
-            lines = metrics.read_text().splitlines()
-            if lines and json.loads(lines[-1])["step"] >= step:
-                return
-        time.sleep(0.05)
-
-
 CLI_TRAIN = ["--arch", "rqae", "--n-q", "8", "--lr", "0.003", "--batch-size", "256", "--tokens", str(256 * 1000),
              "--checkpoint-every", "7", "--eval-every", "1000"]
 
 
 def start_train(store_path, out, *extra):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen(rqae_cmd("train", "--store", str(store_path), "--out", str(out), *CLI_TRAIN, *extra),
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return start_rqae("train", "--store", str(store_path), "--out", str(out), *CLI_TRAIN, *extra,
+                      stderr=out.parent / "train.stderr")
 
 
 def cli_cfg(store_path, out, resume=False):
@@ -123,16 +106,20 @@ def uninterrupted(store_path, tmp_path_factory):
 def test_interrupted_training_resumes_to_the_same_weights(store_path, tmp_path, uninterrupted, how):
     out = tmp_path / "run"
     proc = start_train(store_path, out)
-    wait_for_step(out, 40, proc)
-    if how == "kill-9":
-        proc.kill()
-        proc.wait()
-    else:
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 130 and "rerun with --resume" in err
+    try:
+        # the first checkpoint (step 7 of 1000): the run is far from its end when the signal lands
+        wait_until(lambda: (out / CHECKPOINT).exists(), proc, tmp_path / "train.stderr")
+        if how == "kill-9":
+            proc.kill()
+            proc.wait()
+        else:
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=HANG_GUARD_S) == 130
+            assert "rerun with --resume" in (tmp_path / "train.stderr").read_text()
+    finally:
+        proc.kill()  # a no-op once it has exited
     ckpt = torch.load(out / CHECKPOINT, weights_only=False)
-    assert 0 < ckpt["step"] < 1000
+    assert 7 <= ckpt["step"] < 1000 and ckpt["step"] % 7 == 0
     result = train(cli_cfg(store_path, out, resume=True), progress=False)
     assert result.steps == 1000
     got = weights(out)
@@ -197,7 +184,8 @@ def test_out_dir_of_another_run_and_changed_hyperparameters(store_path, tmp_path
 def test_codebook_baseline_trains_through_the_same_loop(store_path, tmp_path):
     cfg = rqae_cfg(store_path, tmp_path / "cb", model=ModelSpec(arch="codebook", d_in=64, d_sae=128, k=4, lr=3e-3))
     result = train(cfg, progress=False)
-    assert result.heldout["fvu"] < 1.0
+    # measured: 0.61 untrained, 0.54 after these 40 steps
+    assert result.heldout["fvu"] < untrained_heldout_fvu(cfg) - 0.035
     from rqae_pipeline.models.trainables import load_model_dir
 
     model = load_model_dir(tmp_path / "cb")
@@ -207,9 +195,11 @@ def test_codebook_baseline_trains_through_the_same_loop(store_path, tmp_path):
 
 def test_bfloat16_training_and_unknown_dtype(store_path, tmp_path):
     spec = ModelSpec(arch="codebook", d_in=64, d_sae=64, k=4, lr=3e-3, dtype="bfloat16")
-    result = train(rqae_cfg(store_path, tmp_path / "bf16", model=spec, tokens=256 * 10), progress=False)
-    assert result.heldout["fvu"] < 1.5 and json.loads((tmp_path / "bf16" / "train.json").read_text())[
-        "config"]["model.dtype"] == "bfloat16"
+    cfg = rqae_cfg(store_path, tmp_path / "bf16", model=spec, tokens=256 * 10)
+    result = train(cfg, progress=False)
+    # measured: 0.648 untrained, 0.619 after these 10 steps
+    assert result.heldout["fvu"] < untrained_heldout_fvu(cfg) - 0.01
+    assert json.loads((tmp_path / "bf16" / "train.json").read_text())["config"]["model.dtype"] == "bfloat16"
     with pytest.raises(RQAEError, match="unknown training dtype 'fp4'"):
         train(rqae_cfg(store_path, tmp_path / "x", model=ModelSpec(arch="rqae", d_in=64, n_q=4, dtype="fp4")),
               progress=False)
