@@ -10,11 +10,13 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from typer._click.exceptions import UsageError  # typer vendors click: its own exception classes
 from typer.core import TyperGroup
 
 from rqae_pipeline import RQAEError
 
 EXIT_USER_ERROR = 2
+EXIT_CORPUS_EXHAUSTED = 3  # harvest: the corpus ran out first; the store holds what it gave
 EXIT_INTERRUPTED = 130
 
 
@@ -35,6 +37,7 @@ def _raised_by_config(e: ValueError) -> bool:
 class Commands(TyperGroup):
     """Every command runs through `invoke`, so the console script and `CliRunner` share the
     one error handler: RQAEError (and config validation) -> `error: <msg>`, exit 2;
+    an option click cannot parse (`--tokens 1e23`) -> the same one line, exit 2;
     Ctrl-C -> `interrupted`, exit 130."""
 
     def invoke(self, ctx):
@@ -42,6 +45,9 @@ class Commands(TyperGroup):
             return super().invoke(ctx)
         except RQAEError as e:
             _fail(str(e))
+        except UsageError as e:
+            where = f"rqae {e.ctx.info_name}" if e.ctx is not None and e.ctx.parent is not None else "rqae"
+            _fail(f"{e.format_message()} (see `{where} --help`)")
         except ValueError as e:
             if not _raised_by_config(e):
                 raise
@@ -114,10 +120,13 @@ def harvest(
         text_field=text_field, tokens=tokens, context_length=context_length, batch_contexts=batch_size,
         contexts_per_shard=contexts_per_shard, contexts_per_chunk=contexts_per_chunk, dtype=dtype,
         normalisation=normalisation, skip_bos=skip_bos, device=device, model_dtype=model_dtype, resume=resume,
-    ))
+    ), notice=lambda m: typer.echo(m, err=True))
     if result.interrupted:
         typer.echo(f"interrupted: {result.tokens:,} tokens committed in {out}; rerun with --resume", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)
+    if result.exhausted:
+        _fail(f"the corpus ran out: {out} holds {result.tokens:,} of the {result.requested_tokens:,} tokens "
+              f"asked for (recorded in its manifest; `rqae inspect` shows it)", EXIT_CORPUS_EXHAUSTED)
     typer.echo(f"{out}: {result.tokens:,} tokens committed ({result.new_tokens:,} new, "
                f"{result.tokens_per_second:,.0f} tok/s)")
 

@@ -111,6 +111,9 @@ def open_documents(spec: CorpusSpec):
     import datasets
 
     datasets.disable_progress_bars()
+    # datasets logs a reader's failure ("Failed to load JSON ...") and then raises it; the
+    # raised error becomes our one `error:` line, so the log line would only be a stray duplicate.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         if spec.kind == "builtin":
             return datasets.IterableDataset.from_generator(_builtin_documents)
@@ -132,61 +135,130 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"
 
 
+# Long documents are tokenised in pieces of at most this many characters, cut at a
+# whitespace boundary, so memory stays bounded whatever a line's length (one 50 MB line
+# made the tokenizer take gigabytes). Documents shorter than this are tokenised whole, so
+# ordinary corpora give exactly the tokens they always did.
+PIECE_CHARS = 1 << 16
+
+
+def text_pieces(text: str, limit: int = PIECE_CHARS) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `limit` characters; each cut falls just before
+    a whitespace run (a word keeps its leading space, as whole-text tokenisation gives it), and
+    only a piece with no whitespace at all is cut mid-word."""
+    start = 0
+    while len(text) - start > limit:
+        end = start + limit
+        cut = end
+        while cut > start + 1 and not (text[cut].isspace() and not text[cut - 1].isspace()):
+            cut -= 1
+        if cut <= start + 1:
+            cut = end  # no word boundary in the window
+        yield text[start:cut]
+        start = cut
+    yield text[start:]
+
+
 def iter_contexts(
     spec: CorpusSpec,
     tokenizer,
     *,
     context_length: int,
     state: CorpusState = CorpusState(),
-) -> Iterator[tuple[np.ndarray, CorpusState]]:
-    """Yield `(tokens (context_length,) int32, state after this context)` from `state` on.
+) -> ContextPacker:
+    """Iterate `(tokens (context_length,) int32, state after this context)` from `state` on.
 
     Each context is BOS followed by `context_length - 1` tokens of the EOS-separated
     document stream; a final partial context is dropped. Raises if the corpus is empty.
+    The returned packer also says whether the last context held any real text.
     """
-    if context_length < 2:
-        raise RQAEError(f"context length must be at least 2, got {context_length}")
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if bos is None:
-        raise RQAEError("the tokenizer has no BOS token; contexts must start with one")
-    body = context_length - 1
-    docs = open_documents(spec)
-    if state.doc_index:
-        docs = docs.skip(state.doc_index)
-    buf: list[int] = []
-    # (doc index, offset) of buf[0]; advanced as contexts are cut from the buffer.
-    buf_doc, buf_off = state.doc_index, state.token_offset
-    doc_lengths: list[int] = []  # token counts of the documents currently in buf
-    seen_any = False
-    try:
-        for doc_index, row in enumerate(docs, start=state.doc_index):
-            text = row.get(spec.text_field)
-            if text is None:
-                raise RQAEError(f"dataset {spec.name!r} has no field {spec.text_field!r}; use --text-field")
-            ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-            doc = list(ids) + ([eos] if eos is not None else [])
-            if doc_index == state.doc_index:
-                doc = doc[state.token_offset :]
-            seen_any = seen_any or bool(ids)
-            buf.extend(doc)
-            doc_lengths.append(len(doc))
-            while len(buf) >= body:
-                ctx = np.asarray([bos] + buf[:body], dtype=np.int32)
-                del buf[:body]
-                # Walk the consumed tokens across document boundaries to get the new state.
-                consumed = body
-                while consumed or (doc_lengths and doc_lengths[0] == 0):
-                    take = min(consumed, doc_lengths[0])
-                    doc_lengths[0] -= take
-                    consumed -= take
-                    buf_off += take
-                    if doc_lengths[0] == 0:
-                        doc_lengths.pop(0)
-                        buf_doc, buf_off = buf_doc + 1, 0
-                yield ctx, CorpusState(buf_doc, buf_off)
-    except RQAEError:
-        raise
-    except Exception as e:
-        raise RQAEError(f"error while reading dataset {spec.name!r}: {_one_line(e)}") from e
-    if not seen_any and state == CorpusState():
-        raise RQAEError(f"dataset {spec.name!r} contains no text")
+    return ContextPacker(spec, tokenizer, context_length=context_length, state=state)
+
+
+class ContextPacker:
+    """Packs the document stream into contexts (see `iter_contexts`). `last_had_text`: whether
+    the context just yielded took tokens from a document with non-whitespace text (a corpus of
+    empty or blank texts yields only EOS / whitespace tokens, which harvest refuses)."""
+
+    def __init__(self, spec: CorpusSpec, tokenizer, *, context_length: int, state: CorpusState):
+        if context_length < 2:
+            raise RQAEError(f"context length must be at least 2, got {context_length}")
+        if tokenizer.bos_token_id is None:
+            raise RQAEError("the tokenizer has no BOS token; contexts must start with one")
+        self.spec, self.tokenizer, self.body, self.start = spec, tokenizer, context_length - 1, state
+        self.last_had_text = False
+
+    def __iter__(self) -> Iterator[tuple[np.ndarray, CorpusState]]:
+        try:
+            yield from self._contexts()
+        except RQAEError:
+            raise
+        except Exception as e:
+            raise RQAEError(f"error while reading dataset {self.spec.name!r}: {_one_line(e)}") from e
+
+    def _documents(self) -> Iterator[tuple[int, str]]:
+        docs = open_documents(self.spec)
+        if self.start.doc_index:
+            docs = docs.skip(self.start.doc_index)
+        field = self.spec.text_field
+        for doc_index, row in enumerate(docs, start=self.start.doc_index):
+            if field not in row:
+                raise RQAEError(f"dataset {self.spec.name!r} has no field {field!r}; use --text-field")
+            text = row[field]
+            if not isinstance(text, str):
+                raise RQAEError(f"dataset {self.spec.name!r}: document {doc_index} has {field!r} = "
+                                f"{'null' if text is None else type(text).__name__}, not a string")
+            yield doc_index, text
+
+    def _doc_tokens(self, doc_index: int, text: str) -> Iterator[tuple[list[int], bool]]:
+        """The document's tokens (then EOS) in bounded lists, from the resume offset on;
+        (tokens, whether this is the document's last list)."""
+        skip = self.start.token_offset if doc_index == self.start.doc_index else 0
+        eos = self.tokenizer.eos_token_id
+        pieces = list(text_pieces(text)) if len(text) > PIECE_CHARS else [text]
+        for i, piece in enumerate(pieces):
+            ids = list(self.tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"])
+            take, skip = ids[skip:], max(0, skip - len(ids))
+            yield take, eos is None and i == len(pieces) - 1
+        if eos is not None:
+            yield [eos][skip:], True
+
+    def _contexts(self) -> Iterator[tuple[np.ndarray, CorpusState]]:
+        bos, body = self.tokenizer.bos_token_id, self.body
+        buf: list[int] = []
+        pos = (self.start.doc_index, self.start.token_offset)  # of the next token to cut
+        docs: list[list] = []  # documents with tokens in buf: [tokens left, has text, fully read]
+        seen_any = False
+        for doc_index, text in self._documents():
+            has_text = bool(text) and not text.isspace()
+            seen_any = seen_any or has_text
+            docs.append([0, has_text, False])
+            for ids, last in self._doc_tokens(doc_index, text):
+                buf.extend(ids)
+                docs[-1][0] += len(ids)
+                docs[-1][2] = last
+                while len(buf) >= body:
+                    ctx = np.asarray([bos] + buf[:body], dtype=np.int32)
+                    del buf[:body]  # buf stays under body + one piece's tokens, so this is cheap
+                    pos = self._consume(docs, body, pos)
+                    yield ctx, CorpusState(*pos)
+        if not seen_any and self.start == CorpusState():
+            raise RQAEError(f"dataset {self.spec.name!r} contains no text")
+
+    def _consume(self, docs: list[list], n: int, pos: tuple[int, int]) -> tuple[int, int]:
+        """Walk `n` cut tokens across document boundaries; the position after them (a fully
+        read document whose tokens are all cut is passed: the position is the next one's start)."""
+        doc, off = pos
+        self.last_had_text = False
+        while n or (docs and docs[0][0] == 0 and docs[0][2]):
+            take = min(n, docs[0][0])
+            self.last_had_text |= take > 0 and docs[0][1]
+            docs[0][0] -= take
+            n -= take
+            off += take
+            if docs[0][0] == 0 and docs[0][2]:
+                docs.pop(0)
+                doc, off = doc + 1, 0
+            elif n:  # only the document still being read can run dry before a cut is done
+                raise AssertionError("context cut past the tokens read")
+        return doc, off

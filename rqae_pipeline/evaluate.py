@@ -68,6 +68,12 @@ class EvalConfig:
             raise RQAEError(f"unknown row selection {self.rows!r}; use 'heldout' or 'all'")
         if self.space not in get_args(ModelSpace):
             raise RQAEError(f"unknown space {self.space!r}; use auto, raw or normalised")
+        if self.workers < 0:  # a LocalCluster of -1 workers waits forever for them
+            raise RQAEError(f"--workers must be 0 (this process) or more, got {self.workers}")
+        if self.batch_size < 1:
+            raise RQAEError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.ce_contexts < 0:
+            raise RQAEError(f"--ce-contexts must be 0 (skip) or more, got {self.ce_contexts}")
 
 
 # --------------------------------------------------------------------------- models

@@ -12,9 +12,11 @@ uninterrupted run's.
 from __future__ import annotations
 
 import errno
+import itertools
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,13 +24,26 @@ import numpy as np
 import torch
 
 from rqae_pipeline import RQAEError, __version__
-from rqae_pipeline.corpus import CorpusSpec, CorpusState, iter_contexts, parse_corpus
+from rqae_pipeline.corpus import ContextPacker, CorpusSpec, CorpusState, iter_contexts, parse_corpus
 from rqae_pipeline.io import empty_except_lock
 from rqae_pipeline.lm import OFFLINE_GEMMA, TINY, LoadedLM, final_norm_gain, load_lm, resolve_hook
-from rqae_pipeline.store import (NORMALISATIONS, STORE_DTYPES, ActivationStore, Flags, Normalisation, StoreDtype,
-                                 StoreLock, StoreSpec, decode_acts, encode_acts)
+from rqae_pipeline.store import (
+    NORMALISATIONS,
+    STORE_DTYPES,
+    ActivationStore,
+    Flags,
+    Normalisation,
+    StoreDtype,
+    StoreLock,
+    StoreSpec,
+    decode_acts,
+    encode_acts,
+)
 
 DEFAULT_DATASET = "auto"  # builtin corpus for offline/test models, FineWeb-Edu for hub models
+# --tokens above this is a typo, not a plan (the blog's whole run is 1e9 tokens; 1e12 fp16
+# Gemma-2-2B rows would be 4.6 PB).
+MAX_TOKENS = 10**12
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,8 +69,14 @@ class HarvestConfig:
     resume: bool = False
 
     def __post_init__(self):
-        if self.tokens <= 0:
-            raise ValueError("tokens must be positive")
+        if not 0 < self.tokens <= MAX_TOKENS:
+            raise RQAEError(f"--tokens must be positive and at most {MAX_TOKENS:.0e}, got {self.tokens}")
+        for option, value in (("--batch-size", self.batch_contexts), ("--contexts-per-shard", self.contexts_per_shard),
+                              ("--contexts-per-chunk", self.contexts_per_chunk)):
+            if value < 1:  # 0 once divided by zero halfway through making the store
+                raise RQAEError(f"{option} must be at least 1, got {value}")
+        if self.context_length < 2:
+            raise RQAEError(f"--context-length must be at least 2 (BOS and one token), got {self.context_length}")
         if self.normalisation not in NORMALISATIONS:
             raise ValueError(f"unknown normalisation {self.normalisation!r}; use 'final-norm' or 'rms'")
         if self.dtype not in STORE_DTYPES:
@@ -69,6 +90,8 @@ class HarvestResult:
     new_tokens: int  # rows added by this run
     seconds: float
     interrupted: bool = False
+    exhausted: bool = False  # the corpus ran out before `requested_tokens`
+    requested_tokens: int = 0
 
     @property
     def tokens_per_second(self) -> float:
@@ -170,6 +193,7 @@ class ShardWriter(threading.Thread):
         if err.get("sum") is not None:
             self.sum = np.asarray(err["sum"], dtype=np.float64)
         self.mean = store.codec_mean()  # None until the first fp8 batch fixes it
+        self.exhausted: dict | None = None  # {"requested_tokens": N} once the corpus has run out
         # Rows of a committed partial shard are carried, as stored, into the rewrite of that shard.
         self.shard_start = self.state.tokens - self.state.tokens % self.spec.shard_rows
         carried = store.read_encoded(self.shard_start, self.state.tokens) if self.state.tokens > self.shard_start else None
@@ -255,7 +279,8 @@ class ShardWriter(threading.Thread):
 
     def _commit(self, *, complete: bool) -> None:
         extra = {"storage_error": {"sse": self.sse, "sumsq": self.sumsq, "n": self.n,
-                                   "sum": None if self.sum is None else self.sum.tolist()}}
+                                   "sum": None if self.sum is None else self.sum.tolist()},
+                 "corpus_exhausted": self.exhausted}
         self.store.commit(tokens=self.state.tokens, contexts=self.state.contexts,
                           corpus_state=(self.state.corpus_state.doc_index, self.state.corpus_state.token_offset),
                           complete=complete, extra=extra)
@@ -272,16 +297,25 @@ def _disk_error(e: BaseException) -> BaseException:
     return e
 
 
-def open_store_for_writing(cfg: HarvestConfig, spec: StoreSpec, lm: LoadedLM) -> tuple[ActivationStore, StoreLock]:
+def existing_store(cfg: HarvestConfig, spec: StoreSpec) -> ActivationStore | None:
+    """The store at `cfg.out` to continue (checked against `spec`), or None for a new one."""
     out = Path(cfg.out)
     exists = (out / "zarr.json").exists()
     if exists and not cfg.resume:
-        raise RQAEError(f"{out} already holds an activation store; pass --resume to continue it or choose another --out")
+        raise RQAEError(f"{out} already holds an activation store; pass --resume to continue it "
+                        f"or choose another --out")
     if not exists and not empty_except_lock(out):
         raise RQAEError(f"{out} exists and is not an activation store; choose another --out")
-    if exists:
-        store = ActivationStore.open(out)
-        store.check_matches(spec)
+    if not exists:
+        return None
+    store = ActivationStore.open(out)
+    store.check_matches(spec)
+    return store
+
+
+def open_store_for_writing(cfg: HarvestConfig, spec: StoreSpec, lm: LoadedLM) -> tuple[ActivationStore, StoreLock]:
+    out = Path(cfg.out)
+    store = existing_store(cfg, spec)
     lock = StoreLock(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -289,7 +323,7 @@ def open_store_for_writing(cfg: HarvestConfig, spec: StoreSpec, lm: LoadedLM) ->
     except OSError as e:
         raise RQAEError(f"cannot write to {out}: {e.strerror or e}") from None
     try:
-        if exists:
+        if store is not None:
             store = store.reopen_for_append()
             store.truncate_to_committed()
         else:
@@ -301,19 +335,53 @@ def open_store_for_writing(cfg: HarvestConfig, spec: StoreSpec, lm: LoadedLM) ->
     return store, lock
 
 
-def harvest(cfg: HarvestConfig, *, lm: LoadedLM | None = None, progress: bool = True) -> HarvestResult:
-    """Run a harvest to `cfg.tokens` committed rows (continuing a store when `cfg.resume`)."""
+Contexts = Iterator[tuple[np.ndarray, CorpusState]]
+
+
+def harvest(cfg: HarvestConfig, *, lm: LoadedLM | None = None, progress: bool = True,
+            notice: Callable[[str], None] | None = None) -> HarvestResult:
+    """Run a harvest to `cfg.tokens` committed rows (continuing a store when `cfg.resume`).
+    Nothing is written until the model has loaded and the corpus has yielded its first
+    context. `notice` gets one-line remarks for stderr (`--resume` with no store yet)."""
     lm = lm or load_lm(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
     corpus = resolve_corpus(cfg, lm.name)
     spec = _store_spec(cfg, lm, corpus)
+    prior = existing_store(cfg, spec)
+    if prior is None and cfg.resume and notice is not None:
+        notice(f"note: {cfg.out} holds no store yet; --resume starts a new one")
+    committed = prior.manifest["committed"] if prior is not None else {"contexts": 0, "corpus_state": (0, 0)}
+    packer = iter_contexts(corpus, lm.tokenizer, context_length=spec.context_length,
+                           state=CorpusState(*committed["corpus_state"]))
+    want = -(-cfg.tokens // spec.rows_per_context) - committed["contexts"]
+    source = _read_ahead(packer, want, fresh=prior is None, name=corpus.name) if want > 0 else iter(())
     store, lock = open_store_for_writing(cfg, spec, lm)
     try:
-        return _run(cfg, lm, corpus, store, progress=progress)
+        return _run(cfg, lm, source, store, progress=progress)
     finally:
         lock.release()
 
 
-def _run(cfg: HarvestConfig, lm: LoadedLM, corpus: CorpusSpec, store: ActivationStore, *, progress: bool) -> HarvestResult:
+def _read_ahead(packer: ContextPacker, want: int, *, fresh: bool, name: str) -> Contexts:
+    """The packer's contexts, the first ones read now, before any store is made: at least one
+    (a corpus that cannot be read fails here), and for a new store up to the first that holds
+    real text (at most `want`), so a corpus of empty or blank texts is refused, not stored."""
+    it = iter(packer)
+    ahead, had_text = [], False
+    for item in it:
+        ahead.append(item)
+        had_text = packer.last_had_text
+        if had_text or not fresh or len(ahead) >= want:
+            break
+    if fresh and not ahead:
+        raise RQAEError(f"dataset {name!r} has fewer tokens than one context")
+    if fresh and not had_text:
+        raise RQAEError(f"dataset {name!r} yields no text in its first {len(ahead)} context(s): its documents "
+                        f"are empty or whitespace only (or check --text-field)")
+    return itertools.chain(ahead, it)
+
+
+def _run(cfg: HarvestConfig, lm: LoadedLM, source: Contexts, store: ActivationStore, *,
+         progress: bool) -> HarvestResult:
     from tqdm import tqdm
 
     spec, R = store.spec, store.spec.rows_per_context
@@ -325,7 +393,6 @@ def _run(cfg: HarvestConfig, lm: LoadedLM, corpus: CorpusSpec, store: Activation
     t0, interrupted = time.perf_counter(), False
     try:
         contexts, state = store.n_contexts, CorpusState(*store.manifest["committed"]["corpus_state"])
-        source = iter_contexts(corpus, lm.tokenizer, context_length=spec.context_length, state=state)
         eps = float(lm.model.cfg.eps)
         while contexts < target_contexts:
             # A batch never crosses a shard boundary, so every shard is committed whole.
@@ -345,8 +412,8 @@ def _run(cfg: HarvestConfig, lm: LoadedLM, corpus: CorpusSpec, store: Activation
                 bar = tqdm(total=target_contexts * R, initial=start_tokens, unit="tok", unit_scale=True,
                            desc="harvest", disable=not progress, dynamic_ncols=True, smoothing=0.1)
             bar.update(len(group) * R)
-        if contexts == 0:
-            raise RQAEError(f"dataset {corpus.name!r} has fewer tokens than one context of {spec.context_length}")
+        if contexts < target_contexts:  # recorded in the manifest; `inspect` shows it
+            writer.exhausted = {"requested_tokens": cfg.tokens}
         writer.finish(complete=True)
     except KeyboardInterrupt:
         interrupted = True
@@ -358,7 +425,8 @@ def _run(cfg: HarvestConfig, lm: LoadedLM, corpus: CorpusSpec, store: Activation
         if bar is not None:
             bar.close()
     seconds = time.perf_counter() - t0
-    return HarvestResult(store.path, store.n_tokens, store.n_tokens - start_tokens, seconds, interrupted)
+    return HarvestResult(store.path, store.n_tokens, store.n_tokens - start_tokens, seconds, interrupted,
+                         exhausted=writer.exhausted is not None, requested_tokens=cfg.tokens)
 
 
 @torch.inference_mode()

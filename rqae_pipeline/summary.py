@@ -32,6 +32,7 @@ def summarise(store: ActivationStore, *, sample_rows: int = 65536, seed: int = 0
         "tokens": n,
         "contexts": store.n_contexts,
         "complete": store.manifest["committed"]["complete"],
+        "corpus_exhausted": store.manifest.get("corpus_exhausted"),
         "shards": -(-n // spec.shard_rows),
         "bytes_on_disk": store.nbytes_on_disk(),
         "writer": store.writer(),
@@ -76,6 +77,8 @@ def format_summary(s: dict) -> str:
         f"committed    {s['tokens']:,} tokens in {s['contexts']:,} contexts, {s['shards']} shard(s)"
         f"{'' if s['complete'] else '  (incomplete: continue with --resume)'}",
     ]
+    if s.get("corpus_exhausted"):
+        lines.append(f"corpus       ran out before the {s['corpus_exhausted']['requested_tokens']:,} tokens asked for")
     if s["bytes_per_token"]:
         lines.append(f"on disk      {s['bytes_on_disk'] / 1e6:,.2f} MB  = {s['bytes_per_token']:.1f} B/token"
                      f"  = {s['ratio_to_fp32_cache']:.3f} x an fp32 cache (4*d B/token)")

@@ -111,11 +111,28 @@ def train_batches(store: ActivationStore, cfg: TrainConfig, split: dict, skip: i
                                    exclude=cfg.exclude, drop_last=True):
             seen = True
             if n >= skip:
+                if not torch.isfinite(batch).all():  # the store's fault, not the learning rate's
+                    raise RQAEError(nonfinite_rows_message(store, split["first_row"], cfg.exclude))
                 yield batch
             n += 1
         if not seen:
             raise RQAEError(f"fewer than {cfg.batch_size} training rows in the store; lower --batch-size")
         epoch += 1
+
+
+def nonfinite_rows_message(store: ActivationStore, stop: int, exclude: int, limit: int = 5) -> str:
+    """Names the first training rows (below `stop`, not excluded) holding NaN/inf, read shard by shard."""
+    bad: list[int] = []
+    for start in range(0, stop, store.spec.shard_rows):
+        acts, flags = store.read_acts(start, min(stop, start + store.spec.shard_rows))
+        used = torch.from_numpy((flags & exclude) == 0)
+        rows = ((~torch.isfinite(acts)).any(-1) & used).nonzero()[:, 0]
+        bad += [start + int(r) for r in rows[: limit - len(bad)]]
+        if len(bad) >= limit:
+            break
+    where = ", ".join(map(str, bad)) + (" ..." if len(bad) >= limit else "")
+    return (f"store {store.path} has non-finite (NaN/inf) activations in row(s) {where}; nothing was trained "
+            f"on them (`rqae verify {store.path}` lists the damage)")
 
 
 def heldout_rows(store: ActivationStore, cfg: TrainConfig, split: dict) -> torch.Tensor:
@@ -173,7 +190,7 @@ def _prepare_out(cfg: TrainConfig, store: ActivationStore) -> dict | None:
             raise RQAEError(f"{out} was trained on another store (model/hook/corpus differ); choose another --out")
         if not (out / CHECKPOINT).exists():
             return None
-        ckpt = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)
+        ckpt = _read_checkpoint(out / CHECKPOINT)
         for key, value in cfg.identity().items():
             if ckpt["identity"].get(key) != value:
                 raise RQAEError(f"cannot resume: {key} was {ckpt['identity'].get(key)!r}, now {value!r}; "
@@ -182,6 +199,22 @@ def _prepare_out(cfg: TrainConfig, store: ActivationStore) -> dict | None:
     if out.exists() and any(out.iterdir()):
         raise RQAEError(f"{out} exists and is not a training run directory; choose another --out")
     return None
+
+
+def _read_checkpoint(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for a bad file
+        raise RQAEError(f"{path} is damaged ({_first_line(e)}); delete it to train from scratch, "
+                        f"or choose another --out") from None
+    if not isinstance(ckpt, dict) or not {"step", "state", "identity"} <= ckpt.keys():
+        raise RQAEError(f"{path} is not a checkpoint written by rqae train; delete it or choose another --out")
+    return ckpt
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def _keep_metrics_up_to(path: Path, step: int) -> None:

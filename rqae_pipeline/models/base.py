@@ -114,4 +114,22 @@ def read_module_dir(model_dir: str | Path, architecture: str) -> tuple[dict, dic
     found = architecture_of(d)
     if found != architecture:
         raise RQAEError(f"{d} holds a {found!r} model, not {architecture!r}")
-    return json.loads((d / "config.json").read_text()), load_file(d / "model.safetensors")
+    weights = d / "model.safetensors"
+    if not weights.exists():
+        raise RQAEError(f"{weights} is missing; the model directory is incomplete")
+    try:
+        state = load_file(weights)
+    except Exception as e:  # safetensors raises SafetensorError / OSError for a truncated or foreign file
+        raise RQAEError(f"{weights} is damaged or truncated ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None
+    return json.loads((d / "config.json").read_text()), state
+
+
+def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], model_dir: str | Path) -> None:
+    """`module.load_state_dict(state)`; weights that do not fit the config are the directory's
+    fault, said in one line (torch lists every mismatched tensor)."""
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        detail = next((line.strip() for line in str(e).splitlines()[1:] if line.strip()), str(e)[:200])
+        raise RQAEError(f"{model_dir}/model.safetensors does not fit its config.json: {detail}") from None

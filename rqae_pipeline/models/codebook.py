@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rqae_pipeline.models.base import read_module_dir, save_module_dir
+from rqae_pipeline.models.base import load_module_state, read_module_dir, save_module_dir
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -71,5 +71,5 @@ class CodebookAE(torch.nn.Module):
     def load(cls, model_dir: str | Path, device: str = "cpu") -> CodebookAE:
         cfg, state = read_module_dir(model_dir, "codebook")
         model = cls(CodebookConfig(d_in=cfg["d_in"], n_codes=cfg["n_codes"], k=cfg["k"]))
-        model.load_state_dict(state, strict=True)
+        load_module_state(model, state, model_dir)
         return model.to(device).eval()

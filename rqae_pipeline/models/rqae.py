@@ -31,7 +31,7 @@ from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
 from rqae_pipeline import metrics
-from rqae_pipeline.models.base import read_module_dir, save_module_dir
+from rqae_pipeline.models.base import load_module_state, read_module_dir, save_module_dir
 from rqae_pipeline.models.rqae_closed_form import (
     PrecomputedGradients,
     loss_and_grads,
@@ -300,5 +300,5 @@ class RQAE(HookedRootModule):
         cfg, state = read_module_dir(model_dir, "rqae")
         model = cls(RQAEConfig(d_in=cfg["d_in"], n_q=cfg["n_q"], init=cfg.get("init", "tied"),
                                ste=cfg.get("ste", "normalised")))
-        model.load_state_dict(state, strict=True)
+        load_module_state(model, state, model_dir)
         return model.to(device).eval()
