@@ -1,5 +1,6 @@
 """Comparing an RQAE with an SAE: `run_comparison` (what `rqae compare-gemmascope` runs),
-decoder-direction matching between any two dictionaries, and Pearson feature matching.
+and decoder-direction matching between any two dictionaries (Pearson feature matching
+lives in `pearson`).
 
 `run_comparison` is one pass over the pieces: reconstruction metrics and CE-delta for both
 models (`evaluate`, sharded on dask when asked) on the RQAE's held-out rows, Pearson
@@ -37,6 +38,14 @@ from rqae_pipeline.evaluate import (
     load_model,
     model_kind,
     model_space,
+)
+from rqae_pipeline.pearson import (  # noqa: F401  (re-exported: Pearson matching lived here)
+    PearsonConfig,
+    example_tokens,
+    feature_activations,
+    normalise_like_store,
+    pearson_matching,
+    pearson_summary,
 )
 from rqae_pipeline.store import ActivationStore
 
@@ -134,143 +143,6 @@ def _sparse_assignment(values: np.ndarray, index: np.ndarray, n_b: int) -> tuple
                     cols.append(c)
                     break
         return np.array(rows, dtype=int), np.array(cols, dtype=int)
-
-
-# --------------------------------------------------------------------------- Pearson matching
-
-
-@dataclass(frozen=True, kw_only=True)
-class PearsonConfig:
-    features: tuple[int, ...] | None = None  # SAE features; default: a seeded sample of live ones
-    n_features: int = 32
-    contexts_per_group: int = 10  # top, median and bottom contexts by max activation (the reference's 10/10/10)
-    max_tokens: int = 200_000  # rows of the store scanned
-    chunk: int = 4096
-    seed: int = 0
-
-
-def normalise_like_store(v: torch.Tensor, store) -> torch.Tensor:
-    """Pass vectors through the store's normalisation (the LM's final norm, with its gain in
-    final-norm mode), as the reference passes W_enc[:, f] through the final norm."""
-    v = v.float()
-    v = v / v.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
-    return v * store.gain  # ones in "rms" mode
-
-
-def _sae_input(store, rows, sae_space: str) -> torch.Tensor:
-    return rows.acts if sae_space == "normalised" else store.raw(rows)
-
-
-@torch.no_grad()
-def feature_activations(sae, store, features: torch.Tensor | None, rows: tuple[int, int], cfg: PearsonConfig,
-                        sae_space: str, exclude: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """(features, activations (n, k), context index (n,)) over rows [start, stop), in chunks;
-    excluded rows (BOS, outliers) read as 0. Without `features`, a seeded sample of the
-    features that fire somewhere in the rows (one extra pass)."""
-    start, stop = rows
-    spans = [(a, min(stop, a + cfg.chunk)) for a in range(start, stop, cfg.chunk)]
-    if features is None:
-        fired = None
-        for a, b in spans:
-            r = store.read(a, b)
-            f = (sae.encode(_sae_input(store, r, sae_space)) > 0)[torch.from_numpy((r.flags & exclude) == 0)].sum(0)
-            fired = f if fired is None else fired + f
-        live = fired.nonzero()[:, 0]
-        g = torch.Generator().manual_seed(cfg.seed)
-        features = live[torch.randperm(len(live), generator=g)[: cfg.n_features]].sort().values
-    acts, seq = [], []
-    for a, b in spans:
-        r = store.read(a, b)
-        e = sae.encode(_sae_input(store, r, sae_space))[:, features].float()
-        e[torch.from_numpy((r.flags & exclude) != 0)] = 0
-        acts.append(e)
-        seq.append(r.seq)
-    return features, torch.cat(acts), np.concatenate(seq)
-
-
-def example_tokens(a: torch.Tensor, ctx: torch.Tensor, per_group: int) -> torch.Tensor:
-    """Row indices where the feature fires within its top, median and bottom `per_group`
-    contexts ranked by their maximum activation (the reference's selection)."""
-    ctx_max = torch.zeros(int(ctx.max()) + 1).scatter_reduce(0, ctx, a, "amax")
-    firing = (ctx_max > 0).nonzero()[:, 0]
-    if len(firing) == 0:
-        return torch.empty(0, dtype=torch.long)
-    order = firing[ctx_max[firing].argsort(descending=True, stable=True)]
-    k, mid = per_group, len(order) // 2
-    chosen = torch.unique(torch.cat([order[:k], order[max(0, mid - k // 2): mid + k - k // 2], order[-k:]]))
-    return (torch.isin(ctx, chosen) & (a > 0)).nonzero()[:, 0]
-
-
-@torch.no_grad()
-def pearson_matching(rqae, sae, store, cfg: PearsonConfig, *, sae_space: str, prefixes: tuple[int, ...],
-                     rows: tuple[int, int] | None = None, exclude: int = 0) -> dict:
-    """Pearson correlation between SAE feature activations and RQAE intensities (blog Fig 5a).
-
-    For each feature, tokens of its top / median / bottom contexts (by max activation) where
-    it fires; the RQAE feature is (a) the SAE encoder vector through the final norm, encoded,
-    and (b) the codes of the feature's top-activating token. Returns per-prefix correlations.
-    Memory: the chosen features' activations over the scanned rows, and codes of only the
-    example tokens.
-    """
-    start, stop = rows if rows is not None else (0, store.n_tokens)
-    stop = min(stop, start + cfg.max_tokens)
-    features = None if cfg.features is None else torch.tensor(cfg.features)
-    features, acts, seq = feature_activations(sae, store, features, (start, stop), cfg, sae_space, exclude)
-    ctx = torch.from_numpy(seq.astype(np.int64) - int(seq.min()))
-    picked = {}
-    for j, f in enumerate(features.tolist()):
-        tok = example_tokens(acts[:, j], ctx, cfg.contexts_per_group)
-        if len(tok) >= 3:
-            picked[f] = (j, tok, int(acts[:, j].argmax()))
-    tops = [[top for *_, top in picked.values()]]
-    needed = (np.unique(np.concatenate([t.numpy() for _, t, _ in picked.values()] + tops).astype(np.int64))
-              if picked else np.empty(0, np.int64))
-    codes_of = {}
-    for i in range(0, len(needed), cfg.chunk):
-        part = needed[i : i + cfg.chunk]
-        codes = rqae.encode(store.read_rows(part + start).acts)
-        codes_of.update(zip(part.tolist(), codes))
-    mean_rms = None
-    per_feature = []
-    for f, (j, tok, top) in picked.items():
-        enc_vec = sae.W_enc[:, f] if hasattr(sae, "W_enc") else sae.W_dec[f]
-        if sae_space == "raw":
-            enc_vec = normalise_like_store(enc_vec[None], store)[0]
-        else:  # already a normalised-space direction: give it the stored rows' typical scale
-            if mean_rms is None:
-                mean_rms = float(store.read_rows(needed[:4096] + start).acts.pow(2).mean(-1).sqrt().mean())
-            enc_vec = enc_vec.float() / enc_vec.float().pow(2).mean().sqrt() * mean_rms
-        query = {"a": rqae.encode(enc_vec[None].float())[0], "b": codes_of[top]}
-        tok_codes = torch.stack([codes_of[t] for t in tok.tolist()])
-        row = {"feature": f, "tokens": len(tok), "a": {}, "b": {}}
-        for m in prefixes:
-            for name, q in query.items():
-                row[name][str(m)] = _pearson(rqae.intensity(q, tok_codes, m), acts[tok, j])
-        per_feature.append(row)
-    return {"features": per_feature, "summary": pearson_summary(per_feature, prefixes), "rows": [start, stop],
-            "sae_space": sae_space}
-
-
-def pearson_summary(per_feature: list[dict], prefixes: tuple[int, ...]) -> dict:
-    """Mean, spread and count of the finite correlations, per RQAE feature kind and prefix."""
-    summary = {}
-    for name in ("a", "b"):
-        summary[name] = {}
-        for m in prefixes:
-            vals = np.array([r[name][str(m)] for r in per_feature], dtype=float)
-            vals = vals[np.isfinite(vals)]
-            summary[name][str(m)] = {"mean": float(vals.mean()) if len(vals) else float("nan"),
-                                     "std": float(vals.std()) if len(vals) else float("nan"),
-                                     "q25": float(np.quantile(vals, 0.25)) if len(vals) else float("nan"),
-                                     "q75": float(np.quantile(vals, 0.75)) if len(vals) else float("nan"),
-                                     "n": len(vals)}
-    return summary
-
-
-def _pearson(u: torch.Tensor, v: torch.Tensor) -> float:
-    u, v = u.double() - u.double().mean(), v.double() - v.double().mean()
-    den = float(u.norm() * v.norm())
-    return float((u @ v) / den) if den > 0 else float("nan")
 
 
 # --------------------------------------------------------------------------- the comparison run
