@@ -82,6 +82,17 @@ def _defaults(name: str, spec: ModelSpec, fields: set[str], total_steps: int) ->
     return d
 
 
+def _windows(total_steps: int) -> dict[str, int]:
+    """sae-lens's dead-latent and sparsity windows (1000 and 2000 steps) scaled to the run:
+    a twentieth of it, and twice that, capped at sae-lens's values, so runs of 20k steps
+    or more get sae-lens's own and a short run still switches on the TopK family's
+    dead-latent auxiliary loss (200 steps under a 1000-step window left half of a TopK
+    SAE's latents dead). A latent silent for a twentieth of a short run is dead by any
+    measure here: at k 32 of 2048 an average latent fires ~16 times per 1024-token batch."""
+    dead = min(1000, max(1, total_steps // 20))
+    return {"dead_feature_window": dead, "feature_sampling_window": min(2000, 2 * dead)}
+
+
 class SAEBaseline:
     """A sae-lens `TrainingSAE` + `SAETrainer`, implementing `models.base.Trainable`."""
 
@@ -101,7 +112,7 @@ class SAEBaseline:
         sae_kw = {**_defaults(self.name, spec, fields, self.total_steps),
                   **{k: v for k, v in spec.options.items() if k in fields}}
         trainer_kw = {"lr_end": spec.lr / 10,  # sae-lens's runner default; only cosine/decay read it
-                      "autocast": spec.dtype == "bfloat16",
+                      "autocast": spec.dtype == "bfloat16", **_windows(self.total_steps),
                       **{k: v for k, v in spec.options.items() if k in TRAINER_OPTIONS}}
         with torch.random.fork_rng(devices=[]):
             # built on the CPU from a seeded CPU generator (only: torch.manual_seed would also

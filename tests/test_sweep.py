@@ -1,0 +1,112 @@
+import json
+import math
+
+import pytest
+
+from rqae_pipeline import RQAEError
+from rqae_pipeline.harvest import harvest
+from rqae_pipeline.models.base import ModelSpec
+from rqae_pipeline.models.sae import SAEBaseline
+from rqae_pipeline.store import ActivationStore
+from rqae_pipeline.sweep import (
+    SWEEP_FILE,
+    SweepConfig,
+    best_rate,
+    evaluate_seeds,
+    format_quality_table,
+    ladder_index,
+    ladder_rate,
+    mean_se,
+    plateau_summary,
+    run_sweep,
+    splits,
+)
+from rqae_pipeline.train import heldout_split
+
+from helpers import tiny_config
+
+
+@pytest.fixture(scope="module")
+def store_path(tiny_lm, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sweep") / "tiny.zarr"
+    harvest(tiny_config(out, tokens=4096), lm=tiny_lm, progress=False)  # 128 contexts of 32 tokens
+    return out
+
+
+def test_mean_and_standard_error_over_seeds():
+    mean, se = mean_se([1.0, 2.0, 3.0])
+    assert mean == 2.0 and se == pytest.approx(1 / math.sqrt(3))  # sample std 1, over sqrt(3)
+    assert mean_se([0.5]) == (0.5, pytest.approx(math.nan, nan_ok=True))
+
+
+def test_plateau_summary_reads_the_last_fifth_of_a_known_series():
+    steps = list(range(10, 101, 10))
+    falling = [1.0 - 0.001 * s for s in steps]  # slope -1 per 1,000 steps throughout
+    p = plateau_summary(steps, falling, total_steps=100)
+    assert p["points"] == 3 and p["first_step"] == 80  # steps 80, 90, 100
+    assert p["min"] == pytest.approx(0.9) and p["max"] == pytest.approx(0.92)
+    assert p["slope_per_1k"] == pytest.approx(-1.0)
+    assert p["relative_change"] == pytest.approx(-0.02 / 0.91)
+    flat = plateau_summary(steps, [0.5] * 7 + [0.3, 0.3, 0.3], total_steps=100)
+    assert flat["slope_per_1k"] == 0.0 and flat["relative_change"] == 0.0 and flat["max"] == 0.3
+    assert plateau_summary([100], [0.3], total_steps=100) == {"points": 1}
+
+
+def test_ladder_and_best_rate():
+    assert [ladder_rate(j) for j in (-7, -6, -5, -4)] == [3e-4, 1e-3, 3e-3, 1e-2]
+    assert all(ladder_rate(ladder_index(lr)) == lr for lr in (1e-4, 3e-4, 1e-2, 0.3, 3.0))
+    rows = [{"lr": 1e-3, "fvu": 0.4}, {"lr": 3e-3, "fvu": 0.2}, {"lr": 1e-2, "fvu": math.inf}]
+    assert best_rate(rows)["lr"] == 3e-3 and not best_rate(rows)["at_edge"]
+    assert best_rate(rows[:2])["at_edge"]
+    with pytest.raises(RQAEError, match="every learning rate diverged"):
+        best_rate([{"lr": 1.0, "fvu": math.inf}])
+
+
+def test_validation_and_test_contexts_are_disjoint(store_path):
+    store = ActivationStore.open(store_path)
+    val, test = splits(store, 8)
+    R = store.spec.rows_per_context
+    assert test.eval_rows == 8 * R and val.eval_rows == 8 * R
+    # sweep runs evaluate on the 8 contexts before the last 8, which seed runs train on
+    assert heldout_split(store, val.fraction)["first_row"] + val.eval_rows == heldout_split(store, test.fraction)[
+        "first_row"]
+    with pytest.raises(RQAEError, match="too few"):
+        splits(store, 64)
+
+
+def test_sae_windows_scale_with_short_runs():
+    spec = ModelSpec(arch="topk-sae", d_in=16, d_sae=32, k=4)
+    short = SAEBaseline(spec, total_steps=200).trainer.cfg
+    assert (short.dead_feature_window, short.feature_sampling_window) == (10, 20)
+    long = SAEBaseline(spec, total_steps=100_000).trainer.cfg
+    assert (long.dead_feature_window, long.feature_sampling_window) == (1000, 2000)  # sae-lens's own
+
+
+def test_sweep_keeps_the_lowest_validation_fvu_and_a_diverging_rate_loses(store_path, tmp_path):
+    spec = ModelSpec(arch="topk-sae", d_in=64, d_sae=128, k=4)
+    cfg = SweepConfig(store=store_path, out=tmp_path / "q", models={"topk": spec}, tokens=128 * 20, batch_size=128,
+                      grid=(3e-3, 1e4), extend=1, seeds=(0, 1), heldout_contexts=8, evaluations=5, progress=False)
+    result = run_sweep(cfg, echo=lambda _: None)
+    entry = result["models"]["topk"]
+    rows = {r["lr"]: r for r in entry["sweep"]}
+    # lr 1e4 turns the loss NaN; 3e-3 is then the best at the grid's lower edge, so the
+    # next rate down (1e-3) is tried once (extend=1)
+    assert set(rows) == {1e-3, 3e-3, 1e4} and "diverged" in rows[1e4] and rows[1e4]["fvu"] == math.inf
+    assert entry["chosen_lr"] == min((1e-3, 3e-3), key=lambda lr: rows[lr]["fvu"])
+    val_rows = result["validation"]["eval_rows"]
+    for r in rows.values():
+        if "plateau" in r:
+            assert r["plateau"]["points"] >= 2
+            final = json.loads((tmp_path / "q" / "sweep" / "topk" / f"lr-{r['lr']:g}" / "train.json").read_text())
+            assert final["heldout_metrics"]["tokens"] <= val_rows and final["heldout_metrics"]["fvu"] == r["fvu"]
+    assert [s["seed"] for s in entry["seeds"]] == [0, 1]
+    saved = json.loads((tmp_path / "q" / SWEEP_FILE).read_text())
+    assert saved["models"]["topk"]["chosen_lr"] == entry["chosen_lr"]
+    assert next(r for r in saved["models"]["topk"]["sweep"] if r["lr"] == 1e4)["fvu"] is None  # JSON has no inf
+
+    evaluated = evaluate_seeds(cfg, result, ce_contexts=0, echo=lambda _: None)
+    fvus = [r["fvu"] for r in evaluated["topk"]]
+    assert len(fvus) == 2 and fvus[0] != fvus[1]  # the seed changes init and batch order
+    table = format_quality_table(evaluated)
+    mean, se = mean_se(fvus)
+    assert f"{mean:.4f} ± {se:.4f}" in table
