@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from rqae_pipeline import RQAEError
+from rqae_pipeline.budget import budget_table, rqae_weight_bytes, weight_bytes
 from rqae_pipeline.evaluate import (
     EvalConfig,
     PretrainedSAE,
@@ -155,7 +156,8 @@ class CompareConfig:
     sae: Path | PretrainedSAE
     out: Path
     prefixes: tuple[int, ...] | None = None  # RQAE prefix lengths (default: powers of two and n_q)
-    ce_contexts: int = 32  # held-out contexts for CE-delta / KL; 0 skips them (no LM needed)
+    ce_contexts: int = 64  # held-out contexts for CE-delta / KL; 0 skips them (no LM needed)
+    ce_prefixes: tuple[int, ...] | None = None  # RQAE prefixes spliced for CE (default 1, 4, 16, n_q)
     workers: int = 0
     scheduler: str | None = None
     device: str = "cpu"
@@ -177,8 +179,8 @@ def run_comparison(cfg: CompareConfig, *, progress: bool = True, echo: Callable[
     if cfg.out.exists() and not cfg.out.is_dir():
         raise RQAEError(f"--out {cfg.out} exists and is not a directory")
     base = EvalConfig(store=cfg.store, model=cfg.rqae, workers=cfg.workers, scheduler=cfg.scheduler,
-                      device=cfg.device, ce_contexts=cfg.ce_contexts, batch_size=cfg.batch_size,
-                      prefixes=cfg.prefixes or default_prefixes(rqae.n_q))
+                      device=cfg.device, ce_contexts=cfg.ce_contexts, ce_prefixes=cfg.ce_prefixes,
+                      batch_size=cfg.batch_size, prefixes=cfg.prefixes or default_prefixes(rqae.n_q))
     rows = eval_rows(base, store)  # the RQAE's held-out rows; the SAE is measured on the same ones
     sae_cfg = replace(base, model=cfg.sae, row_range=rows)
     sae = load_model(cfg.sae, cfg.device)  # errors (unknown release, bad dir) before any work
@@ -199,14 +201,16 @@ def run_comparison(cfg: CompareConfig, *, progress: bool = True, echo: Callable[
     report = {
         "store": {"path": str(cfg.store), "model": store.spec.model, "hook": store.spec.hook, "d": store.d,
                   "normalisation": store.spec.normalisation},
-        "rqae": {"path": str(cfg.rqae), "n_q": rqae.n_q, **results["rqae"]},
+        "rqae": {"path": str(cfg.rqae), "n_q": rqae.n_q, **rqae_weight_bytes(rqae), **results["rqae"]},
         "sae": {"source": str(cfg.sae), "space": space, "d_sae": int(sae.cfg.d_sae),
-                "architecture": sae.cfg.architecture(), **results["sae"]},
+                "architecture": sae.cfg.architecture(), "weight_bytes": weight_bytes(sae.state_dict().values()),
+                **results["sae"]},
         "pearson": pearson,
         "decoder_matching": matching,
         "config": jsonable(asdict(cfg)),
         "seconds": time.perf_counter() - t0,
     }
+    report["budget"] = budget_table(report["rqae"], report["sae"])
     write_report(report, cfg.out)
     return report
 

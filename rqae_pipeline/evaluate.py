@@ -5,16 +5,18 @@ Each store shard is an independent task that returns float64 sufficient statisti
 the reduction adds them, so FVU uses the per-dimension mean of the whole evaluation set
 and no result depends on batch size, shard count or worker count. (sae-lens computed
 explained variance from per-batch means for a year; `tests/test_evaluate.py` holds the
-golden cases that catch that.) Tasks run in-process or on dask.distributed: a
+golden cases that catch that.) Every model is measured in both spaces: the store's
+normalised rows and the raw residuals rebuilt from them (`reconstruct_both`), each FVU
+against the variance of the evaluated rows in its own space, so a model fit in one space is
+not favoured by the choice of the other. CE-delta and KL (`ce.py`) are kept per context
+and carry bootstrap standard errors. Tasks run in-process or on dask.distributed: a
 `LocalCluster` or an existing scheduler. A model directory is loaded once per worker.
 """
 
 from __future__ import annotations
 
 import json
-import os
-from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -22,11 +24,24 @@ import numpy as np
 import torch
 
 from rqae_pipeline import RQAEError
+from rqae_pipeline.ce import (
+    BOOTSTRAP_RESAMPLES,
+    CE_CONTEXTS_PER_FORWARD,
+    ZERO_ALL,
+    ZERO_KEPT,
+    Splice,
+    add_ce_sums,
+    ce_bootstrap_info,
+    ce_summary,
+    default_ce_prefixes,
+    residual_start_layer,
+)
 
 # Stats, default_prefixes, prefix_of and reconstruct are also imported from here by older callers
 from rqae_pipeline.metrics import Stats, code_usage_summary, default_prefixes, prefix_of  # noqa: F401
 from rqae_pipeline.models.registry import kind_of, load_model_dir, reconstruct
 from rqae_pipeline.store import ActivationStore, Flags
+from rqae_pipeline.tasks import dask_client, local_cluster, run_tasks  # noqa: F401 (compare, bench)
 
 RowSelection = Literal["heldout", "all"]
 ModelSpace = Literal["auto", "raw", "normalised"]
@@ -56,6 +71,9 @@ class EvalConfig:
     scheduler: str | None = None  # address of an existing dask scheduler
     device: str = "cpu"
     ce_contexts: int = 0  # held-out contexts for CE-delta / KL (needs the LM); 0 skips them
+    ce_prefixes: tuple[int, ...] | None = None  # RQAE prefixes spliced for CE (default 1, 4, 16, n_q)
+    ce_resamples: int = BOOTSTRAP_RESAMPLES  # bootstrap resamples of the CE contexts for standard errors
+    ce_seed: int = 0  # the bootstrap's seed
     # "auto": models trained here read the store's normalised acts; any other sae-lens
     # directory (e.g. Gemma Scope) reads raw residuals, rebuilt as acts / gain * scale.
     space: ModelSpace = "auto"
@@ -85,7 +103,8 @@ def load_model(ref: Path | str | PretrainedSAE, device: str = "cpu"):
     """A model directory (RQAE, codebook, any sae-lens SAE dir) or a pretrained sae-lens SAE."""
     key = (str(ref) if isinstance(ref, PretrainedSAE) else str(Path(ref).resolve()), device)
     if key not in _MODELS:
-        _MODELS[key] = load_pretrained_sae(ref, device) if isinstance(ref, PretrainedSAE) else load_model_dir(ref, device)
+        pretrained = isinstance(ref, PretrainedSAE)
+        _MODELS[key] = load_pretrained_sae(ref, device) if pretrained else load_model_dir(ref, device)
     return _MODELS[key]
 
 
@@ -98,14 +117,16 @@ def load_pretrained_sae(ref: PretrainedSAE, device: str = "cpu"):
     directory = get_pretrained_saes_directory()
     if ref.release not in directory:
         near = sorted(r for r in directory if ref.release.split("-")[0] in r)[:5]
-        raise RQAEError(f"unknown sae-lens release {ref.release!r}" + (f" (similar: {', '.join(near)})" if near else ""))
+        similar = f" (similar: {', '.join(near)})" if near else ""
+        raise RQAEError(f"unknown sae-lens release {ref.release!r}{similar}")
     if ref.sae_id not in directory[ref.release].saes_map:
         ids = list(directory[ref.release].saes_map)
         raise RQAEError(f"release {ref.release} has no SAE {ref.sae_id!r} ({len(ids)} ids, e.g. {ids[0]})")
     try:
         return SAE.from_pretrained(ref.release, ref.sae_id, device=device)
     except Exception as e:  # network, hub or cache errors: one line, not a traceback
-        raise RQAEError(f"cannot load {ref} through sae-lens: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise RQAEError(f"cannot load {ref} through sae-lens: {type(e).__name__}: {first}") from None
 
 
 def pretrained_model_name(ref: PretrainedSAE) -> str | None:
@@ -172,13 +193,25 @@ def model_space(cfg: EvalConfig) -> str:
 
 
 @torch.no_grad()
-def reconstruct_rows(model, store: ActivationStore, acts: torch.Tensor, scale: torch.Tensor, cfg: EvalConfig):
-    """Reconstructions in the store's normalised space, whatever space the model reads."""
+def reconstruct_both(model, store: ActivationStore, acts: torch.Tensor, scale: torch.Tensor, cfg: EvalConfig):
+    """(raw rows, {label: x_hat in the stored space}, {label: x_hat in raw space}, usage counts).
+
+    The model reads one space and its reconstruction is mapped to the other with each row's
+    own scale and the store's gain: raw = acts / gain * scale (`store.to_raw`), stored =
+    raw / scale * gain (`raw_to_stored`)."""
+    raw = store.to_raw(acts, scale)
     if model_space(cfg) == "normalised":
-        return reconstruct(model, acts, cfg.prefixes)
-    factor = store.to_raw_factor(scale, acts.device)  # normalised -> raw
-    recons, counts = reconstruct(model, acts * factor, cfg.prefixes)
-    return {label: x_hat / factor for label, x_hat in recons.items()}, counts
+        recons, counts = reconstruct(model, acts, cfg.prefixes)
+        return raw, recons, {label: store.to_raw(x_hat, scale) for label, x_hat in recons.items()}, counts
+    recons_raw, counts = reconstruct(model, raw, cfg.prefixes)
+    return raw, {label: raw_to_stored(store, x_hat, scale) for label, x_hat in recons_raw.items()}, recons_raw, counts
+
+
+def raw_to_stored(store: ActivationStore, raw: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Raw vectors (n, d) into the stored space with the rows' own scales (n,): raw / scale *
+    gain, the inverse of `store.to_raw` (not `store.to_normalised`, which would divide a
+    reconstruction by its own RMS instead of its row's)."""
+    return raw / scale.to(raw.device)[:, None] * store.gain.to(raw.device)
 
 
 # --------------------------------------------------------------------------- CE-delta
@@ -194,16 +227,27 @@ def _lm(name: str, device: str):
     return _LMS[name]
 
 
-@torch.no_grad()
-def ce_stats(store_path: str, model_ref, first_ctx: int, stop_ctx: int, cfg: EvalConfig) -> Stats:
-    """Next-token CE of the LM with each reconstruction spliced in at the store's hook.
+def ce_labels(model, cfg: EvalConfig) -> tuple[int, ...] | None:
+    """The RQAE prefixes spliced into the LM (`cfg.ce_prefixes`, default `default_ce_prefixes`)."""
+    if model_kind(model) != "rqae":
+        return None
+    prefixes = cfg.prefixes or default_prefixes(model.n_q)
+    chosen = cfg.ce_prefixes or default_ce_prefixes(prefixes, model.n_q)
+    if not all(1 <= m <= model.n_q for m in chosen):
+        raise RQAEError(f"CE prefixes {list(chosen)} must lie in 1..{model.n_q} (the RQAE's layers)")
+    return chosen
 
-    Reconstructions are mapped back to raw space with the stored per-token scale (and the
+
+@torch.no_grad()
+def ce_stats(store_path: str, model_ref, first_ctx: int, stop_ctx: int, window: tuple[int, int],
+             cfg: EvalConfig) -> Stats:
+    """Per-context next-token CE of the LM with each reconstruction spliced in at the store's
+    hook, contexts [first_ctx, stop_ctx) of the CE `window` (`ce.add_ce_sums`).
+
+    Reconstructions are mapped to raw space with the stored per-token scale (and the
     final-norm gain) and replace the activation at every position the evaluation keeps;
     excluded positions (BOS, norm outliers) keep their clean activation, as the reference
-    evaluation keeps BOS. Also the clean run, zero-ablation and KL(clean || spliced).
-    Sums go in `Stats.sse` under "ce:<label>" / "kl:<label>", the count in `counts["ce_n"]`.
-    """
+    evaluation keeps BOS. Also the clean run, both zero-ablations and KL(clean || spliced)."""
     store = ActivationStore.open(store_path)
     spec, R = store.spec, store.spec.rows_per_context
     lm = _lm(spec.model, cfg.device)
@@ -213,114 +257,75 @@ def ce_stats(store_path: str, model_ref, first_ctx: int, stop_ctx: int, cfg: Eva
     if spec.skip_bos:
         tokens = torch.cat([torch.full((len(tokens), 1), lm.tokenizer.bos_token_id), tokens], 1)
     keep = torch.from_numpy((rows.flags & cfg.exclude) == 0).reshape(len(tokens), R)
-    replacements = ce_replacements(model, store, rows, cfg)
-    splice = _Splice(lm=lm, hook=spec.hook, start=residual_start_layer(spec.hook), offset=1 if spec.skip_bos else 0)
-    stats = Stats()
+    replacements = ce_replacements(model, store, rows, replace(cfg, prefixes=ce_labels(model, cfg)))
+    splice = Splice(lm=lm, hook=spec.hook, start=residual_start_layer(spec.hook), offset=1 if spec.skip_bos else 0)
+    stats, n_contexts = Stats(), window[1] - window[0]
     # A few contexts per forward pass: log-probabilities over a 256k vocabulary are ~1 MB a
     # token, so whole tasks at once would spend their time allocating, not computing.
     for c in range(0, len(tokens), CE_CONTEXTS_PER_FORWARD):
         sl = slice(c, c + CE_CONTEXTS_PER_FORWARD)
-        block = {label: r.reshape(-1, R, r.shape[-1])[sl] for label, r in replacements.items()}
-        _add_ce_sums(stats, splice, tokens[sl].to(cfg.device), keep[sl], block)
-    stats.counts["ce_n"] = np.array([float(tokens[:, 1:].numel())])
+        block = {label: r if isinstance(r, str) else r.reshape(-1, R, r.shape[-1])[sl]
+                 for label, r in replacements.items()}
+        slots = slice(first_ctx - window[0] + c, first_ctx - window[0] + min(c + CE_CONTEXTS_PER_FORWARD, len(tokens)))
+        add_ce_sums(stats, splice, tokens[sl].to(cfg.device), keep[sl], block, slots, n_contexts)
     return stats
 
 
-def ce_replacements(model, store: ActivationStore, rows, cfg: EvalConfig) -> dict[str, torch.Tensor]:
-    """(n, d) raw activations to splice in, by label: zeros ("zero") and each reconstruction."""
-    recons, _ = reconstruct_rows(model, store, rows.acts.to(cfg.device), rows.scale, cfg)
-    replacements = {"zero": torch.zeros_like(rows.acts)}
-    replacements.update({label: store.to_raw(x_hat.cpu(), rows.scale) for label, x_hat in recons.items()})
+def ce_replacements(model, store: ActivationStore, rows, cfg: EvalConfig) -> dict[str, torch.Tensor | str]:
+    """(n, d) raw activations to splice in, by label: both zero-ablations and each reconstruction."""
+    _, _, recons_raw, _ = reconstruct_both(model, store, rows.acts.to(cfg.device), rows.scale, cfg)
+    replacements: dict[str, torch.Tensor | str] = {ZERO_ALL: ZERO_ALL, ZERO_KEPT: torch.zeros_like(rows.acts)}
+    replacements.update({label: x_hat.cpu() for label, x_hat in recons_raw.items()})
     return replacements
 
 
-@dataclass(frozen=True)
-class _Splice:
-    """Forward passes of the LM with an activation spliced in at `hook`.
-
-    At a residual-stream hook the clean run's residual there is computed once and each
-    spliced run starts from it (TransformerLens `start_at_layer`), skipping the layers
-    below the hook; any other hook splices through a forward hook on a full run."""
-
-    lm: Any
-    hook: str
-    start: int | None  # `residual_start_layer(hook)`
-    offset: int  # 1 when the store skipped BOS: stored rows start at position 1
-
-    def log_probs(self, toks: torch.Tensor, resid: torch.Tensor | None, new: torch.Tensor | None,
-                  keep: torch.Tensor) -> torch.Tensor:
-        """Next-token log-probabilities with `new` (B, R, d) written where `keep` (B, R); None: clean."""
-        def splice(act, hook=None):
-            act[:, self.offset:][keep] = new.to(act.device, act.dtype)[keep]
-            return act
-
-        if resid is not None:
-            logits = self.lm.model(resid if new is None else splice(resid.clone()), start_at_layer=self.start)
-        else:
-            hooks = [] if new is None else [(self.hook, splice)]
-            logits = self.lm.model.run_with_hooks(toks, fwd_hooks=hooks)
-        return logits[:, :-1].float().log_softmax(-1)
-
-
-def _add_ce_sums(stats: Stats, splice: _Splice, toks: torch.Tensor, keep: torch.Tensor,
-                 replacements: dict[str, torch.Tensor]) -> None:
-    """CE sums of the clean run and of each replacement, and KL(clean || spliced), on a block of contexts."""
-    def ce_sum(logp: torch.Tensor) -> float:
-        return -float(logp.gather(-1, toks[:, 1:, None]).double().sum())
-
-    resid = None if splice.start is None else splice.lm.model(toks, stop_at_layer=splice.start)
-    clean = splice.log_probs(toks, resid, None, keep)
-    stats.add_sum("ce:clean", ce_sum(clean))
-    for label, new in replacements.items():
-        logp = splice.log_probs(toks, resid, new, keep)
-        stats.add_sum(f"ce:{label}", ce_sum(logp))
-        if label != "zero":
-            kl = torch.nn.functional.kl_div(logp, clean, log_target=True, reduction="none").sum(-1)
-            stats.add_sum(f"kl:{label}", float(kl.double().sum()))
-        del logp
-
-
-CE_CONTEXTS_PER_FORWARD = 2
-
-
-def residual_start_layer(hook: str) -> int | None:
-    """The block a forward pass can start at with the activation of `hook` as its residual
-    input: L + 1 for blocks.L.hook_resid_post, L for blocks.L.hook_resid_pre; else None."""
-    import re
-
-    m = re.fullmatch(r"blocks\.(\d+)\.hook_resid_(post|pre)", hook)
-    return None if m is None else int(m.group(1)) + (m.group(2) == "post")
-
-
-def ce_summary(stats: Stats) -> dict[str, dict[str, float]]:
-    n = float(stats.counts["ce_n"][0])
-    clean, zero = stats.sse["ce:clean"] / n, stats.sse["ce:zero"] / n
-    out = {"clean": {"ce": clean}, "zero-ablation": {"ce": zero, "ce_delta": zero - clean}}
-    for key, value in stats.sse.items():
-        if key.startswith("ce:") and key not in ("ce:clean", "ce:zero"):
-            label = key[3:]
-            ce = value / n
-            out[label] = {"ce": ce, "ce_delta": ce - clean, "kl": stats.sse[f"kl:{label}"] / n,
-                          "ce_recovered": (zero - ce) / (zero - clean) if zero != clean else float("nan")}
-    return out
+def ce_results(cfg: EvalConfig, model, store: ActivationStore, start: int, progress: bool, client) -> dict:
+    """CE-delta and KL with standard errors over the first `cfg.ce_contexts` contexts from row `start`."""
+    if cfg.ce_resamples < 2:
+        raise RQAEError(f"--ce-resamples must be at least 2 for a standard error, got {cfg.ce_resamples}")
+    R = store.spec.rows_per_context
+    first = -(-start // R)  # whole contexts only
+    window = (first, min(store.n_contexts, first + cfg.ce_contexts))
+    if window[1] <= window[0]:
+        raise RQAEError(f"no whole context from row {start} for CE-delta")
+    per_task = max(1, store.spec.contexts_per_shard // 4)
+    tasks = [(str(cfg.store), cfg.model, c, min(c + per_task, window[1]), window, cfg)
+             for c in range(window[0], window[1], per_task)]
+    ce = Stats()
+    for p in run_tasks(ce_stats, tasks, cfg, f"CE-delta {model_name(cfg.model)}", progress, client):
+        ce = ce.merge(p)
+    return {"ce": ce_summary(ce, cfg.ce_resamples, cfg.ce_seed), "ce_contexts": list(window),
+            "ce_bootstrap": ce_bootstrap_info(ce, cfg.ce_resamples, cfg.ce_seed),
+            "ce_prefixes": list(ce_labels(model, cfg) or [])}
 
 
 # --------------------------------------------------------------------------- tasks
 
 
-def shard_stats(store_path: str, model_ref, start: int, stop: int, cfg: EvalConfig) -> Stats:
-    """The sufficient statistics of rows [start, stop): one task."""
+def shard_stats(store_path: str, model_ref, start: int, stop: int, cfg: EvalConfig) -> dict[str, Stats]:
+    """The sufficient statistics of rows [start, stop) in both spaces: one task. The rows
+    and reconstructions in the stored (normalised) space under "normalised" (with the usage
+    counts), the same rows rebuilt as raw residuals and the reconstructions mapped there
+    under "raw" (`reconstruct_both`)."""
     store = ActivationStore.open(store_path)
     model = load_model(model_ref, cfg.device)
-    stats = Stats()
+    stats = {"normalised": Stats(), "raw": Stats()}
     for a in range(start, stop, cfg.batch_size):
         rows = store.read(a, min(stop, a + cfg.batch_size))
         keep = torch.from_numpy((rows.flags & cfg.exclude) == 0)
         x = rows.acts[keep].to(cfg.device)
         if len(x):
-            recons, counts = reconstruct_rows(model, store, x, rows.scale[keep], cfg)
-            stats.add(x, recons, counts)
+            raw, recons, recons_raw, counts = reconstruct_both(model, store, x, rows.scale[keep], cfg)
+            stats["normalised"].add(x, recons, counts)
+            stats["raw"].add(raw, recons_raw)
     return stats
+
+
+def merge_spaces(parts: list[dict[str, Stats]]) -> dict[str, Stats]:
+    total = {"normalised": Stats(), "raw": Stats()}
+    for part in parts:
+        total = {space: total[space].merge(part[space]) for space in total}
+    return total
 
 
 def eval_rows(cfg: EvalConfig, store: ActivationStore) -> tuple[int, int]:
@@ -343,85 +348,13 @@ def eval_rows(cfg: EvalConfig, store: ActivationStore) -> tuple[int, int]:
 def shard_ranges(store: ActivationStore, start: int, stop: int) -> list[tuple[int, int]]:
     shard = store.spec.shard_rows
     first = start - start % shard
-    return [(max(a, start), min(a + shard, stop)) for a in range(first, stop, shard) if min(a + shard, stop) > max(a, start)]
-
-
-def _in_worker(fn, torch_threads: int | None, *args):
-    # dask's nanny starts workers with OMP_NUM_THREADS=1; give each local worker its
-    # share of the cores instead, so 1 worker matches the single-process path.
-    if torch_threads:
-        torch.set_num_threads(torch_threads)
-    return fn(*args)
-
-
-@contextmanager
-def dask_client(cfg: EvalConfig):
-    """A client of `cfg.scheduler`, or of a LocalCluster of `cfg.workers` processes; None
-    when the work runs in this process."""
-    if not cfg.workers and not cfg.scheduler:
-        yield None
-        return
-    from dask.distributed import Client
-
-    cluster = None
-    try:
-        if cfg.scheduler:
-            client = Client(cfg.scheduler, timeout="10s")
-        else:
-            cluster = local_cluster(cfg.workers)
-            client = Client(cluster)
-    except (OSError, TimeoutError, ValueError) as e:
-        if cluster is not None:
-            cluster.close()
-        where = f"the dask scheduler {cfg.scheduler!r}" if cfg.scheduler else "a local dask cluster"
-        raise RQAEError(f"cannot reach {where}: {e}") from None
-    try:
-        yield client
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
-
-
-def local_cluster(workers: int):
-    """A LocalCluster of `workers` single-threaded worker processes.
-
-    dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, so glibc hands every
-    freed block above 64 kB back to the OS; torch's per-batch temporaries are then mapped
-    and page-faulted anew each batch, which measured 2.3x the CPU time of the same task in
-    this process (bench/eval.py). The workers here keep glibc's default instead."""
-    import dask.config
-    from dask.distributed import LocalCluster
-
-    environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()
-               if k != "MALLOC_TRIM_THRESHOLD_"}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
-
-
-def run_tasks(fn, args_list: list[tuple], cfg: EvalConfig, desc: str, progress: bool, client=None) -> list:
-    """Run fn(*args) for each args, in this process or on dask.distributed (on `client`, or
-    on a cluster made for this call from `cfg`)."""
-    from tqdm import tqdm
-
-    if client is None and (cfg.workers or cfg.scheduler):
-        with dask_client(cfg) as own:
-            return run_tasks(fn, args_list, cfg, desc, progress, client=own)
-    if client is None:
-        return [fn(*args) for args in tqdm(args_list, desc=desc, unit="shard", disable=not progress)]
-    from dask.distributed import as_completed
-
-    threads = cfg.threads_per_worker or (None if cfg.scheduler else max(1, (os.cpu_count() or 1) // max(1, cfg.workers)))
-    futures = [client.submit(_in_worker, fn, threads, *args, pure=False) for args in args_list]
-    index = {f.key: i for i, f in enumerate(futures)}
-    results = [None] * len(futures)
-    for fut in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="shard", disable=not progress):
-        results[index[fut.key]] = fut.result()
-    return results
+    return [(max(a, start), min(a + shard, stop)) for a in range(first, stop, shard)
+            if min(a + shard, stop) > max(a, start)]
 
 
 def evaluate(cfg: EvalConfig, *, progress: bool = True, client=None) -> dict:
-    """Reconstruction metrics of `cfg.model` on the store's held-out (or all) rows."""
+    """Reconstruction metrics of `cfg.model` on the store's held-out (or all) rows, in the
+    stored and the raw space; CE-delta and KL when `cfg.ce_contexts`."""
     store = ActivationStore.open(cfg.store)
     model = load_model(cfg.model, cfg.device)
     check_compatible(model, store, cfg)
@@ -429,22 +362,10 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True, client=None) -> dict:
     ranges = shard_ranges(store, start, stop)
     parts = run_tasks(shard_stats, [(str(cfg.store), cfg.model, a, b, cfg) for a, b in ranges], cfg,
                       f"evaluate {model_name(cfg.model)}", progress, client)
-    total = Stats()
-    for p in parts:
-        total = total.merge(p)
-    result = summarise(total, model, store.d, rows=(start, stop))
+    result = summarise(merge_spaces(parts), model, store.d, rows=(start, stop))
+    result["space"] = model_space(cfg)
     if cfg.ce_contexts:
-        R = store.spec.rows_per_context
-        first = start // R
-        stop_ctx = min(store.n_contexts, first + cfg.ce_contexts)
-        per_task = max(1, store.spec.contexts_per_shard // 4)
-        tasks = [(str(cfg.store), cfg.model, c, min(c + per_task, stop_ctx), cfg)
-                 for c in range(first, stop_ctx, per_task)]
-        ce = Stats()
-        for p in run_tasks(ce_stats, tasks, cfg, f"CE-delta {model_name(cfg.model)}", progress, client):
-            ce = ce.merge(p)
-        result["ce"] = ce_summary(ce)
-        result["ce_contexts"] = [first, stop_ctx]
+        result.update(ce_results(cfg, model, store, start, progress, client))
     return result
 
 
@@ -481,14 +402,24 @@ def _lm_key(name: str) -> str:
     return name.lower().rsplit("/", 1)[-1].removesuffix("-offline")
 
 
-def summarise(stats: Stats, model, d: int, rows: tuple[int, int]) -> dict:
-    out = {"rows": list(rows), "tokens": stats.n, "kind": model_kind(model), "metrics": stats.metrics(d)}
-    if "latents" in stats.counts:
-        fired = stats.counts["latents"]
-        out["dead_latents"] = int((fired == 0).sum())
-        out["latents"] = int(fired.size)
-        if "l0" in stats.counts:
-            out["l0"] = float(stats.counts["l0"][0] / stats.n)
-    if "codes" in stats.counts:
-        out["code_usage"] = code_usage_summary(stats.counts["codes"])
+def summarise(stats: dict[str, Stats], model, d: int, rows: tuple[int, int]) -> dict:
+    """FVU and MSE per reconstruction in both spaces, each against the variance of the
+    evaluated rows in that space ("fvu"/"mse" repeat the stored-space values for older
+    readers); SAE L0 and dead latents, RQAE code usage, all over every evaluated row."""
+    norm, raw = stats["normalised"], stats["raw"]
+    in_norm, in_raw = norm.metrics(d), raw.metrics(d)
+    metrics = {label: {**m, "fvu_normalised": m["fvu"], "mse_normalised": m["mse"],
+                       "fvu_raw": in_raw[label]["fvu"], "mse_raw": in_raw[label]["mse"]}
+               for label, m in in_norm.items()}
+    out = {"rows": list(rows), "tokens": norm.n, "kind": model_kind(model), "metrics": metrics}
+    if "latents" in norm.counts:
+        fired = norm.counts["latents"]
+        # the window is every evaluated row: a latent is dead if it never fires on them
+        out.update(dead_latents=int((fired == 0).sum()), latents=int(fired.size), dead_window_tokens=norm.n)
+        if "l0" in norm.counts:
+            out["l0"] = float(norm.counts["l0"][0] / norm.n)
+            # firings a latent would get in the window if the L0 were spread evenly over the width
+            out["dead_window_firings_per_latent"] = out["l0"] * norm.n / fired.size
+    if "codes" in norm.counts:
+        out["code_usage"] = {**code_usage_summary(norm.counts["codes"]), "window_tokens": norm.n}
     return out

@@ -9,6 +9,9 @@ the reports can all use it without an import cycle.
   set, whatever the batching (sae-lens's `ExplainedVarianceCalculator`; STYLE §10).
 - Code usage: per-layer counts of an RQAE's codes and their perplexity (exp of the usage
   entropy; n_codes when perfectly uniform).
+- Bootstrap: resampled column sums of per-context values, for standard errors over contexts.
+- Budgets: bits per token of an RQAE prefix (m log2(544)) and of an SAE (L0 (log2 width +
+  value bits)), and a model's weight bytes.
 - Intensity (blog, "Defining a Feature"): I(t) = sum_i L_i cos(C[q_i], C[t_i]) / sum_i L_i,
   as per-layer lookup tables summed layer by layer in float64, in a fixed order, so a row's
   value has the same bits whatever block it is computed in.
@@ -16,6 +19,7 @@ the reports can all use it without an import cycle.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,12 +130,56 @@ def code_usage(codes: torch.Tensor, n_codes: int) -> dict[str, Any]:
     return {**code_usage_summary(code_counts(codes, n_codes).astype(np.float64)), "tokens": int(codes.shape[0])}
 
 
+# --------------------------------------------------------------------------- bootstrap
+
+
+def bootstrap_sums(per_context: np.ndarray, resamples: int, seed: int = 0) -> np.ndarray:
+    """(contexts, k) per-context values -> (resamples, k) float64 column sums over contexts
+    drawn with replacement (a seeded multinomial count of each context per resample), so any
+    metric that is a function of column sums can be recomputed on each resample."""
+    x = np.asarray(per_context, np.float64)
+    n = len(x)
+    if n == 0:
+        raise RQAEError("no contexts to resample")
+    weights = np.random.default_rng(seed).multinomial(n, np.full(n, 1.0 / n), size=resamples)
+    return weights.astype(np.float64) @ x
+
+
+def bootstrap_se(values: np.ndarray, resamples: int = 1000, seed: int = 0) -> float:
+    """Bootstrap standard error of the mean of `values` (one per context)."""
+    v = np.asarray(values, np.float64)
+    return float(np.std(bootstrap_sums(v[:, None], resamples, seed)[:, 0] / len(v), ddof=1))
+
+
+# --------------------------------------------------------------------------- budgets
+
+RQAE_CODES = 544  # the hypersphere codebook's size
+SAE_VALUE_BITS = 16  # an SAE's latent value, stored as a 16-bit float
+
+
+def rqae_bits_per_token(m: int, n_codes: int = RQAE_CODES) -> float:
+    """Bits to store one token's code with the first m layers: m log2(n_codes)."""
+    return m * math.log2(n_codes)
+
+
+def sae_bits_per_token(l0: float, d_sae: int, value_bits: int = SAE_VALUE_BITS) -> float:
+    """Bits to store one token's SAE code: L0 (index, log2 width, and value, `value_bits`)."""
+    return l0 * (math.log2(d_sae) + value_bits)
+
+
+def weight_bytes(tensors) -> int:
+    """Bytes of a model's weights as held (numel x element size, summed)."""
+    return int(sum(t.numel() * t.element_size() for t in tensors))
+
+
 # --------------------------------------------------------------------------- intensity
 
 
 def unit_codebook64(codebook: torch.Tensor | np.ndarray) -> np.ndarray:
     """(n_codes, 4) unit codes in float64, renormalised so a code's cosine with itself is 1."""
-    c = codebook.detach().double().cpu().numpy() if isinstance(codebook, torch.Tensor) else np.asarray(codebook, np.float64)
+    if isinstance(codebook, torch.Tensor):
+        codebook = codebook.detach().double().cpu().numpy()
+    c = np.asarray(codebook, np.float64)
     return c / np.linalg.norm(c, axis=1, keepdims=True)
 
 

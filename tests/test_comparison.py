@@ -48,7 +48,21 @@ def test_report_numbers_are_those_of_evaluate_on_the_rqae_held_out_rows(trained,
     sae = evaluate(EvalConfig(store=store, model=sae, row_range=tuple(rqae["rows"])), progress=False)
     assert rep["sae"]["metrics"]["sae"]["fvu"] == pytest.approx(sae["metrics"]["sae"]["fvu"], rel=1e-9)
     assert rep["sae"]["space"] == "raw" and rep["sae"]["l0"] == pytest.approx(16.0)
-    assert set(rep["rqae"]["ce"]) >= {"clean", "zero-ablation", "rqae@1", "rqae@8"} and "sae" in rep["sae"]["ce"]
+    assert set(rep["rqae"]["ce"]) >= {"clean", "zero-ablation", "zero-ablation-special-kept", "rqae@1", "rqae@8"}
+    assert "sae" in rep["sae"]["ce"] and rep["rqae"]["ce_prefixes"] == [1, 4, 8]  # 1, 4, 16, n_q that exist
+    # both spaces for both models, the same numbers evaluate gives
+    for label, m in rqae["metrics"].items():
+        assert rep["rqae"]["metrics"][label]["fvu_raw"] == pytest.approx(m["fvu_raw"], rel=1e-9)
+    assert rep["sae"]["metrics"]["sae"]["fvu_raw"] == pytest.approx(sae["metrics"]["sae"]["fvu_raw"], rel=1e-9)
+    # the budget rows carry what a results table needs
+    rows = {r["label"]: r for r in rep["budget"]["models"]}
+    assert rows["rqae@8"]["bits_per_token"] == pytest.approx(8 * np.log2(544))
+    assert rows["sae"]["bits_per_token"] == pytest.approx(rep["sae"]["l0"] * (np.log2(96) + 16))
+    assert rows["rqae@8"]["ce_delta_se"] > 0 and rows["sae"]["kl_se"] > 0 and rows["rqae@2"]["ce_delta"] is None
+    assert rows["sae"]["weight_bytes"] == 4 * (2 * 64 * 96 + 96 + 64)  # W_enc, W_dec, b_enc, b_dec in float32
+    per_layer, shared = rep["rqae"]["weight_bytes_per_layer"], rep["rqae"]["weight_bytes_shared"]
+    assert rows["rqae@8"]["weight_bytes"] == 8 * per_layer + shared
+    assert rep["rqae"]["weight_bytes_per_layer"] == 4 * (64 * 4 * 2 + 4 + 64)
     # the terminal table shows the same numbers
     line = next(ln for ln in stdout.splitlines() if ln.startswith("rqae@8 "))
     assert float(line.split()[1]) == pytest.approx(rep["rqae"]["metrics"]["rqae@8"]["fvu"], abs=1e-4)
@@ -75,6 +89,7 @@ def test_html_report_is_self_contained(report):
     assert len(re.findall(r'src="data:image/png;base64,[A-Za-z0-9+/=]{100,}"', page)) == 3
     assert not re.search(r'(src|href)="(http|file|/)', page)  # nothing outside the file
     assert "Pearson feature matching" in page and "Decoder-direction matching" in page
+    assert "Matched budgets" in page and "FVU raw" in page and "bootstrap standard error" in page
     for png in ("reconstruction.png", "pearson.png", "decoder_matching.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -104,7 +104,7 @@ def test_eval_cli_prints_a_table_and_writes_json(trained, tmp_path):
     assert r.exit_code == 2 and r.stderr.startswith("error: unknown row selection")
 
 
-def test_ce_delta_and_kl_agree_with_sae_lens_evals(trained, tmp_path, tiny_lm):
+def test_ce_delta_kl_and_zero_ablation_agree_with_sae_lens_evals(trained, tmp_path, tiny_lm):
     from sae_lens.evals import get_recons_loss
     from sae_lens.training.activation_scaler import ActivationScaler
 
@@ -120,10 +120,20 @@ def test_ce_delta_and_kl_agree_with_sae_lens_evals(trained, tmp_path, tiny_lm):
     with torch.no_grad():
         ref = get_recons_loss(sae, tiny_lm.model, ActivationScaler(), tokens, compute_kl=True, compute_ce_loss=True,
                               ignore_tokens=[tiny_lm.tokenizer.bos_token_id], hook_name=store.spec.hook)
-    assert ours["clean"]["ce"] == pytest.approx(float(ref["ce_loss_without_sae"].mean()), rel=1e-4)
-    assert ours["sae"]["ce"] == pytest.approx(float(ref["ce_loss_with_sae"].mean()), rel=1e-3)
+    clean, zero = float(ref["ce_loss_without_sae"].mean()), float(ref["ce_loss_with_ablation"].mean())
+    with_sae = float(ref["ce_loss_with_sae"].mean())
+    assert ours["clean"]["ce"] == pytest.approx(clean, rel=1e-4)
+    assert ours["sae"]["ce"] == pytest.approx(with_sae, rel=1e-3)
     assert ours["sae"]["kl"] == pytest.approx(float(ref["kl_div_with_sae"][:, :-1].mean()), rel=1e-3, abs=1e-5)
     assert ours["sae"]["kl"] > 0  # the SAE changes the next-token distribution
+    # zero-ablation as sae-lens computes it: every position zeroed, BOS included
+    assert ours["zero-ablation"]["ce"] == pytest.approx(zero, rel=1e-4)
+    assert ours["zero-ablation"]["kl"] == pytest.approx(float(ref["kl_div_with_ablation"][:, :-1].mean()), rel=1e-3)
+    assert ours["sae"]["ce_recovered"] == pytest.approx((zero - with_sae) / (zero - clean), rel=1e-3)
+    # keeping BOS clean is a different (labelled) measure, not the sae-lens one
+    kept = ours["zero-ablation-special-kept"]["ce"]
+    assert abs(kept - zero) > 1e-3 * abs(zero)
+    assert all(ours[label][f"{m}_se"] > 0 for label in ("sae", "zero-ablation") for m in ("ce_delta", "kl"))
 
 
 def test_ce_from_the_hook_layer_equals_a_full_forward_with_a_hook(trained, monkeypatch):
@@ -137,7 +147,8 @@ def test_ce_from_the_hook_layer_equals_a_full_forward_with_a_hook(trained, monke
     fast = evaluate(cfg, progress=False)["ce"]
     monkeypatch.setattr(ev, "residual_start_layer", lambda hook: None)
     slow = evaluate(cfg, progress=False)["ce"]
-    assert fast.keys() == slow.keys() and len(fast) == 4
+    assert set(fast) == {"clean", "zero-ablation", "zero-ablation-special-kept", "rqae@1", "rqae@8"}
+    assert fast.keys() == slow.keys()
     for label in fast:
         for key, value in fast[label].items():
             assert value == pytest.approx(slow[label][key], rel=1e-4, abs=1e-6), (label, key)
@@ -149,3 +160,88 @@ def test_raw_space_sae_of_another_hook_or_width_is_refused(trained, tmp_path):
     sae_dir = raw_space_sae(store_path, tmp_path / "sae", "blocks.0.hook_resid_post")
     with pytest.raises(RQAEError, match="reads blocks.0.hook_resid_post, the store holds blocks.1.hook_resid_post"):
         evaluate(EvalConfig(store=store_path, model=sae_dir, rows="all"), progress=False)
+
+
+def raw_reconstruction(model, raw: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model.decode(model.encode(raw))
+
+
+def fvu64(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    x64 = x.double()
+    return float((x64 - x_hat.double()).pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum())
+
+
+def kept_rows(store: ActivationStore, start: int):
+    rows = store.read(start, store.n_tokens)
+    keep = torch.from_numpy((rows.flags & int(Flags.BOS | Flags.OUTLIER)) == 0)
+    return rows.acts[keep], rows.scale[keep]
+
+
+def test_raw_space_fvu_of_a_stored_space_model_equals_a_direct_float64_computation(trained):
+    store_path, runs = trained
+    store = ActivationStore.open(store_path)
+    r = evaluate(EvalConfig(store=store_path, model=runs["rqae"], prefixes=(2, 8)), progress=False)
+    acts, scale = kept_rows(store, r["rows"][0])
+    model = load_model_dir(runs["rqae"])
+    raw = acts.double() / store.gain.double() * scale.double()[:, None]  # the raw residuals, in float64
+    for m in (2, 8):
+        with torch.no_grad():
+            x_hat = model.decode(model.encode(acts), m)
+        direct = fvu64(raw, x_hat.double() / store.gain.double() * scale.double()[:, None])
+        assert r["metrics"][f"rqae@{m}"]["fvu_raw"] == pytest.approx(direct, rel=1e-5)
+        assert r["metrics"][f"rqae@{m}"]["fvu_normalised"] == pytest.approx(fvu64(acts, x_hat), rel=1e-5)
+        assert r["metrics"][f"rqae@{m}"]["mse_raw"] == pytest.approx(
+            float((raw - x_hat.double() / store.gain.double() * scale.double()[:, None]).pow(2).mean()), rel=1e-5)
+    # the two spaces weigh tokens differently (per-token scale), so the FVUs differ
+    assert r["metrics"]["rqae@2"]["fvu_raw"] != pytest.approx(r["metrics"]["rqae@2"]["fvu_normalised"], rel=1e-3)
+
+
+def test_stored_space_fvu_of_a_raw_space_sae_equals_a_direct_float64_computation(trained, tmp_path):
+    from sae_lens import SAE
+
+    store_path, _ = trained
+    store = ActivationStore.open(store_path)
+    sae_dir = raw_space_sae(store_path, tmp_path / "sae", store.spec.hook)
+    r = evaluate(EvalConfig(store=store_path, model=sae_dir, rows="all"), progress=False)
+    assert r["space"] == "raw"
+    acts, scale = kept_rows(store, 0)
+    raw = store.to_raw(acts, scale)
+    x_hat_raw = raw_reconstruction(SAE.load_from_disk(str(sae_dir)), raw)
+    # into the stored space with each row's own scale: x_hat_stored = x_hat_raw / scale * gain
+    x_hat_stored = x_hat_raw.double() / scale.double()[:, None] * store.gain.double()
+    assert r["metrics"]["sae"]["fvu_normalised"] == pytest.approx(fvu64(acts, x_hat_stored), rel=1e-5)
+    assert r["metrics"]["sae"]["fvu_raw"] == pytest.approx(fvu64(raw, x_hat_raw), rel=1e-5)
+    assert r["metrics"]["sae"]["fvu"] == r["metrics"]["sae"]["fvu_normalised"]
+    # dead latents are counted over every evaluated row, and the result says how many
+    assert r["dead_window_tokens"] == r["tokens"] == len(acts)
+    assert r["dead_window_firings_per_latent"] == pytest.approx(r["l0"] * len(acts) / 96)
+
+
+def test_bootstrap_standard_error_is_zero_for_equal_contexts_and_the_analytic_one_otherwise():
+    from rqae_pipeline.metrics import bootstrap_se
+
+    assert bootstrap_se(np.full(64, 3.25), resamples=500) == pytest.approx(0.0, abs=1e-12)
+    x = np.random.default_rng(1).normal(2.0, 0.7, size=64)
+    analytic = x.std(ddof=0) / np.sqrt(len(x))  # the bootstrap's SE of the mean
+    assert bootstrap_se(x, resamples=20_000, seed=3) == pytest.approx(analytic, rel=0.03)
+    assert bootstrap_se(x, resamples=500, seed=3) == bootstrap_se(x, resamples=500, seed=3)  # seeded
+
+
+def test_ce_summary_standard_errors_come_from_per_context_sums():
+    from rqae_pipeline.ce import ce_summary
+
+    n, tokens = 64, 31.0
+    rng = np.random.default_rng(0)
+    counts = {"ce_tokens": np.full(n, tokens), "ce:clean": np.full(n, 2.0 * tokens),
+              "ce:zero-ablation": np.full(n, 5.0 * tokens), "kl:zero-ablation": np.full(n, 3.0 * tokens),
+              "ce:rqae@1": np.full(n, 2.5 * tokens), "kl:rqae@1": np.full(n, 0.4 * tokens)}
+    delta = rng.normal(0.5, 0.2, size=n)  # a per-context CE-delta with a known spread
+    counts["ce:rqae@4"] = (2.0 + delta) * tokens
+    counts["kl:rqae@4"] = np.full(n, 0.1 * tokens)
+    out = ce_summary(Stats(counts=counts), resamples=20_000, seed=0)
+    one = out["rqae@1"]
+    assert one["ce_delta"] == pytest.approx(0.5) and one["ce_delta_se"] == pytest.approx(0, abs=1e-9)
+    assert one["ce_recovered"] == pytest.approx(2.5 / 3) and one["kl_se"] == pytest.approx(0, abs=1e-9)
+    assert out["rqae@4"]["ce_delta"] == pytest.approx(delta.mean())
+    assert out["rqae@4"]["ce_delta_se"] == pytest.approx(delta.std(ddof=0) / np.sqrt(n), rel=0.03)

@@ -4,13 +4,11 @@ in the output directory, and the terminal summary of `rqae compare-gemmascope`."
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rqae_pipeline.metrics import prefix_of
 from rqae_pipeline.io import atomic_write_bytes
 from rqae_pipeline.report.html import layers_label
 
@@ -34,23 +32,34 @@ def write_report(report: dict, out: Path) -> None:
     atomic_write_bytes(out / "report.html", render_comparison(report, pngs).encode())
 
 
+def model_rows(report: dict) -> list[dict]:
+    """One row per model (each RQAE prefix, the SAE): FVU and MSE in both spaces, CE-delta
+    and KL with standard errors, bits per token, weight bytes, L0 and dead latents
+    (`budget.budget_table`'s "models")."""
+    return report["budget"]["models"]
+
+
+def _pm(value, se, fmt: str = ".4f") -> str:
+    return "–" if value is None else f"{value:{fmt}}±{se:{fmt}}" if se is not None else f"{value:{fmt}}"
+
+
 def summary_lines(report: dict) -> list[str]:
-    """The terminal table."""
-    r, s = report["rqae"], report["sae"]
-    lines = [f"{'model':28s} {'FVU':>8s} {'MSE':>10s} {'CE delta':>9s} {'KL':>8s}  size"]
-
-    def row(name, metric, ce_key, size):
-        ce = (report[ce_key].get("ce") or {}).get(name) or {}
-        m = report[ce_key]["metrics"][name]
-        lines.append(f"{name:28s} {m['fvu']:8.4f} {m['mse']:10.4g} {ce.get('ce_delta', math.nan):9.4f} "
-                     f"{ce.get('kl', math.nan):8.4f}  {size}")
-
-    for label in sorted(r["metrics"], key=prefix_of):
-        row(label, "fvu", "rqae", layers_label(label))
-    row("sae", "fvu", "sae", f"L0 {s.get('l0', math.nan):.1f}, dead {s.get('dead_latents', 0)}/{s.get('latents', 0)}")
-    if "ce" in r:
-        z = r["ce"]["zero-ablation"]
-        lines.append(f"{'zero-ablation':28s} {'':8s} {'':10s} {z['ce_delta']:9.4f}")
+    """The terminal table: every model in both spaces with CE-delta ± SE, then the matched budgets."""
+    lines = [f"{'model':10s} {'FVU stored':>10s} {'FVU raw':>9s} {'CE delta ± SE':>16s} {'KL ± SE':>16s} "
+             f"{'bits/tok':>9s} {'weights':>9s}  L0 / dead"]
+    for r in model_rows(report):
+        usage = (f"L0 {r['l0']:.1f}, dead {r['dead_latents']:,}/{r['latents']:,}" if r["kind"] == "sae"
+                 else layers_label(r["label"]))
+        lines.append(f"{r['label']:10s} {r['fvu_normalised']:10.4f} {r['fvu_raw']:9.4f} "
+                     f"{_pm(r['ce_delta'], r['ce_delta_se']):>16s} {_pm(r['kl'], r['kl_se']):>16s} "
+                     f"{r['bits_per_token']:9.1f} {_mb(r['weight_bytes']):>9s}  {usage}")
+    ce = report["rqae"].get("ce")
+    if ce:
+        z, k = ce["zero-ablation"], ce["zero-ablation-special-kept"]
+        lines.append(f"zero-ablation CE delta {_pm(z['ce_delta'], z['ce_delta_se'])} (every position, as sae-lens; "
+                     f"CE recovered is against it), {_pm(k['ce_delta'], k['ce_delta_se'])} with BOS/outliers kept; "
+                     f"± bootstrap SE over {report['rqae']['ce_bootstrap']['contexts']} contexts")
+    lines += budget_lines(report["budget"])
     pa, pb = report["pearson"]["summary"]["a"], report["pearson"]["summary"]["b"]
     lines.append("Pearson (SAE activation vs RQAE intensity), mean over features, by RQAE layers used:")
     lines.append("  " + "  ".join(f"{m}: (a) {pa[m]['mean']:.2f} (b) {pb[m]['mean']:.2f}" for m in pa))
@@ -59,6 +68,29 @@ def summary_lines(report: dict) -> list[str]:
                  f"directions): mean best cosine {dm['mean_best_cosine']:.3f}, one-to-one mean "
                  f"{dm['mean_assignment_cosine']:.3f}")
     return lines
+
+
+def budget_lines(budget: dict) -> list[str]:
+    """One line per matched budget: the SAE against the RQAE within the same budget."""
+    rows = {r["label"]: r for r in budget["models"]}
+    lines = [f"matched budgets (SAE values at {budget['assumptions']['sae_value_bits']} bits; "
+             f"RQAE {budget['assumptions']['rqae_bits_per_layer']:.2f} bits per layer):"]
+    for m in budget["matched"]:
+        sae, what = rows[m["sae"]], "bits/token" if m["budget"] == "bits_per_token" else "weight bytes"
+        value = f"{m['value']:.1f}" if m["budget"] == "bits_per_token" else _mb(m["value"])
+        if m["rqae_within"] is None:
+            lines.append(f"  {what} {value}: no evaluated RQAE prefix fits (nearest {m['rqae_nearest']})")
+            continue
+        r = rows[m["rqae_within"]]
+        lines.append(f"  {what} {value}: SAE FVU {sae['fvu_normalised']:.4f} stored / {sae['fvu_raw']:.4f} raw vs "
+                     f"{r['label']} {r['fvu_normalised']:.4f} / {r['fvu_raw']:.4f} -> stored: "
+                     f"{m['winner_fvu_normalised']}, raw: {m['winner_fvu_raw']}, CE delta: "
+                     f"{m['winner_ce_delta'] or 'not measured'} (nearest prefix {m['rqae_nearest']})")
+    return lines
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
 
 
 def _default(o):

@@ -17,16 +17,36 @@ def write_evaluation(result: dict, out: Path, model_name: str) -> list[Path]:
 
 
 def evaluation_lines(result: dict, model: Path) -> list[str]:
-    lines = [f"{model} on {result['tokens']:,} tokens (rows {result['rows'][0]:,}..{result['rows'][1]:,})",
-             f"{'reconstruction':16s} {'FVU':>10s} {'MSE':>12s}"]
+    """The terminal table: FVU and MSE in the stored (normalised) and the raw space, usage,
+    and CE-delta / KL with bootstrap standard errors."""
+    lines = [f"{model} on {result['tokens']:,} tokens (rows {result['rows'][0]:,}..{result['rows'][1]:,}), "
+             f"reads {result.get('space', '?')} activations",
+             f"{'reconstruction':16s} {'FVU stored':>10s} {'FVU raw':>10s} {'MSE stored':>12s} {'MSE raw':>12s}"]
     for label, m in sorted(result["metrics"].items(), key=lambda kv: (len(kv[0]), kv[0])):
-        lines.append(f"{label:16s} {m['fvu']:10.5f} {m['mse']:12.5g}")
-    for key in ("l0", "dead_latents", "code_usage"):
-        if key in result:
-            lines.append(f"{key}: {result[key]}")
+        lines.append(f"{label:16s} {m['fvu_normalised']:10.5f} {m['fvu_raw']:10.5f} {m['mse_normalised']:12.5g} "
+                     f"{m['mse_raw']:12.5g}")
+    lines.append("FVU against the variance of the evaluated rows in each space (stored: the store's normalised rows)")
+    if "latents" in result:
+        lines.append(f"l0: {result.get('l0', float('nan')):.2f}; dead latents: {result['dead_latents']:,} of "
+                     f"{result['latents']:,} (never fired on the {result['dead_window_tokens']:,} evaluated tokens"
+                     + (f", {result['dead_window_firings_per_latent']:.1f} firings per latent if spread evenly)"
+                        if "dead_window_firings_per_latent" in result else ")"))
+    if "code_usage" in result:
+        lines.append(f"code_usage: {result['code_usage']}")
     if "ce" in result:
-        lines.append(f"next-token CE on contexts {result['ce_contexts'][0]}..{result['ce_contexts'][1]}:")
-        for label, m in result["ce"].items():
-            extra = "".join(f"  {k} {v:.4f}" for k, v in m.items() if k != "ce")
-            lines.append(f"  {label:16s} CE {m['ce']:.4f}{extra}")
+        lines += ce_lines(result)
+    return lines
+
+
+def ce_lines(result: dict) -> list[str]:
+    b = result["ce_bootstrap"]
+    lines = [f"next-token CE on contexts {result['ce_contexts'][0]}..{result['ce_contexts'][1]} "
+             f"({b['predictions']:,} predictions; ± bootstrap SE over {b['contexts']} contexts, "
+             f"{b['resamples']} resamples):"]
+    for label, m in result["ce"].items():
+        extra = "".join(f"  {k} {m[k]:.4f} ± {m[k + '_se']:.4f}" for k in ("ce_delta", "kl", "ce_recovered")
+                        if k in m)
+        lines.append(f"  {label:28s} CE {m['ce']:.4f}{extra}")
+    lines.append("  zero-ablation: every position zeroed (as sae-lens); ce_recovered = (CE_zero - CE) / "
+                 "(CE_zero - CE_clean) against it")
     return lines

@@ -54,23 +54,18 @@ def plot_training(metrics_path: Path, out_dir: Path, heldout: dict | None = None
 
 
 def plot_reconstruction_vs_layers(results: dict[str, dict], out_png: Path) -> Path:
-    """Held-out MSE, FVU and (where measured) CE-delta against RQAE layers used, with SAEs as
-    points at their L0: the layout of the blog's Fig 2b. `results` maps a model name to
-    what `evaluate` returned for it."""
-    panels = [("mse", "held-out MSE"), ("fvu", "held-out FVU")]
+    """Held-out MSE and FVU (stored space), FVU in raw space and (where measured) CE-delta
+    with its bootstrap standard error against RQAE layers used, with SAEs as points at
+    their L0: the layout of the blog's Fig 2b. `results` maps a model name to what
+    `evaluate` returned for it."""
+    panels = [("mse", "held-out MSE (stored space)"), ("fvu", "held-out FVU (stored space)"),
+              ("fvu_raw", "held-out FVU (raw space)")]
     if any("ce" in r for r in results.values()):
-        panels.append(("ce_delta", "CE delta (nats)"))
+        panels.append(("ce_delta", "CE delta (nats), ± bootstrap SE"))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (metric, ylabel) in zip(axes[0], panels):
         for name, r in results.items():
-            source = r.get("ce") if metric == "ce_delta" else r["metrics"]
-            if not source:
-                continue
-            if r["kind"] == "rqae":
-                pts = sorted((prefix_of(k), v[metric]) for k, v in source.items() if k.startswith("rqae@"))
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"{name} (layers used)")
-            elif r["kind"] in source and "l0" in r:
-                ax.plot([r["l0"]], [source[r["kind"]][metric]], "s", markersize=8, label=f"{name} (L0)")
+            _plot_model(ax, name, r, metric)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("RQAE layers used / SAE L0")
@@ -81,6 +76,21 @@ def plot_reconstruction_vs_layers(results: dict[str, dict], out_png: Path) -> Pa
     fig.savefig(out_png, dpi=110)
     plt.close(fig)
     return out_png
+
+
+def _plot_model(ax, name: str, r: dict, metric: str) -> None:
+    source = r.get("ce") if metric == "ce_delta" else r["metrics"]
+    if not source:
+        return
+    if r["kind"] == "rqae":
+        pts = sorted((prefix_of(k), v.get(metric), v.get(f"{metric}_se")) for k, v in source.items()
+                     if k.startswith("rqae@") and v.get(metric) is not None)
+        ax.errorbar([p[0] for p in pts], [p[1] for p in pts], yerr=[p[2] or 0.0 for p in pts], fmt="o-",
+                    capsize=3, label=f"{name} (layers used)")
+    elif r["kind"] in source and "l0" in r and source[r["kind"]].get(metric) is not None:
+        v = source[r["kind"]]
+        ax.errorbar([r["l0"]], [v[metric]], yerr=[v.get(f"{metric}_se") or 0.0], fmt="s", markersize=8, capsize=3,
+                    label=f"{name} (L0)")
 
 
 def plot_pearson(pearson: dict, out_png: Path) -> Path:

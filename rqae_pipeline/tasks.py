@@ -1,0 +1,89 @@
+"""Running evaluation tasks: in this process, on a dask `LocalCluster` of worker processes,
+or on an existing dask scheduler (`evaluate`'s shard and CE tasks go through `run_tasks`).
+
+Config-agnostic: the functions read `workers`, `scheduler` and `threads_per_worker` from
+the config they are given (an `evaluate.EvalConfig`)."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+
+import torch
+
+from rqae_pipeline import RQAEError
+
+
+def _in_worker(fn, torch_threads: int | None, *args):
+    # dask's nanny starts workers with OMP_NUM_THREADS=1; give each local worker its
+    # share of the cores instead, so 1 worker matches the single-process path.
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
+    return fn(*args)
+
+
+@contextmanager
+def dask_client(cfg):
+    """A client of `cfg.scheduler`, or of a LocalCluster of `cfg.workers` processes; None
+    when the work runs in this process."""
+    if not cfg.workers and not cfg.scheduler:
+        yield None
+        return
+    from dask.distributed import Client
+
+    cluster = None
+    try:
+        if cfg.scheduler:
+            client = Client(cfg.scheduler, timeout="10s")
+        else:
+            cluster = local_cluster(cfg.workers)
+            client = Client(cluster)
+    except (OSError, TimeoutError, ValueError) as e:
+        if cluster is not None:
+            cluster.close()
+        where = f"the dask scheduler {cfg.scheduler!r}" if cfg.scheduler else "a local dask cluster"
+        raise RQAEError(f"cannot reach {where}: {e}") from None
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def local_cluster(workers: int):
+    """A LocalCluster of `workers` single-threaded worker processes.
+
+    dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, so glibc hands every
+    freed block above 64 kB back to the OS; torch's per-batch temporaries are then mapped
+    and page-faulted anew each batch, which measured 2.3x the CPU time of the same task in
+    this process (bench/eval.py). The workers here keep glibc's default instead."""
+    import dask.config
+    from dask.distributed import LocalCluster
+
+    environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()
+               if k != "MALLOC_TRIM_THRESHOLD_"}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+
+
+def run_tasks(fn, args_list: list[tuple], cfg, desc: str, progress: bool, client=None) -> list:
+    """Run fn(*args) for each args, in this process or on dask.distributed (on `client`, or
+    on a cluster made for this call from `cfg`)."""
+    from tqdm import tqdm
+
+    if client is None and (cfg.workers or cfg.scheduler):
+        with dask_client(cfg) as own:
+            return run_tasks(fn, args_list, cfg, desc, progress, client=own)
+    if client is None:
+        return [fn(*args) for args in tqdm(args_list, desc=desc, unit="shard", disable=not progress)]
+    from dask.distributed import as_completed
+
+    share = max(1, (os.cpu_count() or 1) // max(1, cfg.workers))
+    threads = cfg.threads_per_worker or (None if cfg.scheduler else share)
+    futures = [client.submit(_in_worker, fn, threads, *args, pure=False) for args in args_list]
+    index = {f.key: i for i, f in enumerate(futures)}
+    results = [None] * len(futures)
+    for fut in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="shard", disable=not progress):
+        results[index[fut.key]] = fut.result()
+    return results
