@@ -409,6 +409,9 @@ def feature_dictionary(
     out: Annotated[Path, typer.Option(help="JSON file to write (for the dashboard).")],
     seeds: Annotated[int, typer.Option(help="Seed tokens sampled from the store; each gives a feature per "
                                        "prefix length.")] = 64,
+    seed_draw: Annotated[str, typer.Option(help="'unique-tokens': a distinct token id uniformly, then one of its "
+                                           "rows (the write-up's); 'occurrences': rows uniformly, so frequent "
+                                           "tokens are seeded in proportion to their count.")] = "unique-tokens",
     layers: Annotated[str, typer.Option(help="Prefix lengths, comma-separated (capped at n_q).")] = "16,64,256",
     top_k: Annotated[int, typer.Option(help="Top examples kept per feature.")] = 16,
     context: Annotated[int, typer.Option(help="Tokens of text either side of an example.")] = 8,
@@ -422,7 +425,7 @@ def feature_dictionary(
         dictionary_summary,
     )
 
-    cfg = DictionaryConfig(store=store, model=model, out=out, codes=codes, seeds=seeds,
+    cfg = DictionaryConfig(store=store, model=model, out=out, codes=codes, seeds=seeds, seed_draw=seed_draw,
                            layers=_parse_ints(layers, "--layers", "prefix lengths such as 16,64,256"),
                            top_k=top_k, context=context, seed=seed)
     with _writing(out):

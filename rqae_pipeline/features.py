@@ -23,6 +23,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -224,6 +225,12 @@ def split_feature(model, codes: np.ndarray, subsets: list[list[int]]) -> list[VM
 # --------------------------------------------------------------------------- dictionary
 
 
+# "unique-tokens": a distinct token id uniformly, then one of its ordinary rows uniformly (the
+# write-up: "we select uniformly from unique tokens"); "occurrences": ordinary rows uniformly,
+# so frequent tokens (" the", ",") are seeded in proportion to their count.
+SeedDraw = Literal["unique-tokens", "occurrences"]
+
+
 @dataclass(frozen=True, kw_only=True)
 class DictionaryConfig:
     store: Path
@@ -231,6 +238,7 @@ class DictionaryConfig:
     out: Path  # JSON file
     codes: Path | None = None
     seeds: int = 64  # seed tokens, sampled from the store's ordinary tokens
+    seed_draw: SeedDraw = "unique-tokens"  # the write-up's: a token id uniformly, then one of its rows
     layers: tuple[int, ...] = (16, 64, 256)  # prefix lengths, capped at n_q
     top_k: int = 16
     context: int = 8  # tokens of text either side of an example
@@ -240,6 +248,8 @@ class DictionaryConfig:
     def __post_init__(self):
         if self.seeds < 1 or self.top_k < 1 or not self.layers or min(self.layers) < 1:
             raise ValueError("seeds, top_k and every prefix length must be positive")
+        if self.seed_draw not in get_args(SeedDraw):
+            raise ValueError(f"unknown seed_draw {self.seed_draw!r}; use 'unique-tokens' or 'occurrences'")
 
 
 def top_examples(model, codes: CodesStore, features: list[Feature], top_k: int, *, store: ActivationStore | None = None,
@@ -260,7 +270,8 @@ def top_examples(model, codes: CodesStore, features: list[Feature], top_k: int, 
         for a, block in codes.blocks():
             for s in range(0, len(block), 4096):
                 part = block[s : s + 4096, :m]
-                scores = (C[torch.from_numpy(part.astype(np.int64))].reshape(len(part), -1) @ W.T).double().numpy() + bias
+                unit_codes = C[torch.from_numpy(part.astype(np.int64))].reshape(len(part), -1)
+                scores = (unit_codes @ W.T).double().numpy() + bias
                 rows = np.arange(a + s, a + s + len(part))
                 keep = _keep_mask(store, rows[0], rows[-1] + 1, exclude)
                 if keep is not None:
@@ -276,13 +287,35 @@ def top_examples(model, codes: CodesStore, features: list[Feature], top_k: int, 
     return out
 
 
-def sample_seed_rows(store: ActivationStore, n: int, seed: int, exclude: int) -> np.ndarray:
-    """`n` distinct ordinary rows, seeded, reading flags block by block (bounded memory)."""
+def sample_seed_rows(store: ActivationStore, n: int, seed: int, exclude: int,
+                     draw: SeedDraw = "occurrences") -> np.ndarray:
+    """`n` distinct ordinary rows, seeded, sorted. "occurrences": rows uniformly, reading the
+    flags of 4n candidates only. "unique-tokens": n distinct token ids uniformly among those
+    with an ordinary row, each with one of its ordinary rows uniformly (reads the tokens and
+    flags columns once, block by block: O(N) int32 memory)."""
     rng = np.random.default_rng(seed)
+    if draw == "unique-tokens":
+        rows, tokens = _ordinary_rows(store, exclude)
+        first_in_random_order = np.unique(tokens[order := rng.permutation(len(rows))], return_index=True)[1]
+        one_row_per_token = rows[order[first_in_random_order]]
+        return np.sort(rng.permutation(one_row_per_token)[:n])
     cand = np.sort(rng.choice(store.n_tokens, size=min(store.n_tokens, 4 * n), replace=False))
     flags = store.column("flags", cand) if len(cand) else np.empty(0, np.uint8)
     good = cand[(flags & exclude) == 0]
     return np.sort(rng.permutation(good)[:n])
+
+
+def _ordinary_rows(store: ActivationStore, exclude: int, block: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
+    """(rows, token ids) of every row without an `exclude` flag."""
+    rows, tokens = [], []
+    for a in range(0, store.n_tokens, block):
+        cols = store.columns(slice(a, min(store.n_tokens, a + block)), "tokens", "flags")
+        keep = np.flatnonzero((cols["flags"] & exclude) == 0)
+        rows.append(keep + a)
+        tokens.append(cols["tokens"][keep])
+    if not rows:
+        return np.empty(0, np.int64), np.empty(0, np.int32)
+    return np.concatenate(rows), np.concatenate(tokens)
 
 
 def build_feature_dictionary(cfg: DictionaryConfig, *, progress: bool = True) -> dict:
@@ -295,7 +328,7 @@ def build_feature_dictionary(cfg: DictionaryConfig, *, progress: bool = True) ->
     store = ActivationStore.open(cfg.store)
     model = RQAE.load(cfg.model)
     codes = ensure_codes(store, cfg.model, cfg.codes, progress=progress)
-    rows = sample_seed_rows(store, cfg.seeds, cfg.seed, cfg.exclude)
+    rows = sample_seed_rows(store, cfg.seeds, cfg.seed, cfg.exclude, cfg.seed_draw)
     if len(rows) == 0:
         raise RQAEError("the store has no ordinary tokens to seed features from")
     tokenizer = load_tokenizer(store.spec.model)
@@ -319,7 +352,8 @@ def build_feature_dictionary(cfg: DictionaryConfig, *, progress: bool = True) ->
         "schema": 1, "kind": "rqae-feature-dictionary",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "store": str(store.path), "store_spec": store.manifest["spec"], "codes": str(codes.path),
-        "model": codes.meta["model"], "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
+        "model": codes.meta["model"],
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "score": "intensity: sum_i L_i cos(C[seed_i], C[t_i]) / sum_i L_i over the feature's layers",
         "features": features,
     }

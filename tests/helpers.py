@@ -128,3 +128,27 @@ def tiny_rqae(store_path: Path, out: Path, *, n_q: int = 8, seed: int = 0, init_
     model.init_from_data(store.read(0, init_rows).acts)
     model.save(out)
     return out
+
+
+def synthetic_store(path: Path, raw, *, gain=None, flags: np.ndarray | None = None, tokens: np.ndarray | None = None,
+                    context_rows: int = 32) -> ActivationStore:
+    """A float32 store of given raw residuals (n, d), written as a harvest writes them:
+    rows raw / rms(raw) * gain ("final-norm" with a gain, else "rms"), contexts of
+    `context_rows` rows (BOS not stored), token ids and flags as given (default zeros)."""
+    from rqae_pipeline.store import StoreSpec, encode_acts
+
+    n, d = raw.shape
+    spec = StoreSpec(model="synthetic", hook="h", layer=0, d_model=d, corpus={"name": "synthetic"},
+                     tokenizer="none", context_length=context_rows + 1, skip_bos=True,
+                     normalisation="rms" if gain is None else "final-norm", dtype="float32",
+                     contexts_per_shard=8, contexts_per_chunk=2, batch_contexts=2, outlier_factor=0.0)
+    store = ActivationStore.create(path, spec, gain, {})
+    scale = raw.float().pow(2).mean(1).sqrt()
+    acts = raw.float() / scale[:, None] * (1.0 if gain is None else gain)
+    rows = np.arange(n)
+    store.write_rows(0, {**encode_acts(acts, "float32"), "scale": scale.numpy(),
+                         "tokens": np.zeros(n, np.int32) if tokens is None else tokens.astype(np.int32),
+                         "seq": rows // context_rows, "pos": (rows % context_rows + 1).astype(np.int16),
+                         "flags": np.zeros(n, np.uint8) if flags is None else flags.astype(np.uint8)})
+    store.commit(tokens=n, contexts=-(-n // context_rows), corpus_state=(0, 0), complete=True)
+    return ActivationStore.open(path)

@@ -317,8 +317,9 @@ def test_cli_encode_stats_search_features_and_dictionary(env, tmp_path):
     f = json.loads((tmp_path / "f.json").read_text())
     assert [x["name"] for x in f["features"]] == ["all", "0,1"] and f["features"][0]["vmf"]["n"] == 3
     r = invoke("feature-dictionary", "--store", s, "--model", m, "--codes", codes, "--out", tmp_path / "d.json",
-               "--seeds", "3", "--layers", "2,8", "--top-k", "4")
+               "--seeds", "3", "--layers", "2,8", "--top-k", "4", "--seed-draw", "occurrences")
     assert r.exit_code == 0 and "features" in r.stdout, r.output
+    assert json.loads((tmp_path / "d.json").read_text())["config"]["seed_draw"] == "occurrences"
 
 
 @pytest.mark.parametrize("args, needle", [

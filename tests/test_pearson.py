@@ -16,25 +16,11 @@ from rqae_pipeline.pearson import (
     middle_prefix,
     pearson_matching,
 )
-from rqae_pipeline.store import ActivationStore, Flags, StoreSpec, encode_acts
+from rqae_pipeline.store import Flags
 
-D, N, CTX = 64, 8192, 32
+from helpers import synthetic_store
 
-
-def final_norm_store(path, gain: torch.Tensor, raw: torch.Tensor, flags: np.ndarray) -> ActivationStore:
-    """A store of the given raw residuals as a harvest in "final-norm" mode writes them:
-    rows raw / rms(raw) * gain, contexts of CTX rows."""
-    spec = StoreSpec(model="synthetic", hook="h", layer=0, d_model=raw.shape[1], corpus={"name": "synthetic"},
-                     tokenizer="none", context_length=CTX + 1, skip_bos=True, normalisation="final-norm",
-                     dtype="float32", contexts_per_shard=8, contexts_per_chunk=2, batch_contexts=2, outlier_factor=0.0)
-    store = ActivationStore.create(path, spec, gain, {})
-    scale = raw.pow(2).mean(1).sqrt()
-    rows = np.arange(len(raw))
-    store.write_rows(0, {**encode_acts(raw / scale[:, None] * gain, "float32"), "scale": scale.numpy(),
-                         "tokens": np.zeros(len(raw), np.int32), "seq": rows // CTX,
-                         "pos": (rows % CTX + 1).astype(np.int16), "flags": flags})
-    store.commit(tokens=len(raw), contexts=len(raw) // CTX, corpus_state=(0, 0), complete=True)
-    return ActivationStore.open(path)
+D, N = 64, 8192
 
 
 def linear_sae(columns: list[torch.Tensor], biases: list[float] | None = None) -> SAE:
@@ -61,7 +47,7 @@ def planted(request, tmp_path_factory):
     alpha = torch.where(torch.rand(N) < 0.3, 3 * torch.rand(N), torch.zeros(N))
     raw = torch.randn(N, D) / D**0.5 + alpha[:, None] * u
     path = tmp_path_factory.mktemp("pearson") / "s.zarr"
-    store = final_norm_store(path, gain, raw, np.zeros(N, np.uint8))
+    store = synthetic_store(path, raw, gain=gain)
     rqae = RQAE(RQAEConfig(d_in=D, n_q=8))
     rqae.init_from_data(store.read().acts)
     return store, rqae, u, gain
@@ -100,7 +86,7 @@ def test_the_feature_pool_needs_enough_firing_tokens_and_no_bos_top_examples(tmp
     flags = np.zeros(N, np.uint8)
     flags[100::997] = Flags.BOS
     raw[torch.from_numpy(flags != 0)] += 4 * z
-    store = final_norm_store(tmp_path / "s.zarr", torch.ones(D), raw, flags)
+    store = synthetic_store(tmp_path / "s.zarr", raw, gain=torch.ones(D), flags=flags)
     w = torch.nn.functional.normalize(torch.randn(D), dim=0)
     sae = linear_sae([w, w, z], [0.0, -2.2, 0.0])
     cfg = PearsonConfig(min_firing=300)
