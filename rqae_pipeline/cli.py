@@ -216,14 +216,51 @@ def train(
 def demo(
     out: Annotated[Path, typer.Option(help="Directory for the demo's store, models and results.")] = Path("cache/demo"),
     tokens: Annotated[int, typer.Option(help="Tokens to harvest.")] = 49_152,
-    steps: Annotated[int, typer.Option(help="Training steps per model.")] = 200,
+    steps: Annotated[int, typer.Option(help="Training steps of 1024 tokens per run (sweep and seeds).")] = 50,
+    seeds: Annotated[int, typer.Option(help="Training seeds per model at the chosen learning rate.")] = 3,
     device: str | None = None,
 ) -> None:
-    """Offline demo: harvest Gemma-3-270M, train an RQAE, a TopK and a Matryoshka SAE, compare them, then
-    encode the store, build a feature dictionary and write the dashboard."""
+    """Offline demo: harvest Gemma-3-270M, train an RQAE and a TopK SAE with the same learning-rate search
+    and seeds, print mean ± SE over seeds, compare them, then encode the store, build a feature dictionary
+    and write the dashboard."""
     from rqae_pipeline.demo import DemoConfig, run_demo
 
-    run_demo(DemoConfig(out=out, tokens=tokens, steps=steps, device=device), echo=typer.echo)
+    run_demo(DemoConfig(out=out, tokens=tokens, steps=steps, seeds=seeds, device=device), echo=typer.echo)
+
+
+@app.command()
+def sweep(
+    store: Annotated[Path, typer.Option(help="Activation store to train on.")],
+    out: Annotated[Path, typer.Option(help="Directory for the runs, sweep.json and quality.json.")],
+    arch: Annotated[list[str], typer.Option(help="Architecture to sweep (repeatable): rqae, codebook or "
+                                            "<sae-lens architecture>-sae.")] = ["rqae", "topk-sae"],  # noqa: B006
+    n_q: Annotated[int, typer.Option("--n-q", help="RQAE quantiser layers.")] = 64,
+    d_sae: Annotated[int, typer.Option(help="SAE latents / codebook size.")] = 2048,
+    k: Annotated[int, typer.Option(help="Active latents (TopK-style SAEs) / active codes (codebook).")] = 32,
+    tokens: Annotated[int, typer.Option(help="Training tokens of every run.")] = 204_800,
+    batch_size: int = 1024,
+    rates: Annotated[int, typer.Option(help="Half-decade learning rates around each family's default.")] = 3,
+    extend: Annotated[int, typer.Option(help="Further rates while the best is at the grid's edge.")] = 2,
+    seeds: Annotated[int, typer.Option(help="Seeds trained at the chosen rate.")] = 3,
+    heldout_contexts: Annotated[int, typer.Option(help="Test contexts (the store's last); as many again "
+                                                  "before them choose the rate.")] = 64,
+    ce_contexts: Annotated[int, typer.Option(help="Test contexts for CE-delta/KL (loads the LM); 0 skips.")] = 0,
+    device: str | None = None,
+) -> None:
+    """The same learning-rate search for every architecture, seeds at the chosen rate, mean ± SE table."""
+    from rqae_pipeline.models.base import ModelSpec
+    from rqae_pipeline.store import ActivationStore
+    from rqae_pipeline.sweep import SweepConfig, evaluate_seeds, format_quality_table, jsonable, run_sweep
+
+    d_in = ActivationStore.open(store).d
+    models = {a if a != "rqae" else f"rqae-{n_q}": ModelSpec(arch=a, d_in=d_in, n_q=n_q, d_sae=d_sae, k=k)
+              for a in arch}
+    cfg = SweepConfig(store=store, out=out, models=models, tokens=tokens, batch_size=batch_size, rates=rates,
+                      extend=extend, seeds=tuple(range(seeds)), heldout_contexts=heldout_contexts, device=device)
+    result = run_sweep(cfg, echo=typer.echo)
+    evaluated = evaluate_seeds(cfg, result, ce_contexts=ce_contexts, echo=typer.echo)
+    (out / "quality.json").write_text(json.dumps(jsonable(evaluated), indent=1))
+    typer.echo(format_quality_table(evaluated))
 
 
 @app.command("eval")

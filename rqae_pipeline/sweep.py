@@ -160,13 +160,14 @@ def train_run(cfg: SweepConfig, spec: ModelSpec, *, seed: int, out: Path, split:
     record = {"lr": spec.lr, "seed": seed, "run": str(out)}
     if (out / DIVERGED_FILE).exists():
         return {**record, **json.loads((out / DIVERGED_FILE).read_text()), "fvu": math.inf}
+    steps = cfg.steps
+    tc = TrainConfig(store=cfg.store, out=out, model=spec, batch_size=cfg.batch_size, tokens=cfg.tokens,
+                     seed=seed, heldout_fraction=split.fraction, eval_tokens=split.eval_rows,
+                     eval_every=max(1, steps // cfg.evaluations), checkpoint_every=max(50, steps // 4),
+                     log_every=max(1, min(10, steps // cfg.evaluations)), device=cfg.device,
+                     resume=out.exists(), **cfg.extra)
+    tc_identity = json.loads(json.dumps(tc.identity()))
     if _done(out) is None:
-        steps = cfg.steps
-        tc = TrainConfig(store=cfg.store, out=out, model=spec, batch_size=cfg.batch_size, tokens=cfg.tokens,
-                         seed=seed, heldout_fraction=split.fraction, eval_tokens=split.eval_rows,
-                         eval_every=max(1, steps // cfg.evaluations), checkpoint_every=max(50, steps // 4),
-                         log_every=max(1, min(10, steps // cfg.evaluations)), device=cfg.device,
-                         resume=out.exists(), **cfg.extra)
         try:
             result = train(tc, progress=cfg.progress)
         except RQAEError as e:
@@ -177,6 +178,9 @@ def train_run(cfg: SweepConfig, spec: ModelSpec, *, seed: int, out: Path, split:
         if result.interrupted:
             raise KeyboardInterrupt
     info = _done(out)
+    if info["config"] != tc_identity:
+        raise RQAEError(f"{out} holds a finished run with other settings (tokens, batch, seed or model); "
+                        f"choose another --out")
     steps, fvus = heldout_series(out)
     return {**record, "fvu": info["heldout_metrics"]["fvu"], "plateau": plateau_summary(steps, fvus, cfg.steps)}
 
@@ -209,7 +213,7 @@ def run_sweep(cfg: SweepConfig, echo=print) -> dict:
     """Sweep every model's rate, train every seed at the chosen one, write `sweep.json`."""
     store = ActivationStore.open(cfg.store)
     val, test = splits(store, cfg.heldout_contexts)
-    result: dict[str, Any] = {"config": _jsonable(asdict(cfg)), "validation": asdict(val), "test": asdict(test),
+    result: dict[str, Any] = {"config": jsonable(asdict(cfg)), "validation": asdict(val), "test": asdict(test),
                               "models": {}}
     for name, spec in cfg.models.items():
         echo(f"sweep {name}: {cfg.steps} steps x {cfg.batch_size} tokens per run, validation on "
@@ -223,12 +227,12 @@ def run_sweep(cfg: SweepConfig, echo=print) -> dict:
     return result
 
 
-def _jsonable(value):
+def jsonable(value):
     """Non-finite floats as null (JSON has none), paths as strings."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return str(value) if isinstance(value, Path) else value
@@ -236,7 +240,7 @@ def _jsonable(value):
 
 def _write(path: Path, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(path, _jsonable(result))
+    atomic_write_json(path, jsonable(result))
 
 
 # --------------------------------------------------------------------------- the quality table
