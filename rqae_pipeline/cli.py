@@ -188,6 +188,8 @@ def train(
     eval_every: int = 100,
     device: Annotated[str | None, typer.Option(help="cuda/cpu; default: cuda when present.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run's last checkpoint.")] = False,
+    nproc: Annotated[int, typer.Option(help="Data-parallel processes, through torchrun (one per GPU on cuda; "
+                                       "gloo with one thread each on CPU). --batch-size is the global batch.")] = 1,
 ) -> None:
     """Train an RQAE, a codebook autoencoder or a sae-lens SAE on a store, without the LM."""
     from rqae_pipeline.models.base import ModelSpec, default_lr
@@ -198,9 +200,13 @@ def train(
     d_in = ActivationStore.open(store).d
     spec = ModelSpec(arch=arch, d_in=d_in, n_q=n_q, d_sae=d_sae, k=k, lr=default_lr(arch) if lr is None else lr,
                      prefix_loss=prefix_loss, mean_init=mean_init, options=_parse_options(option), dtype=dtype)
-    result = run_train(TrainConfig(store=store, out=out, model=spec, batch_size=batch_size, tokens=tokens, seed=seed,
-                                   heldout_fraction=heldout, checkpoint_every=checkpoint_every,
-                                   eval_every=eval_every, device=device, resume=resume))
+    cfg = TrainConfig(store=store, out=out, model=spec, batch_size=batch_size, tokens=tokens, seed=seed,
+                      heldout_fraction=heldout, checkpoint_every=checkpoint_every, eval_every=eval_every,
+                      device=device, resume=resume)
+    if nproc != 1:
+        _train_in_processes(cfg, nproc)
+        return
+    result = run_train(cfg)
     if result.interrupted:
         typer.echo(f"interrupted at step {result.steps}: resume from the checkpoint in {out}; rerun with --resume",
                    err=True)
@@ -210,6 +216,21 @@ def train(
     if "fvu_by_prefix" in h:
         line += "; by prefix " + " ".join(f"{m}:{v:.3f}" for m, v in h["fvu_by_prefix"].items())
     typer.echo(line)
+
+
+def _train_in_processes(cfg, nproc: int) -> None:
+    import json
+
+    from rqae_pipeline.launch import launch_training
+
+    code = launch_training(cfg, nproc)
+    if code == EXIT_INTERRUPTED:
+        typer.echo(f"interrupted: resume from the checkpoint in {cfg.out}; rerun with --resume", err=True)
+    if code:
+        raise typer.Exit(code)  # the ranks said why on stderr
+    h = json.loads((Path(cfg.out) / "train.json").read_text())["heldout_metrics"]
+    typer.echo(f"{cfg.out}: {cfg.model.arch} held-out FVU {h['fvu']:.4f}, MSE {h['mse']:.4g} on {h['tokens']:,} "
+               f"tokens ({nproc} processes)")
 
 
 @app.command()
@@ -263,6 +284,13 @@ def sweep(
     typer.echo(format_quality_table(evaluated))
 
 
+CE_PREFIXES_HELP = "RQAE prefixes spliced into the LM for CE-delta, comma-separated (default 1,4,16,n_q)."
+
+
+def _ce_prefixes(text: str | None) -> tuple[int, ...] | None:
+    return None if text is None else _parse_ints(text, "--ce-prefixes", "prefix lengths such as 1,4,16")
+
+
 @app.command("eval")
 def eval_command(
     store: Annotated[Path, typer.Option(help="Activation store.")],
@@ -276,13 +304,16 @@ def eval_command(
                                              "0 skips them.")] = 0,
     space: Annotated[str, typer.Option(help="auto, raw or normalised: what the model reads. auto: models "
                                        "trained here read normalised acts, other sae-lens dirs raw.")] = "auto",
+    ce_prefixes: Annotated[str | None, typer.Option(help=CE_PREFIXES_HELP)] = None,
 ) -> None:
-    """Reconstruction metrics (MSE, FVU, CE-delta, KL, L0, dead latents, code usage) of a model on a store."""
+    """Reconstruction metrics (MSE and FVU in the stored and the raw space, CE-delta and KL with bootstrap
+    standard errors, L0, dead latents, code usage) of a model on a store."""
     from rqae_pipeline.evaluate import EvalConfig, evaluate
     from rqae_pipeline.report.evaluation import evaluation_lines, write_evaluation
 
     result = evaluate(EvalConfig(store=store, model=model, rows=rows, workers=workers, scheduler=scheduler,
-                                 batch_size=batch_size, ce_contexts=ce_contexts, space=space))
+                                 batch_size=batch_size, ce_contexts=ce_contexts, space=space,
+                                 ce_prefixes=_ce_prefixes(ce_prefixes)))
     if out is not None:
         write_evaluation(result, out, model.name)
     typer.echo("\n".join(evaluation_lines(result, model)))
@@ -299,8 +330,9 @@ def compare_gemmascope(
     sae_path: Annotated[Path | None, typer.Option(help="Any sae-lens SAE directory instead of a release.")] = None,
     workers: Annotated[int, typer.Option(help="dask LocalCluster workers (0: this process).")] = 0,
     scheduler: Annotated[str | None, typer.Option(help="An existing dask scheduler, e.g. tcp://host:8786.")] = None,
-    ce_contexts: Annotated[int, typer.Option(help="Held-out contexts for CE-delta and KL (loads the LM); "
-                                             "0 skips them.")] = 32,
+    ce_contexts: Annotated[int, typer.Option(help="Held-out contexts for CE-delta and KL with bootstrap standard "
+                                             "errors (loads the LM); 0 skips them.")] = 64,
+    ce_prefixes: Annotated[str | None, typer.Option(help=CE_PREFIXES_HELP)] = None,
     features: Annotated[int, typer.Option(help="SAE features sampled for Pearson matching.")] = 32,
     pearson_tokens: Annotated[int, typer.Option(help="Held-out rows scanned for Pearson matching.")] = 200_000,
     match_layers: Annotated[int | None, typer.Option(help="RQAE layers whose codebooks enter decoder "
@@ -318,7 +350,8 @@ def compare_gemmascope(
         _fail("--release and --sae-id go together")
     sae = sae_path if sae_path is not None else PretrainedSAE(release, sae_id)
     cfg = CompareConfig(store=store, rqae=rqae, sae=sae, out=out, workers=workers, scheduler=scheduler,
-                        ce_contexts=ce_contexts, device=device, match_layers=match_layers,
+                        ce_contexts=ce_contexts, ce_prefixes=_ce_prefixes(ce_prefixes), device=device,
+                        match_layers=match_layers,
                         pearson=PearsonConfig(n_features=features, max_tokens=pearson_tokens))
     report = run_comparison(cfg, echo=lambda m: typer.echo(m, err=True))
     typer.echo("\n".join(summary_lines(report)))

@@ -100,6 +100,17 @@ def test_eval_cli_prints_a_table_and_writes_json(trained, tmp_path):
     saved = json.loads((tmp_path / "r.json").read_text())
     assert (tmp_path / "r.png").stat().st_size > 10_000  # the FVU-vs-layers plot
     assert saved["metrics"]["rqae@8"]["fvu"] < saved["metrics"]["rqae@1"]["fvu"]
+    assert "FVU raw" in r.stdout and "ce" not in saved  # CE only when asked for
+    r = CliRunner().invoke(app, ["eval", "--store", str(store), "--model", str(runs["rqae"]), "--ce-contexts", "2",
+                                 "--ce-prefixes", "2", "--out", str(tmp_path / "ce.json")])
+    assert r.exit_code == 0, r.output
+    saved = json.loads((tmp_path / "ce.json").read_text())
+    assert saved["ce_prefixes"] == [2] and set(saved["ce"]) == {"clean", "zero-ablation",
+                                                                "zero-ablation-special-kept", "rqae@2"}
+    assert saved["ce_bootstrap"]["contexts"] == 2 and "± " in r.stdout
+    r = CliRunner().invoke(app, ["eval", "--store", str(store), "--model", str(runs["rqae"]), "--ce-contexts", "2",
+                                 "--ce-prefixes", "9"])
+    assert r.exit_code == 2 and "CE prefixes [9] must lie in 1..8" in r.stderr
     r = CliRunner().invoke(app, ["eval", "--store", str(store), "--model", str(runs["rqae"]), "--rows", "some"])
     assert r.exit_code == 2 and r.stderr.startswith("error: unknown row selection")
 
