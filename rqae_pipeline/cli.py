@@ -188,6 +188,8 @@ def train(
     eval_every: int = 100,
     device: Annotated[str | None, typer.Option(help="cuda/cpu; default: cuda when present.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue from the run's last checkpoint.")] = False,
+    nproc: Annotated[int, typer.Option(help="Data-parallel processes, through torchrun (one per GPU on cuda; "
+                                       "gloo with one thread each on CPU). --batch-size is the global batch.")] = 1,
 ) -> None:
     """Train an RQAE, a codebook autoencoder or a sae-lens SAE on a store, without the LM."""
     from rqae_pipeline.models.base import ModelSpec, default_lr
@@ -198,9 +200,13 @@ def train(
     d_in = ActivationStore.open(store).d
     spec = ModelSpec(arch=arch, d_in=d_in, n_q=n_q, d_sae=d_sae, k=k, lr=default_lr(arch) if lr is None else lr,
                      prefix_loss=prefix_loss, mean_init=mean_init, options=_parse_options(option), dtype=dtype)
-    result = run_train(TrainConfig(store=store, out=out, model=spec, batch_size=batch_size, tokens=tokens, seed=seed,
-                                   heldout_fraction=heldout, checkpoint_every=checkpoint_every,
-                                   eval_every=eval_every, device=device, resume=resume))
+    cfg = TrainConfig(store=store, out=out, model=spec, batch_size=batch_size, tokens=tokens, seed=seed,
+                      heldout_fraction=heldout, checkpoint_every=checkpoint_every, eval_every=eval_every,
+                      device=device, resume=resume)
+    if nproc != 1:
+        _train_in_processes(cfg, nproc)
+        return
+    result = run_train(cfg)
     if result.interrupted:
         typer.echo(f"interrupted at step {result.steps}: resume from the checkpoint in {out}; rerun with --resume",
                    err=True)
@@ -210,6 +216,21 @@ def train(
     if "fvu_by_prefix" in h:
         line += "; by prefix " + " ".join(f"{m}:{v:.3f}" for m, v in h["fvu_by_prefix"].items())
     typer.echo(line)
+
+
+def _train_in_processes(cfg, nproc: int) -> None:
+    import json
+
+    from rqae_pipeline.launch import launch_training
+
+    code = launch_training(cfg, nproc)
+    if code == EXIT_INTERRUPTED:
+        typer.echo(f"interrupted: resume from the checkpoint in {cfg.out}; rerun with --resume", err=True)
+    if code:
+        raise typer.Exit(code)  # the ranks said why on stderr
+    h = json.loads((Path(cfg.out) / "train.json").read_text())["heldout_metrics"]
+    typer.echo(f"{cfg.out}: {cfg.model.arch} held-out FVU {h['fvu']:.4f}, MSE {h['mse']:.4g} on {h['tokens']:,} "
+               f"tokens ({nproc} processes)")
 
 
 @app.command()

@@ -356,7 +356,8 @@ class ActivationStore:
         """Decoded activations and flags of rows [start, stop): all a training batch needs."""
         rows = slice(start, stop)
         row_scale = self._rows("row_scale", rows) if self.spec.dtype == "fp8" else None
-        return decode_acts(self._rows("acts", rows), self.spec.dtype, row_scale, self._mean()), self._rows("flags", rows)
+        acts = decode_acts(self._rows("acts", rows), self.spec.dtype, row_scale, self._mean())
+        return acts, self._rows("flags", rows)
 
     def read_rows(self, index: np.ndarray) -> Rows:
         """Rows at arbitrary sorted indices (a zarr orthogonal selection)."""
@@ -378,19 +379,24 @@ class ActivationStore:
 
     def batches(self, batch_size: int, *, shuffle: bool = True, seed: int = 0, start: int = 0,
                 stop: int | None = None, exclude: int = Flags.BOS, buffer_rows: int | None = None,
-                drop_last: bool = False, return_rows: bool = False) -> Iterator:
+                drop_last: bool = False, return_rows: bool = False, first=None,
+                with_position: bool = False) -> Iterator:
         """Stream (batch_size, d) float32 batches of rows in [start, stop) with bounded memory.
 
         Shuffling is token-level across the whole range: chunks are visited in a seeded
-        random order, `buffer_rows` worth of them (default: 128 MB of fp32 rows) are mixed
-        and permuted together, and the remainder carries into the next buffer. Rows whose flags meet `exclude` are dropped.
-        With `return_rows`, yields `(acts, row indices)`.
+        random order, `buffer_rows` worth of them (default: 128 MB of fp32 rows) are read
+        together and their rows permuted with a seed of (seed, buffer), and batches are cut
+        from the buffers in turn (`reader.py`). Rows whose flags meet `exclude` are dropped.
+        With `return_rows`, yields `(acts, row indices)`. `first` (a `reader.ReadPosition`)
+        starts the pass there, reading only from that buffer on; with `with_position` every
+        item comes as `(item, position of the next row)`, the value to resume from.
         """
-        from rqae_pipeline.reader import shuffled_batches
+        from rqae_pipeline.reader import ReadPosition, shuffled_batches
 
         yield from shuffled_batches(self, batch_size, shuffle=shuffle, seed=seed, start=start, stop=stop,
                                     exclude=exclude, buffer_rows=buffer_rows, drop_last=drop_last,
-                                    return_rows=return_rows)
+                                    return_rows=return_rows, first=first or ReadPosition(),
+                                    with_position=with_position)
 
     def dask(self) -> dict:
         """Committed rows as dask arrays chunked by shard (acts stay in their storage dtype)."""

@@ -2,8 +2,12 @@
 
 The loop owns data, progress, metrics, checkpoints and resume; the architecture owns its
 step (`models/base.py`). The language model is never loaded. Data order is a pure
-function of the seed, so a resumed run skips the batches it already trained on and ends
-with the same weights as an uninterrupted one.
+function of the seed, and every checkpoint records where in it training stands (pass,
+buffer, row; `reader.py`), so a resumed run starts reading there, touching one shuffle
+buffer however far it got, and ends with the same weights as an uninterrupted one.
+
+Under torchrun every rank reads the same global batch and trains on its slice, with
+gradients averaged over the ranks (`distributed.py`); rank 0 alone writes the run directory.
 
 Held-out data is split by context: the last `heldout_fraction` of the store's contexts,
 recorded in `train.json`, never reach the optimiser.
@@ -11,6 +15,7 @@ recorded in `train.json`, never reach the optimiser.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -20,12 +25,14 @@ from typing import Any
 
 import torch
 
-from rqae_pipeline import RQAEError, __version__
-from rqae_pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text, default_device
+from rqae_pipeline import RQAEError, __version__, distributed
+from rqae_pipeline.distributed import Ranks, mean_over_ranks, rank_slice
+from rqae_pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from rqae_pipeline.metrics import Stats, prefix_label, prefix_of
 from rqae_pipeline.models.base import ModelSpec, Trainable
 from rqae_pipeline.models.registry import build_trainable, reconstruct
 from rqae_pipeline.models.sae import SAEBaseline
+from rqae_pipeline.reader import DataPosition, endless_batches, position_of_batch
 from rqae_pipeline.store import ActivationStore, Flags
 
 CHECKPOINT = "checkpoint.pt"
@@ -102,22 +109,26 @@ def heldout_split(store: ActivationStore, fraction: float) -> dict[str, int]:
     return {"first_context": first, "contexts": held, "first_row": first * R, "rows": store.n_tokens - first * R}
 
 
-def train_batches(store: ActivationStore, cfg: TrainConfig, split: dict, skip: int):
-    """Endless shuffled batches of training rows; epoch e uses seed (seed, e). Skips `skip`."""
-    epoch, n = 0, 0
-    while True:
-        seen = False
-        for batch in store.batches(cfg.batch_size, seed=cfg.seed * 100_003 + epoch, stop=split["first_row"],
-                                   exclude=cfg.exclude, drop_last=True):
-            seen = True
-            if n >= skip:
-                if not torch.isfinite(batch).all():  # the store's fault, not the learning rate's
-                    raise RQAEError(nonfinite_rows_message(store, split["first_row"], cfg.exclude))
-                yield batch
-            n += 1
-        if not seen:
-            raise RQAEError(f"fewer than {cfg.batch_size} training rows in the store; lower --batch-size")
-        epoch += 1
+def positioned_batches(store: ActivationStore, cfg: TrainConfig, split: dict, start: DataPosition):
+    """Endless shuffled global batches of training rows from `start`, each with the position
+    after it (`reader.endless_batches`); reaching `start` reads one buffer, wherever it is."""
+    for batch, at in endless_batches(store, cfg.batch_size, seed=cfg.seed, stop=split["first_row"],
+                                     exclude=cfg.exclude, start=start):
+        if not torch.isfinite(batch).all():  # the store's fault, not the learning rate's
+            raise RQAEError(nonfinite_rows_message(store, split["first_row"], cfg.exclude))
+        yield batch, at
+
+
+def position_of_step(store: ActivationStore, cfg: TrainConfig, split: dict, steps: int) -> DataPosition:
+    """Where `steps` batches end, from the flags alone: for checkpoints without a position."""
+    return position_of_batch(store, cfg.batch_size, seed=cfg.seed, stop=split["first_row"], exclude=cfg.exclude,
+                             batches=steps)
+
+
+def train_batches(store: ActivationStore, cfg: TrainConfig, split: dict, skip: int = 0):
+    """The global batches alone, from step `skip` on."""
+    start = position_of_step(store, cfg, split, skip) if skip else DataPosition()
+    return (batch for batch, _ in positioned_batches(store, cfg, split, start))
 
 
 def nonfinite_rows_message(store: ActivationStore, stop: int, exclude: int, limit: int = 5) -> str:
@@ -172,10 +183,11 @@ def _write_run_file(out: Path, run: dict) -> None:
     atomic_write_json(out / RUN_FILE, run, default=str)
 
 
-def save_checkpoint(out: Path, trainable: Trainable, step: int, cfg: TrainConfig) -> None:
+def save_checkpoint(out: Path, trainable: Trainable, step: int, cfg: TrainConfig,
+                    data: DataPosition | None = None) -> None:
     # atomic: a kill mid-save leaves the previous checkpoint
-    atomic_torch_save({"step": step, "state": trainable.checkpoint_state(), "identity": cfg.identity()},
-                      out / CHECKPOINT)
+    atomic_torch_save({"step": step, "state": trainable.checkpoint_state(), "identity": cfg.identity(),
+                       **({"data": data.as_dict()} if data is not None else {})}, out / CHECKPOINT)
 
 
 def _prepare_out(cfg: TrainConfig, store: ActivationStore) -> dict | None:
@@ -234,76 +246,115 @@ class _Run:
     out: Path
     trainable: Trainable
     step: int  # steps already taken (a resumed run's checkpoint step)
-    heldout: torch.Tensor  # held-out rows for periodic and final evaluation
-    batches: Any  # iterator of training batches, from `step` on
+    heldout: torch.Tensor | None  # held-out rows for periodic and final evaluation (rank 0's)
+    batches: Any  # iterator of (global batch, position after it), from `step` on
+    ranks: Ranks = distributed.SINGLE
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
-    run = _start_run(cfg)
-    t0 = time.perf_counter()
-    step, interrupted = _train_loop(run, progress=progress)
-    result = TrainResult(out=run.out, steps=step, interrupted=interrupted, seconds=time.perf_counter() - t0)
-    if not interrupted:
-        result.heldout = _finish_run(run, step)
-    return result
+    """Train (or resume) a model; under torchrun, as one rank of a data-parallel run."""
+    ranks, device = distributed.start(cfg.device)
+    try:
+        run = _start_run(cfg, ranks, device)
+        t0 = time.perf_counter()
+        step, interrupted = _train_loop(run, progress=progress and ranks.is_main)
+        result = TrainResult(out=run.out, steps=step, interrupted=interrupted, seconds=time.perf_counter() - t0)
+        if not interrupted and ranks.is_main:
+            result.heldout = _finish_run(run, step)
+        return result
+    finally:
+        distributed.stop(ranks)
 
 
-def _start_run(cfg: TrainConfig) -> _Run:
-    """Open the store, check or create the run directory, build (or restore) the model and
-    record the run in `train.json`."""
+@dataclass
+class _Data:
+    """A run's data, read before the run directory is touched."""
+
+    store: ActivationStore
+    split: dict
+    ckpt: dict | None
+    heldout: torch.Tensor | None
+    first_batch: torch.Tensor | None
+
+
+def _read_data(cfg: TrainConfig, ranks: Ranks) -> _Data:
+    """Open the store and check the run directory (read-only, on every rank); read the
+    held-out rows and the first batch before the run directory exists, so a damaged store
+    (an error naming the shard) leaves no half-made run behind."""
     store = open_training_store(cfg.store)
     if cfg.model.d_in != store.d:
         raise RQAEError(f"model d_in {cfg.model.d_in} does not match the store's d_model {store.d}")
-    device = cfg.device or default_device()
+    distributed.check_batch(cfg.batch_size, ranks)
     ckpt = _prepare_out(cfg, store)
     split = heldout_split(store, cfg.heldout_fraction)
-    # Read the held-out rows and the first batch before the run directory exists, so a
-    # damaged store (an error naming the shard) leaves no half-made run behind.
-    heldout = heldout_rows(store, cfg, split)
+    heldout = heldout_rows(store, cfg, split) if ranks.is_main else None
     fresh = ckpt is None or ckpt["step"] == 0
-    first_batch = next(train_batches(store, cfg, split, skip=0)) if fresh else None
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    first_batch = next(positioned_batches(store, cfg, split, DataPosition()))[0] if fresh else None
+    return _Data(store=store, split=split, ckpt=ckpt, heldout=heldout, first_batch=first_batch)
+
+
+def _start_run(cfg: TrainConfig, ranks: Ranks, device: str) -> _Run:
+    """Check or create the run directory, build (or restore) the model and record the run
+    in `train.json`. Only rank 0 writes; every rank builds the same model."""
+    data = _read_data(cfg, ranks)
+    distributed.barrier(ranks)  # every rank has checked the run directory before rank 0 changes it
+    out, main = Path(cfg.out), ranks.is_main
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
     trainable = build_trainable(cfg.model, total_steps=cfg.total_steps, batch_size=cfg.batch_size, device=device,
                                 seed=cfg.seed)
+    if ranks.distributed:
+        trainable.data_parallel(ranks)
     if isinstance(trainable, SAEBaseline):  # its cfg.json then says which activations it reads
-        trainable.record_source(store)
-    step = 0
-    if ckpt is not None:
-        trainable.load_checkpoint_state(ckpt["state"])
-        step = ckpt["step"]
+        trainable.record_source(data.store)
+    step, position = 0, DataPosition()
+    if data.ckpt is not None:
+        trainable.load_checkpoint_state(data.ckpt["state"])
+        step = data.ckpt["step"]
+        position = (DataPosition.from_dict(data.ckpt["data"]) if "data" in data.ckpt
+                    else position_of_step(data.store, cfg, data.split, step))
+    if main:
         _keep_metrics_up_to(out / METRICS, step)
-    _write_run_file(out, {"config": cfg.identity(), "store": str(cfg.store), "store_spec": store.manifest["spec"],
-                          "heldout": split, "rqae_pipeline": __version__, "status": "training"})
-    batches = train_batches(store, cfg, split, skip=step)
+        _write_run_file(out, {"config": cfg.identity(), "store": str(cfg.store),
+                              "store_spec": data.store.manifest["spec"], "heldout": data.split,
+                              "rqae_pipeline": __version__, "status": "training", "processes": ranks.world_size})
     if step == 0:
-        trainable.init_from_data(first_batch)
-        _keep_metrics_up_to(out / METRICS, 0)
-    return _Run(cfg=cfg, out=out, trainable=trainable, step=step, heldout=heldout, batches=batches)
+        trainable.init_from_data(data.first_batch)  # the global batch, on every rank
+    batches = positioned_batches(data.store, cfg, data.split, position)
+    return _Run(cfg=cfg, out=out, trainable=trainable, step=step, heldout=data.heldout, batches=batches, ranks=ranks)
 
 
 def _train_loop(run: _Run, *, progress: bool) -> tuple[int, bool]:
-    """Step until `total_steps`, logging and checkpointing; (steps done, interrupted)."""
+    """Step until `total_steps`, logging and checkpointing; (steps done, interrupted). The
+    step's metrics stay on the device; they are read (one host sync, averaged over the
+    ranks) only on log and checkpoint steps, which is also where a non-finite loss is caught."""
     from tqdm import tqdm
 
-    cfg, step = run.cfg, run.step
+    cfg, step, ranks = run.cfg, run.step, run.ranks
     bar = tqdm(total=cfg.total_steps, initial=step, unit="step", desc=f"train {cfg.model.arch}",
                disable=not progress, dynamic_ncols=True)
     throughput = _Throughput()
     last_good = step
     try:
-        with open(run.out / METRICS, "a") as log:
+        with open(run.out / METRICS, "a") if ranks.is_main else contextlib.nullcontext() as log:
             while step < cfg.total_steps:
-                stats = run.trainable.train_step(next(run.batches))
-                if not math.isfinite(stats["loss"]):
-                    raise RQAEError(f"loss became {stats['loss']} at step {step + 1}; stopped, the checkpoint of "
-                                    f"step {last_good} is kept (try a lower --lr)")
+                batch, position = next(run.batches)
+                stats = run.trainable.train_step(rank_slice(batch, ranks))
                 step += 1
                 bar.update(1)
-                if step % cfg.log_every == 0 or step == cfg.total_steps:
-                    _log_step(run, log, bar, step, stats, throughput.tokens_per_second(step * cfg.batch_size))
-                if step % cfg.checkpoint_every == 0 or step == cfg.total_steps:
-                    save_checkpoint(run.out, run.trainable, step, cfg)
+                last = step == cfg.total_steps
+                logs, saves = step % cfg.log_every == 0 or last, step % cfg.checkpoint_every == 0 or last
+                if not (logs or saves):
+                    continue
+                values = mean_over_ranks(stats, ranks)
+                if not math.isfinite(values["loss"]):
+                    raise RQAEError(f"loss became {values['loss']} by step {step}; stopped, the checkpoint of "
+                                    f"step {last_good} is kept (try a lower --lr)")
+                if logs and ranks.is_main:
+                    _log_step(run, log, bar, step, values, throughput.tokens_per_second(step * cfg.batch_size))
+                if saves:
+                    if ranks.is_main:
+                        save_checkpoint(run.out, run.trainable, step, cfg, position)
                     last_good = step
     except KeyboardInterrupt:
         # The interrupt may land inside a step (after the optimiser moved the weights, before

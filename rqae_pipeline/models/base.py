@@ -64,8 +64,13 @@ class Trainable(Protocol):
     def init_from_data(self, sample: torch.Tensor) -> None:
         """Data-dependent initialisation from a (n, d) fp32 sample (e.g. bias = data mean)."""
 
-    def train_step(self, x: torch.Tensor) -> dict[str, float]:
-        """One optimiser step on a (B, d) fp32 batch; returns at least {"loss": float}."""
+    def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """One optimiser step on a (B, d) fp32 batch; returns at least {"loss": ...}, as 0-d
+        tensors on the model's device (reading them is a host sync; the loop does it when it logs)."""
+
+    def data_parallel(self, ranks: Any) -> None:
+        """Become one of `ranks` (`distributed.Ranks`) of a data-parallel run: average the
+        gradients over the ranks in every step, and keep any per-step state the global batch's."""
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """(B, d) reconstruction in eval mode, no grad."""

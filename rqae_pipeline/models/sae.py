@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from rqae_pipeline import RQAEError
+from rqae_pipeline.distributed import SINGLE, Ranks, all_reduce_sum, average_gradients, broadcast_buffers
 from rqae_pipeline.models.base import ModelSpec
 from rqae_pipeline.models.registry import Architecture, register
 
@@ -130,6 +131,7 @@ class SAEBaseline:
         self.trainer = SAETrainer(cfg, self.sae, data_provider=iter(()))
         self._inference = None  # cached inference SAE, dropped whenever the weights change
         self.source = None  # the store's SAESource (`record_source`); `save` then writes a raw-activation SAE
+        self.ranks, self._averager = SINGLE, None  # `data_parallel` sets them
 
     # ------------------------------------------------------------------ training
 
@@ -169,23 +171,45 @@ class SAEBaseline:
         if cfg.train_batch_size_samples != n:
             cfg.train_batch_size_samples, cfg.total_training_samples = n, self.total_steps * n
 
-    def train_step(self, x: torch.Tensor) -> dict[str, float]:
-        t = self.trainer
+    def data_parallel(self, ranks: Ranks) -> None:
+        """Train as one of `ranks`: gradients averaged over the ranks inside sae-lens's backward
+        (before its gradient clipping and Adam step), and its per-step dead-latent bookkeeping
+        made the global batch's (`_share_sparsity_stats`)."""
+        self.ranks = ranks
+        self._averager = average_gradients(self.sae, ranks)
+
+    def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        t, ranks = self.trainer, self.ranks
         x = x.to(self.device)
         self._estimate_normalization(x.float())  # no-op once init_from_data (or a checkpoint) set it
-        self._match_batch(x.shape[0])
+        self._match_batch(x.shape[0] * ranks.world_size)  # the global batch: sae-lens counts samples with it
         t.maybe_reset_sparsity()  # the per-step sequence of SAETrainer.fit / MultiSAETrainer.fit
+        freq_before = t.act_freq_scores.clone() if ranks.distributed else None
         out = t.step(x)
+        if ranks.distributed:
+            self._share_sparsity_stats(freq_before, x.shape[0])
         t.n_training_steps += 1
         self._inference = None
-        with torch.no_grad():
+        with torch.no_grad():  # 0-d device tensors: no host sync per step (the loop reads them when it logs)
             sae_in, sae_out = out.sae_in.float(), out.sae_out.float()
             fvu = (sae_out - sae_in).pow(2).sum() / (sae_in - sae_in.mean(0)).pow(2).sum().clamp_min(1e-30)
             names = ["loss", "fvu", "l0", "dead", *out.losses]
             vals = [out.loss, fvu, out.feature_acts.bool().float().sum(-1).to_dense().mean(),
                     t.dead_neurons.sum(), *out.losses.values()]
-            vals = torch.stack([torch.as_tensor(v).detach().float().to(self.device) for v in vals]).tolist()  # one sync
-        return dict(zip(names, vals))
+            return {k: torch.as_tensor(v).detach().float().to(self.device).reshape(()) for k, v in zip(names, vals)}
+
+    @torch.no_grad()
+    def _share_sparsity_stats(self, freq_before: torch.Tensor, local_rows: int) -> None:
+        """SAETrainer updates its dead-latent counters from this rank's slice; make them the
+        global batch's on every rank (a latent fired if it fired on any rank; firing counts add),
+        so the dead-latent mask that TopK's auxiliary loss reads is the single-process one."""
+        t, ranks = self.trainer, self.ranks
+        fired = (t.n_forward_passes_since_fired == 0).float()  # 0 only where it fired this step
+        both = all_reduce_sum(torch.cat([fired, t.act_freq_scores - freq_before]), ranks)
+        t.n_forward_passes_since_fired[both[: fired.numel()] > 0] = 0
+        t.act_freq_scores.copy_(freq_before + both[fired.numel() :])
+        t.n_training_samples += local_rows * (ranks.world_size - 1)
+        broadcast_buffers(self.sae, ranks)  # BatchTopK's running threshold: rank 0's
 
     # ------------------------------------------------------------------ the saved model
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from rqae_pipeline import RQAEError
+from rqae_pipeline.distributed import Ranks, average_gradients
 from rqae_pipeline.metrics import code_counts, code_usage, default_prefixes, prefix_label
 from rqae_pipeline.models.base import ModelSpec
 from rqae_pipeline.models.codebook import CodebookAE, CodebookConfig
@@ -24,11 +25,11 @@ __all__ = ["ModuleTrainable", "RQAETrainable", "CodebookTrainable", "batch_fvu",
            "load_model_dir"]  # the last three are re-exported for old imports
 
 
-def batch_fvu(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """FVU on one batch against the batch mean (progress display only; evaluation uses
-    whole-set float64 sums)."""
+def batch_fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
+    """FVU on one batch against the batch mean, a 0-d tensor on the batch's device (progress
+    display only; evaluation uses whole-set float64 sums)."""
     x64, e = x.double(), (x - x_hat).double()
-    return float(e.pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum().clamp_min(1e-30))
+    return e.pow(2).sum() / (x64 - x64.mean(0)).pow(2).sum().clamp_min(1e-30)
 
 
 class ModuleTrainable:
@@ -39,19 +40,26 @@ class ModuleTrainable:
         self.module = module.to(device)
         self.device = device
         self.optimizer = torch.optim.Adam(self.module.parameters(), lr=spec.lr)
+        self._averager = None
 
     def _loss(self, x):
         return self.module.training_loss(x)
 
-    def train_step(self, x: torch.Tensor) -> dict[str, float]:
+    def data_parallel(self, ranks: Ranks) -> None:
+        """Train as one of `ranks`: gradients averaged over the ranks in every backward pass."""
+        self._averager = average_gradients(self.module, ranks)
+
+    def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        # metrics stay 0-d device tensors: no host sync per step (the loop reads them when it logs)
         self.module.train()
         x = x.to(self.device)
-        with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=self.spec.dtype == "bfloat16"):
+        bf16 = self.spec.dtype == "bfloat16"
+        with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16, enabled=bf16):
             loss, x_hat, _ = self._loss(x)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return {"loss": float(loss.detach()), "fvu": batch_fvu(x, x_hat.detach())}
+        return {"loss": loss.detach(), "fvu": batch_fvu(x, x_hat.detach())}
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}

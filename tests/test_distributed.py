@@ -1,0 +1,174 @@
+"""Data-parallel training (`rqae train --nproc 2`: torchrun, 2 gloo ranks on CPU) ends with the
+weights of one process on the same global batch; a kill -9 of the whole job then --resume ends
+where an uninterrupted run ends; the resumed reader starts at the recorded position; a
+few steps and an encode on cuda match the CPU (skipped without a GPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from rqae_pipeline.harvest import harvest
+from rqae_pipeline.models.base import ModelSpec
+from rqae_pipeline.store import ActivationStore
+from rqae_pipeline.train import CHECKPOINT, TrainConfig, heldout_split, position_of_step, positioned_batches, train
+
+from helpers import HANG_GUARD_S, REPO, rqae_cmd, run_rqae, tiny_config
+
+BATCH = 128
+
+
+@pytest.fixture(scope="module")
+def store_path(tiny_lm, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist") / "tiny.zarr"
+    harvest(tiny_config(out, tokens=8192), lm=tiny_lm, progress=False)
+    return out
+
+
+def cfg_for(store_path, out, arch="rqae", steps=12, **kw):
+    model = ModelSpec(arch=arch, d_in=64, n_q=8, d_sae=128, k=8, lr=3e-3, **kw.pop("model", {}))
+    base = dict(store=store_path, out=out, model=model, batch_size=BATCH, tokens=BATCH * steps,
+                checkpoint_every=5, eval_every=1000, log_every=5)
+    return TrainConfig(**{**base, **kw})
+
+
+def cli_args(cfg, nproc, *extra):
+    m = cfg.model
+    opts = [x for k, v in m.options.items() for x in ("--option", f"{k}={v}")]
+    return ["train", "--store", str(cfg.store), "--out", str(cfg.out), "--arch", m.arch, "--n-q", str(m.n_q),
+            "--d-sae", str(m.d_sae), "--k", str(m.k), "--lr", str(m.lr), "--batch-size", str(cfg.batch_size),
+            "--tokens", str(cfg.tokens), "--checkpoint-every", str(cfg.checkpoint_every), "--eval-every", "1000",
+            "--device", "cpu", "--nproc", str(nproc), *opts, *extra]
+
+
+def saved_weights(out):
+    from safetensors.torch import load_file
+
+    name = "model.safetensors" if (out / "model.safetensors").exists() else "sae_weights.safetensors"
+    return load_file(out / name)
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        # a mean of two per-rank means vs one mean: equal up to float rounding, which Adam carries on
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("arch,options", [("rqae", {}), ("topk-sae", {"dead_feature_window": 2})])
+def test_two_gloo_ranks_end_with_the_single_process_weights(store_path, tmp_path, arch, options):
+    # topk with a 2-step dead window: its auxiliary loss reads the dead-latent mask, which is
+    # only the single-process one if the ranks share their firing statistics
+    one = cfg_for(store_path, tmp_path / "one", arch, model={"options": options})
+    train(one, progress=False)
+    two = cfg_for(store_path, tmp_path / "two", arch, model={"options": options})
+    proc = run_rqae(*cli_args(two, 2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 processes" in proc.stdout
+    assert_same_weights(saved_weights(tmp_path / "two"), saved_weights(tmp_path / "one"))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "two" / "metrics.jsonl").open()]
+    assert steps == [10, 12]  # rank 0 alone writes the log (every 10 steps and the last)
+
+
+def test_batch_that_does_not_split_over_the_ranks_is_refused(store_path, tmp_path):
+    cfg = cfg_for(store_path, tmp_path / "odd", batch_size=BATCH + 1, tokens=(BATCH + 1) * 4)
+    proc = run_rqae(*cli_args(cfg, 2))
+    assert proc.returncode != 0 and "does not split evenly over 2 processes" in proc.stderr
+    assert not (tmp_path / "odd" / CHECKPOINT).exists()
+
+
+def _descendants(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            children = open(f"/proc/{pid}/task/{task}/children").read().split()
+        except FileNotFoundError:
+            continue
+        for child in map(int, children):
+            out += [child, *_descendants(child)]
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/task"), reason="reads the process tree from /proc")
+def test_kill_9_of_the_job_then_resume_ends_where_an_uninterrupted_run_ends(store_path, tmp_path):
+    steps = 150  # far more than the time to the first checkpoint: the kill lands mid-run
+    ref = cfg_for(store_path, tmp_path / "ref", steps=steps, checkpoint_every=7)
+    assert run_rqae(*cli_args(ref, 2)).returncode == 0  # the uninterrupted 2-rank run
+    cfg = cfg_for(store_path, tmp_path / "run", steps=steps, checkpoint_every=7)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    with open(tmp_path / "stderr", "w") as err:  # its own session: killpg reaches launcher and torchrun
+        job = subprocess.Popen(rqae_cmd(*cli_args(cfg, 2)), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                               stderr=err, start_new_session=True)
+    t0 = time.monotonic()
+    try:
+        while not (cfg.out / CHECKPOINT).exists():
+            assert job.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+            assert time.monotonic() - t0 < HANG_GUARD_S
+            time.sleep(0.05)
+        tree = _descendants(job.pid)  # torchrun and its two ranks (each in a session of its own)
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        while any(_alive(p) for p in tree):  # the ranks die with torchrun (PR_SET_PDEATHSIG)
+            assert time.monotonic() - t0 < HANG_GUARD_S, "a rank outlived kill -9 of its launcher"
+            time.sleep(0.05)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    ckpt = torch.load(cfg.out / CHECKPOINT, weights_only=False)
+    assert 7 <= ckpt["step"] < steps and "data" in ckpt
+    proc = run_rqae(*cli_args(cfg, 2, "--resume"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got, want = saved_weights(cfg.out), saved_weights(ref.out)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_resumed_reader_starts_at_the_recorded_position(store_path, tmp_path):
+    """Batch k from its position (one buffer read) is batch k of the uninterrupted stream,
+    across a pass boundary too, and the flag count finds the same position."""
+    cfg = cfg_for(store_path, tmp_path / "x", steps=200)
+    store = ActivationStore.open(store_path)
+    split = heldout_split(store, cfg.heldout_fraction)
+    stream = positioned_batches(store, cfg, split, position_of_step(store, cfg, split, 0))
+    seen = [next(stream) for _ in range(150)]  # the store holds ~58 batches a pass
+    per_pass = next(k for k, (_, at) in enumerate(seen, 1) if at.epoch == 1)
+    assert seen[-1][1].epoch == 2
+    for k in (1, 7, per_pass - 1, per_pass, per_pass + 1, 2 * per_pass + 3):
+        position = seen[k - 1][1]
+        assert position_of_step(store, cfg, split, k) == position
+        resumed = positioned_batches(store, cfg, split, position)
+        for j in range(3):
+            torch.testing.assert_close(next(resumed)[0], seen[k + j][0], rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_training_and_encoding_on_cuda_match_the_cpu(store_path, tmp_path):
+    from rqae_pipeline.models.trainables import build_trainable
+
+    store = ActivationStore.open(store_path)
+    x = store.read(0, 2048).acts
+    models = {}
+    for device in ("cpu", "cuda"):
+        spec = ModelSpec(arch="rqae", d_in=64, n_q=8, lr=3e-3)
+        m = build_trainable(spec, total_steps=5, batch_size=256, device=device, seed=0)
+        m.init_from_data(x[:256])
+        for i in range(5):
+            m.train_step(x[i * 256 : (i + 1) * 256])
+        models[device] = m
+    for name, p in models["cpu"].module.state_dict().items():
+        torch.testing.assert_close(models["cuda"].module.state_dict()[name].cpu(), p, rtol=1e-3, atol=1e-4, msg=name)
+    codes = {d: m.module.encode(x.to(d)).cpu().numpy() for d, m in models.items()}
+    assert np.mean(codes["cpu"] == codes["cuda"]) > 0.99  # ties and float rounding may flip a few codes
