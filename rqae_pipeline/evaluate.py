@@ -137,49 +137,13 @@ def pretrained_model_name(ref: PretrainedSAE) -> str | None:
 
 
 def model_kind(model) -> str:
-    from rqae_pipeline.models.codebook import CodebookAE
-    from rqae_pipeline.models.rqae import RQAE
-
-    return "rqae" if isinstance(model, RQAE) else "codebook" if isinstance(model, CodebookAE) else "sae"
-
-
-def default_prefixes(n_q: int) -> tuple[int, ...]:
-    m, out = 1, []
-    while m < n_q:
-        out.append(m)
-        m *= 2
-    return (*out, n_q)
-
-
-def prefix_of(label: str) -> int:
-    """The prefix length an RQAE metrics label names: 'rqae@16' -> 16 (labels from `reconstruct`)."""
-    return int(label.split("@")[1])
-
-
-@torch.no_grad()
-def reconstruct(model, x: torch.Tensor, prefixes: tuple[int, ...] | None) -> tuple[dict, dict]:
-    """{label: x_hat} and {label: usage counts} for one batch."""
-    kind = model_kind(model)
-    if kind == "rqae":
-        codes = model.encode(x)
-        recons = {f"rqae@{m}": model.decode(codes, m) for m in (prefixes or default_prefixes(model.n_q))}
-        usage = torch.zeros(model.n_q, model.codebook.shape[0], dtype=torch.float64)
-        usage.scatter_add_(1, codes.long().T, torch.ones(codes.shape[1], codes.shape[0], dtype=torch.float64))
-        return recons, {"codes": usage.numpy()}
-    if kind == "codebook":
-        idx = model.encode(x)
-        fired = torch.zeros(model.cfg.n_codes, dtype=torch.float64).index_add_(
-            0, idx.reshape(-1), torch.ones(idx.numel(), dtype=torch.float64))
-        return {"codebook": model.decode(idx)}, {"latents": fired.numpy()}
-    acts = model.encode(x)
-    fired = (acts != 0).double()
-    return {"sae": model.decode(acts)}, {"latents": fired.sum(0).numpy(), "l0": np.array([float(fired.sum())])}
+    """The kind of a loaded model, rqae / codebook / sae (`registry.kind_of`: an object of
+    no known architecture is an error, not an SAE)."""
+    return kind_of(model)
 
 
 def model_space(cfg: EvalConfig) -> str:
     if cfg.space != "auto":
-        if cfg.space not in ("raw", "normalised"):
-            raise RQAEError(f"unknown space {cfg.space!r}; use auto, raw or normalised")
         return cfg.space
     if isinstance(cfg.model, PretrainedSAE):
         return "raw"

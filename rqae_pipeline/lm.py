@@ -18,13 +18,13 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 
 from rqae_pipeline import RQAEError
 from rqae_pipeline.io import default_device, staging_dir, swap_in
 from rqae_pipeline.paths import cache_root
-from rqae_pipeline.store import NORMALISATIONS, Normalisation
 
 __all__ = ["LoadedLM", "HookSpec", "default_device", "load_lm", "load_tokenizer", "resolve_hook", "final_norm_gain",
            "normalise", "Normalisation", "convert_offline_gemma", "OFFLINE_GEMMA", "TINY"]
@@ -32,6 +32,11 @@ __all__ = ["LoadedLM", "HookSpec", "default_device", "load_lm", "load_tokenizer"
 OFFLINE_GEMMA = "gemma-3-270m-offline"
 OFFLINE_GEMMA_TL_NAME = "google/gemma-3-270m"
 TINY = "tiny-random"
+# How residuals are normalised before they are stored (DESIGN section 3): the LM's final RMSNorm
+# with its gain ("final-norm", the reference's choice) or pure x / rms(x) ("rms"). The store, the
+# harvest and the saved SAEs take the names from here.
+Normalisation = Literal["final-norm", "rms"]
+NORMALISATIONS: tuple[str, ...] = get_args(Normalisation)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

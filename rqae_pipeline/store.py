@@ -32,15 +32,12 @@ import torch
 
 from rqae_pipeline import RQAEError
 from rqae_pipeline.integrity import read_checked, require_shards, shards_of
+from rqae_pipeline.lm import NORMALISATIONS, Normalisation
 from rqae_pipeline.lock import StoreLock
 
 SCHEMA_VERSION = 1
 StoreDtype = Literal["float16", "float32", "fp8"]
 STORE_DTYPES: tuple[str, ...] = get_args(StoreDtype)
-# How rows are normalised (see `ActivationStore.to_normalised`): "final-norm" is the LM's
-# final RMSNorm with its gain, "rms" the same without the gain (every row has norm sqrt(d)).
-Normalisation = Literal["final-norm", "rms"]
-NORMALISATIONS: tuple[str, ...] = get_args(Normalisation)
 ROW_ARRAYS = ("acts", "scale", "tokens", "seq", "pos", "flags")
 E4M3_MAX = 448.0
 

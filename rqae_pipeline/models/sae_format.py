@@ -36,9 +36,9 @@ from sae_lens import SAE
 from sae_lens.registry import SAE_CLASS_REGISTRY, get_sae_class, register_sae_class
 
 from rqae_pipeline import RQAEError
+from rqae_pipeline.lm import NORMALISATIONS
+from rqae_pipeline.lm import Normalisation as InputNormalisation
 
-InputNormalisation = Literal["final-norm", "rms"]
-NORMALISATIONS: tuple[str, ...] = ("final-norm", "rms")
 # inference architectures our training can save (BatchTopK / Matryoshka become jumprelu);
 # transcoders and the temporal SAE read other hooks or contexts, so they are not wrapped
 BASES = ("standard", "gated", "topk", "abstopk", "jumprelu", "matching_pursuit")
