@@ -391,7 +391,8 @@ def projected_codebook_stats(model, *, sample: int = 4096, seed: int = 0, bins: 
         "cosine": {"sampled_vectors": len(vecs), "pairs": pairs,
                    "abs_below_0.2": float(hist[np.abs(centres) < 0.2].sum() / max(pairs, 1)),
                    "across_layers_pairs": int(across.sum()),
-                   "across_layers_abs_below_0.2": float(across[np.abs(centres) < 0.2].sum() / max(int(across.sum()), 1)),
+                   "across_layers_abs_below_0.2":
+                       float(across[np.abs(centres) < 0.2].sum() / max(int(across.sum()), 1)),
                    "quantiles": {q: float(edges[1:][np.searchsorted(cdf, f)]) for q, f in
                                  (("1%", 0.01), ("50%", 0.5), ("99%", 0.99))},
                    "hist": hist.tolist(), "edges": edges.tolist()},

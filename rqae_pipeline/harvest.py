@@ -102,7 +102,8 @@ def resolve_corpus(cfg: HarvestConfig, lm_name: str) -> CorpusSpec:
     dataset, config = cfg.dataset, cfg.dataset_config
     if dataset == DEFAULT_DATASET:
         offline = lm_name == OFFLINE_GEMMA or lm_name.startswith(TINY)
-        dataset, config = ("builtin:python-docs", None) if offline else ("HuggingFaceFW/fineweb-edu", config or "sample-10BT")
+        dataset, config = (("builtin:python-docs", None) if offline
+                           else ("HuggingFaceFW/fineweb-edu", config or "sample-10BT"))
     return parse_corpus(dataset, config=config, split=cfg.split, text_field=cfg.text_field)
 
 
@@ -196,7 +197,8 @@ class ShardWriter(threading.Thread):
         self.exhausted: dict | None = None  # {"requested_tokens": N} once the corpus has run out
         # Rows of a committed partial shard are carried, as stored, into the rewrite of that shard.
         self.shard_start = self.state.tokens - self.state.tokens % self.spec.shard_rows
-        carried = store.read_encoded(self.shard_start, self.state.tokens) if self.state.tokens > self.shard_start else None
+        carried = (store.read_encoded(self.shard_start, self.state.tokens)
+                   if self.state.tokens > self.shard_start else None)
         self.pending: list[dict] = [carried] if carried else []
         self.pending_rows = self.state.tokens - self.shard_start
         self.pending_contexts, self.pending_state = self.state.contexts, self.state.corpus_state

@@ -87,7 +87,8 @@ def _versions() -> dict:
     import transformers
 
     return {
-        "transformer_lens": transformer_lens.__version__ if hasattr(transformer_lens, "__version__") else _pkg_version("transformer-lens"),
+        "transformer_lens": (transformer_lens.__version__ if hasattr(transformer_lens, "__version__")
+                             else _pkg_version("transformer-lens")),
         "transformers": transformers.__version__,
         "torch": torch.__version__,
     }
@@ -122,7 +123,8 @@ def _load_hub(name: str, *, device: str, dtype: torch.dtype) -> LoadedLM:
     try:
         model = HookedTransformer.from_pretrained_no_processing(official, device=device, dtype=dtype)
     except Exception as e:
-        raise RQAEError(f"cannot load {official!r} from the hub: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from e
+        first_line = str(e).splitlines()[0] if str(e) else ""
+        raise RQAEError(f"cannot load {official!r} from the hub: {type(e).__name__}: {first_line}") from e
     info = {
         "source": "hub",
         "class": "HookedTransformer",

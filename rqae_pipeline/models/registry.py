@@ -15,9 +15,9 @@ asks here:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
@@ -104,7 +104,8 @@ def architecture_of(model_dir: str | Path) -> ArchitectureKind:
         if arch in ("rqae", "codebook"):
             return arch
         if not (d / "cfg.json").exists():
-            raise RQAEError(f"{d} holds a model of unknown architecture {arch!r} (known: rqae, codebook, sae-lens SAEs)")
+            raise RQAEError(f"{d} holds a model of unknown architecture {arch!r} "
+                            "(known: rqae, codebook, sae-lens SAEs)")
     if (d / "cfg.json").exists():
         return "sae"
     raise RQAEError(f"{d} is not a trained model directory (no config.json or sae-lens cfg.json)")
