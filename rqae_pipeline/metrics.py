@@ -63,7 +63,9 @@ class Stats:
             out.sse[label] = self.sse.get(label, 0.0) + other.sse.get(label, 0.0)
         for label in set(self.counts) | set(other.counts):
             a, b = self.counts.get(label), other.counts.get(label)
-            out.counts[label] = b.copy() if a is None else a if b is None else a + b
+            # a copy where one side lacks the label: the result is accumulated into in place
+            # (`ce.add_ce_sums`), which must not write through to a part
+            out.counts[label] = b.copy() if a is None else a.copy() if b is None else a + b
         return out
 
     def total_variance(self) -> float:
