@@ -75,7 +75,8 @@ def _match(rqae: list[dict], sae: dict, budget: str) -> dict:
     value = sae[budget]
     within = [r for r in rqae if r[budget] <= value]
     best = max(within, key=lambda r: r[budget]) if within else None
-    nearest = min(rqae, key=lambda r: abs(math.log(r[budget] / value)))
+    # in log ratio; an SAE that never fires (L0 0, budget 0) is nearest the cheapest prefix
+    nearest = min(rqae, key=lambda r: abs(math.log(r[budget] / value)) if value > 0 else r[budget])
     out = {"budget": budget, "sae": sae["label"], "value": value,
            "rqae_within": best and best["label"], "rqae_nearest": nearest["label"]}
     for key in ("fvu_normalised", "fvu_raw"):
