@@ -12,10 +12,16 @@ ratios), on `--threads` torch threads (default 1):
    544-code argmax (the encoder before) / the naive loop, with the fraction of rows whose
    codes agree, and the share of the 544-code encoder's time spent in its argmax;
 4. peak RSS of a training run on a store and on one 10x larger (same steps): the reader
-   keeps one shuffle buffer, so the ratio should stay ~1.
+   keeps one shuffle buffer, so the ratio should stay ~1;
+5. data-parallel training: `rqae train` tok/s with 2 gloo ranks x 1 thread (torchrun) over
+   1 process x 1 thread, RQAE n_q=64 on a synthetic d=640 store (tok/s from metrics.jsonl,
+   startup excluded; the global batch is the same);
+6. resume seek: time from opening the data at a checkpoint's recorded position to the first
+   new batch, at 10x the trained tokens over 1x (one shuffle buffer either way: ~1).
 
     python bench/train.py                 # full sizes (~15 min on a busy 2-core machine)
     python bench/train.py --quick         # smaller, for a smoke run (a few minutes)
+    python bench/train.py --only parallel # sections 5 and 6 alone
 """
 
 from __future__ import annotations
@@ -163,14 +169,83 @@ print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(
     return int(res.stdout.strip().splitlines()[-1]) / 1024  # MiB
 
 
+def tok_per_s_of_run(store: Path, out: Path, nproc: int, steps: int, n_q: int) -> float:
+    """Median tok/s over the logged intervals of an `rqae train` run (the first, with start-up, left out)."""
+    import json
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    cmd = [sys.executable, "-m", "rqae_pipeline.cli", "train", "--store", str(store), "--out", str(out),
+           "--n-q", str(n_q), "--batch-size", "1024", "--tokens", str(1024 * steps), "--checkpoint-every", "1000000",
+           "--eval-every", "1000000", "--device", "cpu", "--nproc", str(nproc)]
+    subprocess.run(cmd, env=env, check=True, capture_output=True)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return statistics.median(r["tok_per_s"] for r in rows[1:-1])
+
+
+def parallel_rounds(store: Path, tmp: Path, steps: int, rounds: int) -> dict:
+    one, two = [], []
+    for r in range(rounds):  # interleaved: a load change hits both
+        one.append(tok_per_s_of_run(store, tmp / f"one{r}", 1, steps, 64))
+        two.append(tok_per_s_of_run(store, tmp / f"two{r}", 2, steps, 64))
+    return {"one": one, "two": two, "ratio": [b / a for a, b in zip(one, two)]}
+
+
+def seek_seconds(store: Path, steps: int) -> float:
+    """Seconds from opening the data at the position after `steps` batches to the first new batch."""
+    from rqae_pipeline.models.base import ModelSpec
+    from rqae_pipeline.store import ActivationStore
+    from rqae_pipeline.train import TrainConfig, heldout_split, position_of_step, positioned_batches
+
+    st = ActivationStore.open(store)
+    cfg = TrainConfig(store=store, out=store, model=ModelSpec(arch="rqae", d_in=st.d, n_q=8), batch_size=1024,
+                      tokens=1024 * (steps + 1))
+    split = heldout_split(st, cfg.heldout_fraction)
+    position = position_of_step(st, cfg, split, steps)  # what the checkpoint records (not timed)
+    t0 = time.perf_counter()
+    next(positioned_batches(st, cfg, split, position))
+    return time.perf_counter() - t0
+
+
+def seek_rounds(store: Path, steps: int, rounds: int) -> dict:
+    at1, at10 = [], []
+    for _ in range(rounds):
+        at1.append(seek_seconds(store, steps))
+        at10.append(seek_seconds(store, 10 * steps))
+    return {"at1": at1, "at10": at10, "ratio": [b / a for a, b in zip(at1, at10)]}
+
+
+def parallel_and_seek(quick: bool, rounds: int) -> None:
+    steps, seek_steps = (40, 20) if quick else (120, 40)
+    with tempfile.TemporaryDirectory() as tmp:
+        store = Path(tmp) / "store.zarr"
+        make_store(store, max(1024 * steps * 2, int(1024 * seek_steps * 10 * 1.2)), 640)
+        par = parallel_rounds(store, Path(tmp), steps, rounds)
+        seek = seek_rounds(store, seek_steps, rounds)
+    tok = "{:,.0f}"
+    print("| measure (min / median / max over rounds) | value |\n|---|---|")
+    print(f"| RQAE n_q=64 d=640 training, 1 process x 1 thread | {spread(par['one'], tok)} tok/s |")
+    print(f"| same, 2 gloo ranks x 1 thread (torchrun) | {spread(par['two'], tok)} tok/s |")
+    print(f"| 2 ranks / 1 process | **{spread(par['ratio'])}x** |")
+    print(f"| resume seek to the first new batch, after {seek_steps} steps | {spread(seek['at1'], '{:.3f}')} s |")
+    print(f"| same, after {10 * seek_steps} steps | {spread(seek['at10'], '{:.3f}')} s |")
+    print(f"| seek at 10x / at 1x trained tokens | **{spread(seek['ratio'])}** |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-store", action="store_true", help="leave out the reader-memory measurement (4)")
+    ap.add_argument("--only", choices=["all", "parallel"], default="all",
+                    help="parallel: the data-parallel and resume-seek sections (5, 6) alone")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.only == "parallel":
+        print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, load average "
+              f"{os.getloadavg()[0]:.1f}; {args.rounds} rounds")
+        parallel_and_seek(args.quick, args.rounds)
+        return
     d, n_q = (2304, 1024) if not args.quick else (512, 128)
     cf_batch, loop_batch, enc_batch = (4096, 128, 512) if not args.quick else (1024, 128, 256)
     loop_mem_batches = (32, 64) if not args.quick else (64, 128)
@@ -209,6 +284,8 @@ def main() -> None:
         print(f"| peak RSS training on {base_rows:,} rows (d=640) | {rss_small:,.0f} MiB |")
         print(f"| peak RSS training on {10 * base_rows:,} rows (10x) | {rss_big:,.0f} MiB |")
         print(f"| peak RSS ratio 10x store / 1x store | **{rss_big / rss_small:.2f}** |")
+    print()
+    parallel_and_seek(args.quick, args.rounds)
 
 
 if __name__ == "__main__":
