@@ -21,6 +21,7 @@ from typing import Any
 
 from rqae_pipeline import RQAEError
 from rqae_pipeline.io import atomic_write_json
+from rqae_pipeline.metrics import prefix_of, rqae_bits_per_token, sae_bits_per_token
 from rqae_pipeline.models.base import ModelSpec
 from rqae_pipeline.store import ActivationStore
 from rqae_pipeline.train import METRICS, RUN_FILE, TrainConfig, heldout_split, train
@@ -245,10 +246,6 @@ def _write(path: Path, result: dict) -> None:
 
 # --------------------------------------------------------------------------- the quality table
 
-RQAE_CODES = 544  # codes per RQAE layer: a layer's code costs log2(544) bits
-SAE_VALUE_BITS = 16  # an active SAE latent costs its index (log2 width) and a 16-bit value
-
-
 def evaluate_seeds(cfg: SweepConfig, sweep: dict, *, ce_contexts: int, prefixes: tuple[int, ...] = (),
                    echo=print) -> dict[str, list[dict]]:
     """`evaluate` every seed run on its test rows (CE/KL over `ce_contexts` of them); one
@@ -274,7 +271,8 @@ def evaluate_seeds(cfg: SweepConfig, sweep: dict, *, ce_contexts: int, prefixes:
 def quality_rows(name: str, result: dict, spec: ModelSpec) -> dict[str, dict]:
     """{row name: flat metrics} of one `evaluate` result: FVU/MSE in both spaces (stored-space
     only where evaluate measures one), CE-delta/KL (with bootstrap SE where evaluate gives
-    it), L0, dead latents, bits per token, weight bytes."""
+    it), L0, dead latents, bits per token (`metrics`' formulas, as the comparison's budget
+    table)."""
     rows = {}
     ce = result.get("ce", {})
     for label, m in result["metrics"].items():
@@ -283,13 +281,13 @@ def quality_rows(name: str, result: dict, spec: ModelSpec) -> dict[str, dict]:
         c = ce.get(label, {})
         row.update({k: c.get(k, math.nan) for k in ("ce_delta", "ce_delta_se", "kl")})
         if label.startswith("rqae@"):
-            layers = int(label.split("@")[1])
-            row.update(l0=math.nan, dead=math.nan, bits=layers * math.log2(RQAE_CODES))
+            layers = prefix_of(label)
+            row.update(l0=math.nan, dead=math.nan, bits=rqae_bits_per_token(layers))
             rows[name if layers == spec.n_q else f"{name} @{layers}"] = row
         else:
             l0, width = result.get("l0", math.nan), result.get("latents", spec.d_sae)
             row.update(l0=l0, dead=result.get("dead_latents", math.nan),
-                       bits=l0 * (math.log2(width) + SAE_VALUE_BITS))
+                       bits=sae_bits_per_token(l0, width))
             rows[name] = row
     return rows
 
