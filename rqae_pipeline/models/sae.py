@@ -27,6 +27,7 @@ import torch
 
 from rqae_pipeline import RQAEError
 from rqae_pipeline.distributed import SINGLE, Ranks, all_reduce_sum, average_gradients, broadcast_buffers
+from rqae_pipeline.metrics import weight_bytes
 from rqae_pipeline.models.base import ModelSpec
 from rqae_pipeline.models.registry import Architecture, register
 
@@ -276,7 +277,7 @@ class SAEBaseline:
         normalised_sae(self.inference_sae(), self.source).save_model(str(out_dir))
 
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.inference_sae().state_dict().values())
+        return weight_bytes(self.inference_sae().state_dict().values())
 
     # ------------------------------------------------------------------ checkpoints
 

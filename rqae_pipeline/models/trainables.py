@@ -15,7 +15,7 @@ import torch
 
 from rqae_pipeline import RQAEError
 from rqae_pipeline.distributed import Ranks, average_gradients
-from rqae_pipeline.metrics import code_counts, code_usage, default_prefixes, prefix_label
+from rqae_pipeline.metrics import code_counts, code_usage, default_prefixes, prefix_label, weight_bytes
 from rqae_pipeline.models.base import ModelSpec
 from rqae_pipeline.models.codebook import CodebookAE, CodebookConfig
 from rqae_pipeline.models.registry import Architecture, build_trainable, load_model_dir, register
@@ -69,7 +69,7 @@ class ModuleTrainable:
         self.optimizer.load_state_dict(state["optimizer"])
 
     def weight_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.module.state_dict().values())
+        return weight_bytes(self.module.state_dict().values())
 
     def eval_model(self) -> torch.nn.Module:
         """The model as evaluation sees it (the module itself, in eval mode)."""
