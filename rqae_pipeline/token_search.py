@@ -89,6 +89,18 @@ def open_rqae_store(store: Path, model: Path):
     return st, RQAE.load(model)
 
 
+def open_queries(cfg: QueryConfig):
+    """(store, RQAE, prefix length scored, query set) of a search or features run."""
+    from rqae_pipeline.features import check_layers
+    from rqae_pipeline.queries import query_set
+
+    st, rq = open_rqae_store(cfg.store, cfg.model)
+    m = check_layers(rq, cfg.layers)
+    qs = query_set(st, rq, addresses=list(cfg.addresses), texts=list(cfg.texts),
+                   token_indices=list(cfg.token_indices), width=cfg.context)
+    return st, rq, m, qs
+
+
 def ranked(store, hits: list[Hit], width: int) -> list[RankedHit]:
     """The hits with the text around them, ranked from 1."""
     from rqae_pipeline.queries import contexts, load_tokenizer
@@ -100,15 +112,12 @@ def ranked(store, hits: list[Hit], width: int) -> list[RankedHit]:
 def search_tokens(cfg: QueryConfig, *, progress: bool = True) -> SearchResult:
     """Rank every stored token by its intensity against one query token (`rqae search`)."""
     from rqae_pipeline.codes import ensure_codes
-    from rqae_pipeline.features import check_layers, search
-    from rqae_pipeline.queries import query_codes_matrix, query_set
+    from rqae_pipeline.features import search
+    from rqae_pipeline.queries import query_codes_matrix
 
     if len(cfg.addresses) + len(cfg.texts) != 1:
         raise RQAEError("give one query: --query TEXT [--token-index I] or --address SEQ:POS")
-    st, rq = open_rqae_store(cfg.store, cfg.model)
-    m = check_layers(rq, cfg.layers)
-    qs = query_set(st, rq, addresses=list(cfg.addresses), texts=list(cfg.texts),
-                   token_indices=list(cfg.token_indices), width=cfg.context)
+    st, rq, m, qs = open_queries(cfg)
     cs = ensure_codes(st, cfg.model, cfg.codes)
     q = query_codes_matrix(qs, cs)[0]
     hits = search(rq, cs, q, layers=m, top_k=cfg.top_k, store=st,
@@ -128,19 +137,10 @@ def check_splits(splits: tuple[tuple[int, ...], ...], n_queries: int) -> None:
 def fit_features(cfg: QueryConfig, *, progress: bool = True) -> FeaturesResult:
     """A vMF feature fitted to all query tokens, one per split, each with its top tokens (`rqae features`)."""
     from rqae_pipeline.codes import ensure_codes
-    from rqae_pipeline.features import (
-        check_layers,
-        fit_vmf,
-        search,
-        split_feature,
-        vmf_feature,
-    )
-    from rqae_pipeline.queries import query_codes_matrix, query_set
+    from rqae_pipeline.features import fit_vmf, search, split_feature, vmf_feature
+    from rqae_pipeline.queries import query_codes_matrix
 
-    st, rq = open_rqae_store(cfg.store, cfg.model)
-    m = check_layers(rq, cfg.layers)
-    qs = query_set(st, rq, addresses=list(cfg.addresses), texts=list(cfg.texts),
-                   token_indices=list(cfg.token_indices), width=cfg.context)
+    st, rq, m, qs = open_queries(cfg)
     check_splits(cfg.splits, len(qs))  # before any encoding starts
     cs = ensure_codes(st, cfg.model, cfg.codes)
     qc = query_codes_matrix(qs, cs)
