@@ -44,6 +44,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--extend", type=int, default=2, help="further rates while the best is at an edge")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--heldout-contexts", type=int, default=64, help="test contexts (CE on all of them)")
+    ap.add_argument("--ce-contexts", type=int, help="test contexts for CE-delta/KL (default: all; 0 skips the LM)")
     ap.add_argument("--ste-both", action="store_true", help="also an RQAE with ste=unnormalised")
     ap.add_argument("--device", default="cpu")
     return ap.parse_args()
@@ -75,10 +76,12 @@ def main() -> None:
                       seeds=tuple(range(args.seeds)), heldout_contexts=args.heldout_contexts, device=args.device,
                       progress=False)
     sweep = run_sweep(cfg)
-    evaluated = evaluate_seeds(cfg, sweep, ce_contexts=args.heldout_contexts, prefixes=(16,))
+    ce = args.heldout_contexts if args.ce_contexts is None else args.ce_contexts
+    evaluated = evaluate_seeds(cfg, sweep, ce_contexts=ce, prefixes=(16,))
     minutes = (time.perf_counter() - t0) / 60
     print(f"\n{store.spec.model} {store.spec.hook}, store {store.n_tokens:,} tokens; {cfg.steps} steps x "
-          f"{cfg.batch_size} tokens per run; test: the last {args.heldout_contexts} contexts; {minutes:.1f} min")
+          f"{cfg.batch_size} tokens per run; test: the last {args.heldout_contexts} contexts (CE on {ce}); "
+          f"{minutes:.1f} min")
     for name, entry in sweep["models"].items():
         tried = ", ".join(f"{r['lr']:g}: {r['fvu']:.4f}" for r in entry["sweep"])
         print(f"  {name}: validation FVU by rate {tried} -> {entry['chosen_lr']:g}"

@@ -255,7 +255,8 @@ def evaluate_seeds(cfg: SweepConfig, sweep: dict, *, ce_contexts: int, prefixes:
     out: dict[str, list[dict]] = {}
     for name, entry in sweep["models"].items():
         for run in entry["seeds"]:
-            echo(f"evaluate {name} seed {run['seed']} (CE on {ce_contexts} held-out contexts)")
+            ce_note = f" (CE on {ce_contexts} test contexts)" if ce_contexts else ""
+            echo(f"evaluate {name} seed {run['seed']}{ce_note}")
             ecfg = EvalConfig(store=cfg.store, model=Path(run["run"]), ce_contexts=ce_contexts,
                               device=cfg.device or "cpu")
             if entry["arch"] == "rqae":
