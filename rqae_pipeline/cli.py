@@ -61,6 +61,14 @@ def _interrupted() -> None:
     raise typer.Exit(EXIT_INTERRUPTED)
 
 
+def _store(value: str):
+    """A store option's value as a location: a Path, or a URL whose filesystem is installed
+    (urls.location; never `Path("s3://...")`, which is a local folder named `s3:`)."""
+    from rqae_pipeline.urls import location
+
+    return location(value)
+
+
 @contextmanager
 def _writing(path: Path) -> Iterator[None]:
     """An OSError while writing the command's output reads `cannot write PATH: reason`."""
@@ -84,9 +92,8 @@ app = typer.Typer(
 
 @app.command()
 def harvest(
-    out: Annotated[Path, typer.Option(help="Store directory to create (or continue with --resume).")] = Path(
-        "cache/gemma-3-270m-offline.zarr"
-    ),
+    out: Annotated[str, typer.Option(help="Store to create (or continue with --resume): a directory or an "
+                                     "s3://, gs://, memory:// or file:// URL.")] = "cache/gemma-3-270m-offline.zarr",
     model: Annotated[str, typer.Option(help="'gemma-3-270m-offline' (packaged, no network), a TransformerLens "
                                        "name such as google/gemma-2-2b, or tiny-random[:SEED].")
                      ] = "gemma-3-270m-offline",
@@ -115,6 +122,7 @@ def harvest(
     from rqae_pipeline.harvest import HarvestConfig
     from rqae_pipeline.harvest import harvest as run_harvest
 
+    out = _store(out)
     result = run_harvest(HarvestConfig(
         out=out, model=model, hook=layer, dataset=dataset, dataset_config=dataset_config, split=split,
         text_field=text_field, tokens=tokens, context_length=context_length, batch_contexts=batch_size,
@@ -133,10 +141,11 @@ def harvest(
 
 @app.command()
 def inspect(
-    store: Annotated[Path, typer.Argument(help="An activation store directory.")],
+    store: Annotated[str, typer.Argument(help="An activation store: a directory or a URL (s3://, gs://, ...).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
     """Show a store's manifest, counts, bytes per token and a sanity summary of norms."""
+    store = _store(store)
     from rqae_pipeline.store import ActivationStore
     from rqae_pipeline.summary import format_summary, summarise
 
@@ -166,7 +175,7 @@ def _parse_ints(text: str, option: str, example: str) -> tuple[int, ...]:
 
 @app.command()
 def train(
-    store: Annotated[Path, typer.Option(help="Activation store to train on.")],
+    store: Annotated[str, typer.Option(help="Activation store to train on.")],
     out: Annotated[Path, typer.Option(help="Run directory (weights, config, metrics, plots, checkpoint).")],
     arch: Annotated[str, typer.Option(help="rqae, codebook, or <sae-lens architecture>-sae (e.g. topk-sae, "
                                       "matryoshka_batchtopk-sae); `rqae archs` lists them.")] = "rqae",
@@ -192,6 +201,7 @@ def train(
                                        "gloo with one thread each on CPU). --batch-size is the global batch.")] = 1,
 ) -> None:
     """Train an RQAE, a codebook autoencoder or a sae-lens SAE on a store, without the LM."""
+    store = _store(store)
     from rqae_pipeline.models.base import ModelSpec, default_lr
     from rqae_pipeline.store import ActivationStore
     from rqae_pipeline.train import TrainConfig
@@ -251,7 +261,7 @@ def demo(
 
 @app.command()
 def sweep(
-    store: Annotated[Path, typer.Option(help="Activation store to train on.")],
+    store: Annotated[str, typer.Option(help="Activation store to train on.")],
     out: Annotated[Path, typer.Option(help="Directory for the runs, sweep.json and quality.json.")],
     arch: Annotated[list[str], typer.Option(help="Architecture to sweep (repeatable): rqae, codebook or "
                                             "<sae-lens architecture>-sae.")] = ["rqae", "topk-sae"],  # noqa: B006
@@ -269,6 +279,7 @@ def sweep(
     device: str | None = None,
 ) -> None:
     """The same learning-rate search for every architecture, seeds at the chosen rate, mean ± SE table."""
+    store = _store(store)
     from rqae_pipeline.models.base import ModelSpec
     from rqae_pipeline.store import ActivationStore
     from rqae_pipeline.sweep import SweepConfig, evaluate_seeds, format_quality_table, jsonable, run_sweep
@@ -293,7 +304,7 @@ def _ce_prefixes(text: str | None) -> tuple[int, ...] | None:
 
 @app.command("eval")
 def eval_command(
-    store: Annotated[Path, typer.Option(help="Activation store.")],
+    store: Annotated[str, typer.Option(help="Activation store.")],
     model: Annotated[Path, typer.Option(help="A model directory written by `rqae train` (or any sae-lens SAE dir).")],
     out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
     rows: Annotated[str, typer.Option(help="heldout (the run's held-out contexts) or all.")] = "heldout",
@@ -308,6 +319,7 @@ def eval_command(
 ) -> None:
     """Reconstruction metrics (MSE and FVU in the stored and the raw space, CE-delta and KL with bootstrap
     standard errors, L0, dead latents, code usage) of a model on a store."""
+    store = _store(store)
     from rqae_pipeline.evaluate import EvalConfig, evaluate
     from rqae_pipeline.report.evaluation import evaluation_lines, write_evaluation
 
@@ -321,7 +333,7 @@ def eval_command(
 
 @app.command("compare-gemmascope")
 def compare_gemmascope(
-    store: Annotated[Path, typer.Option(help="Activation store (the RQAE's held-out rows are used).")],
+    store: Annotated[str, typer.Option(help="Activation store (the RQAE's held-out rows are used).")],
     rqae: Annotated[Path, typer.Option(help="RQAE model directory written by `rqae train`.")],
     out: Annotated[Path, typer.Option(help="Report directory: report.json, report.html and PNG plots.")],
     release: Annotated[str | None, typer.Option(help="sae-lens release, e.g. gemma-scope-2b-pt-res-canonical.")] = None,
@@ -340,6 +352,7 @@ def compare_gemmascope(
     device: str = "cpu",
 ) -> None:
     """Compare an RQAE with a Gemma Scope (or any sae-lens) SAE: metrics, CE-delta, Pearson and decoder matching."""
+    store = _store(store)
     from rqae_pipeline.compare import CompareConfig, PearsonConfig, run_comparison
     from rqae_pipeline.evaluate import PretrainedSAE
     from rqae_pipeline.report.comparison import summary_lines
@@ -382,14 +395,16 @@ def _write_json(out: Path | None, result: dict) -> None:
 
 @app.command()
 def encode(
-    store: Annotated[Path, typer.Option(help="Activation store to encode.")],
+    store: Annotated[str, typer.Option(help="Activation store to encode.")],
     model: Annotated[Path, typer.Option(help="RQAE model directory written by `rqae train`.")],
-    out: Annotated[Path | None, typer.Option(help="Codes store to write (default: STORE.codes/<model>-<hash>.zarr "
+    out: Annotated[str | None, typer.Option(help="Codes store to write (default: STORE.codes/<model>-<hash>.zarr "
                                              "beside the store).")] = None,
     batch_size: int = 4096,
     device: Annotated[str | None, typer.Option(help="cuda/cpu; default: cuda when present.")] = None,
 ) -> None:
     """Encode every store row once into (N, n_q) int16 RQAE codes (resumes an interrupted run)."""
+    store = _store(store)
+    out = None if out is None else _store(out)
     from rqae_pipeline.codes import EncodeConfig, encode_store, open_codes
 
     path = encode_store(EncodeConfig(store=store, model=model, out=out, batch_size=batch_size, device=device))
@@ -399,9 +414,9 @@ def encode(
 
 @app.command("codebook-stats")
 def codebook_stats_command(
-    store: Annotated[Path, typer.Option(help="Activation store the codes were encoded from.")],
+    store: Annotated[str, typer.Option(help="Activation store the codes were encoded from.")],
     model: Annotated[Path, typer.Option(help="RQAE model directory.")],
-    codes: Annotated[Path | None, typer.Option(help="Codes store (default: the one `rqae encode` writes; "
+    codes: Annotated[str | None, typer.Option(help="Codes store (default: the one `rqae encode` writes; "
                                                "encoded first if missing).")] = None,
     out: Annotated[Path | None, typer.Option(help="Directory for codebook_stats.json and the PNG plots "
                                              "(default: beside the codes store).")] = None,
@@ -409,6 +424,8 @@ def codebook_stats_command(
     pairs_sample: Annotated[int, typer.Option(help="Projected codes sampled for the pairwise cosines.")] = 4096,
 ) -> None:
     """Codebook usage: distinct prefixes per layer count, code usage, projected-codebook cosines and norms."""
+    store = _store(store)
+    codes = None if codes is None else _store(codes)
     from rqae_pipeline.codes import CodebookStatsConfig, write_codebook_stats
     from rqae_pipeline.report.codebook import codebook_stats_lines
 
@@ -419,7 +436,7 @@ def codebook_stats_command(
 
 @app.command()
 def search(
-    store: Annotated[Path, typer.Option(help="Activation store to search.")],
+    store: Annotated[str, typer.Option(help="Activation store to search.")],
     model: Annotated[Path, typer.Option(help="RQAE model directory.")],
     query: Annotated[str | None, typer.Option(help="Query text (run through the store's LM).")] = None,
     token_index: Annotated[int, typer.Option(help="Which token of --query (0-based; negative from the end).")] = -1,
@@ -428,12 +445,14 @@ def search(
                                                "(default: all).")] = None,
     top_k: int = 20,
     context: Annotated[int, typer.Option(help="Tokens shown either side of each hit.")] = 8,
-    codes: Annotated[Path | None, typer.Option(help="Codes store (default: the one `rqae encode` writes; encoded "
+    codes: Annotated[str | None, typer.Option(help="Codes store (default: the one `rqae encode` writes; encoded "
                                                "first if missing).")] = None,
     include_special: Annotated[bool, typer.Option(help="Also rank BOS and norm-outlier tokens.")] = False,
     out: Annotated[Path | None, typer.Option(help="Also write the hits as JSON here.")] = None,
 ) -> None:
     """Rank stored tokens by the L_i-weighted per-layer cosine similarity to one query token."""
+    store = _store(store)
+    codes = None if codes is None else _store(codes)
     from rqae_pipeline.token_search import QueryConfig, search_lines, search_tokens
 
     result = search_tokens(QueryConfig(
@@ -446,7 +465,7 @@ def search(
 
 @app.command()
 def features(
-    store: Annotated[Path, typer.Option(help="Activation store to search.")],
+    store: Annotated[str, typer.Option(help="Activation store to search.")],
     model: Annotated[Path, typer.Option(help="RQAE model directory.")],
     address: Annotated[list[str], typer.Option(help="A stored query token SEQ:POS (repeatable).")] = [],  # noqa: B006
     query: Annotated[list[str], typer.Option(help="A query text (repeatable).")] = [],  # noqa: B006
@@ -457,11 +476,13 @@ def features(
     layers: Annotated[int | None, typer.Option(help="Layers 1..m scored (default: all).")] = None,
     top_k: int = 20,
     context: Annotated[int, typer.Option(help="Tokens shown either side of each hit.")] = 8,
-    codes: Annotated[Path | None, typer.Option(help="Codes store (default: the one `rqae encode` writes).")] = None,
+    codes: Annotated[str | None, typer.Option(help="Codes store (default: the one `rqae encode` writes).")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the fitted feature(s) and hits as JSON here.")] = None,
 ) -> None:
     """Fit a von Mises-Fisher feature per layer to several query tokens, rank tokens by its
     L_i-weighted log-density, and optionally split it on subsets of the queries."""
+    store = _store(store)
+    codes = None if codes is None else _store(codes)
     from rqae_pipeline.token_search import QueryConfig, features_lines, fit_features
 
     splits = tuple(_parse_ints(s, "--split", "query numbers such as 0,2,3") for s in split)
@@ -474,7 +495,7 @@ def features(
 
 @app.command("feature-dictionary")
 def feature_dictionary(
-    store: Annotated[Path, typer.Option(help="Activation store.")],
+    store: Annotated[str, typer.Option(help="Activation store.")],
     model: Annotated[Path, typer.Option(help="RQAE model directory.")],
     out: Annotated[Path, typer.Option(help="JSON file to write (for the dashboard).")],
     seeds: Annotated[int, typer.Option(help="Seed tokens sampled from the store; each gives a feature per "
@@ -486,9 +507,11 @@ def feature_dictionary(
     top_k: Annotated[int, typer.Option(help="Top examples kept per feature.")] = 16,
     context: Annotated[int, typer.Option(help="Tokens of text either side of an example.")] = 8,
     seed: int = 0,
-    codes: Annotated[Path | None, typer.Option(help="Codes store (default: the one `rqae encode` writes).")] = None,
+    codes: Annotated[str | None, typer.Option(help="Codes store (default: the one `rqae encode` writes).")] = None,
 ) -> None:
     """Features from seed tokens' code prefixes at 16/64/256 layers, each with its top examples, as JSON."""
+    store = _store(store)
+    codes = None if codes is None else _store(codes)
     from rqae_pipeline.features import (
         DictionaryConfig,
         build_feature_dictionary,
@@ -508,7 +531,7 @@ def feature_dictionary(
 
 @app.command()
 def steer(
-    store: Annotated[Path, typer.Option(help="Activation store (its LM, hook and normalisation are used).")],
+    store: Annotated[str, typer.Option(help="Activation store (its LM, hook and normalisation are used).")],
     model: Annotated[Path, typer.Option(help="RQAE (or codebook, with --code) model directory.")],
     prompt: Annotated[list[str], typer.Option(help="Prompt to continue (repeatable).")],
     feature: Annotated[str | None, typer.Option(help="DICT.json#ID (a feature-dictionary entry) or FEATURE.json[#NAME] "
@@ -528,11 +551,13 @@ def steer(
     temperature: Annotated[float, typer.Option(help="Sampling temperature; 0 = greedy.")] = 0.5,
     repetition_penalty: float = 1.5,
     seed: int = 0,
-    codes: Annotated[Path | None, typer.Option(help="Codes store (default: the one `rqae encode` writes).")] = None,
+    codes: Annotated[str | None, typer.Option(help="Codes store (default: the one `rqae encode` writes).")] = None,
     device: Annotated[str | None, typer.Option(help="cuda/cpu; default: cuda when present.")] = None,
     out: Annotated[Path | None, typer.Option(help="Write the generations and counts as JSON here.")] = None,
 ) -> None:
     """Generate with and without steering toward a feature; report how often its concept appears."""
+    store = _store(store)
+    codes = None if codes is None else _store(codes)
     from rqae_pipeline.steer import (
         GenerationConfig,
         SteerConfig,
@@ -554,7 +579,7 @@ def steer(
 
 @app.command()
 def dashboard(
-    store: Annotated[Path, typer.Option(help="Activation store.")],
+    store: Annotated[str, typer.Option(help="Activation store.")],
     model: Annotated[Path, typer.Option(help="RQAE model directory.")],
     out: Annotated[Path, typer.Option(help="Directory to write (index.html and the codebook plots).")],
     features: Annotated[Path | None, typer.Option(help="Feature dictionary JSON (`rqae feature-dictionary`); "
@@ -567,11 +592,13 @@ def dashboard(
     examples: Annotated[int, typer.Option(help="Examples shown per feature.")] = 8,
     context: Annotated[int, typer.Option(help="Tokens either side of an example.")] = 8,
     seeds: Annotated[int, typer.Option(help="Seed tokens when the dictionary is built here.")] = 64,
-    codes: Annotated[Path | None, typer.Option(help="Codes store (default: the one `rqae encode` writes).")] = None,
+    codes: Annotated[str | None, typer.Option(help="Codes store (default: the one `rqae encode` writes).")] = None,
     serve: Annotated[bool, typer.Option(help="Then serve OUT on http://127.0.0.1:PORT until Ctrl-C.")] = False,
     port: int = 8000,
 ) -> None:
     """A static HTML dashboard: features with intensity-shaded examples, searches and codebook plots."""
+    store = _store(store)
+    codes = None if codes is None else _store(codes)
     from rqae_pipeline.dashboard import (
         DashboardConfig,
         build_dashboard,
@@ -590,12 +617,13 @@ def dashboard(
 
 @app.command()
 def verify(
-    store: Annotated[Path, typer.Argument(help="An activation store directory.")],
+    store: Annotated[str, typer.Argument(help="An activation store: a directory or a URL (s3://, gs://, ...).")],
     progress: Annotated[bool, typer.Option(help="Show a progress bar (one step per shard).")] = True,
 ) -> None:
     """Read every committed row of every array once: shard files present, checksums, shapes, the
     manifest's counts, finiteness, seq/pos and flags. Lists every problem found. Exit status: 0 when
     the store is intact, 1 when any damage is found, 2 when STORE is not an activation store."""
+    store = _store(store)
     from rqae_pipeline.store import ActivationStore
     from rqae_pipeline.verify import EXIT_DAMAGED, format_report, verify_store
 

@@ -38,6 +38,7 @@ from rqae_pipeline.io import default_device, empty_except_lock
 from rqae_pipeline.metrics import code_counts, usage_perplexity
 from rqae_pipeline.models.registry import architecture_of
 from rqae_pipeline.store import ActivationStore, StoreLock
+from rqae_pipeline.urls import is_file, is_remote, join, location, name_of, sibling
 
 CODES_SCHEMA = 1
 ATTR = "rqae_codes"
@@ -85,9 +86,8 @@ def store_identity(store: ActivationStore) -> dict:
 
 def default_codes_path(store_path: Path, model_dir: Path, identity: dict | None = None) -> Path:
     identity = identity or model_identity(model_dir)
-    store_path = Path(store_path)
-    return store_path.parent / f"{store_path.name.removesuffix('.zarr')}.codes" / \
-        f"{Path(model_dir).name}-{identity['weights_sha256'][:8]}.zarr"
+    codes_dir = sibling(location(store_path), f"{name_of(location(store_path)).removesuffix('.zarr')}.codes")
+    return join(codes_dir, f"{Path(model_dir).name}-{identity['weights_sha256'][:8]}.zarr")
 
 
 # --------------------------------------------------------------------------- reading
@@ -167,8 +167,8 @@ def _rows_per_context(spec: dict) -> int:
 def open_codes(path: Path) -> CodesStore:
     import zarr
 
-    path = Path(path)
-    if not (path / "zarr.json").exists():
+    path = location(path)
+    if not is_file(path, "zarr.json"):
         raise RQAEError(f"no codes store at {path}; make one with `rqae encode`")
     try:
         group = zarr.open_group(str(path), mode="r", zarr_format=3)
@@ -216,7 +216,7 @@ def encode_store(cfg: EncodeConfig, *, progress: bool = True) -> Path:
     identity = model_identity(cfg.model)
     if identity["d_in"] != store.d:
         raise RQAEError(f"model {cfg.model} reads d={identity['d_in']} but the store holds d={store.d}")
-    out = Path(cfg.out) if cfg.out else default_codes_path(store.path, cfg.model, identity)
+    out = location(cfg.out) if cfg.out else default_codes_path(store.path, cfg.model, identity)
     device = cfg.device or default_device()
     model = RQAE.load(cfg.model, device)
     group, lock = _open_for_writing(out, store, identity)
@@ -256,18 +256,19 @@ def _open_for_writing(out: Path, store: ActivationStore, identity: dict):
     import zarr
     from zarr.codecs import BloscCodec
 
-    exists = (out / "zarr.json").exists()
+    exists = is_file(out, "zarr.json")
     if exists:
         codes = open_codes(out)
         codes.check(store=store, identity=identity)  # never append another model's codes
     elif not empty_except_lock(out):
         raise RQAEError(f"{out} exists and is not a codes store; choose another --out")
+    lock = StoreLock(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if not is_remote(out):  # an object store has no directories to make
+            out.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
     except OSError as e:
         raise RQAEError(f"cannot write to {out}: {e.strerror or e}") from None
-    lock = StoreLock(out)
-    lock.acquire()
     try:
         group = zarr.open_group(str(out), mode="a", zarr_format=3)
         if not exists:
@@ -428,6 +429,8 @@ def write_codebook_stats(cfg: CodebookStatsConfig, *, progress: bool = True) -> 
     model_identity(cfg.model)  # a clear error for a directory that is not an RQAE
     model = RQAE.load(cfg.model)
     codes = ensure_codes(store, cfg.model, cfg.codes, progress=progress)
+    if cfg.out is None and is_remote(codes.path):
+        raise RQAEError(f"codes store {codes.path} is at a URL; pass a local --out for the statistics and plots")
     stats = codebook_stats(model, codes, prefix_layers=cfg.prefix_layers, pairs_sample=cfg.pairs_sample,
                            progress=progress)
     out = cfg.out or codes.path.with_name(codes.path.name.removesuffix(".zarr") + "-stats")

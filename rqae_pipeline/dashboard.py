@@ -27,6 +27,7 @@ import numpy as np
 from rqae_pipeline import RQAEError
 from rqae_pipeline.io import staging_dir, swap_in
 from rqae_pipeline.report.html import CSS, table
+from rqae_pipeline.urls import name_of
 
 GENERATOR = "rqae dashboard"
 
@@ -280,8 +281,8 @@ def _write_into(tmp: Path, cfg: DashboardConfig, store, model, dictionary: dict 
     features_html, searches_html = _examples_html(cfg, store, model, codes, dictionary["features"], queries,
                                                   m_query)
     sp = store.spec
-    meta = {"summary": f"Store {store.path.name}: {sp.model} {sp.hook}, {store.n_tokens:,} tokens, {sp.normalisation} "
-                       f"normalisation. Model {Path(cfg.model).name}: {model.n_q} RQAE layers.",
+    meta = {"summary": f"Store {name_of(store.path)}: {sp.model} {sp.hook}, {store.n_tokens:,} tokens, "
+                       f"{sp.normalisation} normalisation. Model {Path(cfg.model).name}: {model.n_q} RQAE layers.",
             "features_note": "Each example's context is shaded by the feature's intensity on every token "
                              "(sum_i L_i cos(C[f_i], C[t_i]) / sum_i L_i over the feature's layers; hover for "
                              "the value); the example's own token is outlined."}

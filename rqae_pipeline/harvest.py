@@ -38,7 +38,9 @@ from rqae_pipeline.store import (
     StoreSpec,
     decode_acts,
     encode_acts,
+    store_exists,
 )
+from rqae_pipeline.urls import is_remote, location
 
 DEFAULT_DATASET = "auto"  # builtin corpus for offline/test models, FineWeb-Edu for hub models
 # --tokens above this is a typo, not a plan (the blog's whole run is 1e9 tokens; 1e12 fp16
@@ -48,7 +50,7 @@ MAX_TOKENS = 10**12
 
 @dataclass(frozen=True, kw_only=True)
 class HarvestConfig:
-    out: Path
+    out: str | Path  # a directory or a store URL (urls.py)
     model: str = OFFLINE_GEMMA
     hook: str = "auto"  # layer number, full hook name, or "auto" (the model's centre layer)
     dataset: str = DEFAULT_DATASET
@@ -69,6 +71,7 @@ class HarvestConfig:
     resume: bool = False
 
     def __post_init__(self):
+        location(self.out)  # an unknown or uninstalled URL scheme: refused before the model loads
         if not 0 < self.tokens <= MAX_TOKENS:
             raise RQAEError(f"--tokens must be positive and at most {MAX_TOKENS:.0e}, got {self.tokens}")
         for option, value in (("--batch-size", self.batch_contexts), ("--contexts-per-shard", self.contexts_per_shard),
@@ -301,8 +304,8 @@ def _disk_error(e: BaseException) -> BaseException:
 
 def existing_store(cfg: HarvestConfig, spec: StoreSpec) -> ActivationStore | None:
     """The store at `cfg.out` to continue (checked against `spec`), or None for a new one."""
-    out = Path(cfg.out)
-    exists = (out / "zarr.json").exists()
+    out = location(cfg.out)  # a Path, or a URL: never Path("s3://...") (a local folder "s3:")
+    exists = store_exists(out)
     if exists and not cfg.resume:
         raise RQAEError(f"{out} already holds an activation store; pass --resume to continue it "
                         f"or choose another --out")
@@ -316,11 +319,12 @@ def existing_store(cfg: HarvestConfig, spec: StoreSpec) -> ActivationStore | Non
 
 
 def open_store_for_writing(cfg: HarvestConfig, spec: StoreSpec, lm: LoadedLM) -> tuple[ActivationStore, StoreLock]:
-    out = Path(cfg.out)
+    out = location(cfg.out)
     store = existing_store(cfg, spec)
     lock = StoreLock(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        if not is_remote(out):  # an object store has no directories to make
+            out.mkdir(parents=True, exist_ok=True)
         lock.acquire()
     except OSError as e:
         raise RQAEError(f"cannot write to {out}: {e.strerror or e}") from None

@@ -2,7 +2,8 @@
 
 Zarr reads a missing shard as the fill value (zeros) without complaint, so before a read
 every shard file the read covers is stat'ed (a few stats per read: negligible next to the
-decompression). Chunks written since checksums were added carry a crc32c (see
+decompression; on an object store, one HEAD request per shard through its fsspec filesystem).
+Chunks written since checksums were added carry a crc32c (see
 `store._compressors`) and the shard index always has one, so corrupted bytes raise inside
 zarr; the error is turned into one line naming the store, the array and the shard file.
 """
@@ -11,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 
 from rqae_pipeline import RQAEError
+from rqae_pipeline.urls import Location, is_file, is_remote, join, keys_under
 
 
 def shard_rows(arr) -> int:
@@ -52,21 +53,25 @@ def may_omit_shards(arr, name: str) -> bool:
     return name == "flags" and not has_chunk_checksums(arr)
 
 
-def missing_shards(root: Path, arr, name: str, shards: Iterable[int]) -> list[str]:
+def missing_shards(root: Location, arr, name: str, shards: Iterable[int]) -> list[str]:
     if may_omit_shards(arr, name):
         return []
-    return [key for key in (shard_key(arr, name, i) for i in shards) if not (root / key).is_file()]
+    keys = [shard_key(arr, name, i) for i in shards]
+    if is_remote(root) and len(keys) > 4:  # one listing instead of a request per shard
+        present = keys_under(root, f"{name}/")
+        return [key for key in keys if key not in present]
+    return [key for key in keys if not is_file(root, key)]
 
 
-def require_shards(root: Path, arr, name: str, shards: Iterable[int]) -> None:
+def require_shards(root: Location, arr, name: str, shards: Iterable[int]) -> None:
     missing = missing_shards(root, arr, name, shards)
     if missing:
-        raise RQAEError(f"store {root}: array {name}: shard file {root / missing[0]} is missing"
+        raise RQAEError(f"store {root}: array {name}: shard file {join(root, missing[0])} is missing"
                         f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
                         f"see `rqae verify {root}` and docs on repairing a store")
 
 
-def read_checked(root: Path, arr, name: str, rows: slice | np.ndarray) -> np.ndarray:
+def read_checked(root: Location, arr, name: str, rows: slice | np.ndarray) -> np.ndarray:
     """Rows of one array as stored (a slice or sorted row indices), or RQAEError naming the
     missing or damaged shard."""
     shards = shards_of(arr, rows)
@@ -102,12 +107,12 @@ def describe(e: Exception) -> str:
     return f"unreadable: {type(e).__name__}: {text[:200]}"
 
 
-def damage_error(root: Path, arr, name: str, shards: list[int], first: Exception) -> RQAEError:
+def damage_error(root: Location, arr, name: str, shards: list[int], first: Exception) -> RQAEError:
     """Find which of `shards` fails on its own (the read that failed may span several)."""
     for i in shards:
         e = shard_error(arr, i)
         if e is not None:
-            return RQAEError(f"store {root}: array {name}: shard file {root / shard_key(arr, name, i)} is damaged "
+            return RQAEError(f"store {root}: array {name}: shard file {join(root, shard_key(arr, name, i))} is damaged "
                              f"({describe(e)}); see `rqae verify {root}` and docs on repairing a store")
     return RQAEError(f"store {root}: reading array {name} failed ({describe(first)})")
 

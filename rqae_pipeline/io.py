@@ -70,15 +70,16 @@ def swap_in(tmp: Path, out: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def empty_except_lock(path: Path) -> bool:
-    """True when `path` does not exist or is a directory holding nothing but a writer's lock:
-    the only places a new store, codes store or run may be created in."""
-    path = Path(path)
-    if not path.exists():
-        return True
+def empty_except_lock(path) -> bool:
+    """True when `path` (a local directory or a store URL, see urls.py) does not exist or
+    holds nothing but a writer's lock: the only places a new store, codes store or run may
+    be created in."""
+    from rqae_pipeline.urls import location, names_in
+
+    names = names_in(location(path))
     # `.lock.<host>.<pid>.tmp`: another process's lock record on its way to `.lock` (lock.py)
-    return path.is_dir() and all(p.name == LOCK_NAME or (p.name.startswith(f"{LOCK_NAME}.") and p.name.endswith(".tmp"))
-                                 for p in path.iterdir())
+    return names is None or all(n == LOCK_NAME or (n.startswith(f"{LOCK_NAME}.") and n.endswith(".tmp"))
+                                for n in names)
 
 
 def default_device() -> str:

@@ -14,19 +14,32 @@ never taken over (no writer of ours leaves one; a person should look).
 What holds where: `os.link` is atomic on local file systems and on NFS (the classic NFS
 lock-file recipe); `flock` is local-only on some NFS setups, so two hosts racing to take
 over the *same stale* lock over NFS are not excluded. Locks from another host are never
-judged stale (their processes cannot be checked). Object stores have neither primitive;
-stores there are written by one process by arrangement.
+judged stale (their processes cannot be checked).
+
+Object stores (a store at an s3://, gs://, memory:// URL) have neither link nor flock. The
+lock is then one object created with an exclusive put (fsspec's `pipe_file(mode="create")`:
+S3's `If-None-Match: *`), which the service grants to exactly one of any number of racing
+writers, on any hosts (tested against moto; GCS is not verified, see README). Taking
+over a stale lock (a dead process on this host) is read-check-delete: only processes on
+the lock's own host ever delete it (on other hosts it looks live), and they serialise on
+a host-local flock keyed by the lock's URL, so no two contenders delete each other's
+fresh locks. A filesystem without exclusive
+puts fails the put with an error naming it; no lock is faked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import socket
+import tempfile
 from pathlib import Path
 
 from rqae_pipeline import RQAEError
+from rqae_pipeline.urls import filesystem, is_remote, join, location
 
 LOCK_NAME = ".lock"
 
@@ -34,8 +47,9 @@ LOCK_NAME = ".lock"
 class StoreLock:
     """`acquire()` takes `root/.lock` or raises RQAEError; `release()` removes it if ours."""
 
-    def __init__(self, root: Path):
-        self.path = Path(root) / LOCK_NAME
+    def __init__(self, root):
+        self.path = join(location(root), LOCK_NAME)  # a Path, or a URL for a store on an object store
+        self.remote = is_remote(self.path)
         self.taken_over: dict | None = None
 
     @staticmethod
@@ -58,7 +72,7 @@ class StoreLock:
     def read(self) -> dict | None:
         """The lock's record; None when there is no lock, {} when it is not valid JSON."""
         try:
-            info = json.loads(self.path.read_text())
+            info = json.loads(self._read_bytes())
         except FileNotFoundError:
             return None
         except (ValueError, OSError):
@@ -67,10 +81,12 @@ class StoreLock:
 
     def acquire(self) -> None:
         record = json.dumps(self._me())
+        create, take_over = ((self._put_new, self._take_over_remote) if self.remote
+                             else (self._link_new, self._take_over_if_stale))
         for _ in range(8):  # each retry means another process changed the lock meanwhile
-            if self._link_new(record):
+            if create(record):
                 return
-            if self._take_over_if_stale():
+            if take_over():
                 continue
         raise RQAEError(f"could not take the store lock {self.path}: it keeps changing; is another writer starting?")
 
@@ -78,9 +94,50 @@ class StoreLock:
         """Remove the lock if it is this process's (same pid, host and start time)."""
         info = self.read()
         if info and info == json.loads(json.dumps(self._me())):
-            self.path.unlink(missing_ok=True)
+            self._delete()
 
     # ------------------------------------------------------------------ internals
+
+    def _read_bytes(self) -> bytes:
+        if not self.remote:
+            return self.path.read_bytes()
+        fs, key = filesystem(self.path)
+        return fs.cat_file(key)
+
+    def _delete(self) -> None:
+        if not self.remote:
+            self.path.unlink(missing_ok=True)
+            return
+        fs, key = filesystem(self.path)
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm_file(key)
+
+    def _put_new(self, record: str) -> bool:
+        """Create the lock object with an exclusive put; False when a lock exists already."""
+        fs, key = filesystem(self.path)
+        try:
+            fs.pipe_file(key, record.encode(), mode="create")
+            return True
+        except FileExistsError:
+            return False
+        except NotImplementedError:
+            raise RQAEError(f"{type(fs).__name__} has no exclusive create, so the store lock {self.path} cannot "
+                            f"be taken safely; write this store on a filesystem that has one (S3, GCS, local)"
+                            ) from None
+
+    def _take_over_remote(self) -> bool:
+        """Delete a stale lock object (True), or find it gone (True); raise if live. Only this
+        host can judge it stale, so a host-local flock serialises every possible deleter."""
+        digest = hashlib.sha1(str(self.path).encode()).hexdigest()[:16]
+        with open(Path(tempfile.gettempdir()) / f"rqae-lock-{digest}", "a") as guard:
+            fcntl.flock(guard.fileno(), fcntl.LOCK_EX)  # released when the file closes
+            info = self.read()
+            if info is None:
+                return True
+            self._refuse_unless_stale(info)
+            self.taken_over = info
+            self._delete()
+            return True
 
     def _link_new(self, record: str) -> bool:
         """Link a fully written record to `.lock`; False when a lock exists already."""

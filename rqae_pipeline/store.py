@@ -16,6 +16,13 @@ only count once the manifest's `committed` block names them; the manifest lives 
 group's `zarr.json`, which zarr's LocalStore writes by temp file + rename, so a kill at
 any instant leaves the previous commit intact. Arrays may hold more rows than committed
 (an interrupted shard); readers never look past `committed.tokens`.
+
+A store may also live at an fsspec URL (`s3://bucket/x.zarr`, `gs://...`, `memory://...`;
+see urls.py), opened through zarr's own `FsspecStore`. There is no rename on an object
+store; the commit stays atomic because the manifest is one object (`zarr.json`), written
+by a single PUT after every shard it names has been written (zarr returns from a write
+only once all its chunk PUTs have completed), and a PUT is all-or-nothing: readers see
+the previous manifest or the new one. A shard object cut short by a kill never exists.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from rqae_pipeline import RQAEError
 from rqae_pipeline.integrity import read_checked, require_shards, shards_of
 from rqae_pipeline.lm import NORMALISATIONS, Normalisation
 from rqae_pipeline.lock import StoreLock
+from rqae_pipeline.urls import Location, is_file, is_remote, join, location, total_bytes
 
 SCHEMA_VERSION = 1
 StoreDtype = Literal["float16", "float32", "fp8"]
@@ -120,7 +128,8 @@ def _compressors(dtype: str):
     return [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec()]
 
 
-def _open_group(path: Path, mode: str):
+def _open_group(path: Location, mode: str):
+    """The store's zarr group: zarr opens a URL through its FsspecStore, a path as a LocalStore."""
     import zarr
 
     try:
@@ -134,7 +143,7 @@ def _open_group(path: Path, mode: str):
 class ActivationStore:
     """Open stores with `ActivationStore.open` (read) or `.create` / `.open_for_append` (write)."""
 
-    def __init__(self, path: Path, group, manifest: dict):
+    def __init__(self, path: Location, group, manifest: dict):
         self.path = path
         self.group = group
         self.manifest = manifest
@@ -144,8 +153,8 @@ class ActivationStore:
 
     @classmethod
     def open(cls, path: str | Path) -> ActivationStore:
-        path = Path(path)
-        if not (path / "zarr.json").exists():
+        path = location(path)
+        if not _exists(path, "zarr.json"):
             raise RQAEError(f"no activation store at {path}")
         group = _open_group(path, "r")
         manifest = group.attrs.get("rqae")
@@ -159,7 +168,7 @@ class ActivationStore:
         `gain`: the LM's final-norm gain (d,) in "final-norm" mode; "rms" stores ones."""
         from rqae_pipeline.io import empty_except_lock
 
-        path = Path(path)
+        path = location(path)
         if spec.normalisation == "rms":
             gain = torch.ones(spec.d_model)
         elif gain is None:
@@ -407,11 +416,31 @@ class ActivationStore:
                 for name in names}
 
     def nbytes_on_disk(self) -> int:
-        return sum(f.stat().st_size for f in self.path.rglob("*") if f.is_file())
+        return total_bytes(self.path)
 
 
-def _check_writable(path: Path) -> None:
+def store_exists(path: str | Path) -> bool:
+    """Is there a store (its group's zarr.json) at `path`, a local directory or a URL?"""
+    return _exists(location(path), "zarr.json")
+
+
+def _exists(path: Location, key: str) -> bool:
+    """Like `is_file`, but an unreachable or forbidden remote location is one error line."""
     try:
+        return is_file(path, key)
+    except OSError as e:
+        raise RQAEError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def _check_writable(path: Location) -> None:
+    try:
+        if is_remote(path):
+            from rqae_pipeline.urls import filesystem
+
+            fs, probe = filesystem(join(path, ".write-probe"))
+            fs.pipe_file(probe, b"x")
+            fs.rm_file(probe)
+            return
         path.mkdir(parents=True, exist_ok=True)
         probe = path / ".write-probe"
         probe.write_bytes(b"x")

@@ -24,6 +24,7 @@ from rqae_pipeline.integrity import (
     shard_rows,
 )
 from rqae_pipeline.store import ROW_ARRAYS, ActivationStore, Flags, decode_acts
+from rqae_pipeline.urls import is_file, size_of
 
 EXIT_DAMAGED = 1  # `rqae verify` exit status when any problem is found (2: not a store / usage)
 DEFINED_FLAGS = int(Flags.ANY_SPECIAL | Flags.OUTLIER)
@@ -107,7 +108,7 @@ def _read_shard(store: ActivationStore, name: str, i: int, report: VerifyReport)
         drain_zarr_tasks()
         report.problems.append(f"{key}: {describe(e)} (rows {a:,}-{b - 1:,})")
         return None
-    report.bytes_read += (store.path / key).stat().st_size if (store.path / key).is_file() else 0
+    report.bytes_read += size_of(store.path, key)
     return data
 
 
@@ -165,7 +166,7 @@ def _check_vectors(store: ActivationStore, report: VerifyReport) -> list[str]:
             continue
         arr = store.group[name]
         key = shard_key(arr, name, 0)
-        if not (store.path / key).is_file():
+        if not is_file(store.path, key):
             problems.append(f"{key}: chunk file missing")
             continue
         try:

@@ -1,0 +1,135 @@
+"""Where a store lives: a local directory or an fsspec URL (`s3://`, `gs://`, `memory://`, ...).
+
+A location is a `Path` for plain paths and `file://` URLs (handled exactly as local
+directories always were) or the URL string for any other scheme; `location()` is the one
+place that decides which, so a URL is never mistaken for a relative path (`Path("s3://b/x")`
+is the local folder `s3:/b/x`). Remote locations are reached through fsspec, the same
+filesystems zarr's `FsspecStore` uses; credentials and endpoints come from the filesystem's
+own configuration (for s3fs: the AWS environment variables and config files).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from rqae_pipeline import RQAEError
+
+Location = Path | str  # a local directory, or a URL with a non-file scheme
+EXTRAS = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs"}  # scheme -> `pip install -e ".[extra]"`
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_COLLAPSED_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]+:/[^/]")
+
+
+def scheme_of(value: str | Path) -> str | None:
+    match = _SCHEME.match(str(value)) if isinstance(value, str) else None
+    return match.group(1).lower() if match else None
+
+
+def location(value: str | Path) -> Location:
+    """`value` as a location: a Path for plain paths and file:// URLs, else the URL with its
+    filesystem checked to be installed (RQAEError naming the extra that installs it)."""
+    scheme = scheme_of(value)
+    if scheme is None:
+        path = Path(value)
+        if _COLLAPSED_URL.match(str(path)):  # Path("s3://b/x") is "s3:/b/x": a URL that lost its "//"
+            raise RQAEError(f"{value} looks like a URL that lost its '//'; write it as {path.parts[0]}//...")
+        return path
+    if scheme in ("file", "local"):
+        return Path(str(value).split("://", 1)[1])
+    _require_filesystem(scheme)
+    url = str(value).rstrip("/")
+    if url.endswith("://"):
+        raise RQAEError(f"{value} names no bucket or path")
+    return url
+
+
+def _require_filesystem(scheme: str) -> None:
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except ImportError:
+        extra = EXTRAS.get(scheme)
+        hint = f'pip install -e ".[{extra}]"' if extra else f"install the fsspec filesystem for {scheme}://"
+        raise RQAEError(f"no filesystem for {scheme}:// is installed; {hint}") from None
+    except ValueError:
+        raise RQAEError(f"unknown URL scheme {scheme}://; use a local path or s3://, gs://, memory://, file://"
+                        ) from None
+
+
+def is_remote(loc: Location) -> bool:
+    return isinstance(loc, str) and scheme_of(loc) is not None
+
+
+def join(loc: Location, *parts: str) -> Location:
+    """A child of a location: `Path / part` locally, `url/part` remotely."""
+    if is_remote(loc):
+        return "/".join([loc.rstrip("/"), *(p.strip("/") for p in parts)])
+    return Path(loc).joinpath(*parts)
+
+
+def sibling(loc: Location, name: str) -> Location:
+    """`name` in the same directory (or under the same prefix) as `loc`."""
+    if is_remote(loc):
+        return f"{loc.rstrip('/').rsplit('/', 1)[0]}/{name}"
+    return Path(loc).with_name(name)
+
+
+def name_of(loc: Location) -> str:
+    return loc.rstrip("/").rsplit("/", 1)[-1] if is_remote(loc) else Path(loc).name
+
+
+def filesystem(loc: str):
+    """(fsspec filesystem, path inside it) of a remote location."""
+    from fsspec.core import url_to_fs
+
+    return url_to_fs(loc)
+
+
+def is_file(loc: Location, key: str = "") -> bool:
+    """Does the file (object) `key` under `loc` exist?"""
+    if not is_remote(loc):
+        return (Path(loc) / key).is_file() if key else Path(loc).is_file()
+    fs, path = filesystem(join(loc, key) if key else loc)
+    return fs.isfile(path)
+
+
+def size_of(loc: Location, key: str) -> int:
+    """Bytes of file `key` under `loc`; 0 when it is missing."""
+    if not is_remote(loc):
+        p = Path(loc) / key
+        return p.stat().st_size if p.is_file() else 0
+    fs, path = filesystem(join(loc, key))
+    try:
+        return int(fs.info(path)["size"])
+    except FileNotFoundError:
+        return 0
+
+
+def names_in(loc: Location) -> list[str] | None:
+    """Names directly under `loc`; None when nothing is there (no directory, no prefix)."""
+    if not is_remote(loc):
+        p = Path(loc)
+        return None if not p.exists() else [c.name for c in p.iterdir()] if p.is_dir() else [p.name]
+    fs, path = filesystem(loc)
+    try:
+        entries = fs.ls(path, detail=False, refresh=True)
+    except FileNotFoundError:
+        return None
+    return [e.rstrip("/").rsplit("/", 1)[-1] for e in entries] or None
+
+
+def keys_under(loc: str, prefix: str) -> set[str]:
+    """Keys of the objects under `loc`/`prefix`, relative to `loc` (a remote location)."""
+    fs, root = filesystem(loc)
+    root = root.rstrip("/")
+    found = fs.find(f"{root}/{prefix}".rstrip("/"), refresh=True) if fs.exists(f"{root}/{prefix}") else []
+    return {f[len(root) + 1:] for f in found}
+
+
+def total_bytes(loc: Location) -> int:
+    if not is_remote(loc):
+        return sum(f.stat().st_size for f in Path(loc).rglob("*") if f.is_file())
+    fs, path = filesystem(loc)
+    return int(fs.du(path))

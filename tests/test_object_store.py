@@ -1,0 +1,160 @@
+"""Stores at fsspec URLs, against a real S3-protocol server (moto's threaded server) through
+the real CLI and s3fs: the endpoint and dummy credentials reach the subprocesses only through
+the AWS environment variables botocore reads, so no test-only code is in the package."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from rqae_pipeline.cli import app
+from rqae_pipeline.codes import open_codes
+from rqae_pipeline.harvest import harvest
+from rqae_pipeline.store import ActivationStore, StoreLock
+
+from helpers import REPO, TINY, run_rqae, start_rqae, store_arrays, tiny_config, tree_digest, wait_until
+
+pytest.importorskip("s3fs")
+moto_server = pytest.importorskip("moto.server")
+
+BUCKET = "rqae-test"
+TOKENS = 6144  # 192 contexts of 32 tokens, 48 shards: a kill lands well before the end
+HARVEST_ARGS = ["--model", TINY, "--layer", "1", "--context-length", "32", "--batch-size", "2",
+                "--contexts-per-shard", "4", "--contexts-per-chunk", "2", "--tokens", str(TOKENS)]
+TRAIN_ARGS = ["--n-q", "4", "--batch-size", "256", "--tokens", "4096", "--heldout", "0.25",
+              "--checkpoint-every", "1000", "--eval-every", "1000", "--device", "cpu"]
+
+
+def invoke(*args: str):
+    """The CLI in this process (the same app and error handling as the console script)."""
+    return CliRunner().invoke(app, list(args))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """A moto S3 server on a free port with one bucket; the environment points botocore (in
+    this process and in every `rqae` subprocess) at it with dummy credentials."""
+    import s3fs
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.mkdir(BUCKET)
+    yield fs
+    for k, v in saved.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def local_reference(tiny_lm, tmp_path_factory):
+    """The same harvest on a local path: what every bucket store must equal."""
+    out = tmp_path_factory.mktemp("local") / "ref.zarr"
+    harvest(tiny_config(out, tokens=TOKENS), lm=tiny_lm, progress=False)
+    return out
+
+
+def committed_tokens(fs, key: str) -> int:
+    try:
+        return json.loads(fs.cat_file(f"{key}/zarr.json"))["attributes"]["rqae"]["committed"]["tokens"]
+    except (FileNotFoundError, KeyError, ValueError):
+        return 0
+
+
+def assert_same_arrays(url, local):
+    got, want = store_arrays(url), store_arrays(local)
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name].shape == want[name].shape and np.array_equal(got[name], want[name]), name
+
+
+def test_harvest_kill_9_and_resume_on_the_bucket_equal_the_local_store(s3, local_reference, tmp_path):
+    key = f"{BUCKET}/killed.zarr"
+    err = tmp_path / "harvest.stderr"
+    proc = start_rqae("harvest", *HARVEST_ARGS, "--out", f"s3://{key}", stderr=err)
+    try:
+        wait_until(lambda: committed_tokens(s3, key) >= 1, proc, err)
+    finally:
+        proc.kill()  # SIGKILL: no cleanup runs
+        proc.wait()
+    killed_at = committed_tokens(s3, key)
+    assert 0 < killed_at < TOKENS
+    assert StoreLock(f"s3://{key}").read()["pid"] == proc.pid  # the dead writer's lock object is left...
+    r = run_rqae("harvest", *HARVEST_ARGS, "--out", f"s3://{key}", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert f"{TOKENS:,} tokens committed" in r.stdout
+    assert StoreLock(f"s3://{key}").read() is None  # ...taken over as stale, then released
+    assert_same_arrays(f"s3://{key}", local_reference)
+    store = ActivationStore.open(f"s3://{key}")
+    assert store.group["acts"].shape[0] == store.n_tokens  # the interrupted tail was dropped
+    assert not (REPO / "s3:").exists()  # the old bug: Path("s3://...") wrote a local folder "s3:"
+
+    r = invoke("verify", f"s3://{key}", "--no-progress")
+    assert r.exit_code == 0, r.output
+    r = invoke("inspect", f"s3://{key}")
+    assert r.exit_code == 0 and f"s3://{key}" in r.stdout
+
+
+def test_train_and_eval_from_the_bucket_equal_the_local_run(s3, local_reference, tmp_path):
+    url = f"s3://{BUCKET}/train.zarr"
+    s3.put(str(local_reference), f"{BUCKET}/train.zarr", recursive=True)
+    results, codes = {}, {}
+    for name, store in {"bucket": url, "local": str(local_reference)}.items():
+        run = tmp_path / name
+        r = invoke("train", "--store", store, "--out", str(run), *TRAIN_ARGS)
+        assert r.exit_code == 0, r.output
+        r = invoke("eval", "--store", store, "--model", str(run), "--out", str(tmp_path / f"{name}.json"))
+        assert r.exit_code == 0, r.output
+        r = invoke("encode", "--store", store, "--model", str(run), "--device", "cpu")
+        assert r.exit_code == 0, r.output
+        codes[name] = r.stdout.split(": ")[0]  # "<codes store>: N rows x n_q layers of codes"
+        train = json.loads((run / "train.json").read_text())
+        weights = sorted(p.name for p in run.iterdir() if p.suffix == ".safetensors")
+        results[name] = (train["heldout_metrics"], {w: (run / w).read_bytes() for w in weights},
+                         _metrics(json.loads((tmp_path / f"{name}.json").read_text())))
+    assert results["bucket"][1] and results["bucket"][1] == results["local"][1]  # identical weights
+    assert results["bucket"][0] == results["local"][0]
+    assert results["bucket"][2] == results["local"][2]
+    # `rqae encode` writes the codes beside the store: in the bucket for the bucket's store
+    assert codes["bucket"].startswith(f"s3://{BUCKET}/train.codes/bucket-")
+    bucket_codes, local_codes = (open_codes(codes[n]).group["codes"][:] for n in ("bucket", "local"))
+    assert bucket_codes.shape[0] == TOKENS and np.array_equal(bucket_codes, local_codes)
+
+
+def _metrics(evaluation: dict) -> dict:
+    """The evaluation without the fields naming where the store and model were."""
+    return {k: v for k, v in evaluation.items() if k not in ("store", "model", "path", "store_path")}
+
+
+@pytest.mark.parametrize("out, message", [
+    ("nope://bucket/x.zarr", "unknown URL scheme nope://"),
+    ("s3:/rqae-test/x.zarr", "lost its '//'"),
+    ("s3://no-such-bucket/x.zarr", "cannot write to s3://no-such-bucket/x.zarr"),
+])
+def test_bad_store_urls_are_one_error_line_and_write_nothing(s3, tmp_path, monkeypatch, out, message):
+    monkeypatch.chdir(tmp_path)  # a relative "s3:" folder would land here
+    before_bucket = sorted(s3.find(BUCKET))
+    before_cwd = tree_digest(tmp_path)
+    r = invoke("harvest", *HARVEST_ARGS, "--out", out)
+    assert r.exit_code == 2, r.output
+    assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:") and message in r.stderr, r.stderr
+    assert sorted(s3.find(BUCKET)) == before_bucket and tree_digest(tmp_path) == before_cwd
+    assert not s3.exists("no-such-bucket")
