@@ -110,3 +110,20 @@ def test_sweep_keeps_the_lowest_validation_fvu_and_a_diverging_rate_loses(store_
     table = format_quality_table(evaluated)
     mean, se = mean_se(fvus)
     assert f"{mean:.4f} ± {se:.4f}" in table
+
+
+def test_rqae_sweep_command_writes_the_sweep_and_the_table(store_path, tmp_path):
+    from typer.testing import CliRunner
+
+    from rqae_pipeline.cli import app
+
+    out = tmp_path / "cli"
+    args = ["sweep", "--store", str(store_path), "--out", str(out), "--arch", "rqae", "--n-q", "4", "--tokens",
+            "2560", "--batch-size", "128", "--rates", "1", "--extend", "0", "--seeds", "2", "--heldout-contexts", "8",
+            "--device", "cpu"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    saved = json.loads((out / SWEEP_FILE).read_text())["models"]["rqae-4"]
+    assert [r["lr"] for r in saved["sweep"]] == [1e-2] and len(saved["seeds"]) == 2  # the family default alone
+    fvus = [r["fvu"] for r in json.loads((out / "quality.json").read_text())["rqae-4"]]
+    assert "rqae-4" in result.output and f"{mean_se(fvus)[0]:.4f} ±" in result.output
