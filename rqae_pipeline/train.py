@@ -296,13 +296,14 @@ def _read_data(cfg: TrainConfig, ranks: Ranks) -> _Data:
 def _start_run(cfg: TrainConfig, ranks: Ranks, device: str) -> _Run:
     """Check or create the run directory, build (or restore) the model and record the run
     in `train.json`. Only rank 0 writes; every rank builds the same model."""
+    # The model first: a bad architecture or option is the error to show, before any data is read.
+    trainable = build_trainable(cfg.model, total_steps=cfg.total_steps, batch_size=cfg.batch_size, device=device,
+                                seed=cfg.seed)
     data = _read_data(cfg, ranks)
     distributed.barrier(ranks)  # every rank has checked the run directory before rank 0 changes it
     out, main = Path(cfg.out), ranks.is_main
     if main:
         out.mkdir(parents=True, exist_ok=True)
-    trainable = build_trainable(cfg.model, total_steps=cfg.total_steps, batch_size=cfg.batch_size, device=device,
-                                seed=cfg.seed)
     if ranks.distributed:
         trainable.data_parallel(ranks)
     if isinstance(trainable, SAEBaseline):  # its cfg.json then says which activations it reads
