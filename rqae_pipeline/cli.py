@@ -202,13 +202,13 @@ def train(
 ) -> None:
     """Train an RQAE, a codebook autoencoder or a sae-lens SAE on a store, without the LM."""
     store = _store(store)
-    from rqae_pipeline.models.base import ModelSpec, default_lr
+    from rqae_pipeline.models.base import ModelSpec
     from rqae_pipeline.store import ActivationStore
     from rqae_pipeline.train import TrainConfig
     from rqae_pipeline.train import train as run_train
 
     d_in = ActivationStore.open(store).d
-    spec = ModelSpec(arch=arch, d_in=d_in, n_q=n_q, d_sae=d_sae, k=k, lr=default_lr(arch) if lr is None else lr,
+    spec = ModelSpec(arch=arch, d_in=d_in, n_q=n_q, d_sae=d_sae, k=k, lr=lr,  # None: the architecture's default
                      prefix_loss=prefix_loss, mean_init=mean_init, options=_parse_options(option), dtype=dtype)
     cfg = TrainConfig(store=store, out=out, model=spec, batch_size=batch_size, tokens=tokens, seed=seed,
                       heldout_fraction=heldout, checkpoint_every=checkpoint_every, eval_every=eval_every,
@@ -216,7 +216,10 @@ def train(
     if nproc != 1:
         _train_in_processes(cfg, nproc)
         return
-    result = run_train(cfg)
+    _echo_train_result(run_train(cfg), out, arch)
+
+
+def _echo_train_result(result, out: Path, arch: str) -> None:
     if result.interrupted:
         typer.echo(f"interrupted at step {result.steps}: resume from the checkpoint in {out}; rerun with --resume",
                    err=True)
@@ -426,7 +429,7 @@ def codebook_stats_command(
     """Codebook usage: distinct prefixes per layer count, code usage, projected-codebook cosines and norms."""
     store = _store(store)
     codes = None if codes is None else _store(codes)
-    from rqae_pipeline.codes import CodebookStatsConfig, write_codebook_stats
+    from rqae_pipeline.codebook_stats import CodebookStatsConfig, write_codebook_stats
     from rqae_pipeline.report.codebook import codebook_stats_lines
 
     result = write_codebook_stats(CodebookStatsConfig(store=store, model=model, codes=codes, out=out,

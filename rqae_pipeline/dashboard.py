@@ -265,7 +265,8 @@ def build_dashboard(cfg: DashboardConfig, *, progress: bool = True, echo: Callab
 def _write_into(tmp: Path, cfg: DashboardConfig, store, model, dictionary: dict | None, queries: list,
                 m_query: int, progress: bool, say: Callable[[str], None]) -> None:
     """The dashboard's files, written into the staging directory."""
-    from rqae_pipeline.codes import codebook_stats, ensure_codes
+    from rqae_pipeline.codebook_stats import codebook_stats
+    from rqae_pipeline.codes import ensure_codes
     from rqae_pipeline.features import DictionaryConfig, build_feature_dictionary
     from rqae_pipeline.report.codebook import plot_codebook_stats
 

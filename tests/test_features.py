@@ -10,9 +10,9 @@ from typer.testing import CliRunner
 from rqae_pipeline import RQAEError
 from rqae_pipeline import codes as codes_mod
 from rqae_pipeline.cli import app
+from rqae_pipeline.codebook_stats import codebook_stats
 from rqae_pipeline.codes import (
     EncodeConfig,
-    codebook_stats,
     default_codes_path,
     encode_store,
     open_codes,

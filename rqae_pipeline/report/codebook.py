@@ -1,4 +1,4 @@
-"""Codebook plots (RQAE write-up, Fig 2a and the code-usage table) from `codes.codebook_stats`."""
+"""Codebook plots (RQAE write-up, Fig 2a and the code-usage table) from `codebook_stats.codebook_stats`."""
 
 from __future__ import annotations
 
