@@ -7,8 +7,15 @@ validation contexts), train every seed at the chosen rate, evaluate each seed ru
 store's last contexts (FVU in both spaces, CE-delta/KL with the LM, L0, dead latents,
 bits per token) and print mean ± standard error over seeds:
 
-    python bench/quality.py                      # ~20 min on 2 CPU cores
-    python bench/quality.py --tokens 102400 --archs rqae,topk --ste-both   # smaller, + the STE choice
+    python bench/quality.py                      # rqae + topk, 100 steps x 1024, CE for seed 0
+    python bench/quality.py --tokens 51200 --archs rqae,topk --ste-both   # smaller, + the STE choice
+
+Cost measured on 2 CPU cores shared with other jobs (load 2-9): the sweeps and seeds of the
+default took ~13 minutes on a 49k-token store; CE-delta over 32 contexts took ~9 minutes
+per run (the LM, every spliced prefix and two zero-ablations), so CE is measured for the
+first `--ce-seeds` (1) runs of each model, with its bootstrap SE over contexts. With the
+default 98k-token store and 64 CE contexts the whole command is expected to exceed 20
+minutes on 2 cores (not timed end to end); `--ce-contexts 0` drops the LM.
 
 Runs, `sweep.json` and `quality.json` land in --out; a rerun reuses finished runs.
 """
@@ -38,13 +45,14 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--n-q", type=int, default=64)
     ap.add_argument("--d-sae", type=int, default=2048)
     ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--tokens", type=int, default=204_800, help="training tokens per run")
+    ap.add_argument("--tokens", type=int, default=102_400, help="training tokens per run")
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--rates", type=int, default=3, help="first grid: rates around each family default")
     ap.add_argument("--extend", type=int, default=2, help="further rates while the best is at an edge")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--heldout-contexts", type=int, default=64, help="test contexts (CE on all of them)")
     ap.add_argument("--ce-contexts", type=int, help="test contexts for CE-delta/KL (default: all; 0 skips the LM)")
+    ap.add_argument("--ce-seeds", type=int, default=1, help="seeds whose runs get CE (the LM: minutes per run)")
     ap.add_argument("--ste-both", action="store_true", help="also an RQAE with ste=unnormalised")
     ap.add_argument("--device", default="cpu")
     return ap.parse_args()
@@ -77,7 +85,7 @@ def main() -> None:
                       progress=False)
     sweep = run_sweep(cfg)
     ce = args.heldout_contexts if args.ce_contexts is None else args.ce_contexts
-    evaluated = evaluate_seeds(cfg, sweep, ce_contexts=ce, prefixes=(16,))
+    evaluated = evaluate_seeds(cfg, sweep, ce_contexts=ce, prefixes=(16,), ce_seeds=args.ce_seeds)
     minutes = (time.perf_counter() - t0) / 60
     print(f"\n{store.spec.model} {store.spec.hook}, store {store.n_tokens:,} tokens; {cfg.steps} steps x "
           f"{cfg.batch_size} tokens per run; test: the last {args.heldout_contexts} contexts (CE on {ce}); "

@@ -247,17 +247,19 @@ def _write(path: Path, result: dict) -> None:
 # --------------------------------------------------------------------------- the quality table
 
 def evaluate_seeds(cfg: SweepConfig, sweep: dict, *, ce_contexts: int, prefixes: tuple[int, ...] = (),
-                   echo=print) -> dict[str, list[dict]]:
+                   ce_seeds: int | None = None, echo=print) -> dict[str, list[dict]]:
     """`evaluate` every seed run on its test rows (CE/KL over `ce_contexts` of them); one
-    flat row per (model, seed), and per extra RQAE prefix in `prefixes`."""
+    flat row per (model, seed), and per extra RQAE prefix in `prefixes`. CE needs the LM
+    (minutes per run on a CPU): `ce_seeds` limits it to the first seeds (None: all)."""
     from rqae_pipeline.evaluate import EvalConfig, evaluate
 
     out: dict[str, list[dict]] = {}
     for name, entry in sweep["models"].items():
-        for run in entry["seeds"]:
-            ce_note = f" (CE on {ce_contexts} test contexts)" if ce_contexts else ""
+        for i, run in enumerate(entry["seeds"]):
+            ce = ce_contexts if ce_seeds is None or i < ce_seeds else 0
+            ce_note = f" (CE on {ce} test contexts)" if ce else ""
             echo(f"evaluate {name} seed {run['seed']}{ce_note}")
-            ecfg = EvalConfig(store=cfg.store, model=Path(run["run"]), ce_contexts=ce_contexts,
+            ecfg = EvalConfig(store=cfg.store, model=Path(run["run"]), ce_contexts=ce,
                               device=cfg.device or "cpu")
             if entry["arch"] == "rqae":
                 n_q = cfg.models[name].n_q
@@ -298,11 +300,15 @@ TABLE_COLUMNS = (("fvu", "FVU stored", 4), ("fvu_raw", "FVU raw", 4), ("ce_delta
 
 
 def aggregate(rows: list[dict]) -> dict[str, tuple[float, float]]:
-    """Mean ± SE over seeds of every table column, the CE bootstrap SE averaged over runs,
-    and the plateau's relative change over the last 20% of steps."""
-    out = {key: mean_se([r[key] for r in rows]) for key, _, _ in TABLE_COLUMNS}
-    out["ce_delta_se"] = mean_se([r["ce_delta_se"] for r in rows])
-    out["plateau"] = mean_se([r["plateau"].get("relative_change", math.nan) for r in rows])
+    """Mean ± SE over the seeds that measured it of every table column (CE only for the
+    first `ce_seeds`), the CE bootstrap SE averaged over runs, and the plateau's relative
+    change over the last 20% of steps."""
+    def over_seeds(values: list[float]) -> tuple[float, float]:
+        return mean_se([v for v in values if math.isfinite(v)])
+
+    out = {key: over_seeds([r[key] for r in rows]) for key, _, _ in TABLE_COLUMNS}
+    out["ce_delta_se"] = over_seeds([r["ce_delta_se"] for r in rows])
+    out["plateau"] = over_seeds([r["plateau"].get("relative_change", math.nan) for r in rows])
     return out
 
 
@@ -314,7 +320,8 @@ def format_quality_table(evaluated: dict[str, list[dict]]) -> str:
         agg = aggregate(rows)
         cells = "".join(f" {_pm(*agg[key], digits):>17s}" for key, _, digits in TABLE_COLUMNS)
         lines.append(f"{name:24s} {rows[0]['lr']:7.0e} {len(rows):5d}{cells} {_pm(*agg['plateau'], 3):>15s}")
-    lines.append("mean ± standard error over seeds; CE-delta/KL in nats per token; plateau: held-out FVU change "
+    lines.append("mean ± standard error over seeds (no ± : one seed measured it); CE-delta/KL in nats per token; "
+                 "plateau: held-out FVU change "
                  "over the last 20% of steps relative to its mean (least-squares slope)")
     ce_se = [aggregate(rows)["ce_delta_se"][0] for rows in evaluated.values()]
     if any(math.isfinite(v) for v in ce_se):
