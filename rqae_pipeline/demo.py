@@ -64,7 +64,7 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict[str, list[dict]]:
         link_first_seed(cfg.out / name, sweep_cfg.out / name / "seed-0")
     echo(f"3/5 every seed run on the store's last {cfg.heldout_contexts} contexts")
     # CE-delta needs the LM (minutes per run on 2 cores): step 4 measures it, with its
-    # bootstrap SE, for seed 0 of each; `bench/quality.py` measures it for every seed
+    # bootstrap SE, for seed 0 of each; `bench/quality.py --ce-seeds N` for N seeds
     evaluated = evaluate_seeds(sweep_cfg, sweep, ce_contexts=0, prefixes=(16,), echo=echo)
     echo(format_quality_table(evaluated))
     atomic_write_json(cfg.out / "demo_results.json", jsonable(evaluated))
