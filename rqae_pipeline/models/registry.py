@@ -18,14 +18,11 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 
 from rqae_pipeline import RQAEError
-
-if TYPE_CHECKING:
-    from rqae_pipeline.models.base import ModelSpec, Trainable
 
 ArchitectureKind = Literal["rqae", "codebook", "sae"]
 KINDS: tuple[str, ...] = get_args(ArchitectureKind)
@@ -44,7 +41,9 @@ class Architecture:
     load: Callable[[Path, str], Any]  # (model dir, device) -> model in eval mode
     reconstruct: Callable[[Any, torch.Tensor, tuple[int, ...] | None], Reconstruction]
     default_lr: float  # Adam learning rate measured per family (docs/training.md)
-    build: Callable[..., Trainable]  # (spec, *, total_steps, batch_size, device) -> Trainable
+    # (ModelSpec, *, total_steps, batch_size, device, seed) -> a `models.base.Trainable`; the
+    # registry names no type of base.py, which itself asks the registry for defaults
+    build: Callable[..., Any]
     encode: Callable[[Any, torch.Tensor], torch.Tensor] | None = None  # x -> codes / latent acts
 
     def __post_init__(self):
@@ -143,11 +142,8 @@ def default_lr(arch: str) -> float:
     return architecture(kind_of_spec_arch(arch)).default_lr
 
 
-def build_trainable(spec: ModelSpec, *, total_steps: int, batch_size: int, device: str, seed: int) -> Trainable:
-    """Construct the architecture's trainable with seeded init (the global RNG is left alone)."""
-    from rqae_pipeline.models.base import TRAIN_DTYPES
-
-    if spec.dtype not in TRAIN_DTYPES:
-        raise RQAEError(f"unknown training dtype {spec.dtype!r}; use {' or '.join(TRAIN_DTYPES)}")
+def build_trainable(spec, *, total_steps: int, batch_size: int, device: str, seed: int):
+    """The `Trainable` of a `ModelSpec` (checked when the spec was made), with seeded init
+    (the global RNG is left alone)."""
     arch = architecture(kind_of_spec_arch(spec.arch))
     return arch.build(spec, total_steps=total_steps, batch_size=batch_size, device=device, seed=seed)
