@@ -6,6 +6,7 @@ the config they are given (an `evaluate.EvalConfig`)."""
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import contextmanager
 
@@ -64,7 +65,10 @@ def local_cluster(workers: int):
     environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()
                if k != "MALLOC_TRIM_THRESHOLD_"}
     with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
-        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        # A failing task is re-raised in this process, which prints it as one `error:` line;
+        # the workers' own ERROR logs would print its traceback to the same terminal again.
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                            silence_logs=logging.CRITICAL)
 
 
 def run_tasks(fn, args_list: list[tuple], cfg, desc: str, progress: bool, client=None) -> list:

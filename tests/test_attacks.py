@@ -47,6 +47,11 @@ def root(tmp_path_factory, tiny_lm):
     (root / "blank.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in ["", "  ", "\n\n"] * 300))
     (root / "null.jsonl").write_text(json.dumps({"text": None}) + "\n" + json.dumps({"text": "some words"}) + "\n")
     (root / "garbage.jsonl").write_text("this is {not json\n")
+    shutil.copytree(root / "s.zarr", root / "damaged.zarr")
+    shard = root / "damaged.zarr/acts/c/1/0"
+    data = bytearray(shard.read_bytes())
+    data[100:140] = bytes(b ^ 0xFF for b in data[100:140])  # inside a chunk; the shard index intact
+    shard.write_bytes(bytes(data))
     return root
 
 
@@ -71,6 +76,11 @@ ROWS = {  # id: (arguments, words the error line must contain); "{r}" is the sha
     "workers-negative": (["eval", "--store", "{r}/s.zarr", "--model", "{r}/run", "--workers", "-1"], "--workers"),
     "nan-rows": (["train", "--store", "{r}/nan.zarr", "--out", "{r}/nan_run", "--n-q", "4", "--batch-size", "64",
                   "--tokens", "2048"], "row(s) 5, 40"),  # two epochs: the bad rows are drawn
+    "damaged-shard-train": (["train", "--store", "{r}/damaged.zarr", "--out", "{r}/damaged_run", "--n-q", "4",
+                             "--batch-size", "64", "--tokens", "512"], "acts/c/1/0 is damaged"),
+    # the worker's own error log must not print the traceback beside the client's one line
+    "damaged-shard-eval-on-dask": (["eval", "--store", "{r}/damaged.zarr", "--model", "{r}/run", "--rows", "all",
+                                    "--workers", "1"], "acts/c/1/0 is damaged"),
     "layers-not-ints": (["feature-dictionary", "--store", "{r}/s.zarr", "--model", "{r}/run", "--out",
                          "{r}/d.json", "--layers", "a,b"], "--layers"),
     "search-layers-not-int": (["search", "--store", "{r}/s.zarr", "--model", "{r}/run", "--address", "0:1",
