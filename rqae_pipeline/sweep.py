@@ -267,6 +267,7 @@ def evaluate_seeds(cfg: SweepConfig, sweep: dict, *, ce_contexts: int, prefixes:
             result = evaluate(ecfg, progress=False)
             for label, row in quality_rows(name, result, cfg.models[name]).items():
                 out.setdefault(label, []).append({**row, "seed": run["seed"], "lr": entry["chosen_lr"],
+                                                  "lr_at_edge": entry["chosen_at_edge"],
                                                   "plateau": run.get("plateau", {})})
     return out
 
@@ -319,10 +320,14 @@ def format_quality_table(evaluated: dict[str, list[dict]]) -> str:
     for name, rows in evaluated.items():
         agg = aggregate(rows)
         cells = "".join(f" {_pm(*agg[key], digits):>17s}" for key, _, digits in TABLE_COLUMNS)
-        lines.append(f"{name:24s} {rows[0]['lr']:7.0e} {len(rows):5d}{cells} {_pm(*agg['plateau'], 3):>15s}")
+        lr = f"{rows[0]['lr']:.0e}" + ("*" if rows[0].get("lr_at_edge") else "")
+        lines.append(f"{name:24s} {lr:>7s} {len(rows):5d}{cells} {_pm(*agg['plateau'], 3):>15s}")
     lines.append("mean ± standard error over seeds (no ± : one seed measured it); CE-delta/KL in nats per token; "
                  "plateau: held-out FVU change "
                  "over the last 20% of steps relative to its mean (least-squares slope)")
+    if any(rows[0].get("lr_at_edge") for rows in evaluated.values()):
+        lines.append("* the chosen rate is at the edge of the rates tried: a rate beyond it might do better "
+                     "(raise the sweep's extend)")
     ce_se = [aggregate(rows)["ce_delta_se"][0] for rows in evaluated.values()]
     if any(math.isfinite(v) for v in ce_se):
         lines.append("CE-delta bootstrap SE within one run (over contexts): "

@@ -110,6 +110,8 @@ def test_sweep_keeps_the_lowest_validation_fvu_and_a_diverging_rate_loses(store_
     table = format_quality_table(evaluated)
     mean, se = mean_se(fvus)
     assert f"{mean:.4f} ± {se:.4f}" in table
+    # a rate chosen at the edge of those tried is marked, so the reader knows the search may be short
+    assert ("* the chosen rate is at the edge" in table) == entry["chosen_at_edge"]
 
 
 def test_rqae_sweep_command_writes_the_sweep_and_the_table(store_path, tmp_path):
