@@ -25,8 +25,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from train import make_store  # noqa: E402  (bench/train.py: a store of random rows via the store API)
 
-from rqae_pipeline.evaluate import EvalConfig, evaluate, local_cluster  # noqa: E402
+from rqae_pipeline.evaluate import EvalConfig, evaluate  # noqa: E402
 from rqae_pipeline.models.rqae import RQAE, RQAEConfig  # noqa: E402
+from rqae_pipeline.tasks import local_cluster  # noqa: E402
 
 
 def timed(cfg: EvalConfig, client=None) -> tuple[float, dict]:

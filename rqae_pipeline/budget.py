@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 
-from rqae_pipeline.metrics import (  # noqa: F401 (weight_bytes: compare sizes the SAE with it)
+from rqae_pipeline.metrics import (
     SAE_VALUE_BITS,
     prefix_of,
     rqae_bits_per_token,

@@ -356,8 +356,9 @@ def compare_gemmascope(
 ) -> None:
     """Compare an RQAE with a Gemma Scope (or any sae-lens) SAE: metrics, CE-delta, Pearson and decoder matching."""
     store = _store(store)
-    from rqae_pipeline.compare import CompareConfig, PearsonConfig, run_comparison
+    from rqae_pipeline.compare import CompareConfig, run_comparison
     from rqae_pipeline.evaluate import PretrainedSAE
+    from rqae_pipeline.pearson import PearsonConfig
     from rqae_pipeline.report.comparison import summary_lines
 
     if (sae_path is None) == (release is None and sae_id is None):
@@ -388,7 +389,7 @@ def archs() -> None:
 def _write_json(out: Path | None, result: dict) -> None:
     if out is None:
         return
-    from rqae_pipeline.paths import atomic_write_bytes
+    from rqae_pipeline.io import atomic_write_bytes
 
     with _writing(out):
         out.parent.mkdir(parents=True, exist_ok=True)

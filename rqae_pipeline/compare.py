@@ -28,11 +28,10 @@ import torch
 import torch.nn.functional as F
 
 from rqae_pipeline import RQAEError
-from rqae_pipeline.budget import budget_table, rqae_weight_bytes, weight_bytes
+from rqae_pipeline.budget import budget_table, rqae_weight_bytes
 from rqae_pipeline.evaluate import (
     EvalConfig,
     PretrainedSAE,
-    dask_client,
     default_prefixes,
     eval_rows,
     evaluate,
@@ -40,15 +39,13 @@ from rqae_pipeline.evaluate import (
     model_kind,
     model_space,
 )
-from rqae_pipeline.pearson import (  # noqa: F401  (re-exported: Pearson matching lived here)
+from rqae_pipeline.metrics import weight_bytes
+from rqae_pipeline.pearson import (
     PearsonConfig,
-    example_tokens,
-    feature_activations,
-    normalise_like_store,
     pearson_matching,
-    pearson_summary,
 )
 from rqae_pipeline.store import ActivationStore
+from rqae_pipeline.tasks import dask_client
 
 
 def decoder_directions(model) -> torch.Tensor:

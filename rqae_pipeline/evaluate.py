@@ -36,12 +36,10 @@ from rqae_pipeline.ce import (
     default_ce_prefixes,
     residual_start_layer,
 )
-
-# Stats, default_prefixes, prefix_of and reconstruct are also imported from here by older callers
-from rqae_pipeline.metrics import Stats, code_usage_summary, default_prefixes, prefix_of  # noqa: F401
+from rqae_pipeline.metrics import Stats, code_usage_summary, default_prefixes
 from rqae_pipeline.models.registry import kind_of, load_model_dir, reconstruct
 from rqae_pipeline.store import ActivationStore, Flags
-from rqae_pipeline.tasks import dask_client, local_cluster, run_tasks  # noqa: F401 (compare, bench)
+from rqae_pipeline.tasks import run_tasks
 
 RowSelection = Literal["heldout", "all"]
 ModelSpace = Literal["auto", "raw", "normalised"]

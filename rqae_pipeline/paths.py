@@ -3,8 +3,6 @@
 import os
 from pathlib import Path
 
-from rqae_pipeline.io import atomic_write_bytes  # noqa: F401  (moved to io.py; kept for old imports)
-
 
 def cache_root() -> Path:
     """Directory for converted model weights; `RQAE_CACHE` overrides `~/.cache/rqae_pipeline`."""

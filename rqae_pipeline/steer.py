@@ -54,17 +54,15 @@ import torch
 
 from rqae_pipeline import RQAEError
 from rqae_pipeline.features import VMF, check_model_store
-from rqae_pipeline.generation import (  # noqa: F401 (concept_words: re-exported for old imports)
+from rqae_pipeline.generation import (
     GenerationConfig,
     concept_frequency,
-    concept_words,
     decode_continuation,
     generate,
 )
-from rqae_pipeline.steer_features import (  # noqa: F401 (parse_feature_ref: re-exported for old imports)
+from rqae_pipeline.steer_features import (
     SteerFeature,
     load_feature,
-    parse_feature_ref,
     query_feature,
 )
 

@@ -85,7 +85,7 @@ def wait_until(reached: Callable[[], bool], proc: subprocess.Popen, stderr: Path
 def untrained_heldout_fvu(cfg) -> float:
     """The held-out FVU of a training run's model at step 0, built and initialised as `train`
     does: the baseline a trained model must beat."""
-    from rqae_pipeline.models.trainables import build_trainable
+    from rqae_pipeline.models.registry import build_trainable
     from rqae_pipeline.train import evaluate, heldout_rows, heldout_split, train_batches
 
     store = ActivationStore.open(cfg.store)

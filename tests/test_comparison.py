@@ -12,7 +12,7 @@ from rqae_pipeline.cli import app
 from rqae_pipeline.evaluate import EvalConfig, PretrainedSAE, evaluate
 from rqae_pipeline.harvest import harvest
 from rqae_pipeline.models.base import ModelSpec
-from rqae_pipeline.models.trainables import load_model_dir
+from rqae_pipeline.models.registry import load_model_dir
 from rqae_pipeline.pearson import PearsonConfig, example_tokens, pearson_matching
 from rqae_pipeline.store import ActivationStore
 from rqae_pipeline.train import TrainConfig, train

@@ -156,7 +156,7 @@ def test_resumed_reader_starts_at_the_recorded_position(store_path, tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_training_and_encoding_on_cuda_match_the_cpu(store_path, tmp_path):
-    from rqae_pipeline.models.trainables import build_trainable
+    from rqae_pipeline.models.registry import build_trainable
 
     store = ActivationStore.open(store_path)
     x = store.read(0, 2048).acts

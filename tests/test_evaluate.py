@@ -7,7 +7,7 @@ import torch
 from rqae_pipeline import RQAEError
 from rqae_pipeline.evaluate import EvalConfig, Stats, evaluate
 from rqae_pipeline.harvest import harvest
-from rqae_pipeline.models.trainables import load_model_dir
+from rqae_pipeline.models.registry import load_model_dir
 from rqae_pipeline.store import ActivationStore, Flags
 
 from helpers import raw_space_sae, tiny_config

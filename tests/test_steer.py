@@ -11,17 +11,14 @@ from typer.testing import CliRunner
 from rqae_pipeline.cli import app
 from rqae_pipeline.codes import EncodeConfig, encode_store, open_codes
 from rqae_pipeline.features import VMF, DictionaryConfig, build_feature_dictionary, fit_vmf
+from rqae_pipeline.generation import GenerationConfig, concept_frequency, concept_words, generate
 from rqae_pipeline.harvest import harvest
 from rqae_pipeline.lm import normalise
 from rqae_pipeline.models.codebook import CodebookAE, CodebookConfig
 from rqae_pipeline.models.rqae import RQAE, RQAEConfig
 from rqae_pipeline.steer import (
-    GenerationConfig,
     Norm,
     SteerConfig,
-    concept_frequency,
-    concept_words,
-    generate,
     pull_toward_mean,
     splice_hook,
     steer_codebook,

@@ -7,7 +7,7 @@ import torch
 from rqae_pipeline import RQAEError
 from rqae_pipeline.harvest import harvest
 from rqae_pipeline.models.base import ModelSpec
-from rqae_pipeline.models.trainables import build_trainable
+from rqae_pipeline.models.registry import build_trainable
 from rqae_pipeline.store import ActivationStore, StoreLock
 from rqae_pipeline.train import CHECKPOINT, TrainConfig, evaluate, heldout_rows, heldout_split, train
 
@@ -186,7 +186,7 @@ def test_codebook_baseline_trains_through_the_same_loop(store_path, tmp_path):
     result = train(cfg, progress=False)
     # measured: 0.61 untrained, 0.54 after these 40 steps
     assert result.heldout["fvu"] < untrained_heldout_fvu(cfg) - 0.035
-    from rqae_pipeline.models.trainables import load_model_dir
+    from rqae_pipeline.models.registry import load_model_dir
 
     model = load_model_dir(tmp_path / "cb")
     x = heldout_rows(ActivationStore.open(store_path), cfg, heldout_split(ActivationStore.open(store_path), 0.05))

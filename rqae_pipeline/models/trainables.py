@@ -18,11 +18,8 @@ from rqae_pipeline.distributed import Ranks, average_gradients
 from rqae_pipeline.metrics import code_counts, code_usage, default_prefixes, prefix_label, weight_bytes
 from rqae_pipeline.models.base import ModelSpec
 from rqae_pipeline.models.codebook import CodebookAE, CodebookConfig
-from rqae_pipeline.models.registry import Architecture, build_trainable, load_model_dir, register
+from rqae_pipeline.models.registry import Architecture, register
 from rqae_pipeline.models.rqae import RQAE, RQAEConfig
-
-__all__ = ["ModuleTrainable", "RQAETrainable", "CodebookTrainable", "batch_fvu", "code_usage", "build_trainable",
-           "load_model_dir"]  # the last three are re-exported for old imports
 
 
 def batch_fvu(x: torch.Tensor, x_hat: torch.Tensor) -> torch.Tensor:
