@@ -28,7 +28,7 @@ from rqae_pipeline.sweep import SweepConfig, evaluate_seeds, format_quality_tabl
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig:
     out: Path = Path("cache/demo")
-    tokens: int = 49_152
+    tokens: int = 65_536  # 512 contexts: 64 test, 64 validation, 384 to train on
     n_q: int = 64
     d_sae: int = 2048
     k: int = 32
@@ -36,7 +36,8 @@ class DemoConfig:
     batch_size: int = 1024
     seeds: int = 3
     rates: int = 3  # learning rates around each family's default, + 1 past an edge best
-    heldout_contexts: int = 32  # test contexts (CE on all of them); as many again validate the sweep
+    heldout_contexts: int = 64  # test contexts (CE on all of them); as many again validate the sweep
+    ce_prefixes: tuple[int, ...] = (1, 16)  # RQAE prefixes spliced into the LM besides all n_q layers
     device: str | None = None
 
 
@@ -73,7 +74,8 @@ def run_demo(cfg: DemoConfig, echo=print) -> dict[str, list[dict]]:
          f"into {report_dir}")
     report = run_comparison(CompareConfig(store=store_path, rqae=cfg.out / f"rqae-{cfg.n_q}",
                                           sae=cfg.out / "topk-sae", out=report_dir, ce_contexts=cfg.heldout_contexts,
-                                          prefixes=(1, 4, 16, cfg.n_q), device=cfg.device or "cpu"),
+                                          prefixes=(1, 4, 16, cfg.n_q), ce_prefixes=(*cfg.ce_prefixes, cfg.n_q),
+                                          device=cfg.device or "cpu"),
                             echo=echo)
     echo("\n".join(summary_lines(report)))
     echo(f"report: {report_dir / 'report.html'}")
