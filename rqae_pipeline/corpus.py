@@ -8,15 +8,20 @@ text that every Python install carries (the language reference in `pydoc_data`).
 Packing follows the usual activation-cache recipe: documents are concatenated with an
 EOS separator and cut into contexts of `context_length` tokens, each starting with BOS.
 The position of the next unread token, `(doc_index, token_offset)`, is the whole
-iteration state, so a harvest can resume exactly where its last commit ended.
+iteration state, so a harvest can resume exactly where its last commit ended. Beside it
+the stream's own resumable position at the start of that document (the `datasets`
+`state_dict()`) is recorded, so a resume seeks there (whole earlier shards and files are
+never opened) instead of re-reading every earlier document.
 """
 
 from __future__ import annotations
 
 import glob
+import itertools
+import json
 import os
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import numpy as np
@@ -52,10 +57,23 @@ class CorpusSpec:
 
 @dataclass(frozen=True)
 class CorpusState:
-    """Position of the next token to read: document index and token offset inside it."""
+    """Position of the next token to read: document index and token offset inside it.
+
+    `stream_state` is how to reach that document: the document stream's `state_dict()` as it
+    stood just before the document was read (JSON, from `datasets`). It is not part of the
+    position (equality ignores it); None, as in stores written before it was recorded, means
+    "reach the document by reading and discarding the `doc_index` documents before it".
+    """
 
     doc_index: int = 0
     token_offset: int = 0
+    stream_state: dict | None = field(default=None, compare=False)
+
+    def to_manifest(self) -> list:
+        """The manifest's `committed.corpus_state`: `[doc_index, token_offset]`, plus the
+        stream state when there is one; `CorpusState(*value)` reads either form back."""
+        head = [int(self.doc_index), int(self.token_offset)]
+        return head if self.stream_state is None else [*head, self.stream_state]
 
 
 def parse_corpus(
@@ -196,19 +214,31 @@ class ContextPacker:
         except Exception as e:
             raise RQAEError(f"error while reading dataset {self.spec.name!r}: {_one_line(e)}") from e
 
-    def _documents(self) -> Iterator[tuple[int, str]]:
+    def _documents(self) -> Iterator[tuple[int, str, dict | None, dict | None]]:
+        """(index, text, stream state before it, stream state after it) of each document
+        from the start position on."""
         docs = open_documents(self.spec)
-        if self.start.doc_index:
-            docs = docs.skip(self.start.doc_index)
-        field = self.spec.text_field
-        for doc_index, row in enumerate(docs, start=self.start.doc_index):
-            if field not in row:
-                raise RQAEError(f"dataset {self.spec.name!r} has no field {field!r}; use --text-field")
-            text = row[field]
+        before = self.start.stream_state
+        if before is not None:
+            docs.load_state_dict(before)  # applied when iteration starts: the stream seeks there
+        rows = iter(docs)
+        if before is None:
+            # A store from before stream states were recorded: read up to the position once;
+            # every state recorded from here on lets the next resume seek.
+            next(itertools.islice(rows, self.start.doc_index, self.start.doc_index), None)
+            before = _portable(docs.state_dict())
+        text_field = self.spec.text_field
+        for doc_index, row in enumerate(rows, start=self.start.doc_index):
+            # Taken before the next row is pulled: the state counts exactly the rows yielded so far.
+            after = _portable(docs.state_dict())
+            if text_field not in row:
+                raise RQAEError(f"dataset {self.spec.name!r} has no field {text_field!r}; use --text-field")
+            text = row[text_field]
             if not isinstance(text, str):
-                raise RQAEError(f"dataset {self.spec.name!r}: document {doc_index} has {field!r} = "
+                raise RQAEError(f"dataset {self.spec.name!r}: document {doc_index} has {text_field!r} = "
                                 f"{'null' if text is None else type(text).__name__}, not a string")
-            yield doc_index, text
+            yield doc_index, text, before, after
+            before = after
 
     def _doc_tokens(self, doc_index: int, text: str) -> Iterator[tuple[list[int], bool]]:
         """The document's tokens (then EOS) in bounded lists, from the resume offset on;
@@ -226,13 +256,15 @@ class ContextPacker:
     def _contexts(self) -> Iterator[tuple[np.ndarray, CorpusState]]:
         bos, body = self.tokenizer.bos_token_id, self.body
         buf: list[int] = []
-        pos = (self.start.doc_index, self.start.token_offset)  # of the next token to cut
-        docs: list[list] = []  # documents with tokens in buf: [tokens left, has text, fully read]
+        pos = None  # (doc_index, token_offset, stream state) of the next token to cut
+        # documents with tokens in buf: [tokens left, has text, fully read, stream state after it]
+        docs: list[list] = []
         seen_any = False
-        for doc_index, text in self._documents():
+        for doc_index, text, before, after in self._documents():
+            pos = pos or (self.start.doc_index, self.start.token_offset, before)
             has_text = bool(text) and not text.isspace()
             seen_any = seen_any or has_text
-            docs.append([0, has_text, False])
+            docs.append([0, has_text, False, after])
             for ids, last in self._doc_tokens(doc_index, text):
                 buf.extend(ids)
                 docs[-1][0] += len(ids)
@@ -245,10 +277,11 @@ class ContextPacker:
         if not seen_any and self.start == CorpusState():
             raise RQAEError(f"dataset {self.spec.name!r} contains no text")
 
-    def _consume(self, docs: list[list], n: int, pos: tuple[int, int]) -> tuple[int, int]:
+    def _consume(self, docs: list[list], n: int, pos: tuple) -> tuple[int, int, dict | None]:
         """Walk `n` cut tokens across document boundaries; the position after them (a fully
-        read document whose tokens are all cut is passed: the position is the next one's start)."""
-        doc, off = pos
+        read document whose tokens are all cut is passed: the position is the next one's start,
+        reached by the stream state recorded after the passed document)."""
+        doc, off, stream_state = pos
         self.last_had_text = False
         while n or (docs and docs[0][0] == 0 and docs[0][2]):
             take = min(n, docs[0][0])
@@ -257,8 +290,16 @@ class ContextPacker:
             n -= take
             off += take
             if docs[0][0] == 0 and docs[0][2]:
-                docs.pop(0)
-                doc, off = doc + 1, 0
+                doc, off, stream_state = doc + 1, 0, docs.pop(0)[3]
             elif n:  # only the document still being read can run dry before a cut is done
                 raise AssertionError("context cut past the tokens read")
-        return doc, off
+        return doc, off, stream_state
+
+
+def _portable(state: dict) -> dict | None:
+    """The stream state as the manifest will hold it (JSON), or None when it does not survive
+    JSON: then a resume reaches the position by reading the earlier documents, as before."""
+    try:
+        return json.loads(json.dumps(state))
+    except (TypeError, ValueError):
+        return None

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, get_args
@@ -312,12 +312,13 @@ class ActivationStore:
         else:
             self.group.create_array(name, data=data, compressors=_compressors(str(data.dtype)))
 
-    def commit(self, *, tokens: int, contexts: int, corpus_state: tuple[int, int], complete: bool = False,
+    def commit(self, *, tokens: int, contexts: int, corpus_state: Sequence, complete: bool = False,
                extra: dict | None = None) -> None:
         """Make rows [0, tokens) visible: one atomic rewrite of the group's zarr.json."""
         manifest = dict(self.manifest)
         manifest["committed"] = {"tokens": int(tokens), "contexts": int(contexts),
-                                 "corpus_state": [int(corpus_state[0]), int(corpus_state[1])],
+                                 # [doc_index, token_offset(, stream state)]: CorpusState.to_manifest()
+                                 "corpus_state": [int(corpus_state[0]), int(corpus_state[1]), *corpus_state[2:]],
                                  "complete": bool(complete)}
         if extra:
             manifest.update(extra)
