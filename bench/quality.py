@@ -33,6 +33,9 @@ from rqae_pipeline.models.base import ModelSpec, default_lr
 from rqae_pipeline.store import ActivationStore
 from rqae_pipeline.sweep import SweepConfig, evaluate_seeds, format_quality_table, run_sweep
 
+# Training tokens per run (batch 1024). bench/plateau.py on the default store: RQAE-64 and the
+# TopK SAE improve by at most a few percent per doubling of tokens from ~800 steps on.
+SIZES = {"small": 102_400, "plateau": 819_200}
 SAE_ARCHS = {"topk": "topk-sae", "matryoshka": "matryoshka_batchtopk-sae", "batchtopk": "batchtopk-sae"}
 
 
@@ -45,9 +48,14 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--n-q", type=int, default=64)
     ap.add_argument("--d-sae", type=int, default=2048)
     ap.add_argument("--k", type=int, default=32)
-    ap.add_argument("--tokens", type=int, default=102_400, help="training tokens per run")
+    ap.add_argument("--size", choices=sorted(SIZES), default="small",
+                    help="training tokens per run: small (the 20-minute default) or plateau (bench/plateau.py's "
+                         "budget at which held-out FVU has stopped falling)")
+    ap.add_argument("--tokens", type=int, help="training tokens per run (overrides --size)")
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--rates", type=int, default=3, help="first grid: rates around each family default")
+    ap.add_argument("--centres", default="", help="grid centres other than the family defaults, e.g. "
+                    "rqae:1e-2,topk:3e-3 (the rates a smaller budget chose)")
     ap.add_argument("--extend", type=int, default=2, help="further rates while the best is at an edge")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--heldout-contexts", type=int, default=64, help="test contexts (CE on all of them)")
@@ -55,19 +63,24 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--ce-seeds", type=int, default=1, help="seeds whose runs get CE (the LM: minutes per run)")
     ap.add_argument("--ste-both", action="store_true", help="also an RQAE with ste=unnormalised")
     ap.add_argument("--device", default="cpu")
-    return ap.parse_args()
+    args = ap.parse_args()
+    args.tokens = args.tokens or SIZES[args.size]
+    return args
 
 
 def models(args: argparse.Namespace, d: int) -> dict[str, ModelSpec]:
     out = {}
+    centres = {a: float(r) for a, r in (pair.split(":") for pair in args.centres.split(",") if pair)}
     for arch in args.archs.split(","):
         if arch == "rqae":
-            out[f"rqae-{args.n_q}"] = ModelSpec(arch="rqae", d_in=d, n_q=args.n_q, lr=default_lr("rqae"))
+            out[f"rqae-{args.n_q}"] = ModelSpec(arch="rqae", d_in=d, n_q=args.n_q,
+                                                lr=centres.get("rqae", default_lr("rqae")))
             if args.ste_both:
                 out[f"rqae-{args.n_q}-ste-unnorm"] = ModelSpec(arch="rqae", d_in=d, n_q=args.n_q,
                                                                options={"ste": "unnormalised"})
         else:
-            out[f"{arch}-sae"] = ModelSpec(arch=SAE_ARCHS[arch], d_in=d, d_sae=args.d_sae, k=args.k)
+            out[f"{arch}-sae"] = ModelSpec(arch=SAE_ARCHS[arch], d_in=d, d_sae=args.d_sae, k=args.k,
+                                           lr=centres.get(arch))
     return out
 
 
