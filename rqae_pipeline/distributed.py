@@ -1,6 +1,7 @@
 """Data-parallel training over `torch.distributed`, as `torchrun` launches it.
 
-Every rank reads the same global shuffled batch and trains on its own equal slice; after
+Every rank reads only its own equal, contiguous slice of each global shuffled batch (the
+global batches are those of one process: `reader.shuffled_batches`) and trains on it; after
 each backward pass the gradients are averaged over the ranks, so every rank takes the same
 optimiser step with the gradient of the mean loss over the global batch (equal slices make
 the mean of the ranks' means the global mean). The averaging runs as DistributedDataParallel
@@ -96,12 +97,6 @@ def check_batch(batch_size: int, ranks: Ranks) -> None:
     if batch_size % ranks.world_size:
         raise RQAEError(f"--batch-size {batch_size} does not split evenly over {ranks.world_size} processes; "
                         f"use a multiple of {ranks.world_size}")
-
-
-def rank_slice(batch: torch.Tensor, ranks: Ranks) -> torch.Tensor:
-    """This rank's equal, contiguous part of the global batch."""
-    n = batch.shape[0] // ranks.world_size
-    return batch[ranks.rank * n : (ranks.rank + 1) * n]
 
 
 def barrier(ranks: Ranks) -> None:

@@ -10,6 +10,10 @@ exactly: reading from it touches that buffer only, however far into the pass it 
 With the default 128 MB buffer every batch mixes rows of dozens of contexts from all over
 the store, and memory stays at a few buffers whatever the store's size.
 
+Data-parallel ranks each take their own equal, contiguous part of every global batch: a rank
+reads the buffer's chunks (zarr decompresses whole chunks) but gathers, permutes and keeps
+only its rows, and all ranks step through the same global batches and positions.
+
 (Until 2026-12 the tail of each buffer was re-shuffled into the next one, which made a
 buffer's order depend on every earlier one, so a resume had to replay the whole pass.)
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -87,19 +92,47 @@ def _merged_spans(group: list[tuple[int, int]]) -> list[list[int]]:
     return spans
 
 
-def load_buffer(store, group, index: int, *, shuffle: bool, seed: int,
-                exclude: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Buffer `index`'s kept rows and their store row indices, in the pass's order."""
+def _rank_positions(n: int, skip: int, phase: int, batch_size: int, rank: int, world_size: int) -> np.ndarray:
+    """The positions in [skip, n) of a buffer's pass order that fall in rank `rank`'s part of
+    their global batch, when position `skip` is `phase` rows into a global batch."""
+    q = np.arange(skip, n)
+    if world_size == 1:
+        return q
+    part = batch_size // world_size
+    return q[(q - skip + phase) % batch_size // part == rank]
+
+
+def load_buffer(store, group, index: int, *, shuffle: bool, seed: int, exclude: int,
+                positions=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Buffer `index`'s kept rows and their store row indices in the pass's order, or only those
+    at `positions(n)` of that order (n: the buffer's kept rows); also n.
+
+    The chunks are read and decoded whole (that is what zarr reads), but only the wanted rows
+    are gathered, permuted and kept: a rank reads its own part of the buffer's rows."""
     spans = _merged_spans(group)
     parts = [store.read_acts(a, b) for a, b in spans]
-    acts = torch.cat([p[0] for p in parts])
-    rows = torch.cat([torch.arange(a, b) for a, b in spans])
-    keep = torch.from_numpy((np.concatenate([p[1] for p in parts]) & exclude) == 0)
-    acts, rows = acts[keep], rows[keep]
+    kept = np.flatnonzero((np.concatenate([p[1] for p in parts]) & exclude) == 0)  # offsets into the spans
+    n = len(kept)
     if shuffle:  # seeded by (seed, buffer) alone, so any buffer can be produced first
-        perm = torch.from_numpy(np.random.default_rng([seed, index]).permutation(len(acts)))
-        acts, rows = acts[perm], rows[perm]
-    return acts, rows
+        kept = kept[np.random.default_rng([seed, index]).permutation(n)]
+    if positions is not None:
+        kept = kept[positions(n)]
+    store_rows = np.concatenate([np.arange(a, b) for a, b in spans])
+    starts = np.cumsum([0] + [b - a for a, b in spans])
+    return _gather([p[0] for p in parts], starts, kept, store.d), torch.from_numpy(store_rows[kept]), n
+
+
+def _gather(acts: list[torch.Tensor], starts: np.ndarray, offsets: np.ndarray, d: int) -> torch.Tensor:
+    """Rows at `offsets` (in that order) of the concatenation of `acts`, without building it:
+    each span's wanted rows are copied in store order into their places."""
+    out = torch.empty(len(offsets), d)
+    order = np.argsort(offsets, kind="stable")
+    ordered = offsets[order]
+    bounds = np.searchsorted(ordered, starts)
+    for part, first, lo, hi in zip(acts, starts, bounds[:-1], bounds[1:]):
+        if hi > lo:
+            out[torch.from_numpy(order[lo:hi])] = part[torch.from_numpy(ordered[lo:hi] - first)]
+    return out
 
 
 def kept_rows(store, group, exclude: int) -> int:
@@ -120,49 +153,99 @@ def position_after(store, groups, batch_size: int, batches: int, *, first: ReadP
     return ReadPosition(len(groups), 0) if need == 0 else None
 
 
+class _RowQueue:
+    """Rows read but not yet handed out, as the pieces they were read in: a batch inside one
+    piece is a view of it, only one that straddles two pieces is copied."""
+
+    def __init__(self):
+        self.pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.head = 0  # rows of the first piece already handed out
+
+    def __len__(self) -> int:
+        return sum(len(rows) for _, rows in self.pieces) - self.head
+
+    def put(self, acts: torch.Tensor, rows: torch.Tensor) -> None:
+        if len(rows):
+            self.pieces.append((acts, rows))
+
+    def take(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        acts, rows = [], []
+        while n:
+            a, r = self.pieces[0]
+            k = min(n, len(r) - self.head)
+            acts.append(a[self.head : self.head + k])
+            rows.append(r[self.head : self.head + k])
+            n, self.head = n - k, self.head + k
+            if self.head == len(r):
+                self.pieces.pop(0)
+                self.head = 0
+        return (acts[0], rows[0]) if len(acts) == 1 else (torch.cat(acts), torch.cat(rows))
+
+
+def _batch_ends(n: int, skip: int, phase: int, batch_size: int) -> range:
+    """The positions in (skip, n] of a buffer where a global batch ends, when position `skip`
+    is `phase` rows into a global batch."""
+    return range(skip + batch_size - phase, n + 1, batch_size)
+
+
 def shuffled_batches(store, batch_size: int, *, shuffle: bool, seed: int, start: int, stop: int | None,
                      exclude: int, buffer_rows: int | None, drop_last: bool, return_rows: bool = False,
-                     first: ReadPosition = ReadPosition(), with_position: bool = False) -> Iterator:
+                     first: ReadPosition = ReadPosition(), with_position: bool = False, rank: int = 0,
+                     world_size: int = 1) -> Iterator:
     """Batches from position `first` on. Yields acts, or (acts, rows) with `return_rows`; with
-    `with_position` each item is followed by the ReadPosition of the next row, `(item, position)`."""
-    groups = buffer_groups(store, shuffle=shuffle, seed=seed, start=start, stop=stop, buffer_rows=buffer_rows)
-    carry, carry_rows = torch.empty(0, store.d), torch.empty(0, dtype=torch.long)
+    `with_position` each item is followed by the ReadPosition of the next row, `(item, position)`.
 
-    def load(index):
-        return load_buffer(store, groups[index], index, shuffle=shuffle, seed=seed, exclude=exclude)
+    With `world_size` > 1 each item is rank `rank`'s equal, contiguous part of the global batch
+    (the batches of world size 1, whatever the world size), and a rank gathers only its rows."""
+    if batch_size % world_size or (world_size > 1 and not drop_last):
+        raise ValueError("ranks need drop_last and a batch size that splits evenly over them")
+    groups = buffer_groups(store, shuffle=shuffle, seed=seed, start=start, stop=stop, buffer_rows=buffer_rows)
+    part = batch_size // world_size
+
+    def load(index, skip, phase):
+        def positions(n):
+            return _rank_positions(n, skip, phase, batch_size, rank, world_size)
+
+        return load_buffer(store, groups[index], index, shuffle=shuffle, seed=seed, exclude=exclude,
+                           positions=positions)
 
     def item(acts, rows, position):
         out = (acts, rows) if return_rows else acts
         return (out, position) if with_position else out
 
+    queue, phase, skip = _RowQueue(), 0, first.row  # phase: rows of the current global batch before `skip`
     # Read the next buffer on a thread while the caller consumes this one (zarr decoding
     # releases the GIL), so training does not wait on decompression.
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load, first.buffer) if first.buffer < len(groups) else None
+        pending = pool.submit(load, first.buffer, skip, 0) if first.buffer < len(groups) else None
         for i in range(first.buffer, len(groups)):
-            buf, rows = pending.result()
-            pending = pool.submit(load, i + 1) if i + 1 < len(groups) else None
-            skip = first.row if i == first.buffer else 0
-            buf, rows = torch.cat([carry, buf[skip:]]), torch.cat([carry_rows, rows[skip:]])
-            n_full = len(buf) // batch_size
-            for j in range(n_full):
-                sl = slice(j * batch_size, (j + 1) * batch_size)
-                used = len(buf) - (j + 1) * batch_size  # rows of this buffer still to come
-                at = ReadPosition(i, len(rows) + skip - len(carry) - used) if used else ReadPosition(i + 1, 0)
-                yield item(buf[sl], rows[sl], at)
-            carry, carry_rows = buf[n_full * batch_size :], rows[n_full * batch_size :]
-    if len(carry) and not drop_last:
-        yield item(carry, carry_rows, ReadPosition(len(groups), 0))
+            acts, rows, n = pending.result()
+            next_phase = (phase + n - skip) % batch_size
+            read_next = partial(pool.submit, load, i + 1, 0, next_phase) if i + 1 < len(groups) else lambda: None
+            pending = None
+            queue.put(acts, rows)
+            for end in _batch_ends(n, skip, phase, batch_size):
+                yield item(*queue.take(part), ReadPosition(i, end) if end < n else ReadPosition(i + 1, 0))
+                # asked for another batch: read the next buffer meanwhile (not before, so that a
+                # caller taking one batch does not wait, on closing, for a buffer it never uses)
+                pending = pending or read_next()
+            pending = pending or read_next()
+            phase, skip = next_phase, 0
+    if len(queue) and not drop_last:
+        yield item(*queue.take(len(queue)), ReadPosition(len(groups), 0))
 
 
-def endless_batches(store, batch_size: int, *, seed: int, stop: int, exclude: int, start: DataPosition) -> Iterator:
+def endless_batches(store, batch_size: int, *, seed: int, stop: int, exclude: int, start: DataPosition,
+                    rank: int = 0, world_size: int = 1) -> Iterator:
     """Full shuffled batches of rows [0, stop) from `start` on, pass after pass (pass e seeded
-    `pass_seed(seed, e)`), each as (batch, DataPosition after it)."""
+    `pass_seed(seed, e)`), each as (batch, DataPosition after it); with `world_size` > 1, rank
+    `rank`'s part of each global batch (`shuffled_batches`)."""
     epoch, first = start.epoch, start.read
     while True:
         seen = False
-        for batch, at in store.batches(batch_size, seed=pass_seed(seed, epoch), stop=stop, exclude=exclude,
-                                       drop_last=True, first=first, with_position=True):
+        for batch, at in shuffled_batches(store, batch_size, shuffle=True, seed=pass_seed(seed, epoch), start=0,
+                                          stop=stop, exclude=exclude, buffer_rows=None, drop_last=True, first=first,
+                                          with_position=True, rank=rank, world_size=world_size):
             seen = True
             yield batch, DataPosition(epoch, at)
         if not seen and first == ReadPosition():
@@ -183,3 +266,18 @@ def position_of_batch(store, batch_size: int, *, seed: int, stop: int, exclude: 
     if epoch and not k:  # the stream reports the end of a pass as a position in that pass
         epoch, k = epoch - 1, per_pass
     return DataPosition(epoch, position_after(store, groups(epoch), batch_size, k, exclude=exclude))
+
+
+def nonfinite_rows_message(store, stop: int, exclude: int, limit: int = 5) -> str:
+    """Names the first training rows (below `stop`, not excluded) holding NaN/inf, read shard by shard."""
+    bad: list[int] = []
+    for start in range(0, stop, store.spec.shard_rows):
+        acts, flags = store.read_acts(start, min(stop, start + store.spec.shard_rows))
+        used = torch.from_numpy((flags & exclude) == 0)
+        rows = ((~torch.isfinite(acts)).any(-1) & used).nonzero()[:, 0]
+        bad += [start + int(r) for r in rows[: limit - len(bad)]]
+        if len(bad) >= limit:
+            break
+    where = ", ".join(map(str, bad)) + (" ..." if len(bad) >= limit else "")
+    return (f"store {store.path} has non-finite (NaN/inf) activations in row(s) {where}; nothing was trained "
+            f"on them (`rqae verify {store.path}` lists the damage)")

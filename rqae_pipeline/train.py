@@ -6,8 +6,9 @@ function of the seed, and every checkpoint records where in it training stands (
 buffer, row; `reader.py`), so a resumed run starts reading there, touching one shuffle
 buffer however far it got, and ends with the same weights as an uninterrupted one.
 
-Under torchrun every rank reads the same global batch and trains on its slice, with
-gradients averaged over the ranks (`distributed.py`); rank 0 alone writes the run directory.
+Under torchrun every rank reads and trains on its own slice of each global batch (the global
+batches are those of one process), with gradients averaged over the ranks (`distributed.py`);
+rank 0 alone writes the run directory.
 
 Held-out data is split by context: the last `heldout_fraction` of the store's contexts,
 recorded in `train.json`, never reach the optimiser.
@@ -26,13 +27,13 @@ from typing import Any
 import torch
 
 from rqae_pipeline import RQAEError, __version__, distributed
-from rqae_pipeline.distributed import Ranks, mean_over_ranks, rank_slice
+from rqae_pipeline.distributed import SINGLE, Ranks, mean_over_ranks
 from rqae_pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from rqae_pipeline.metrics import Stats, prefix_label, prefix_of
 from rqae_pipeline.models.base import ModelSpec, Trainable
 from rqae_pipeline.models.registry import build_trainable, reconstruct
 from rqae_pipeline.models.sae import SAEBaseline
-from rqae_pipeline.reader import DataPosition, endless_batches, position_of_batch
+from rqae_pipeline.reader import DataPosition, endless_batches, nonfinite_rows_message, position_of_batch
 from rqae_pipeline.store import ActivationStore, Flags
 
 CHECKPOINT = "checkpoint.pt"
@@ -109,12 +110,15 @@ def heldout_split(store: ActivationStore, fraction: float) -> dict[str, int]:
     return {"first_context": first, "contexts": held, "first_row": first * R, "rows": store.n_tokens - first * R}
 
 
-def positioned_batches(store: ActivationStore, cfg: TrainConfig, split: dict, start: DataPosition):
-    """Endless shuffled global batches of training rows from `start`, each with the position
-    after it (`reader.endless_batches`); reaching `start` reads one buffer, wherever it is."""
+def positioned_batches(store: ActivationStore, cfg: TrainConfig, split: dict, start: DataPosition,
+                       ranks: Ranks = SINGLE):
+    """Endless shuffled batches of training rows from `start` (global, or this rank's slice of
+    each global batch), each with the position after it (`reader.endless_batches`); reaching
+    `start` reads one buffer, wherever it is."""
     for batch, at in endless_batches(store, cfg.batch_size, seed=cfg.seed, stop=split["first_row"],
-                                     exclude=cfg.exclude, start=start):
-        if not torch.isfinite(batch).all():  # the store's fault, not the learning rate's
+                                     exclude=cfg.exclude, start=start, rank=ranks.rank, world_size=ranks.world_size):
+        # the store's fault, not the learning rate's (a rank checks its slice; one that stops stops the job)
+        if not torch.isfinite(batch).all():
             raise RQAEError(nonfinite_rows_message(store, split["first_row"], cfg.exclude))
         yield batch, at
 
@@ -129,21 +133,6 @@ def train_batches(store: ActivationStore, cfg: TrainConfig, split: dict, skip: i
     """The global batches alone, from step `skip` on."""
     start = position_of_step(store, cfg, split, skip) if skip else DataPosition()
     return (batch for batch, _ in positioned_batches(store, cfg, split, start))
-
-
-def nonfinite_rows_message(store: ActivationStore, stop: int, exclude: int, limit: int = 5) -> str:
-    """Names the first training rows (below `stop`, not excluded) holding NaN/inf, read shard by shard."""
-    bad: list[int] = []
-    for start in range(0, stop, store.spec.shard_rows):
-        acts, flags = store.read_acts(start, min(stop, start + store.spec.shard_rows))
-        used = torch.from_numpy((flags & exclude) == 0)
-        rows = ((~torch.isfinite(acts)).any(-1) & used).nonzero()[:, 0]
-        bad += [start + int(r) for r in rows[: limit - len(bad)]]
-        if len(bad) >= limit:
-            break
-    where = ", ".join(map(str, bad)) + (" ..." if len(bad) >= limit else "")
-    return (f"store {store.path} has non-finite (NaN/inf) activations in row(s) {where}; nothing was trained "
-            f"on them (`rqae verify {store.path}` lists the damage)")
 
 
 def heldout_rows(store: ActivationStore, cfg: TrainConfig, split: dict) -> torch.Tensor:
@@ -247,7 +236,7 @@ class _Run:
     trainable: Trainable
     step: int  # steps already taken (a resumed run's checkpoint step)
     heldout: torch.Tensor | None  # held-out rows for periodic and final evaluation (rank 0's)
-    batches: Any  # iterator of (global batch, position after it), from `step` on
+    batches: Any  # iterator of (this rank's slice of the global batch, position after it), from `step` on
     ranks: Ranks = distributed.SINGLE
 
 
@@ -321,7 +310,7 @@ def _start_run(cfg: TrainConfig, ranks: Ranks, device: str) -> _Run:
                               "rqae_pipeline": __version__, "status": "training", "processes": ranks.world_size})
     if step == 0:
         trainable.init_from_data(data.first_batch)  # the global batch, on every rank
-    batches = positioned_batches(data.store, cfg, data.split, position)
+    batches = positioned_batches(data.store, cfg, data.split, position, ranks)
     return _Run(cfg=cfg, out=out, trainable=trainable, step=step, heldout=data.heldout, batches=batches, ranks=ranks)
 
 
@@ -340,7 +329,7 @@ def _train_loop(run: _Run, *, progress: bool) -> tuple[int, bool]:
         with open(run.out / METRICS, "a") if ranks.is_main else contextlib.nullcontext() as log:
             while step < cfg.total_steps:
                 batch, position = next(run.batches)
-                stats = run.trainable.train_step(rank_slice(batch, ranks))
+                stats = run.trainable.train_step(batch)
                 step += 1
                 bar.update(1)
                 last = step == cfg.total_steps

@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 import torch
 
+from rqae_pipeline.distributed import Ranks
 from rqae_pipeline.harvest import harvest
 from rqae_pipeline.models.base import ModelSpec
-from rqae_pipeline.store import ActivationStore
+from rqae_pipeline.reader import DataPosition, ReadPosition, shuffled_batches
+from rqae_pipeline.store import ActivationStore, Flags
 from rqae_pipeline.train import CHECKPOINT, TrainConfig, heldout_split, position_of_step, positioned_batches, train
 
 from helpers import HANG_GUARD_S, REPO, rqae_cmd, run_rqae, tiny_config
@@ -152,6 +154,49 @@ def test_resumed_reader_starts_at_the_recorded_position(store_path, tmp_path):
         resumed = positioned_batches(store, cfg, split, position)
         for j in range(3):
             torch.testing.assert_close(next(resumed)[0], seen[k + j][0], rtol=0, atol=0)
+
+
+def rank_batches(store, world_size, rank=0, first=None):
+    """Batches of 4-chunk shuffle buffers (~248 kept rows: global batches straddle buffers at
+    every phase), as (acts, rows, position)."""
+    stream = shuffled_batches(store, BATCH, shuffle=True, seed=3, start=0, stop=None, exclude=int(Flags.BOS),
+                              buffer_rows=4 * store.spec.chunk_rows, drop_last=True, return_rows=True,
+                              with_position=True, first=first or ReadPosition(), rank=rank,
+                              world_size=world_size)
+    return [(acts, rows, at) for (acts, rows), at in stream]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_each_rank_reads_its_slice_of_the_global_batches(store_path, world_size):
+    """Rank r's batches are rows [r b, (r + 1) b) of the one-process batches, with the same
+    positions, from the start and from resume positions inside a pass."""
+    store = ActivationStore.open(store_path)
+    whole = rank_batches(store, 1)
+    assert len({at.buffer for *_, at in whole}) > 20
+    part = BATCH // world_size
+    for k in (0, 1, 2, 3, len(whole) // 2, len(whole) - 4):
+        first = whole[k - 1][2] if k else ReadPosition()
+        for r in range(world_size):
+            for (acts, rows, at), (w_acts, w_rows, w_at) in zip(rank_batches(store, world_size, r, first), whole[k:]):
+                assert at == w_at and acts.shape == (part, store.d)
+                torch.testing.assert_close(rows, w_rows[r * part : (r + 1) * part], rtol=0, atol=0)
+                torch.testing.assert_close(acts, w_acts[r * part : (r + 1) * part], rtol=0, atol=0)
+
+
+def test_training_ranks_step_through_the_one_process_batches(store_path, tmp_path):
+    """`positioned_batches` of rank r are slices of the one-process batches across a pass boundary."""
+    cfg = cfg_for(store_path, tmp_path / "x", steps=200)
+    store = ActivationStore.open(store_path)
+    split = heldout_split(store, cfg.heldout_fraction)
+    stream = positioned_batches(store, cfg, split, DataPosition())
+    seen = [next(stream) for _ in range(150)]
+    per_pass = next(k for k, (_, at) in enumerate(seen, 1) if at.epoch == 1)
+    start = seen[per_pass - 3][1]
+    ranks = [positioned_batches(store, cfg, split, start, Ranks(rank=r, world_size=2)) for r in range(2)]
+    for k in range(per_pass - 2, per_pass + 3):
+        (a, at_a), (b, at_b) = next(ranks[0]), next(ranks[1])
+        assert at_a == at_b == seen[k][1]
+        torch.testing.assert_close(torch.cat([a, b]), seen[k][0], rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
