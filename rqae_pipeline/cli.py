@@ -117,18 +117,29 @@ def harvest(
     device: Annotated[str | None, typer.Option(help="cuda/cpu; default: cuda when present.")] = None,
     model_dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16 for the forward pass.")] = "float32",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted (or shorter) store at --out.")] = False,
+    workers: Annotated[int, typer.Option(help="dask LocalCluster workers, one model each, a shard per task; "
+                                         "with G GPUs worker i uses cuda:(i mod G) (0: this process).")] = 0,
+    scheduler: Annotated[str | None, typer.Option(help="An existing dask scheduler, e.g. tcp://host:8786 "
+                                                  "(dask-cuda: one worker per GPU).")] = None,
 ) -> None:
     """Stream a corpus through a language model and store normalised residual activations."""
     from rqae_pipeline.harvest import HarvestConfig
     from rqae_pipeline.harvest import harvest as run_harvest
 
     out = _store(out)
-    result = run_harvest(HarvestConfig(
+    cfg = HarvestConfig(
         out=out, model=model, hook=layer, dataset=dataset, dataset_config=dataset_config, split=split,
         text_field=text_field, tokens=tokens, context_length=context_length, batch_contexts=batch_size,
         contexts_per_shard=contexts_per_shard, contexts_per_chunk=contexts_per_chunk, dtype=dtype,
         normalisation=normalisation, skip_bos=skip_bos, device=device, model_dtype=model_dtype, resume=resume,
-    ), notice=lambda m: typer.echo(m, err=True))
+    )
+    notice = lambda m: typer.echo(m, err=True)  # noqa: E731
+    if workers or scheduler:
+        from rqae_pipeline.harvest_dask import DaskConfig, harvest_parallel
+
+        result = harvest_parallel(cfg, DaskConfig(workers=workers, scheduler=scheduler), notice=notice)
+    else:
+        result = run_harvest(cfg, notice=notice)
     if result.interrupted:
         typer.echo(f"interrupted: {result.tokens:,} tokens committed in {out}; rerun with --resume", err=True)
         raise typer.Exit(EXIT_INTERRUPTED)

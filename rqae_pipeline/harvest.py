@@ -6,15 +6,13 @@ and disk writes run on a background writer thread, so the forward pass never wai
 I/O. A shard is committed (manifest rewritten atomically) only once all its rows are on
 disk; `resume=True` truncates whatever an interrupted run left past the last commit and
 restarts the corpus at the committed position, so the finished store equals an
-uninterrupted run's.
+uninterrupted run's. What the writer does with a shard lives in shard_writer.py, shared
+with the dask workers of harvest_dask.py (`rqae harvest --workers N`).
 """
 
 from __future__ import annotations
 
-import errno
 import itertools
-import queue
-import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -26,7 +24,8 @@ import torch
 from rqae_pipeline import RQAEError, __version__
 from rqae_pipeline.corpus import ContextPacker, CorpusSpec, CorpusState, iter_contexts, parse_corpus
 from rqae_pipeline.io import empty_except_lock
-from rqae_pipeline.lm import OFFLINE_GEMMA, TINY, LoadedLM, final_norm_gain, load_lm, resolve_hook
+from rqae_pipeline.lm import OFFLINE_GEMMA, TINY, HookSpec, LoadedLM, final_norm_gain, load_lm, resolve_hook
+from rqae_pipeline.shard_writer import Batch, ShardWriter
 from rqae_pipeline.store import (
     NORMALISATIONS,
     STORE_DTYPES,
@@ -36,8 +35,6 @@ from rqae_pipeline.store import (
     StoreDtype,
     StoreLock,
     StoreSpec,
-    decode_acts,
-    encode_acts,
     store_exists,
 )
 from rqae_pipeline.urls import is_remote, location
@@ -110,14 +107,34 @@ def resolve_corpus(cfg: HarvestConfig, lm_name: str) -> CorpusSpec:
     return parse_corpus(dataset, config=config, split=cfg.split, text_field=cfg.text_field)
 
 
-def _store_spec(cfg: HarvestConfig, lm: LoadedLM, corpus: CorpusSpec) -> StoreSpec:
+@dataclass(frozen=True)
+class ModelFacts:
+    """What a store needs of the loaded LM, gathered where the model lives (this process or
+    a dask worker), so a client that never loads the model can make the same store."""
+
+    name: str
+    hook: HookSpec
+    d_model: int
+    tokenizer: str
+    gain: torch.Tensor | None  # (d,) final-norm gain on the CPU; None in "rms" mode
+    provenance: dict
+
+
+def model_facts(cfg: HarvestConfig, lm: LoadedLM) -> ModelFacts:
     hook = resolve_hook(lm, lm.n_layers // 2 if cfg.hook == "auto" else cfg.hook)
     if cfg.context_length > lm.model.cfg.n_ctx:
         raise RQAEError(f"context length {cfg.context_length} exceeds {lm.name}'s n_ctx {lm.model.cfg.n_ctx}")
+    gain = final_norm_gain(lm)[0] if cfg.normalisation == "final-norm" else None  # "rms" stores ones
+    return ModelFacts(name=lm.name, hook=hook, d_model=lm.d_model,
+                      tokenizer=getattr(lm.tokenizer, "name_or_path", "") or type(lm.tokenizer).__name__,
+                      gain=gain, provenance=_provenance(lm))
+
+
+def store_spec(cfg: HarvestConfig, facts: ModelFacts, corpus: CorpusSpec) -> StoreSpec:
     try:
         return StoreSpec(
-            model=lm.name, hook=hook.name, layer=hook.layer, d_model=lm.d_model, corpus=corpus.to_dict(),
-            tokenizer=getattr(lm.tokenizer, "name_or_path", "") or type(lm.tokenizer).__name__,
+            model=facts.name, hook=facts.hook.name, layer=facts.hook.layer, d_model=facts.d_model,
+            corpus=corpus.to_dict(), tokenizer=facts.tokenizer,
             context_length=cfg.context_length, skip_bos=cfg.skip_bos, normalisation=cfg.normalisation,
             dtype=cfg.dtype, contexts_per_shard=cfg.contexts_per_shard, contexts_per_chunk=cfg.contexts_per_chunk,
             batch_contexts=cfg.batch_contexts, outlier_factor=cfg.outlier_factor,
@@ -162,146 +179,6 @@ def outlier_flags(scale: torch.Tensor, flags: torch.Tensor, factor: float) -> to
     return torch.where(scale > factor * ref, int(Flags.OUTLIER), 0).to(torch.uint8)
 
 
-@dataclass
-class _Batch:
-    acts: torch.Tensor  # (n, d) fp32, CPU
-    scale: torch.Tensor
-    tokens: np.ndarray
-    seq: np.ndarray
-    pos: np.ndarray
-    flags: np.ndarray
-    contexts_after: int
-    corpus_state: CorpusState
-
-
-@dataclass
-class _WriterState:
-    tokens: int
-    contexts: int
-    corpus_state: CorpusState
-
-
-class ShardWriter(threading.Thread):
-    """Encodes, writes and commits whole shards from a bounded queue of batches."""
-
-    def __init__(self, store: ActivationStore, *, on_commit=None):
-        super().__init__(daemon=True, name="rqae-shard-writer")
-        self.store, self.spec = store, store.spec
-        self.queue: queue.Queue = queue.Queue(maxsize=4)
-        self.error: BaseException | None = None
-        self.on_commit = on_commit
-        c = store.manifest["committed"]
-        self.state = _WriterState(c["tokens"], c["contexts"], CorpusState(*c["corpus_state"]))
-        err = store.manifest.get("storage_error", {})
-        self.sse, self.sum, self.sumsq, self.n = err.get("sse", 0.0), None, err.get("sumsq", 0.0), err.get("n", 0)
-        if err.get("sum") is not None:
-            self.sum = np.asarray(err["sum"], dtype=np.float64)
-        self.mean = store.codec_mean()  # None until the first fp8 batch fixes it
-        self.exhausted: dict | None = None  # {"requested_tokens": N} once the corpus has run out
-        # Rows of a committed partial shard are carried, as stored, into the rewrite of that shard.
-        self.shard_start = self.state.tokens - self.state.tokens % self.spec.shard_rows
-        carried = (store.read_encoded(self.shard_start, self.state.tokens)
-                   if self.state.tokens > self.shard_start else None)
-        self.pending: list[dict] = [carried] if carried else []
-        self.pending_rows = self.state.tokens - self.shard_start
-        self.pending_contexts, self.pending_state = self.state.contexts, self.state.corpus_state
-
-    def put(self, batch: _Batch | None) -> None:
-        while True:
-            if self.error is not None:
-                raise self.error
-            try:
-                self.queue.put(batch, timeout=0.5)
-                return
-            except queue.Full:
-                continue
-
-    def run(self) -> None:
-        try:
-            while (item := self.queue.get()) is not None:
-                self._add(item)
-                if self.pending_rows >= self.spec.shard_rows:
-                    self._flush()
-        except BaseException as e:  # handed to the model thread, which reports it
-            self.error = _disk_error(e)
-
-    def finish(self, *, complete: bool) -> None:
-        """Drain the queue, write the partial last shard, commit. Raises the writer's error."""
-        self.put(None)
-        self.join()
-        if self.error is not None:
-            raise self.error
-        if self.pending_rows:
-            self._flush(complete=complete)
-        elif complete:
-            self._commit(complete=True)
-
-    def abort(self) -> None:
-        """Stop after the shards already queued; the uncommitted tail is left for --resume to drop."""
-        while self.is_alive():
-            try:
-                self.queue.put(None, timeout=0.5)
-                break
-            except queue.Full:
-                continue
-        self.join(timeout=120)
-
-    def _add(self, b: _Batch) -> None:
-        if self.spec.dtype == "fp8" and self.mean is None:
-            # The compact codec centres rows on a per-dimension mean, fixed by the first batch.
-            ordinary = (b.flags & int(Flags.ANY_SPECIAL | Flags.OUTLIER)) == 0
-            self.mean = b.acts[torch.from_numpy(ordinary)].mean(0).numpy().astype(np.float32)
-            self.store.set_array("mean", self.mean)
-        cols = encode_acts(b.acts, self.spec.dtype, self.mean)
-        decoded = decode_acts(cols["acts"], self.spec.dtype, cols.get("row_scale"), self.mean)
-        if not torch.isfinite(decoded).all():
-            raise RQAEError(f"activations overflow {self.spec.dtype} near context {int(b.seq[0])}; use --dtype float32")
-        self._track_error(b.acts, decoded)
-        cols.update(scale=b.scale.numpy(), tokens=b.tokens, seq=b.seq, pos=b.pos, flags=b.flags)
-        self.pending.append(cols)
-        self.pending_rows += len(b.seq)
-        self.pending_contexts, self.pending_state = b.contexts_after, b.corpus_state
-
-    def _track_error(self, x: torch.Tensor, x_hat: torch.Tensor) -> None:
-        # float64 sufficient statistics, so the storage FVU is exact over the whole store.
-        x64 = x.double()
-        self.sse += float((x64 - x_hat.double()).pow(2).sum())
-        self.sumsq += float(x64.pow(2).sum())
-        s = x64.sum(0).numpy()
-        self.sum = s if self.sum is None else self.sum + s
-        self.n += len(x)
-
-    def _flush(self, complete: bool = False) -> None:
-        cols = {k: np.concatenate([p[k] for p in self.pending]) for k in self.pending[0]}
-        rows = len(cols["scale"])
-        take = rows  # batches never cross a shard boundary, so this is at most one shard
-        self.store.write_rows(self.shard_start, cols)
-        self.state = _WriterState(self.shard_start + take, self.pending_contexts, self.pending_state)
-        self._commit(complete=complete)
-        if take == self.spec.shard_rows:
-            self.shard_start += take
-            self.pending, self.pending_rows = [], 0
-
-    def _commit(self, *, complete: bool) -> None:
-        extra = {"storage_error": {"sse": self.sse, "sumsq": self.sumsq, "n": self.n,
-                                   "sum": None if self.sum is None else self.sum.tolist()},
-                 "corpus_exhausted": self.exhausted}
-        self.store.commit(tokens=self.state.tokens, contexts=self.state.contexts,
-                          corpus_state=self.state.corpus_state.to_manifest(),
-                          complete=complete, extra=extra)
-        if self.on_commit:
-            self.on_commit(self.state.tokens)
-
-
-def _disk_error(e: BaseException) -> BaseException:
-    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-        return RQAEError(f"out of disk space while writing a shard ({e.strerror}); committed rows are intact, "
-                         f"free space and rerun with --resume")
-    if isinstance(e, OSError):
-        return RQAEError(f"cannot write the store: {e.strerror or e}; committed rows are intact")
-    return e
-
-
 def existing_store(cfg: HarvestConfig, spec: StoreSpec) -> ActivationStore | None:
     """The store at `cfg.out` to continue (checked against `spec`), or None for a new one."""
     out = location(cfg.out)  # a Path, or a URL: never Path("s3://...") (a local folder "s3:")
@@ -318,7 +195,8 @@ def existing_store(cfg: HarvestConfig, spec: StoreSpec) -> ActivationStore | Non
     return store
 
 
-def open_store_for_writing(cfg: HarvestConfig, spec: StoreSpec, lm: LoadedLM) -> tuple[ActivationStore, StoreLock]:
+def open_store_for_writing(cfg: HarvestConfig, spec: StoreSpec, facts: ModelFacts
+                           ) -> tuple[ActivationStore, StoreLock]:
     out = location(cfg.out)
     store = existing_store(cfg, spec)
     lock = StoreLock(out)
@@ -333,8 +211,7 @@ def open_store_for_writing(cfg: HarvestConfig, spec: StoreSpec, lm: LoadedLM) ->
             store = store.reopen_for_append()
             store.truncate_to_committed()
         else:
-            gain = final_norm_gain(lm)[0] if spec.normalisation == "final-norm" else None  # "rms" stores ones
-            store = ActivationStore.create(out, spec, gain, _provenance(lm))
+            store = ActivationStore.create(out, spec, facts.gain, facts.provenance)
     except BaseException:
         lock.release()
         raise
@@ -346,25 +223,35 @@ Contexts = Iterator[tuple[np.ndarray, CorpusState]]
 
 def harvest(cfg: HarvestConfig, *, lm: LoadedLM | None = None, progress: bool = True,
             notice: Callable[[str], None] | None = None) -> HarvestResult:
-    """Run a harvest to `cfg.tokens` committed rows (continuing a store when `cfg.resume`).
+    """Run a harvest to `cfg.tokens` committed rows (continuing a store when `cfg.resume`),
+    in this process (harvest_dask.harvest_parallel runs it on dask workers).
     Nothing is written until the model has loaded and the corpus has yielded its first
     context. `notice` gets one-line remarks for stderr (`--resume` with no store yet)."""
     lm = lm or load_lm(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
-    corpus = resolve_corpus(cfg, lm.name)
-    spec = _store_spec(cfg, lm, corpus)
-    prior = existing_store(cfg, spec)
-    if prior is None and cfg.resume and notice is not None:
-        notice(f"note: {cfg.out} holds no store yet; --resume starts a new one")
-    committed = prior.manifest["committed"] if prior is not None else {"contexts": 0, "corpus_state": (0, 0)}
-    packer = iter_contexts(corpus, lm.tokenizer, context_length=spec.context_length,
-                           state=CorpusState(*committed["corpus_state"]))
-    want = -(-cfg.tokens // spec.rows_per_context) - committed["contexts"]
-    source = _read_ahead(packer, want, fresh=prior is None, name=corpus.name) if want > 0 else iter(())
-    store, lock = open_store_for_writing(cfg, spec, lm)
+    facts = model_facts(cfg, lm)
+    spec, source = plan_harvest(cfg, facts, lm.tokenizer, notice)
+    store, lock = open_store_for_writing(cfg, spec, facts)
     try:
         return _run(cfg, lm, source, store, progress=progress)
     finally:
         lock.release()
+
+
+def plan_harvest(cfg: HarvestConfig, facts: ModelFacts, tokenizer,
+                 notice: Callable[[str], None] | None) -> tuple[StoreSpec, Contexts]:
+    """The store's spec (checked against a store to resume) and the contexts still to harvest,
+    the first read already (see `_read_ahead`); nothing is written."""
+    corpus = resolve_corpus(cfg, facts.name)
+    spec = store_spec(cfg, facts, corpus)
+    prior = existing_store(cfg, spec)
+    if prior is None and cfg.resume and notice is not None:
+        notice(f"note: {cfg.out} holds no store yet; --resume starts a new one")
+    committed = prior.manifest["committed"] if prior is not None else {"contexts": 0, "corpus_state": (0, 0)}
+    packer = iter_contexts(corpus, tokenizer, context_length=spec.context_length,
+                           state=CorpusState(*committed["corpus_state"]))
+    want = -(-cfg.tokens // spec.rows_per_context) - committed["contexts"]
+    source = _read_ahead(packer, want, fresh=prior is None, name=corpus.name) if want > 0 else iter(())
+    return spec, source
 
 
 def _read_ahead(packer: ContextPacker, want: int, *, fresh: bool, name: str) -> Contexts:
@@ -388,8 +275,6 @@ def _read_ahead(packer: ContextPacker, want: int, *, fresh: bool, name: str) -> 
 
 def _run(cfg: HarvestConfig, lm: LoadedLM, source: Contexts, store: ActivationStore, *,
          progress: bool) -> HarvestResult:
-    from tqdm import tqdm
-
     spec, R = store.spec, store.spec.rows_per_context
     target_contexts = -(-cfg.tokens // R)
     start_tokens = store.n_tokens
@@ -412,11 +297,10 @@ def _run(cfg: HarvestConfig, lm: LoadedLM, source: Contexts, store: ActivationSt
                     break
             if not group:
                 break
-            writer.put(_forward_batch(lm, store, np.stack(group), contexts, state, eps))
+            writer.put((forward_batch(lm, store, np.stack(group), contexts, eps), contexts + len(group), state))
             contexts += len(group)
             if bar is None:
-                bar = tqdm(total=target_contexts * R, initial=start_tokens, unit="tok", unit_scale=True,
-                           desc="harvest", disable=not progress, dynamic_ncols=True, smoothing=0.1)
+                bar = progress_bar(target_contexts * R, start_tokens, progress)
             bar.update(len(group) * R)
         if contexts < target_contexts:  # recorded in the manifest; `inspect` shows it
             writer.exhausted = {"requested_tokens": cfg.tokens}
@@ -435,9 +319,16 @@ def _run(cfg: HarvestConfig, lm: LoadedLM, source: Contexts, store: ActivationSt
                          exhausted=writer.exhausted is not None, requested_tokens=cfg.tokens)
 
 
+def progress_bar(total_tokens: int, start_tokens: int, progress: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total_tokens, initial=start_tokens, unit="tok", unit_scale=True, desc="harvest",
+                disable=not progress, dynamic_ncols=True, smoothing=0.1)
+
+
 @torch.inference_mode()
-def _forward_batch(lm: LoadedLM, store: ActivationStore, tokens_np: np.ndarray, first_seq: int,
-                   state_after: CorpusState, eps: float) -> _Batch:
+def forward_batch(lm: LoadedLM, store: ActivationStore, tokens_np: np.ndarray, first_seq: int, eps: float) -> Batch:
+    """The normalised rows of contexts `tokens_np` (B, T), the first being context `first_seq`."""
     model, spec = lm.model, store.spec
     tokens = torch.from_numpy(tokens_np).to(model.cfg.device)
     _, cache = model.run_with_cache(tokens, names_filter=[spec.hook], stop_at_layer=spec.layer + 1)
@@ -454,8 +345,8 @@ def _forward_batch(lm: LoadedLM, store: ActivationStore, tokens_np: np.ndarray, 
     pos = np.tile(np.arange(T, dtype=np.int16), (B, 1))
     s = slice(1, None) if spec.skip_bos else slice(None)
     d = acts.shape[-1]
-    return _Batch(
+    return Batch(
         acts=acts[:, s].reshape(-1, d).float().cpu(), scale=scale[:, s].reshape(-1).float().cpu(),
         tokens=tokens_np[:, s].reshape(-1).astype(np.int32), seq=seq[:, s].reshape(-1), pos=pos[:, s].reshape(-1),
-        flags=flags[:, s].reshape(-1).cpu().numpy(), contexts_after=first_seq + B, corpus_state=state_after,
+        flags=flags[:, s].reshape(-1).cpu().numpy(),
     )

@@ -1,0 +1,364 @@
+"""Parallel harvest on dask: `rqae harvest --workers N` (a LocalCluster of N single-threaded
+worker processes) or `--scheduler tcp://HOST:PORT` (an existing cluster, e.g. dask-cuda's
+`LocalCUDACluster`, one worker per GPU).
+
+Shards are the unit of work. The client packs the corpus into contexts (cheap: tokenising)
+and sends each shard's token ids to a worker; the worker runs the forward pass, normalises,
+encodes and writes that whole shard into the store (shard_writer.py, as the single process
+does) and returns the shard's per-batch storage-error statistics. The client alone holds
+the store lock, sizes the arrays before a shard is sent (so workers never rewrite array
+metadata), folds the statistics in store order and commits the longest finished prefix of
+shards, with the corpus position after that prefix. So the store 1 or N workers write is the
+single-process store, byte for byte (at equal torch thread counts: CPU results can depend
+on them): the same batches (a batch never crosses a shard), the same fp8 codec mean (from
+the store's first batch, computed by one task before any shard encodes), the same float64
+sums, the same manifest.
+
+A worker that dies is dask's to retry (its shard is rewritten whole, elsewhere); a client
+killed with -9 takes its LocalCluster's workers with it, and `--resume` truncates the
+shards written but not committed and redoes them. Each worker loads the model once and
+keeps it (`_MODELS`). With `--workers N` on a machine with G GPUs, worker i runs on
+cuda:(i mod G).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from rqae_pipeline import RQAEError
+from rqae_pipeline.harvest import (
+    Contexts,
+    HarvestConfig,
+    HarvestResult,
+    ModelFacts,
+    forward_batch,
+    model_facts,
+    open_store_for_writing,
+    plan_harvest,
+    progress_bar,
+)
+from rqae_pipeline.lm import LoadedLM, load_lm
+from rqae_pipeline.shard_writer import (
+    BatchError,
+    Committed,
+    StorageError,
+    codec_mean,
+    commit,
+    disk_error,
+    encode_batch,
+    grow_arrays,
+    write_shard,
+)
+from rqae_pipeline.store import ActivationStore
+from rqae_pipeline.tasks import dask_client
+from rqae_pipeline.urls import Location, location, scheme_of
+
+TASK_RETRIES = 2  # a task that raises (say a transient object-store error) runs again; dead workers are dask's
+WORKER_WAIT_S = 60  # how long a scheduler may take to show a first worker
+
+
+@dataclass(frozen=True, kw_only=True)
+class DaskConfig:
+    workers: int = 0  # N: a LocalCluster of N single-threaded worker processes
+    scheduler: str | None = None  # or the address of an existing dask scheduler
+    # torch threads in each worker; default: the cores shared out among a LocalCluster's
+    # workers, a scheduler's workers keep their own setting
+    threads_per_worker: int | None = None
+
+    def __post_init__(self):
+        if self.workers < 0:
+            raise RQAEError(f"--workers must be 0 (this process) or more, got {self.workers}")
+        if self.workers and self.scheduler:
+            raise RQAEError("give --workers (a local cluster) or --scheduler (an existing one), not both")
+        if not self.workers and not self.scheduler:
+            raise RQAEError("a parallel harvest needs --workers N or --scheduler ADDRESS")
+        if self.threads_per_worker is not None and self.threads_per_worker < 1:
+            raise RQAEError(f"threads per worker must be at least 1, got {self.threads_per_worker}")
+
+
+@dataclass(frozen=True)
+class WorkerModel:
+    """Which model a worker runs, how, and where."""
+
+    model: str
+    dtype: str
+    device: str | None
+    spread_gpus: bool  # a LocalCluster's worker i takes cuda:(i mod G)
+    torch_threads: int | None
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    index: int  # the shard's number in the store
+    start_row: int  # its first row
+    first_row: int  # the first row computed here; rows before it are a committed partial shard, carried
+    first_seq: int  # context index of tokens[0]
+    tokens: np.ndarray  # (contexts, context_length) token ids
+
+
+@dataclass(frozen=True)
+class ShardDone:
+    index: int
+    rows: int
+    errors: list[BatchError]  # per batch, in order: the client folds them in store order
+
+
+@dataclass(frozen=True)
+class ShardFailed:
+    """Bad data (non-finite activations, an overflowing dtype): returned, not raised, so
+    dask does not retry what would fail the same way."""
+
+    index: int
+    message: str
+
+
+# --------------------------------------------------------------------------- worker side
+
+_MODELS: dict[tuple, LoadedLM] = {}  # per worker process: the model, loaded once and kept
+
+
+def worker_device(requested: str | None, worker_index: int | None, gpus: int) -> str | None:
+    """Worker i of a LocalCluster on a machine with `gpus` GPUs runs on cuda:(i mod gpus),
+    unless a device other than plain cuda was asked for."""
+    if gpus < 1 or worker_index is None or requested not in (None, "cuda"):
+        return requested
+    return f"cuda:{worker_index % gpus}"
+
+
+def _worker_index() -> int | None:
+    from distributed import get_worker
+
+    try:
+        name = get_worker().name  # a LocalCluster names its workers 0..N-1, and a restarted one keeps its name
+    except ValueError:  # not in a worker
+        return None
+    return name if isinstance(name, int) else None
+
+
+def _worker_lm(job: WorkerModel) -> LoadedLM:
+    if job.torch_threads:
+        # dask's nanny starts workers with OMP_NUM_THREADS=1; give them their share instead
+        torch.set_num_threads(job.torch_threads)
+    device = job.device
+    if job.spread_gpus and torch.cuda.is_available():
+        device = worker_device(device, _worker_index(), torch.cuda.device_count())
+    key = (job.model, device, job.dtype)
+    if key not in _MODELS:
+        _MODELS.clear()  # one model per worker: another run's model makes way
+        _MODELS[key] = load_lm(job.model, device=device, dtype=job.dtype)
+    return _MODELS[key]
+
+
+def describe_model(job: WorkerModel, cfg: HarvestConfig) -> tuple[ModelFacts, object]:
+    """What the client needs to make the store and pack contexts: the model's facts and its tokenizer."""
+    lm = _worker_lm(job)
+    return model_facts(cfg, lm), lm.tokenizer
+
+
+def first_batch_mean(job: WorkerModel, store_path: Location, tokens: np.ndarray) -> np.ndarray:
+    """The fp8 codec mean of a new store: its first batch's, as the single process fixes it."""
+    lm = _worker_lm(job)
+    return codec_mean(forward_batch(lm, ActivationStore.open(store_path), tokens, 0, float(lm.model.cfg.eps)))
+
+
+def harvest_shard(job: WorkerModel, store_path: Location, task: ShardTask,
+                  mean: np.ndarray | None) -> ShardDone | ShardFailed:
+    """Forward, normalise, encode and write one shard (its committed rows carried as stored)."""
+    lm = _worker_lm(job)
+    store = ActivationStore.open(store_path).reopen_for_append()
+    spec, eps = store.spec, float(lm.model.cfg.eps)
+    pieces = [store.read_encoded(task.start_row, task.first_row)] if task.first_row > task.start_row else []
+    errors = []
+    try:
+        for i in range(0, len(task.tokens), spec.batch_contexts):
+            batch = forward_batch(lm, store, task.tokens[i:i + spec.batch_contexts], task.first_seq + i, eps)
+            cols, err = encode_batch(batch, spec.dtype, mean)
+            pieces.append(cols)
+            errors.append(err)
+    except RQAEError as e:
+        return ShardFailed(task.index, str(e))
+    return ShardDone(task.index, write_shard(store, task.start_row, pieces, grow=False), errors)
+
+
+# --------------------------------------------------------------------------- client side
+
+
+def harvest_parallel(cfg: HarvestConfig, cluster: DaskConfig, *, client=None, progress: bool = True,
+                     notice: Callable[[str], None] | None = None) -> HarvestResult:
+    """`harvest` on dask workers: on `client` when given (its cluster is left running), else on
+    the cluster `cluster` names. An unreachable scheduler is an RQAEError before anything is written."""
+    cfg = replace(cfg, out=_for_workers(cfg.out))
+    lock, result = None, None
+    try:
+        with _connected(cluster, client) as c:
+            job = WorkerModel(model=cfg.model, dtype=cfg.model_dtype, device=cfg.device,
+                              spread_gpus=not cluster.scheduler, torch_threads=_torch_threads(cluster))
+            facts, tokenizer = c.submit(describe_model, job, cfg, pure=False).result()
+            spec, source = plan_harvest(cfg, facts, tokenizer, notice)
+            store, lock = open_store_for_writing(cfg, spec, facts)
+            result = _run_parallel(cfg, c, job, store, source, progress=progress)
+        if result.interrupted:  # the cluster is closed: no worker of it writes any more
+            store.truncate_to_committed()
+        return result
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _for_workers(out) -> Location:
+    """The store's location as every worker can reach it: a path made absolute (a worker
+    may run in another directory, or on another host sharing the file system)."""
+    where = location(out)
+    if isinstance(where, Path):
+        return where.absolute()
+    if scheme_of(where) == "memory":
+        raise RQAEError(f"{where}: a memory:// store lives in one process; dask workers cannot write it "
+                        f"(harvest it without --workers/--scheduler, or use a path or an object store)")
+    return where
+
+
+def _torch_threads(cluster: DaskConfig) -> int | None:
+    if cluster.threads_per_worker or cluster.scheduler:
+        return cluster.threads_per_worker
+    return max(1, (os.cpu_count() or 1) // cluster.workers)
+
+
+@contextlib.contextmanager
+def _connected(cluster: DaskConfig, client):
+    if client is not None:
+        yield client
+        return
+    with dask_client(cluster) as c:
+        try:
+            c.wait_for_workers(1, timeout=WORKER_WAIT_S)
+        except TimeoutError:
+            raise RQAEError(f"the dask scheduler {cluster.scheduler!r} has no workers (waited "
+                            f"{WORKER_WAIT_S} s)") from None
+        yield c
+
+
+def plan_shards(source: Contexts, at: Committed, target_contexts: int, spec) -> Iterator[tuple[ShardTask, Committed]]:
+    """The shard tasks from the committed position on, each with the commit it completes.
+    The first may finish a committed partial shard; the last is short when the target or
+    the corpus ends inside it."""
+    contexts, per, R = at.contexts, spec.contexts_per_shard, spec.rows_per_context
+    while contexts < target_contexts:
+        want, group, state = min(per - contexts % per, target_contexts - contexts), [], None
+        for ctx, st in source:
+            group.append(ctx)
+            state = st
+            if len(group) == want:
+                break
+        if not group:
+            return
+        task = ShardTask(index=contexts // per, start_row=contexts // per * spec.shard_rows, first_row=contexts * R,
+                         first_seq=contexts, tokens=np.stack(group))
+        contexts += len(group)
+        yield task, Committed(contexts * R, contexts, state)
+
+
+def _run_parallel(cfg: HarvestConfig, c, job: WorkerModel, store: ActivationStore, source: Contexts, *,
+                  progress: bool) -> HarvestResult:
+    R = store.spec.rows_per_context
+    target_contexts = -(-cfg.tokens // R)
+    start_tokens, t0 = store.n_tokens, time.perf_counter()
+    run = _Commits(c, job, store, plan_shards(source, Committed.of(store), target_contexts, store.spec),
+                   progress_bar(target_contexts * R, start_tokens, progress))
+    try:
+        run.run()
+    except KeyboardInterrupt:
+        run.cancel()
+        return HarvestResult(store.path, store.n_tokens, store.n_tokens - start_tokens, time.perf_counter() - t0,
+                             interrupted=True, requested_tokens=cfg.tokens)
+    except BaseException:
+        run.cancel()
+        raise
+    finally:
+        run.bar.close()
+    exhausted = {"requested_tokens": cfg.tokens} if run.at.contexts < target_contexts else None
+    commit(store, run.at, run.error, complete=True, exhausted=exhausted)
+    return HarvestResult(store.path, store.n_tokens, store.n_tokens - start_tokens, time.perf_counter() - t0,
+                         exhausted=exhausted is not None, requested_tokens=cfg.tokens)
+
+
+class _Commits:
+    """Keeps a bounded window of shard tasks in flight and commits finished shards in order."""
+
+    def __init__(self, c, job: WorkerModel, store: ActivationStore, plan: Iterator, bar):
+        from dask.distributed import as_completed
+
+        self.c, self.job, self.store, self.plan, self.bar = c, job, store, plan, bar
+        self.at = Committed.of(store)  # the last commit
+        self.error = StorageError.from_manifest(store.manifest)
+        self.window = 2 * max(1, sum(c.nthreads().values())) + 1  # shards submitted but not committed
+        self.order: deque[int] = deque()  # submitted shards, in store order
+        self.futures: dict[int, object] = {}
+        self.after: dict[int, Committed] = {}  # the commit each shard completes
+        self.finished: dict[int, ShardDone] = {}
+        self.completed = as_completed()
+        self.mean = store.codec_mean()
+        self.mean_future = None
+
+    def run(self) -> None:
+        self._submit()
+        if self.mean_future is not None:  # fixed before any commit, as the single process does
+            self.mean = self.mean_future.result()
+            self.store.set_array("mean", self.mean)
+        for future in self.completed:
+            done = self._result(future)
+            self.finished[done.index] = done
+            while self.order and self.order[0] in self.finished:
+                self._commit(self.order.popleft())
+            self._submit()
+
+    def cancel(self) -> None:
+        pending = list(self.futures.values()) + ([self.mean_future] if self.mean_future is not None else [])
+        if pending:
+            with contextlib.suppress(Exception):
+                self.c.cancel(pending)
+
+    def _submit(self) -> None:
+        while len(self.order) < self.window and (item := next(self.plan, None)) is not None:
+            task, after = item
+            if self.store.spec.dtype == "fp8" and self.mean is None and self.mean_future is None:
+                self.mean_future = self.c.submit(first_batch_mean, self.job, self.store.path,
+                                                 task.tokens[:self.store.spec.batch_contexts], pure=False)
+            grow_arrays(self.store, after.tokens)  # before the task exists: workers never resize
+            mean = self.mean if self.mean is not None else self.mean_future
+            future = self.c.submit(harvest_shard, self.job, self.store.path, task, mean, pure=False,
+                                   retries=TASK_RETRIES)
+            self.order.append(task.index)
+            self.futures[task.index], self.after[task.index] = future, after
+            self.completed.add(future)
+
+    def _result(self, future) -> ShardDone:
+        from dask.distributed import KilledWorker
+
+        try:
+            done = future.result()
+        except KilledWorker as e:
+            raise RQAEError(f"dask workers kept dying while harvesting a shard ({e}); committed rows are intact, "
+                            f"rerun with --resume") from None
+        except OSError as e:
+            raise disk_error(e) from None
+        if isinstance(done, ShardFailed):
+            raise RQAEError(done.message)
+        return done
+
+    def _commit(self, index: int) -> None:
+        done = self.finished.pop(index)
+        del self.futures[index]
+        for err in done.errors:
+            self.error.add(err)
+        before, self.at = self.at.tokens, self.after.pop(index)
+        commit(self.store, self.at, self.error, complete=False, exhausted=None)
+        self.bar.update(self.at.tokens - before)

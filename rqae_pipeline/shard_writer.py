@@ -1,0 +1,230 @@
+"""What becomes of a shard's batches: encoding, the storage-error statistics, the write and
+the commit. The single-process writer thread (`ShardWriter`, fed by harvest.py's model
+thread) and a dask worker (harvest_dask.py) both go through `encode_batch` and
+`write_shard`, and both commits through `commit`, so they write the same bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import queue
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rqae_pipeline import RQAEError
+from rqae_pipeline.corpus import CorpusState
+from rqae_pipeline.store import ROW_ARRAYS, ActivationStore, Flags, StoreDtype, decode_acts, encode_acts
+
+
+@dataclass
+class Batch:
+    """One forward pass's rows, normalised, before encoding."""
+
+    acts: torch.Tensor  # (n, d) fp32, CPU
+    scale: torch.Tensor
+    tokens: np.ndarray
+    seq: np.ndarray
+    pos: np.ndarray
+    flags: np.ndarray
+
+
+@dataclass(frozen=True)
+class BatchError:
+    """float64 sufficient statistics of one batch's storage error (acts vs their decoding)."""
+
+    sse: float
+    sumsq: float
+    sum: np.ndarray  # (d,) float64
+    n: int
+
+
+@dataclass
+class StorageError:
+    """The store's running storage-error sums (manifest `storage_error`). Batches are added
+    in store order, whoever encoded them, so the float64 sums are the same bits."""
+
+    sse: float = 0.0
+    sumsq: float = 0.0
+    sum: np.ndarray | None = None
+    n: int = 0
+
+    @classmethod
+    def from_manifest(cls, manifest: dict) -> StorageError:
+        err = manifest.get("storage_error", {})
+        total = None if err.get("sum") is None else np.asarray(err["sum"], dtype=np.float64)
+        return cls(err.get("sse", 0.0), err.get("sumsq", 0.0), total, err.get("n", 0))
+
+    def add(self, e: BatchError) -> None:
+        self.sse += e.sse
+        self.sumsq += e.sumsq
+        self.sum = e.sum if self.sum is None else self.sum + e.sum
+        self.n += e.n
+
+    def to_manifest(self) -> dict:
+        return {"sse": self.sse, "sumsq": self.sumsq, "n": self.n,
+                "sum": None if self.sum is None else self.sum.tolist()}
+
+
+@dataclass(frozen=True)
+class Committed:
+    """What a commit makes visible: rows, contexts and where the corpus continues."""
+
+    tokens: int
+    contexts: int
+    corpus_state: CorpusState
+
+    @classmethod
+    def of(cls, store: ActivationStore) -> Committed:
+        c = store.manifest["committed"]
+        return cls(c["tokens"], c["contexts"], CorpusState(*c["corpus_state"]))
+
+
+def codec_mean(b: Batch) -> np.ndarray:
+    """The fp8 codec's per-dimension mean, fixed by the store's very first batch: the mean
+    of its ordinary rows (no special tokens, no outliers)."""
+    ordinary = (b.flags & int(Flags.ANY_SPECIAL | Flags.OUTLIER)) == 0
+    return b.acts[torch.from_numpy(ordinary)].mean(0).numpy().astype(np.float32)
+
+
+def encode_batch(b: Batch, dtype: StoreDtype, mean: np.ndarray | None) -> tuple[dict[str, np.ndarray], BatchError]:
+    """The batch's columns as stored and its storage-error statistics."""
+    cols = encode_acts(b.acts, dtype, mean)
+    decoded = decode_acts(cols["acts"], dtype, cols.get("row_scale"), mean)
+    if not torch.isfinite(decoded).all():
+        raise RQAEError(f"activations overflow {dtype} near context {int(b.seq[0])}; use --dtype float32")
+    cols.update(scale=b.scale.numpy(), tokens=b.tokens, seq=b.seq, pos=b.pos, flags=b.flags)
+    return cols, batch_error(b.acts, decoded)
+
+
+def batch_error(x: torch.Tensor, x_hat: torch.Tensor) -> BatchError:
+    # float64 sufficient statistics, so the storage FVU is exact over the whole store.
+    x64 = x.double()
+    return BatchError(sse=float((x64 - x_hat.double()).pow(2).sum()), sumsq=float(x64.pow(2).sum()),
+                      sum=x64.sum(0).numpy(), n=len(x))
+
+
+def write_shard(store: ActivationStore, start: int, pieces: list[dict[str, np.ndarray]], *,
+                grow: bool = True) -> int:
+    """Write the encoded pieces (at most one shard, in order) at rows [start, ...) in one
+    write per array; returns the rows written. `grow=False` (a dask worker): the arrays must
+    already reach that far, so a worker never rewrites array metadata under other writers."""
+    cols = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
+    stop = start + len(cols["scale"])
+    if not grow:
+        short = [name for name in cols if store.group[name].shape[0] < stop]
+        if short:
+            raise RQAEError(f"store {store.path}: array {short[0]} ends before row {stop}; its client did not "
+                            f"size it for this shard")
+    store.write_rows(start, cols)
+    return stop - start
+
+
+def grow_arrays(store: ActivationStore, rows: int) -> None:
+    """Make every row array at least `rows` long (metadata only; no chunk is written)."""
+    for name in ROW_ARRAYS + (("row_scale",) if store.spec.dtype == "fp8" else ()):
+        arr = store.group[name]
+        if arr.shape[0] < rows:
+            arr.resize((rows,) + arr.shape[1:])
+
+
+def commit(store: ActivationStore, to: Committed, error: StorageError, *, complete: bool,
+           exhausted: dict | None) -> None:
+    extra = {"storage_error": error.to_manifest(), "corpus_exhausted": exhausted}
+    store.commit(tokens=to.tokens, contexts=to.contexts, corpus_state=to.corpus_state.to_manifest(),
+                 complete=complete, extra=extra)
+
+
+def disk_error(e: BaseException) -> BaseException:
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return RQAEError(f"out of disk space while writing a shard ({e.strerror}); committed rows are intact, "
+                         f"free space and rerun with --resume")
+    if isinstance(e, OSError):
+        return RQAEError(f"cannot write the store: {e.strerror or e}; committed rows are intact")
+    return e
+
+
+class ShardWriter(threading.Thread):
+    """Encodes, writes and commits whole shards from a bounded queue of
+    `(batch, contexts after it, corpus state after it)`."""
+
+    def __init__(self, store: ActivationStore):
+        super().__init__(daemon=True, name="rqae-shard-writer")
+        self.store, self.spec = store, store.spec
+        self.queue: queue.Queue = queue.Queue(maxsize=4)
+        self.error: BaseException | None = None
+        self.state = Committed.of(store)
+        self.storage_error = StorageError.from_manifest(store.manifest)
+        self.mean = store.codec_mean()  # None until the first fp8 batch fixes it
+        self.exhausted: dict | None = None  # {"requested_tokens": N} once the corpus has run out
+        # Rows of a committed partial shard are carried, as stored, into the rewrite of that shard.
+        self.shard_start = self.state.tokens - self.state.tokens % self.spec.shard_rows
+        carried = (store.read_encoded(self.shard_start, self.state.tokens)
+                   if self.state.tokens > self.shard_start else None)
+        self.pending: list[dict] = [carried] if carried else []
+        self.pending_rows = self.state.tokens - self.shard_start
+        self.pending_contexts, self.pending_state = self.state.contexts, self.state.corpus_state
+
+    def put(self, item: tuple[Batch, int, CorpusState] | None) -> None:
+        while True:
+            if self.error is not None:
+                raise self.error
+            try:
+                self.queue.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def run(self) -> None:
+        try:
+            while (item := self.queue.get()) is not None:
+                self._add(*item)
+                if self.pending_rows >= self.spec.shard_rows:
+                    self._flush()
+        except BaseException as e:  # handed to the model thread, which reports it
+            self.error = disk_error(e)
+
+    def finish(self, *, complete: bool) -> None:
+        """Drain the queue, write the partial last shard, commit. Raises the writer's error."""
+        self.put(None)
+        self.join()
+        if self.error is not None:
+            raise self.error
+        if self.pending_rows:
+            self._flush(complete=complete)
+        elif complete:
+            self._commit(complete=True)
+
+    def abort(self) -> None:
+        """Stop after the shards already queued; the uncommitted tail is left for --resume to drop."""
+        while self.is_alive():
+            try:
+                self.queue.put(None, timeout=0.5)
+                break
+            except queue.Full:
+                continue
+        self.join(timeout=120)
+
+    def _add(self, b: Batch, contexts_after: int, state_after: CorpusState) -> None:
+        if self.spec.dtype == "fp8" and self.mean is None:
+            self.mean = codec_mean(b)
+            self.store.set_array("mean", self.mean)
+        cols, err = encode_batch(b, self.spec.dtype, self.mean)
+        self.storage_error.add(err)
+        self.pending.append(cols)
+        self.pending_rows += len(b.seq)
+        self.pending_contexts, self.pending_state = contexts_after, state_after
+
+    def _flush(self, complete: bool = False) -> None:
+        # batches never cross a shard boundary, so this is at most one shard
+        take = write_shard(self.store, self.shard_start, self.pending)
+        self.state = Committed(self.shard_start + take, self.pending_contexts, self.pending_state)
+        self._commit(complete=complete)
+        if take == self.spec.shard_rows:
+            self.shard_start += take
+            self.pending, self.pending_rows = [], 0
+
+    def _commit(self, *, complete: bool) -> None:
+        commit(self.store, self.state, self.storage_error, complete=complete, exhausted=self.exhausted)

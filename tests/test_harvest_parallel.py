@@ -1,0 +1,199 @@
+"""`rqae harvest --workers N / --scheduler`: shards harvested on dask workers make the store the
+single process makes, byte for byte, through worker deaths and a killed client.
+
+Byte-identical is checked on every file of the two store directories; the manifest's
+`created` timestamp is the one field masked. CPU results can depend on torch's thread
+count, so the single-process references run with one torch thread, as the workers do."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from rqae_pipeline import RQAEError
+from rqae_pipeline.harvest import harvest
+from rqae_pipeline.harvest_dask import DaskConfig, harvest_parallel, worker_device
+from rqae_pipeline.store import ActivationStore, StoreLock
+
+from helpers import HANG_GUARD_S, TINY, run_rqae, start_rqae, tiny_config, wait_until
+
+TWO = DaskConfig(workers=2, threads_per_worker=1)
+LONG = 24_000  # tokens: 188 shards of 4 contexts x 32 tokens, long enough to kill something mid-run
+SHORT = 3_000
+CLI_ARGS = ["--model", TINY, "--layer", "1", "--context-length", "32", "--batch-size", "2",
+            "--contexts-per-shard", "4", "--contexts-per-chunk", "2"]
+
+
+@pytest.fixture(scope="module")
+def client():
+    """One LocalCluster of two single-threaded worker processes for the whole file."""
+    from dask.distributed import Client
+
+    from rqae_pipeline.tasks import local_cluster
+
+    cluster = local_cluster(2)
+    c = Client(cluster)
+    yield c
+    c.close()
+    cluster.close()
+
+
+@pytest.fixture(scope="module")
+def single(tiny_lm, tmp_path_factory):
+    """Single-process stores (one torch thread) that the parallel runs must reproduce."""
+    root = tmp_path_factory.mktemp("single")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, tokens, dtype in (("long", LONG, "float16"), ("short-float16", SHORT, "float16"),
+                                    ("short-fp8", SHORT, "fp8")):
+            harvest(tiny_config(root / name, tokens=tokens, dtype=dtype), lm=tiny_lm, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    return root
+
+
+def store_files(path: Path) -> dict[str, bytes]:
+    """Every file of a store directory; the manifest's creation time masked."""
+    files = {}
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            if p == path / "zarr.json":
+                meta = json.loads(data)
+                meta["attributes"]["rqae"]["created"] = "<masked>"
+                data = json.dumps(meta).encode()
+            files[str(p.relative_to(path))] = data
+    return files
+
+
+def assert_identical(path: Path, reference: Path) -> None:
+    got, want = store_files(path), store_files(reference)
+    assert sorted(got) == sorted(want)
+    differ = [name for name in want if got[name] != want[name]]
+    assert not differ, differ[:5]
+
+
+def committed_tokens(path: Path) -> int:
+    try:
+        return json.loads((path / "zarr.json").read_text())["attributes"]["rqae"]["committed"]["tokens"]
+    except (FileNotFoundError, KeyError, ValueError):
+        return 0
+
+
+@pytest.mark.parametrize("dtype", ["float16", "fp8"])
+def test_two_workers_write_the_single_process_store_byte_for_byte(tmp_path, client, single, dtype):
+    out = tmp_path / "par.zarr"
+    result = harvest_parallel(tiny_config(out, tokens=SHORT, dtype=dtype), TWO, client=client, progress=False)
+    assert result.tokens == result.new_tokens == ActivationStore.open(out).n_tokens >= SHORT
+    assert not (out / ".lock").exists()
+    assert_identical(out, single / f"short-{dtype}")
+
+
+def test_a_worker_killed_mid_run_is_retried_and_the_store_is_unchanged(tmp_path, client, single):
+    client.wait_for_workers(2)
+    out = tmp_path / "worker-killed.zarr"
+    before = client.run(os.getpid)
+    killed = {}
+
+    def kill_one_worker():
+        while committed_tokens(out) < 128:  # the first shard is committed: the run is under way
+            time.sleep(0.01)
+        killed["at"] = committed_tokens(out)
+        os.kill(next(iter(before.values())), signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_one_worker, daemon=True)
+    killer.start()
+    result = harvest_parallel(tiny_config(out, tokens=LONG), TWO, client=client, progress=False)
+    killer.join(timeout=5)
+    assert 0 < killed["at"] < LONG  # the worker died mid-run...
+    client.wait_for_workers(2)
+    assert set(client.run(os.getpid).values()) != set(before.values())  # ...and its nanny started a new one
+    assert result.tokens == result.new_tokens >= LONG
+    assert_identical(out, single / "long")
+
+
+def test_client_killed_with_kill_9_resumes_and_redoes_only_uncommitted_shards(tmp_path, client, single):
+    out = tmp_path / "client-killed.zarr"
+    stderr = tmp_path / "client.stderr"
+    proc = start_rqae("harvest", *CLI_ARGS, "--tokens", str(LONG), "--out", str(out), "--workers", "2",
+                      stderr=stderr)
+    try:
+        wait_until(lambda: committed_tokens(out) >= 1024, proc, stderr)
+        workers = psutil.Process(proc.pid).children(recursive=True)
+        proc.kill()  # SIGKILL: no cleanup runs
+        proc.wait()
+    finally:
+        proc.kill()
+    at_kill = committed_tokens(out)
+    assert 1024 <= at_kill < LONG
+    # The LocalCluster's workers die with their client: nothing writes the store behind the resume.
+    _, alive = psutil.wait_procs(workers, timeout=30)
+    assert not alive, alive
+    assert StoreLock(out).read()  # the dead client's lock, stale now
+    result = harvest_parallel(tiny_config(out, tokens=LONG, resume=True), TWO, client=client, progress=False)
+    assert result.new_tokens == result.tokens - at_kill  # only the uncommitted shards were redone
+    assert_identical(out, single / "long")
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_unreachable_scheduler_is_one_error_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "never.zarr"
+    proc = run_rqae("harvest", *CLI_ARGS, "--tokens", "512", "--out", str(out),
+                    "--scheduler", f"tcp://127.0.0.1:{closed_port()}")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: cannot reach the dask scheduler"), proc.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_relative_out_is_made_absolute_for_workers_in_another_directory(tmp_path, monkeypatch, client, single):
+    workers_cwd = set(client.run(os.getcwd).values())
+    assert str(tmp_path) not in workers_cwd  # the workers run elsewhere: a relative path would miss
+    monkeypatch.chdir(tmp_path)
+    result = harvest_parallel(tiny_config(Path("rel.zarr"), tokens=SHORT), TWO, client=client, progress=False)
+    assert result.store == tmp_path / "rel.zarr"
+    assert_identical(tmp_path / "rel.zarr", single / "short-float16")
+    assert not any((Path(d) / "rel.zarr").exists() for d in workers_cwd)
+
+
+def test_cli_harvest_with_workers_and_a_relative_out(tmp_path, single):
+    # run from tmp_path: --out is relative to the command's directory, not the repository's
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "rqae_pipeline.cli", "harvest", *CLI_ARGS, "--tokens", str(SHORT),
+                           "--out", "cli.zarr", "--workers", "2"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=HANG_GUARD_S)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "3,008 tokens committed" in proc.stdout
+    assert_identical(tmp_path / "cli.zarr", single / "short-float16")
+
+
+def test_local_workers_spread_over_the_gpus():
+    assert [worker_device(None, i, 2) for i in range(4)] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1"]
+    assert worker_device("cuda", 3, 4) == "cuda:3"
+    assert worker_device("cuda:1", 0, 2) == "cuda:1"  # an explicit device stays
+    assert worker_device("cpu", 1, 2) == "cpu"
+    assert worker_device(None, 1, 0) is None  # no GPU: the default device
+
+
+def test_cluster_options_are_checked():
+    with pytest.raises(RQAEError, match="not both"):
+        DaskConfig(workers=2, scheduler="tcp://127.0.0.1:8786")
+    with pytest.raises(RQAEError, match="--workers must be"):
+        DaskConfig(workers=-1)
+    with pytest.raises(RQAEError, match="memory://"):
+        harvest_parallel(tiny_config("memory://x.zarr"), TWO)
