@@ -196,7 +196,7 @@ def ensure_codes(store: ActivationStore, model_dir: Path, path: Path | None = No
     finished) first when it is missing or behind the store."""
     if path is None:
         path = default_codes_path(store.path, model_dir)
-        if not (path / "zarr.json").exists() or open_codes(path).n < store.n_tokens:
+        if not is_file(path, "zarr.json") or open_codes(path).n < store.n_tokens:  # path may be a URL
             encode_store(EncodeConfig(store=store.path, model=model_dir, out=path, device=device), progress=progress)
     return open_codes_for(store, model_dir, path)
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import socket
+import traceback
 
 import numpy as np
 import pytest
@@ -158,3 +160,80 @@ def test_bad_store_urls_are_one_error_line_and_write_nothing(s3, tmp_path, monke
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:") and message in r.stderr, r.stderr
     assert sorted(s3.find(BUCKET)) == before_bucket and tree_digest(tmp_path) == before_cwd
     assert not s3.exists("no-such-bucket")
+
+
+# --------------------------------------------------------------------------- every reading command
+
+
+@pytest.fixture(scope="module")
+def analysis(s3, local_reference, tmp_path_factory):
+    """The reference store copied into the bucket, an RQAE trained on it (held-out contexts
+    for compare-gemmascope) and a raw-space sae-lens SAE: the inputs every reading command takes."""
+    from rqae_pipeline.models.base import ModelSpec
+    from rqae_pipeline.train import TrainConfig, train
+
+    from helpers import raw_space_sae
+
+    root = tmp_path_factory.mktemp("analysis")
+    s3.put(str(local_reference), f"{BUCKET}/analysis/{local_reference.name}", recursive=True)  # same name
+    rqae = root / "rqae"
+    train(TrainConfig(store=local_reference, out=rqae, model=ModelSpec(arch="rqae", d_in=64, n_q=4, lr=3e-3),
+                      batch_size=256, tokens=256 * 8, heldout_fraction=0.25), progress=False)
+    sae = raw_space_sae(local_reference, root / "sae", ActivationStore.open(local_reference).spec.hook, d_sae=32)
+    return {"url": f"s3://{BUCKET}/analysis/{local_reference.name}", "local": str(local_reference), "rqae": rqae,
+            "sae": sae}
+
+
+def _same_on_both(analysis, tmp_path, command, *args, outputs=("out.json",)):
+    """`command` run on the bucket's store and on the local copy: (stdout, {output: text}) of each,
+    the store's location replaced by STORE (its folder, where the codes are, by DIR) and creation
+    times by TIME and durations by 0 so the two can be compared."""
+    def same_form(text: str, name: str, run) -> str:
+        text = text.replace(analysis[name], "STORE").replace(analysis[name].rsplit("/", 1)[0], "DIR")
+        text = text.replace(str(run), "RUN")
+        text = re.sub(r'("[a-z_]*seconds?[a-z_]*"): [-+.e0-9]+', r"\1: 0", text)
+        return re.sub(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", "TIME", text)
+
+    runs = {}
+    for name in ("url", "local"):
+        run = tmp_path / name
+        run.mkdir(parents=True)
+        r = invoke(command, "--store", analysis[name], *(str(a).replace("RUN", str(run)) for a in args))
+        assert r.exit_code == 0, (name, r.output, r.exc_info and "".join(traceback.format_exception(*r.exc_info)))
+        runs[name] = (same_form(r.stdout, name, run), {o: same_form((run / o).read_text(), name, run) for o in outputs})
+    for got, want in zip(runs["url"][1].values(), runs["local"][1].values()):
+        assert got == want, next((g, w) for g, w in zip(got.splitlines(), want.splitlines()) if g != w)
+    assert runs["url"] == runs["local"]
+    return runs["url"]
+
+
+def test_search_and_features_on_the_bucket_equal_the_local_run(s3, analysis, tmp_path):
+    m = analysis["rqae"]
+    stdout, files = _same_on_both(analysis, tmp_path / "search", "search", "--model", m, "--address", "20:7",
+                                  "--top-k", "4", "--out", "RUN/out.json")
+    assert len(json.loads(files["out.json"])["hits"]) == 4
+    # the codes each search encoded first lie beside its store: for the bucket's, in the bucket
+    assert s3.find(f"{BUCKET}/analysis/ref.codes")
+    _, files = _same_on_both(analysis, tmp_path / "features", "features", "--model", m, "--address", "20:7",
+                             "--address", "31:4", "--query", "an object", "--split", "0,1", "--out", "RUN/out.json")
+    assert [f["name"] for f in json.loads(files["out.json"])["features"]] == ["all", "0,1"]
+
+
+def test_steer_and_dashboard_on_the_bucket_equal_the_local_run(analysis, tmp_path):
+    m = analysis["rqae"]
+    _, files = _same_on_both(analysis, tmp_path / "steer", "steer", "--model", m, "--prompt", "The value of",
+                             "--address", "20:7", "--address", "31:4", "--strength", "1", "--top-k-layers", "2",
+                             "--max-new-tokens", "4", "--samples", "2", "--temperature", "0", "--device", "cpu",
+                             "--word", "the", "--out", "RUN/out.json")
+    assert json.loads(files["out.json"])["generations"][0]["steered"]
+    _, files = _same_on_both(analysis, tmp_path / "dash", "dashboard", "--model", m, "--out", "RUN/d",
+                             "--seeds", "3", "--examples", "3", "--query", "The value", "--top-k", "3",
+                             outputs=("d/index.html", "d/features.json"))
+    assert json.loads(files["d/features.json"])["features"]
+
+
+def test_compare_gemmascope_on_the_bucket_equals_the_local_run(analysis, tmp_path):
+    _, files = _same_on_both(analysis, tmp_path, "compare-gemmascope", "--rqae", analysis["rqae"], "--sae-path",
+                             analysis["sae"], "--out", "RUN/r", "--ce-contexts", "4", "--features", "4",
+                             outputs=("r/report.json",))
+    assert json.loads(files["r/report.json"])["sae"]["metrics"]
