@@ -14,14 +14,17 @@ ratios), on `--threads` torch threads (default 1):
 4. peak RSS of a training run on a store and on one 10x larger (same steps): the reader
    keeps one shuffle buffer, so the ratio should stay ~1;
 5. data-parallel training: `rqae train` tok/s with 2 gloo ranks x 1 thread (torchrun) over
-   1 process x 1 thread, RQAE n_q=64 on a synthetic d=640 store (tok/s from metrics.jsonl,
-   startup excluded; the global batch is the same);
+   1 process x 1 thread, RQAE n_q=64 on a synthetic d=640 store: the same global batch and
+   steps, tokens over time of the logged intervals but the first (start-up) and the last
+   (final evaluation), so the intervals in which a shuffle buffer is read count in full
+   (the median interval would skip them); the order of the two runs alternates by round;
 6. resume seek: time from opening the data at a checkpoint's recorded position to the first
    new batch, at 10x the trained tokens over 1x (one shuffle buffer either way: ~1).
 
     python bench/train.py                 # full sizes (~15 min on a busy 2-core machine)
     python bench/train.py --quick         # smaller, for a smoke run (a few minutes)
     python bench/train.py --only parallel # sections 5 and 6 alone
+    python bench/train.py --only parallel --quick --rounds 1   # a smoke run of them
 """
 
 from __future__ import annotations
@@ -170,7 +173,8 @@ print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(
 
 
 def tok_per_s_of_run(store: Path, out: Path, nproc: int, steps: int, n_q: int) -> float:
-    """Median tok/s over the logged intervals of an `rqae train` run (the first, with start-up, left out)."""
+    """Tokens over seconds of the logged intervals of an `rqae train` run, the first (start-up)
+    and the last (final evaluation) left out."""
     import json
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
@@ -179,14 +183,15 @@ def tok_per_s_of_run(store: Path, out: Path, nproc: int, steps: int, n_q: int) -
            "--eval-every", "1000000", "--device", "cpu", "--nproc", str(nproc)]
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return statistics.median(r["tok_per_s"] for r in rows[1:-1])
+    intervals = [(r["tokens"] - prev["tokens"], r["tok_per_s"]) for prev, r in zip(rows, rows[1:-1])]
+    return sum(tokens for tokens, _ in intervals) / sum(tokens / tok_s for tokens, tok_s in intervals)
 
 
 def parallel_rounds(store: Path, tmp: Path, steps: int, rounds: int) -> dict:
     one, two = [], []
-    for r in range(rounds):  # interleaved: a load change hits both
-        one.append(tok_per_s_of_run(store, tmp / f"one{r}", 1, steps, 64))
-        two.append(tok_per_s_of_run(store, tmp / f"two{r}", 2, steps, 64))
+    for r in range(rounds):  # interleaved, in alternating order: a load change hits both
+        for nproc in ((1, 2) if r % 2 == 0 else (2, 1)):
+            (one if nproc == 1 else two).append(tok_per_s_of_run(store, tmp / f"p{nproc}-{r}", nproc, steps, 64))
     return {"one": one, "two": two, "ratio": [b / a for a, b in zip(one, two)]}
 
 
