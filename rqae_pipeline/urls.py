@@ -92,7 +92,14 @@ def is_file(loc: Location, key: str = "") -> bool:
     if not is_remote(loc):
         return (Path(loc) / key).is_file() if key else Path(loc).is_file()
     fs, path = filesystem(join(loc, key) if key else loc)
-    return fs.isfile(path)
+    try:  # not fs.isfile: it answers False for every error, so an unreachable endpoint read as "no store"
+        return fs.info(path)["type"] == "file"
+    except FileNotFoundError:
+        return False
+    except OSError:
+        raise
+    except Exception as e:  # botocore/aiohttp connection errors are not OSErrors
+        raise ConnectionError(f"{type(e).__name__}: {e}") from e
 
 
 def size_of(loc: Location, key: str) -> int:

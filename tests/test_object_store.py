@@ -237,3 +237,57 @@ def test_compare_gemmascope_on_the_bucket_equals_the_local_run(analysis, tmp_pat
                              analysis["sae"], "--out", "RUN/r", "--ce-contexts", "4", "--features", "4",
                              outputs=("r/report.json",))
     assert json.loads(files["r/report.json"])["sae"]["metrics"]
+
+
+# --------------------------------------------------------------------------- refused and unreachable buckets
+
+
+def _moto_auth(s3, initial_free_requests: str) -> None:
+    """Turn moto's IAM authorisation on ("0": every request is checked) or off ("inf")."""
+    import urllib.request
+
+    endpoint = os.environ["AWS_ENDPOINT_URL"]
+    request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=initial_free_requests.encode(),
+                                     method="POST", headers={"Content-Type": "text/plain"})
+    urllib.request.urlopen(request).read()
+
+
+def test_harvest_into_a_bucket_it_may_only_read_is_one_error_line_and_writes_nothing(s3, monkeypatch):
+    """An IAM user whose policy allows only reads of the bucket, with moto checking every request."""
+    import boto3
+
+    bucket = "read-only-bucket"
+    s3.mkdir(bucket)
+    s3.pipe(f"{bucket}/keep.txt", b"kept")
+    iam = boto3.client("iam")
+    iam.create_user(UserName="reader")
+    iam.put_user_policy(UserName="reader", PolicyName="read-only", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": ["s3:GetObject", "s3:ListBucket"],
+                                                "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]}]}))
+    key = iam.create_access_key(UserName="reader")["AccessKey"]
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key["AccessKeyId"])  # the subprocess's credentials
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", key["SecretAccessKey"])
+    _moto_auth(s3, "0")
+    try:
+        r = run_rqae("harvest", *HARVEST_ARGS, "--out", f"s3://{bucket}/x.zarr")
+    finally:
+        _moto_auth(s3, "inf")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == f"error: cannot write to s3://{bucket}/x.zarr: Access Denied", r.stderr
+    s3.invalidate_cache()
+    assert s3.find(bucket) == [f"{bucket}/keep.txt"]
+
+
+@pytest.mark.parametrize("command", [["harvest", *HARVEST_ARGS, "--out"], ["inspect"],
+                                     ["search", "--model", "no-model", "--address", "1:1", "--store"]])
+def test_an_unreachable_endpoint_is_one_error_line(s3, monkeypatch, command):
+    """Not "no activation store": the endpoint's failure is named (fsspec's isfile answered False)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # botocore's retries would only make the test slow
+    r = run_rqae(*command, f"s3://{BUCKET}/x.zarr")
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: cannot read s3://{BUCKET}/x.zarr: "), r.stderr
+    assert "Could not connect" in lines[0]
+    assert not (REPO / "s3:").exists()
