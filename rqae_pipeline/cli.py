@@ -330,6 +330,7 @@ def eval_command(
     space: Annotated[str, typer.Option(help="auto, raw or normalised: what the model reads. auto: models "
                                        "trained here read normalised acts, other sae-lens dirs raw.")] = "auto",
     ce_prefixes: Annotated[str | None, typer.Option(help=CE_PREFIXES_HELP)] = None,
+    device: Annotated[str | None, typer.Option(help="cuda/cpu; default: cuda when present.")] = None,
 ) -> None:
     """Reconstruction metrics (MSE and FVU in the stored and the raw space, CE-delta and KL with bootstrap
     standard errors, L0, dead latents, code usage) of a model on a store."""
@@ -339,7 +340,7 @@ def eval_command(
 
     result = evaluate(EvalConfig(store=store, model=model, rows=rows, workers=workers, scheduler=scheduler,
                                  batch_size=batch_size, ce_contexts=ce_contexts, space=space,
-                                 ce_prefixes=_ce_prefixes(ce_prefixes)))
+                                 ce_prefixes=_ce_prefixes(ce_prefixes), device=device))
     if out is not None:
         write_evaluation(result, out, model.name)
     typer.echo("\n".join(evaluation_lines(result, model)))

@@ -36,6 +36,7 @@ from rqae_pipeline.ce import (
     default_ce_prefixes,
     residual_start_layer,
 )
+from rqae_pipeline.io import default_device
 from rqae_pipeline.metrics import Stats, code_usage_summary, default_prefixes
 from rqae_pipeline.models.registry import kind_of, load_model_dir, reconstruct
 from rqae_pipeline.store import ActivationStore, Flags
@@ -67,7 +68,7 @@ class EvalConfig:
     batch_size: int = 4096
     workers: int = 0  # 0: this process; N: a dask LocalCluster of N worker processes
     scheduler: str | None = None  # address of an existing dask scheduler
-    device: str = "cpu"
+    device: str | None = "cpu"  # None: io.default_device() (cuda when present)
     ce_contexts: int = 0  # held-out contexts for CE-delta / KL (needs the LM); 0 skips them
     ce_prefixes: tuple[int, ...] | None = None  # RQAE prefixes spliced for CE (default 1, 4, 16, n_q)
     ce_resamples: int = BOOTSTRAP_RESAMPLES  # bootstrap resamples of the CE contexts for standard errors
@@ -90,6 +91,25 @@ class EvalConfig:
             raise RQAEError(f"--batch-size must be at least 1, got {self.batch_size}")
         if self.ce_contexts < 0:
             raise RQAEError(f"--ce-contexts must be 0 (skip) or more, got {self.ce_contexts}")
+        object.__setattr__(self, "device", checked_device(self.device))
+
+
+def checked_device(name: str | None) -> str:
+    """`name` (None: the default device) if this machine has it; else RQAEError, before any
+    store or model is read (torch would fail later, with a traceback, at the first `.to`)."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise RQAEError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RQAEError(f"--device {name}: no CUDA device is available here; use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise RQAEError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise RQAEError(f"--device {name}: only cpu and cuda devices are supported")
+    return name
 
 
 # --------------------------------------------------------------------------- models

@@ -256,3 +256,30 @@ def test_ce_summary_standard_errors_come_from_per_context_sums():
     assert one["ce_recovered"] == pytest.approx(2.5 / 3) and one["kl_se"] == pytest.approx(0, abs=1e-9)
     assert out["rqae@4"]["ce_delta"] == pytest.approx(delta.mean())
     assert out["rqae@4"]["ce_delta_se"] == pytest.approx(delta.std(ddof=0) / np.sqrt(n), rel=0.03)
+
+
+BAD_DEVICES = [
+    ("gpu", "unknown device 'gpu'; use cpu, cuda or cuda:N"),
+    ("cuda:64", "--device cuda:64: "),  # no machine has 65 GPUs; without CUDA, "no CUDA device"
+    ("meta", "--device meta: only cpu and cuda devices are supported"),
+]
+
+
+def test_eval_device_option_runs_on_cpu_and_refuses_a_bad_device(trained, tmp_path):
+    from typer.testing import CliRunner
+
+    from rqae_pipeline.cli import app
+
+    store, runs = trained
+    base = ["eval", "--store", str(store), "--model", str(runs["rqae"])]
+    for device, message in BAD_DEVICES:
+        r = CliRunner().invoke(app, [*base, "--device", device, "--out", str(tmp_path / "bad.json")])
+        assert r.exit_code == 2, r.output
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: {message}"), r.stderr
+        assert not list(tmp_path.iterdir())
+    r = CliRunner().invoke(app, [*base, "--device", "cpu", "--out", str(tmp_path / "cpu.json")])
+    assert r.exit_code == 0, r.output
+    direct = evaluate(EvalConfig(store=store, model=runs["rqae"]), progress=False)  # the library's default: cpu
+    assert json.loads((tmp_path / "cpu.json").read_text())["metrics"]["rqae@8"]["fvu"] == pytest.approx(
+        direct["metrics"]["rqae@8"]["fvu"], rel=1e-9)
