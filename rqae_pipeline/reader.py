@@ -102,24 +102,45 @@ def _rank_positions(n: int, skip: int, phase: int, batch_size: int, rank: int, w
     return q[(q - skip + phase) % batch_size // part == rank]
 
 
-def load_buffer(store, group, index: int, *, shuffle: bool, seed: int, exclude: int,
-                positions=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def load_buffer(store, group, index: int, *, shuffle: bool, seed: int, exclude: int, positions=None,
+                check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Buffer `index`'s kept rows and their store row indices in the pass's order, or only those
-    at `positions(n)` of that order (n: the buffer's kept rows); also n.
+    at `positions(n)` of that order (n: the buffer's kept rows); also n. With `check_finite`, a
+    kept row holding NaN/inf, wanted or not, is an RQAEError naming it.
 
     The chunks are read and decoded whole (that is what zarr reads), but only the wanted rows
     are gathered, permuted and kept: a rank reads its own part of the buffer's rows."""
     spans = _merged_spans(group)
     parts = [store.read_acts(a, b) for a, b in spans]
+    acts = [p[0] for p in parts]
+    store_rows = np.concatenate([np.arange(a, b) for a, b in spans])
+    starts = np.cumsum([0] + [b - a for a, b in spans])
     kept = np.flatnonzero((np.concatenate([p[1] for p in parts]) & exclude) == 0)  # offsets into the spans
+    if check_finite:
+        _require_finite(store, acts, starts, kept, store_rows)
     n = len(kept)
     if shuffle:  # seeded by (seed, buffer) alone, so any buffer can be produced first
         kept = kept[np.random.default_rng([seed, index]).permutation(n)]
     if positions is not None:
         kept = kept[positions(n)]
-    store_rows = np.concatenate([np.arange(a, b) for a, b in spans])
-    starts = np.cumsum([0] + [b - a for a, b in spans])
-    return _gather([p[0] for p in parts], starts, kept, store.d), torch.from_numpy(store_rows[kept]), n
+    return _gather(acts, starts, kept, store.d), torch.from_numpy(store_rows[kept]), n
+
+
+def _require_finite(store, acts: list[torch.Tensor], starts: np.ndarray, kept: np.ndarray,
+                    store_rows: np.ndarray, limit: int = 5) -> None:
+    """Raise naming the kept rows that hold NaN/inf: the store's fault, not the learning rate's.
+    The whole buffer is checked, whatever part of it is wanted, so that data-parallel ranks
+    stop together; a row sum per row (~1/20 of an elementwise check) finds the suspects, and
+    an elementwise check of those alone tells NaN/inf from a sum that overflowed."""
+    sums = torch.cat([a.sum(1) for a in acts])
+    suspects = kept[~torch.isfinite(sums[torch.from_numpy(kept)]).numpy()]
+    if not len(suspects):
+        return
+    bad = suspects[~torch.isfinite(_gather(acts, starts, suspects, store.d)).all(1).numpy()]
+    if len(bad):
+        where = ", ".join(str(r) for r in sorted(store_rows[bad])[:limit]) + (" ..." if len(bad) > limit else "")
+        raise RQAEError(f"store {store.path} has non-finite (NaN/inf) activations in row(s) {where}; nothing was "
+                        f"trained on them (`rqae verify {store.path}` lists the damage)")
 
 
 def _gather(acts: list[torch.Tensor], starts: np.ndarray, offsets: np.ndarray, d: int) -> torch.Tensor:
@@ -191,12 +212,13 @@ def _batch_ends(n: int, skip: int, phase: int, batch_size: int) -> range:
 def shuffled_batches(store, batch_size: int, *, shuffle: bool, seed: int, start: int, stop: int | None,
                      exclude: int, buffer_rows: int | None, drop_last: bool, return_rows: bool = False,
                      first: ReadPosition = ReadPosition(), with_position: bool = False, rank: int = 0,
-                     world_size: int = 1) -> Iterator:
+                     world_size: int = 1, check_finite: bool = False) -> Iterator:
     """Batches from position `first` on. Yields acts, or (acts, rows) with `return_rows`; with
     `with_position` each item is followed by the ReadPosition of the next row, `(item, position)`.
 
     With `world_size` > 1 each item is rank `rank`'s equal, contiguous part of the global batch
-    (the batches of world size 1, whatever the world size), and a rank gathers only its rows."""
+    (the batches of world size 1, whatever the world size), and a rank gathers only its rows.
+    With `check_finite`, a buffer with a kept NaN/inf row raises before its first batch."""
     if batch_size % world_size or (world_size > 1 and not drop_last):
         raise ValueError("ranks need drop_last and a batch size that splits evenly over them")
     groups = buffer_groups(store, shuffle=shuffle, seed=seed, start=start, stop=stop, buffer_rows=buffer_rows)
@@ -207,7 +229,7 @@ def shuffled_batches(store, batch_size: int, *, shuffle: bool, seed: int, start:
             return _rank_positions(n, skip, phase, batch_size, rank, world_size)
 
         return load_buffer(store, groups[index], index, shuffle=shuffle, seed=seed, exclude=exclude,
-                           positions=positions)
+                           positions=positions, check_finite=check_finite)
 
     def item(acts, rows, position):
         out = (acts, rows) if return_rows else acts
@@ -239,13 +261,14 @@ def endless_batches(store, batch_size: int, *, seed: int, stop: int, exclude: in
                     rank: int = 0, world_size: int = 1) -> Iterator:
     """Full shuffled batches of rows [0, stop) from `start` on, pass after pass (pass e seeded
     `pass_seed(seed, e)`), each as (batch, DataPosition after it); with `world_size` > 1, rank
-    `rank`'s part of each global batch (`shuffled_batches`)."""
+    `rank`'s part of each global batch (`shuffled_batches`). A NaN/inf row is an RQAEError
+    before any batch of its buffer is handed out, on every rank."""
     epoch, first = start.epoch, start.read
     while True:
         seen = False
         for batch, at in shuffled_batches(store, batch_size, shuffle=True, seed=pass_seed(seed, epoch), start=0,
                                           stop=stop, exclude=exclude, buffer_rows=None, drop_last=True, first=first,
-                                          with_position=True, rank=rank, world_size=world_size):
+                                          with_position=True, rank=rank, world_size=world_size, check_finite=True):
             seen = True
             yield batch, DataPosition(epoch, at)
         if not seen and first == ReadPosition():
@@ -266,18 +289,3 @@ def position_of_batch(store, batch_size: int, *, seed: int, stop: int, exclude: 
     if epoch and not k:  # the stream reports the end of a pass as a position in that pass
         epoch, k = epoch - 1, per_pass
     return DataPosition(epoch, position_after(store, groups(epoch), batch_size, k, exclude=exclude))
-
-
-def nonfinite_rows_message(store, stop: int, exclude: int, limit: int = 5) -> str:
-    """Names the first training rows (below `stop`, not excluded) holding NaN/inf, read shard by shard."""
-    bad: list[int] = []
-    for start in range(0, stop, store.spec.shard_rows):
-        acts, flags = store.read_acts(start, min(stop, start + store.spec.shard_rows))
-        used = torch.from_numpy((flags & exclude) == 0)
-        rows = ((~torch.isfinite(acts)).any(-1) & used).nonzero()[:, 0]
-        bad += [start + int(r) for r in rows[: limit - len(bad)]]
-        if len(bad) >= limit:
-            break
-    where = ", ".join(map(str, bad)) + (" ..." if len(bad) >= limit else "")
-    return (f"store {store.path} has non-finite (NaN/inf) activations in row(s) {where}; nothing was trained "
-            f"on them (`rqae verify {store.path}` lists the damage)")

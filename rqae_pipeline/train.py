@@ -33,7 +33,7 @@ from rqae_pipeline.metrics import Stats, prefix_label, prefix_of
 from rqae_pipeline.models.base import ModelSpec, Trainable
 from rqae_pipeline.models.registry import build_trainable, reconstruct
 from rqae_pipeline.models.sae import SAEBaseline
-from rqae_pipeline.reader import DataPosition, endless_batches, nonfinite_rows_message, position_of_batch
+from rqae_pipeline.reader import DataPosition, endless_batches, position_of_batch
 from rqae_pipeline.store import ActivationStore, Flags
 
 CHECKPOINT = "checkpoint.pt"
@@ -114,13 +114,9 @@ def positioned_batches(store: ActivationStore, cfg: TrainConfig, split: dict, st
                        ranks: Ranks = SINGLE):
     """Endless shuffled batches of training rows from `start` (global, or this rank's slice of
     each global batch), each with the position after it (`reader.endless_batches`); reaching
-    `start` reads one buffer, wherever it is."""
-    for batch, at in endless_batches(store, cfg.batch_size, seed=cfg.seed, stop=split["first_row"],
-                                     exclude=cfg.exclude, start=start, rank=ranks.rank, world_size=ranks.world_size):
-        # the store's fault, not the learning rate's (a rank checks its slice; one that stops stops the job)
-        if not torch.isfinite(batch).all():
-            raise RQAEError(nonfinite_rows_message(store, split["first_row"], cfg.exclude))
-        yield batch, at
+    `start` reads one buffer, wherever it is. NaN/inf rows are an error, never trained on."""
+    return endless_batches(store, cfg.batch_size, seed=cfg.seed, stop=split["first_row"], exclude=cfg.exclude,
+                           start=start, rank=ranks.rank, world_size=ranks.world_size)
 
 
 def position_of_step(store: ActivationStore, cfg: TrainConfig, split: dict, steps: int) -> DataPosition:

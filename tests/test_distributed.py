@@ -5,6 +5,7 @@ few steps and an encode on cuda match the CPU (skipped without a GPU)."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from rqae_pipeline import RQAEError
 from rqae_pipeline.distributed import Ranks
 from rqae_pipeline.harvest import harvest
 from rqae_pipeline.models.base import ModelSpec
@@ -82,6 +84,23 @@ def test_batch_that_does_not_split_over_the_ranks_is_refused(store_path, tmp_pat
     proc = run_rqae(*cli_args(cfg, 2))
     assert proc.returncode != 0 and "does not split evenly over 2 processes" in proc.stderr
     assert not (tmp_path / "odd" / CHECKPOINT).exists()
+
+
+def test_a_nan_row_stops_every_rank_before_its_buffer(store_path, tmp_path):
+    # every rank checks the whole shuffle buffer, not only its slice: all stop together with
+    # the error, none is left waiting in a collective for a peer that has gone
+    import zarr
+
+    damaged = tmp_path / "nan.zarr"
+    shutil.copytree(store_path, damaged)
+    zarr.open_group(str(damaged), mode="r+", zarr_format=3)["acts"][1000, 3] = np.nan  # in one rank's slice
+    store = ActivationStore.open(damaged)
+    slices = [shuffled_batches(store, BATCH, shuffle=True, seed=0, start=0, stop=None, exclude=int(Flags.BOS),
+                               buffer_rows=None, drop_last=True, rank=r, world_size=2, check_finite=True)
+              for r in range(2)]
+    for rank_slices in slices:
+        with pytest.raises(RQAEError, match=r"non-finite \(NaN/inf\) activations in row\(s\) 1000;"):
+            next(rank_slices)
 
 
 def _descendants(pid: int) -> list[int]:
