@@ -10,7 +10,9 @@ ratios), on `--threads` torch threads (default 1):
    closed form at its batch, the loop at two small batches extrapolated linearly to it;
 3. encoding tok/s: blocked encoder with the symmetric nearest-code search / with the
    544-code argmax (the encoder before) / the naive loop, with the fraction of rows whose
-   codes agree, and the share of the 544-code encoder's time spent in its argmax;
+   codes agree, and the share of the 544-code encoder's time spent in its argmax; at
+   batch 4096, the batch `rqae encode` uses (at 512 the per-layer op overhead, equal for
+   both searches, dominated and the ratio was ~1.9x);
 4. peak RSS of a training run on a store and on one 10x larger (same steps): the reader
    keeps one shuffle buffer, so the ratio should stay ~1;
 5. data-parallel training: `rqae train` tok/s with 2 gloo ranks x 1 thread (torchrun) over
@@ -122,6 +124,7 @@ def encoding_rounds(d: int, n_q: int, batch: int, rounds: int) -> dict:
     p = torch.randn(batch, 4)
     paths = {"symmetric": lambda: model.encode(x),
              "brute": lambda: model.encode_with_projections(xs, block=64, nearest=model._nearest_brute_force),
+             "brute_block16": lambda: model.encode_with_projections(xs, nearest=model._nearest_brute_force),
              "naive": lambda: model.encode_naive(x),
              "argmax_only": lambda: [model._nearest_brute_force(p) for _ in range(n_q)]}
     tok_s = {name: [] for name in paths}
@@ -131,6 +134,7 @@ def encoding_rounds(d: int, n_q: int, batch: int, rounds: int) -> dict:
     symmetric = model.encode(x).long()
     brute = model.encode_with_projections(xs, block=64, nearest=model._nearest_brute_force)[0]
     return {**tok_s, "sym_over_brute": [a / b for a, b in zip(tok_s["symmetric"], tok_s["brute"])],
+            "sym_over_brute16": [a / b for a, b in zip(tok_s["symmetric"], tok_s["brute_block16"])],
             "brute_over_naive": [a / b for a, b in zip(tok_s["brute"], tok_s["naive"])],
             "rows_identical": float((symmetric == brute).all(1).float().mean()),
             "argmax_share": statistics.median(b / a for a, b in zip(tok_s["argmax_only"], tok_s["brute"]))}
@@ -252,7 +256,8 @@ def main() -> None:
         parallel_and_seek(args.quick, args.rounds)
         return
     d, n_q = (2304, 1024) if not args.quick else (512, 128)
-    cf_batch, loop_batch, enc_batch = (4096, 128, 512) if not args.quick else (1024, 128, 256)
+    # encoding at `rqae encode`'s batch (codes.py, EncodeConfig.batch_size)
+    cf_batch, loop_batch, enc_batch = (4096, 128, 4096) if not args.quick else (1024, 128, 256)
     loop_mem_batches = (32, 64) if not args.quick else (64, 128)
     print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} thread(s), load average "
           f"{os.getloadavg()[0]:.1f}; RQAE d={d}, n_q={n_q}, random activations, {args.rounds} rounds")
@@ -280,9 +285,12 @@ def main() -> None:
     print(f"| step memory closed form / loop at batch {cf_batch} | **1/{1 / mem['ratio']:,.0f}** |")
     print(f"| RQAE encoding, symmetric search (batch {enc_batch}) | {spread(enc['symmetric'], tok)} tok/s |")
     print(f"| RQAE encoding, 544-code argmax, blocks of 64 (the encoder before) | {spread(enc['brute'], tok)} tok/s |")
+    print(f"| RQAE encoding, 544-code argmax, blocks of 16 (the search alone differs) | "
+          f"{spread(enc['brute_block16'], tok)} tok/s |")
     print(f"| RQAE encoding, naive loop | {spread(enc['naive'], tok)} tok/s |")
     print(f"| symmetric / 544-code argmax encoder | **{spread(enc['sym_over_brute'])}x** "
           f"(rows with identical codes: {enc['rows_identical']:.4f}) |")
+    print(f"| symmetric / 544-code argmax, both in blocks of 16 | {spread(enc['sym_over_brute16'])}x |")
     print(f"| 544-code argmax encoder / naive loop | {spread(enc['brute_over_naive'])}x |")
     print(f"| share of the 544-code encoder's time in its argmax | {enc['argmax_share']:.0%} |")
     if not args.skip_store:
