@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -273,21 +275,17 @@ def _run_parallel(cfg: HarvestConfig, c, job: WorkerModel, store: ActivationStor
     start_tokens, t0 = store.n_tokens, time.perf_counter()
     run = _Commits(c, job, store, plan_shards(source, Committed.of(store), target_contexts, store.spec),
                    progress_bar(target_contexts * R, start_tokens, progress))
+    interrupted = False
     try:
-        run.run()
+        # the corpus ran out when the last shard ends short of the target (recorded in the manifest)
+        run.run(lambda at: {"requested_tokens": cfg.tokens} if at.contexts < target_contexts else None)
     except KeyboardInterrupt:
-        run.cancel()
-        return HarvestResult(store.path, store.n_tokens, store.n_tokens - start_tokens, time.perf_counter() - t0,
-                             interrupted=True, requested_tokens=cfg.tokens)
-    except BaseException:
-        run.cancel()
-        raise
+        interrupted = True
     finally:
+        run.cancel()  # a no-op once every shard is committed
         run.bar.close()
-    exhausted = {"requested_tokens": cfg.tokens} if run.at.contexts < target_contexts else None
-    commit(store, run.at, run.error, complete=True, exhausted=exhausted)
     return HarvestResult(store.path, store.n_tokens, store.n_tokens - start_tokens, time.perf_counter() - t0,
-                         exhausted=exhausted is not None, requested_tokens=cfg.tokens)
+                         interrupted, exhausted=run.exhausted is not None, requested_tokens=cfg.tokens)
 
 
 class _Commits:
@@ -307,21 +305,32 @@ class _Commits:
         self.completed = as_completed()
         self.mean = store.codec_mean()
         self.mean_future = None
+        self.exhausted: dict | None = None
 
-    def run(self) -> None:
-        self._submit()
-        if self.mean_future is not None:  # fixed before any commit, as the single process does
-            self.mean = self.mean_future.result()
-            self.store.set_array("mean", self.mean)
-        for future in self.completed:
-            done = self._result(future)
-            self.finished[done.index] = done
-            while self.order and self.order[0] in self.finished:
-                self._commit(self.order.popleft())
-            self._submit()
+    def run(self, exhausted: Callable[[Committed], dict | None]) -> None:
+        """Every shard, committed in order; the last commit says `complete` and `exhausted(at)`."""
+        shield = _Shield()
+        with shield.installed():
+            with shield.writing():
+                self._submit()
+            if self.mean_future is not None:  # fixed before any commit, as the single process does
+                mean = self.mean_future.result()
+                with shield.writing():
+                    self.mean = mean
+                    self.store.set_array("mean", mean)
+            for future in self.completed:
+                done = self._result(future)
+                with shield.writing():
+                    self.finished[done.index] = done
+                    while self.order and self.order[0] in self.finished:
+                        self._commit(self.order.popleft())
+                    self._submit()
+            with shield.writing():
+                self.exhausted = exhausted(self.at)
+                commit(self.store, self.at, self.error, complete=True, exhausted=self.exhausted)
 
     def cancel(self) -> None:
-        pending = list(self.futures.values()) + ([self.mean_future] if self.mean_future is not None else [])
+        pending = [f for f in [*self.futures.values(), self.mean_future] if f is not None and not f.done()]
         if pending:
             with contextlib.suppress(Exception):
                 self.c.cancel(pending)
@@ -362,3 +371,42 @@ class _Commits:
         before, self.at = self.at.tokens, self.after.pop(index)
         commit(self.store, self.at, self.error, complete=False, exhausted=None)
         self.bar.update(self.at.tokens - before)
+
+
+class _Shield:
+    """Ctrl-C lands only while the client waits for its workers. A commit or a resize it cut
+    short would go on in zarr's I/O thread (zarr runs its writes on an event loop and only
+    waits for them here), behind the manifest this process holds: the truncation after an
+    interrupt would then drop rows the manifest on disk names. Inside `writing()` a SIGINT is
+    held until the write is done."""
+
+    def __init__(self):
+        self.busy = self.held = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signals reach only the main thread: nothing to hold here
+            return
+        previous = signal.signal(signal.SIGINT, self._on_sigint)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    @contextlib.contextmanager
+    def writing(self):
+        self.busy = True
+        try:
+            yield
+        finally:
+            self.busy = False
+        if self.held:
+            self.held = False
+            raise KeyboardInterrupt
+
+    def _on_sigint(self, signum, frame):
+        if self.busy:
+            self.held = True
+        else:
+            raise KeyboardInterrupt

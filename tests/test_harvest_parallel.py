@@ -145,6 +145,26 @@ def test_client_killed_with_kill_9_resumes_and_redoes_only_uncommitted_shards(tm
     assert_identical(out, single / "long")
 
 
+def test_ctrl_c_on_the_client_keeps_the_finished_prefix_and_resume_completes(tmp_path, client, single):
+    out = tmp_path / "sigint.zarr"
+    stderr = tmp_path / "sigint.stderr"
+    proc = start_rqae("harvest", *CLI_ARGS, "--tokens", str(LONG), "--out", str(out), "--workers", "2",
+                      stderr=stderr)
+    try:
+        wait_until(lambda: committed_tokens(out) >= 128, proc, stderr)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=HANG_GUARD_S) == 130
+    finally:
+        proc.kill()
+    assert "rerun with --resume" in stderr.read_text().strip().splitlines()[-1]
+    store = ActivationStore.open(out)
+    assert 128 <= store.n_tokens < LONG and store.n_tokens % 128 == 0  # whole shards
+    assert store.group["acts"].shape[0] == store.n_tokens  # written past the commit: dropped
+    assert StoreLock(out).read() is None
+    harvest_parallel(tiny_config(out, tokens=LONG, resume=True), TWO, client=client, progress=False)
+    assert_identical(out, single / "long")
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
