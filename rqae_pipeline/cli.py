@@ -260,7 +260,7 @@ def _train_in_processes(cfg, nproc: int) -> None:
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Directory for the demo's store, models and results.")] = Path("cache/demo"),
-    tokens: Annotated[int, typer.Option(help="Tokens to harvest.")] = 49_152,
+    tokens: Annotated[int, typer.Option(help="Tokens to harvest.")] = 65_536,
     steps: Annotated[int, typer.Option(help="Training steps of 1024 tokens per run (sweep and seeds).")] = 50,
     seeds: Annotated[int, typer.Option(help="Training seeds per model at the chosen learning rate.")] = 3,
     device: str | None = None,
