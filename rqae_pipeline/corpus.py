@@ -11,12 +11,13 @@ The position of the next unread token, `(doc_index, token_offset)`, is the whole
 iteration state, so a harvest can resume exactly where its last commit ended. Beside it
 the stream's own resumable position at the start of that document (the `datasets`
 `state_dict()`) is recorded, so a resume seeks there (whole earlier shards and files are
-never opened) instead of re-reading every earlier document.
+never opened) instead of re-reading every earlier document. Local files are the exception
+to "never opened": their whole content is hashed once per harvest start (corpus_files.py), so
+a resume refuses files that changed, where the recorded row position would be wrong.
 """
 
 from __future__ import annotations
 
-import glob
 import itertools
 import json
 import os
@@ -27,16 +28,17 @@ from typing import Literal
 import numpy as np
 
 from rqae_pipeline import RQAEError
+from rqae_pipeline.corpus_files import FILE_BUILDERS, FileIdentity, expand_files, identify
 
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_CORPORA = ("python-docs",)
 FINEWEB_EDU = "HuggingFaceFW/fineweb-edu"
-FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
 
 @dataclass(frozen=True, kw_only=True)
 class CorpusSpec:
-    """Which documents to read; recorded verbatim in the store manifest."""
+    """Which documents to read; recorded verbatim in the store manifest. Local files carry
+    their identities (size, SHA-256), so a resume refuses files that changed since."""
 
     kind: Literal["hub", "files", "builtin"]
     name: str
@@ -44,15 +46,20 @@ class CorpusSpec:
     split: str = "train"
     files: tuple[str, ...] = ()
     text_field: str = "text"
+    file_identities: tuple[FileIdentity, ...] = ()  # one per file, in `files` order
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["files"] = list(self.files)
+        d["file_identities"] = [asdict(i) for i in self.file_identities]
+        if not self.file_identities:  # hub and builtin corpora: their dict is as it always was
+            del d["file_identities"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> CorpusSpec:
-        return cls(**{**d, "files": tuple(d.get("files", ()))})
+        identities = tuple(FileIdentity(**i) for i in d.get("file_identities", ()))
+        return cls(**{**d, "files": tuple(d.get("files", ())), "file_identities": identities})
 
 
 @dataclass(frozen=True)
@@ -92,27 +99,10 @@ def parse_corpus(
         or dataset.startswith((".", "/", "~"))
     )
     if looks_local:
-        files = _expand_files(dataset)
-        return CorpusSpec(kind="files", name=dataset, files=files, text_field=text_field)
+        files = expand_files(dataset)
+        return CorpusSpec(kind="files", name=dataset, files=files, text_field=text_field,
+                          file_identities=tuple(identify(f) for f in files))
     return CorpusSpec(kind="hub", name=dataset, config=config, split=split, text_field=text_field)
-
-
-def _expand_files(pattern: str) -> tuple[str, ...]:
-    pattern = os.path.expanduser(pattern)
-    if os.path.isdir(pattern):
-        pattern = os.path.join(pattern, "*")
-    files = sorted(f for f in glob.glob(pattern) if os.path.isfile(f))
-    if not files:
-        raise RQAEError(f"no files match {pattern!r}")
-    exts = {os.path.splitext(f)[1] for f in files}
-    unknown = exts - set(FILE_BUILDERS)
-    if unknown:
-        raise RQAEError(f"unsupported file type(s) {sorted(unknown)}; use .txt, .jsonl or .parquet")
-    if len({FILE_BUILDERS[e] for e in exts}) > 1:
-        raise RQAEError(f"mixed file types {sorted(exts)} in {pattern!r}; give one type per corpus")
-    if all(os.path.getsize(f) == 0 for f in files):
-        raise RQAEError(f"all files matching {pattern!r} are empty")
-    return tuple(os.path.abspath(f) for f in files)
 
 
 def _builtin_documents() -> Iterator[dict]:

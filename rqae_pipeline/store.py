@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from rqae_pipeline import RQAEError
+from rqae_pipeline.corpus_files import describe_change, without_files
 from rqae_pipeline.integrity import read_checked, require_shards, shards_of
 from rqae_pipeline.lm import NORMALISATIONS, Normalisation
 from rqae_pipeline.lock import StoreLock
@@ -209,14 +210,21 @@ class ActivationStore:
         return type(self)(self.path, group, group.attrs["rqae"])
 
     def check_matches(self, spec: StoreSpec) -> None:
-        """Raise naming the first identity field that differs from `spec`."""
+        """Raise naming the first identity field that differs from `spec`; for local corpus
+        files, the first file that is missing, new or changed since the store began."""
         mine = asdict(self.spec)
         for key, value in asdict(spec).items():
-            if mine.get(key) != value:
+            was = mine.get(key)
+            if key == "corpus":  # its files are compared below, one by one
+                was, value = without_files(was), without_files(value)
+            if was != value:
                 raise RQAEError(
-                    f"store {self.path} was harvested with {key}={mine.get(key)!r}, not {value!r}; "
+                    f"store {self.path} was harvested with {key}={was!r}, not {value!r}; "
                     f"use a new --out for different settings"
                 )
+        change = describe_change(mine["corpus"], spec.corpus)
+        if change:
+            raise RQAEError(f"store {self.path} cannot resume: {change}; restore the corpus or use a new --out")
 
     # ------------------------------------------------------------------ properties
 

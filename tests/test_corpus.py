@@ -1,3 +1,4 @@
+import hashlib
 import json
 
 import numpy as np
@@ -7,7 +8,10 @@ import pytest
 
 from rqae_pipeline import RQAEError
 from rqae_pipeline.corpus import CorpusSpec, CorpusState, iter_contexts, parse_corpus
+from rqae_pipeline.harvest import harvest
 from rqae_pipeline.store import ActivationStore
+
+from helpers import TINY, run_rqae, store_arrays, tiny_config, tree_digest
 
 DOCS = [
     "The cat sat on the mat. " * 7,
@@ -141,11 +145,13 @@ def test_every_recorded_state_resumes_the_same_stream(tiny_lm, sharded_corpus, k
         assert [s for _, s in rest] == [s for _, s in full[split_at:]]
 
 
-def test_resume_seeks_past_earlier_shards_without_reading_them(tiny_lm, sharded_corpus):
+@pytest.mark.parametrize("kind", ["hub", "files"])
+def test_resume_seeks_past_earlier_shards_without_reading_them(tiny_lm, sharded_corpus, kind):
     """The resumed stream starts at the recorded shard: earlier shards, here made unreadable
     after the state was recorded, are never opened (skipping would parse every one of them).
-    Shard 0 stays readable: `load_dataset` infers the features from it."""
-    spec = hub_like(sharded_corpus)
+    Shard 0 stays readable: `load_dataset` infers the features from it. (A harvest would refuse
+    the changed local files before reading: their identities differ from the store's.)"""
+    spec = hub_like(sharded_corpus) if kind == "hub" else parse_corpus(str(sharded_corpus))
     full = take(spec, tiny_lm.tokenizer, context_length=12)
     at = next(i for i, (_, s) in enumerate(full) if s.doc_index >= 45)  # in shard 4 of 0..7
     for shard in (1, 2):
@@ -170,20 +176,104 @@ def test_a_state_without_stream_state_resumes_by_reading_up_to_it(tiny_lm, shard
 
 
 def test_resumed_harvest_of_a_sharded_corpus_is_byte_identical(tmp_path, tiny_lm, sharded_corpus):
-    from rqae_pipeline.harvest import harvest
-
-    from helpers import store_arrays, tiny_config
-
     whole, part = tmp_path / "whole.zarr", tmp_path / "part.zarr"
     kw = dict(dataset=str(sharded_corpus), context_length=16)
     harvest(tiny_config(whole, tokens=3072, **kw), lm=tiny_lm, progress=False)
     harvest(tiny_config(part, tokens=2048, **kw), lm=tiny_lm, progress=False)  # ends on a shard boundary
     committed = ActivationStore.open(part).manifest["committed"]
     assert len(committed["corpus_state"]) == 3 and committed["corpus_state"][0] >= 30
-    # A resume that re-read shard 1 would fail (shard 0 stays: the features are inferred from it).
-    (sharded_corpus / "part-01.jsonl").write_text("{ not json\n")
     harvest(tiny_config(part, tokens=3072, resume=True, **kw), lm=tiny_lm, progress=False)
-    got, want = store_arrays(part), store_arrays(whole)
+    assert_same_arrays(part, whole)
+
+
+def assert_same_arrays(got_path, want_path):
+    got, want = store_arrays(got_path), store_arrays(want_path)
     assert got.keys() == want.keys()
     for name in want:
         assert np.array_equal(got[name], want[name]), name
+
+
+def test_store_records_size_and_sha256_of_every_corpus_file(tmp_path, tiny_lm, sharded_corpus):
+    out = tmp_path / "s.zarr"
+    harvest(tiny_config(out, tokens=256, dataset=str(sharded_corpus / "*.jsonl"), context_length=16),
+            lm=tiny_lm, progress=False)
+    corpus = ActivationStore.open(out).manifest["spec"]["corpus"]
+    files = sorted(sharded_corpus.glob("*.jsonl"))
+    assert corpus["files"] == [str(f) for f in files]
+    sha256 = [hashlib.sha256(f.read_bytes()).hexdigest() for f in files]
+    assert corpus["file_identities"] == [{"size": f.stat().st_size, "sha256": h} for f, h in zip(files, sha256)]
+    assert CorpusSpec.from_dict(corpus).to_dict() == corpus
+
+
+def _rewrite(path, change):
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(change(lines)))
+
+
+# Each changes the corpus after a store was started; the part of the message that names what changed.
+CORPUS_CHANGES = {
+    # rows of a file before the resume position in another order: the same bytes, resumed at the same
+    # row number, would give other documents (datasets reported nothing)
+    "rows reordered": (lambda root: _rewrite(root / "part-01.jsonl", lambda ls: ls[::-1]),
+                       "part-01.jsonl changed contents"),
+    "edited in place, same size": (lambda root: _rewrite(root / "part-06.jsonl",
+                                                         lambda ls: [ls[0].replace("Document", "DOCUMENT")] + ls[1:]),
+                                   "part-06.jsonl changed contents"),
+    "a document appended": (lambda root: _rewrite(root / "part-02.jsonl", lambda ls: ls + ls[:1]),
+                            "part-02.jsonl changed size"),
+    "truncated": (lambda root: _rewrite(root / "part-03.jsonl", lambda ls: ls[:5]), "part-03.jsonl changed size"),
+    "two files swapped": (lambda root: [(root / "part-04.jsonl").rename(root / "tmp.jsonl"),
+                                        (root / "part-05.jsonl").rename(root / "part-04.jsonl"),
+                                        (root / "tmp.jsonl").rename(root / "part-05.jsonl")],
+                          "part-04.jsonl changed"),
+    "a file removed": (lambda root: (root / "part-07.jsonl").unlink(), "part-07.jsonl is missing"),
+    "a file added": (lambda root: (root / "part-08.jsonl").write_text('{"text": "late"}\n'),
+                     "new corpus file .*part-08.jsonl matches"),
+}
+
+
+@pytest.mark.parametrize("change", CORPUS_CHANGES)
+def test_resume_refuses_a_corpus_file_that_changed(tmp_path, tiny_lm, sharded_corpus, change):
+    part = tmp_path / "part.zarr"
+    kw = dict(dataset=str(sharded_corpus / "*.jsonl"), context_length=16)
+    harvest(tiny_config(part, tokens=2048, **kw), lm=tiny_lm, progress=False)
+    before = tree_digest(part)
+    alter, message = CORPUS_CHANGES[change]
+    alter(sharded_corpus)
+    with pytest.raises(RQAEError, match=f"cannot resume: corpus file .*{message}|cannot resume: {message}"):
+        harvest(tiny_config(part, tokens=3072, resume=True, **kw), lm=tiny_lm, progress=False)
+    assert tree_digest(part) == before
+
+
+def test_a_changed_corpus_file_is_one_error_line_and_exit_2(tmp_path, sharded_corpus):
+    out = tmp_path / "s.zarr"
+    args = ["harvest", "--out", str(out), "--model", TINY, "--layer", "1", "--context-length", "16",
+            "--batch-size", "2", "--contexts-per-shard", "4", "--contexts-per-chunk", "2",
+            "--dataset", str(sharded_corpus)]
+    assert run_rqae(*args, "--tokens", "480").returncode == 0
+    before = tree_digest(out)
+    _rewrite(sharded_corpus / "part-00.jsonl", lambda ls: ls[1:] + ls[:1])
+    r = run_rqae(*args, "--tokens", "960", "--resume")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert [line for line in r.stderr.splitlines() if line.strip()] == [
+        f"error: store {out} cannot resume: corpus file {sharded_corpus / 'part-00.jsonl'} changed contents "
+        f"(same size, {(sharded_corpus / 'part-00.jsonl').stat().st_size:,} bytes; its SHA-256 differs); "
+        f"restore the corpus or use a new --out"]
+    assert tree_digest(out) == before
+
+
+def test_a_store_without_file_identities_resumes_as_before(tmp_path, tiny_lm, sharded_corpus):
+    """A store written before identities were recorded: its files are not checked beyond the list."""
+    import zarr
+
+    whole, part = tmp_path / "whole.zarr", tmp_path / "part.zarr"
+    kw = dict(dataset=str(sharded_corpus), context_length=16)
+    harvest(tiny_config(whole, tokens=3072, **kw), lm=tiny_lm, progress=False)
+    harvest(tiny_config(part, tokens=2048, **kw), lm=tiny_lm, progress=False)
+    group = zarr.open_group(part, mode="r+")
+    manifest = group.attrs["rqae"]
+    del manifest["spec"]["corpus"]["file_identities"]
+    group.attrs["rqae"] = manifest
+    harvest(tiny_config(part, tokens=3072, resume=True, **kw), lm=tiny_lm, progress=False)
+    assert_same_arrays(part, whole)
+    assert "file_identities" not in ActivationStore.open(part).manifest["spec"]["corpus"]
