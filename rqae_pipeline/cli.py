@@ -115,7 +115,10 @@ def harvest(
                                                "or rms.")] = "final-norm",
     skip_bos: Annotated[bool, typer.Option(help="Do not store the BOS position of each context.")] = False,
     device: Annotated[str | None, typer.Option(help="cuda/cpu; default: cuda when present.")] = None,
-    model_dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16 for the forward pass.")] = "float32",
+    model_dtype: Annotated[str, typer.Option(help="The forward pass's dtype: auto (bfloat16 on a GPU with native "
+                                             "bf16, else float32; float32 on a GPU runs TF32 matmuls where it can), "
+                                             "float32, bfloat16 or float16. Its error against a float32 forward is "
+                                             "recorded in the manifest (forward_error).")] = "auto",
     resume: Annotated[bool, typer.Option(help="Continue an interrupted (or shorter) store at --out.")] = False,
     workers: Annotated[int, typer.Option(help="dask LocalCluster workers, one model each, a shard per task; "
                                          "with G GPUs worker i uses cuda:(i mod G) (0: this process).")] = 0,

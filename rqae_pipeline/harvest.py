@@ -23,8 +23,25 @@ import torch
 
 from rqae_pipeline import RQAEError, __version__
 from rqae_pipeline.corpus import ContextPacker, CorpusSpec, CorpusState, iter_contexts, parse_corpus
+from rqae_pipeline.forward import (
+    check_forward_precision,
+    cuda_tf32,
+    hook_residuals,
+    measure_forward_error,
+    precision_of,
+    record_forward_error,
+)
 from rqae_pipeline.io import empty_except_lock
-from rqae_pipeline.lm import OFFLINE_GEMMA, TINY, HookSpec, LoadedLM, final_norm_gain, load_lm, resolve_hook
+from rqae_pipeline.lm import (
+    MODEL_DTYPES,
+    OFFLINE_GEMMA,
+    TINY,
+    HookSpec,
+    LoadedLM,
+    final_norm_gain,
+    load_lm,
+    resolve_hook,
+)
 from rqae_pipeline.shard_writer import Batch, ShardWriter
 from rqae_pipeline.store import (
     NORMALISATIONS,
@@ -64,7 +81,7 @@ class HarvestConfig:
     skip_bos: bool = False
     outlier_factor: float = 10.0
     device: str | None = None
-    model_dtype: str = "float32"
+    model_dtype: str = "auto"  # the forward's dtype; "auto": bfloat16 on a GPU with native bf16, else float32
     resume: bool = False
 
     def __post_init__(self):
@@ -81,6 +98,8 @@ class HarvestConfig:
             raise ValueError(f"unknown normalisation {self.normalisation!r}; use 'final-norm' or 'rms'")
         if self.dtype not in STORE_DTYPES:
             raise ValueError(f"unknown store dtype {self.dtype!r}; use float16, float32 or fp8")
+        if self.model_dtype not in MODEL_DTYPES:
+            raise RQAEError(f"unknown --model-dtype {self.model_dtype!r}; use one of {', '.join(MODEL_DTYPES)}")
 
 
 @dataclass(frozen=True)
@@ -118,6 +137,7 @@ class ModelFacts:
     tokenizer: str
     gain: torch.Tensor | None  # (d,) final-norm gain on the CPU; None in "rms" mode
     provenance: dict
+    precision: dict  # the forward's {"model_dtype", "tf32"} (forward.precision_of)
 
 
 def model_facts(cfg: HarvestConfig, lm: LoadedLM) -> ModelFacts:
@@ -127,7 +147,7 @@ def model_facts(cfg: HarvestConfig, lm: LoadedLM) -> ModelFacts:
     gain = final_norm_gain(lm)[0] if cfg.normalisation == "final-norm" else None  # "rms" stores ones
     return ModelFacts(name=lm.name, hook=hook, d_model=lm.d_model,
                       tokenizer=getattr(lm.tokenizer, "name_or_path", "") or type(lm.tokenizer).__name__,
-                      gain=gain, provenance=_provenance(lm))
+                      gain=gain, provenance=_provenance(lm), precision=precision_of(lm))
 
 
 def store_spec(cfg: HarvestConfig, facts: ModelFacts, corpus: CorpusSpec) -> StoreSpec:
@@ -226,13 +246,17 @@ def harvest(cfg: HarvestConfig, *, lm: LoadedLM | None = None, progress: bool = 
     """Run a harvest to `cfg.tokens` committed rows (continuing a store when `cfg.resume`),
     in this process (harvest_dask.harvest_parallel runs it on dask workers).
     Nothing is written until the model has loaded and the corpus has yielded its first
-    context. `notice` gets one-line remarks for stderr (`--resume` with no store yet)."""
+    context. `notice` gets one-line remarks for stderr (`--resume` with no store yet).
+    The forward runs with TF32 set for its precision, which a new store records first."""
     lm = lm or load_lm(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
     facts = model_facts(cfg, lm)
     spec, source = plan_harvest(cfg, facts, lm.tokenizer, notice)
     store, lock = open_store_for_writing(cfg, spec, facts)
     try:
-        return _run(cfg, lm, source, store, progress=progress)
+        with cuda_tf32(facts.precision["tf32"]):
+            source = record_forward_error(store, source, cfg.tokens,
+                                          lambda tokens: measure_forward_error(lm, store, tokens))
+            return _run(cfg, lm, source, store, progress=progress)
     finally:
         lock.release()
 
@@ -244,6 +268,8 @@ def plan_harvest(cfg: HarvestConfig, facts: ModelFacts, tokenizer,
     corpus = resolve_corpus(cfg, facts.name)
     spec = store_spec(cfg, facts, corpus)
     prior = existing_store(cfg, spec)
+    if prior is not None:
+        check_forward_precision(prior, facts.precision)
     if prior is None and cfg.resume and notice is not None:
         notice(f"note: {cfg.out} holds no store yet; --resume starts a new one")
     committed = prior.manifest["committed"] if prior is not None else {"contexts": 0, "corpus_state": (0, 0)}
@@ -331,8 +357,7 @@ def forward_batch(lm: LoadedLM, store: ActivationStore, tokens_np: np.ndarray, f
     """The normalised rows of contexts `tokens_np` (B, T), the first being context `first_seq`."""
     model, spec = lm.model, store.spec
     tokens = torch.from_numpy(tokens_np).to(model.cfg.device)
-    _, cache = model.run_with_cache(tokens, names_filter=[spec.hook], stop_at_layer=spec.layer + 1)
-    x = cache[spec.hook]  # (B, T, d)
+    x = hook_residuals(lm, tokens, spec.hook, spec.layer)  # (B, T, d)
     if not torch.isfinite(x).all():
         bad = int((~torch.isfinite(x)).any(-1).any(-1).nonzero()[0, 0])
         raise RQAEError(f"non-finite activations (NaN/inf) at {spec.hook} in context {first_seq + bad}; nothing "

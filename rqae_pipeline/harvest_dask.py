@@ -17,8 +17,10 @@ sums, the same manifest.
 A worker that dies is dask's to retry (its shard is rewritten whole, elsewhere); a client
 killed with -9 takes its LocalCluster's workers with it, and `--resume` truncates the
 shards written but not committed and redoes them. Each worker loads the model once and
-keeps it (`_MODELS`). With `--workers N` on a machine with G GPUs, worker i runs on
-cuda:(i mod G).
+keeps it, with the TF32 switch set for it (forward.worker_lm). With `--workers N` on a
+machine with G GPUs, worker i runs on cuda:(i mod G). The forward's error against float32
+(manifest `forward_error`) is measured by one task before any shard is sent, as the single
+process measures it before its first batch.
 """
 
 from __future__ import annotations
@@ -34,9 +36,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from rqae_pipeline import RQAEError
+from rqae_pipeline.forward import WorkerModel, measure_forward_error, record_forward_error, worker_lm
 from rqae_pipeline.harvest import (
     Contexts,
     HarvestConfig,
@@ -48,7 +50,6 @@ from rqae_pipeline.harvest import (
     plan_harvest,
     progress_bar,
 )
-from rqae_pipeline.lm import LoadedLM, load_lm
 from rqae_pipeline.shard_writer import (
     BatchError,
     Committed,
@@ -88,17 +89,6 @@ class DaskConfig:
 
 
 @dataclass(frozen=True)
-class WorkerModel:
-    """Which model a worker runs, how, and where."""
-
-    model: str
-    dtype: str
-    device: str | None
-    spread_gpus: bool  # a LocalCluster's worker i takes cuda:(i mod G)
-    torch_threads: int | None
-
-
-@dataclass(frozen=True)
 class ShardTask:
     index: int  # the shard's number in the store
     start_row: int  # its first row
@@ -125,57 +115,27 @@ class ShardFailed:
 
 # --------------------------------------------------------------------------- worker side
 
-_MODELS: dict[tuple, LoadedLM] = {}  # per worker process: the model, loaded once and kept
-
-
-def worker_device(requested: str | None, worker_index: int | None, gpus: int) -> str | None:
-    """Worker i of a LocalCluster on a machine with `gpus` GPUs runs on cuda:(i mod gpus),
-    unless a device other than plain cuda was asked for."""
-    if gpus < 1 or worker_index is None or requested not in (None, "cuda"):
-        return requested
-    return f"cuda:{worker_index % gpus}"
-
-
-def _worker_index() -> int | None:
-    from distributed import get_worker
-
-    try:
-        name = get_worker().name  # a LocalCluster names its workers 0..N-1, and a restarted one keeps its name
-    except ValueError:  # not in a worker
-        return None
-    return name if isinstance(name, int) else None
-
-
-def _worker_lm(job: WorkerModel) -> LoadedLM:
-    if job.torch_threads:
-        # dask's nanny starts workers with OMP_NUM_THREADS=1; give them their share instead
-        torch.set_num_threads(job.torch_threads)
-    device = job.device
-    if job.spread_gpus and torch.cuda.is_available():
-        device = worker_device(device, _worker_index(), torch.cuda.device_count())
-    key = (job.model, device, job.dtype)
-    if key not in _MODELS:
-        _MODELS.clear()  # one model per worker: another run's model makes way
-        _MODELS[key] = load_lm(job.model, device=device, dtype=job.dtype)
-    return _MODELS[key]
-
-
 def describe_model(job: WorkerModel, cfg: HarvestConfig) -> tuple[ModelFacts, object]:
     """What the client needs to make the store and pack contexts: the model's facts and its tokenizer."""
-    lm = _worker_lm(job)
+    lm = worker_lm(job)
     return model_facts(cfg, lm), lm.tokenizer
 
 
 def first_batch_mean(job: WorkerModel, store_path: Location, tokens: np.ndarray) -> np.ndarray:
     """The fp8 codec mean of a new store: its first batch's, as the single process fixes it."""
-    lm = _worker_lm(job)
+    lm = worker_lm(job)
     return codec_mean(forward_batch(lm, ActivationStore.open(store_path), tokens, 0, float(lm.model.cfg.eps)))
+
+
+def forward_error(job: WorkerModel, store_path: Location, tokens: np.ndarray) -> dict:
+    """A new store's `forward_error` (forward.py), measured where its shards will run."""
+    return measure_forward_error(worker_lm(job), ActivationStore.open(store_path), tokens)
 
 
 def harvest_shard(job: WorkerModel, store_path: Location, task: ShardTask,
                   mean: np.ndarray | None) -> ShardDone | ShardFailed:
     """Forward, normalise, encode and write one shard (its committed rows carried as stored)."""
-    lm = _worker_lm(job)
+    lm = worker_lm(job)
     store = ActivationStore.open(store_path).reopen_for_append()
     spec, eps = store.spec, float(lm.model.cfg.eps)
     pieces = [store.read_encoded(task.start_row, task.first_row)] if task.first_row > task.start_row else []
@@ -207,6 +167,8 @@ def harvest_parallel(cfg: HarvestConfig, cluster: DaskConfig, *, client=None, pr
             facts, tokenizer = c.submit(describe_model, job, cfg, pure=False).result()
             spec, source = plan_harvest(cfg, facts, tokenizer, notice)
             store, lock = open_store_for_writing(cfg, spec, facts)
+            source = record_forward_error(store, source, cfg.tokens, lambda tokens: c.submit(
+                forward_error, job, store.path, tokens, pure=False).result())
             result = _run_parallel(cfg, c, job, store, source, progress=progress)
         if result.interrupted:  # the cluster is closed: no worker of it writes any more
             store.truncate_to_committed()

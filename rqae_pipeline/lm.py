@@ -26,8 +26,9 @@ from rqae_pipeline import RQAEError
 from rqae_pipeline.io import default_device, staging_dir, swap_in
 from rqae_pipeline.paths import cache_root
 
-__all__ = ["LoadedLM", "HookSpec", "default_device", "load_lm", "load_tokenizer", "resolve_hook", "final_norm_gain",
-           "normalise", "Normalisation", "convert_offline_gemma", "OFFLINE_GEMMA", "TINY"]
+__all__ = ["LoadedLM", "HookSpec", "default_device", "load_lm", "auto_model_dtype", "resolve_model_dtype",
+           "cuda_ampere_or_newer", "load_tokenizer", "resolve_hook", "final_norm_gain", "normalise", "Normalisation",
+           "convert_offline_gemma", "OFFLINE_GEMMA", "TINY"]
 
 OFFLINE_GEMMA = "gemma-3-270m-offline"
 OFFLINE_GEMMA_TL_NAME = "google/gemma-3-270m"
@@ -38,6 +39,8 @@ TINY = "tiny-random"
 Normalisation = Literal["final-norm", "rms"]
 NORMALISATIONS: tuple[str, ...] = get_args(Normalisation)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# "auto": bfloat16 on a CUDA device with native bf16, float32 elsewhere (bf16 matmuls are slow on most CPUs)
+MODEL_DTYPES: tuple[str, ...] = ("auto", *DTYPES)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -63,10 +66,12 @@ class HookSpec:
 
 
 def load_lm(name: str, *, device: str | None = None, dtype: str = "float32") -> LoadedLM:
-    """Load `name` as a HookedTransformer in eval mode."""
+    """Load `name` as a HookedTransformer in eval mode (`dtype` "auto": see `auto_model_dtype`)."""
     device = device or default_device()
-    if dtype not in DTYPES:
-        raise RQAEError(f"unknown model dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if dtype not in MODEL_DTYPES:
+        raise RQAEError(f"unknown model dtype {dtype!r}; use one of {', '.join(MODEL_DTYPES)}")
+    if dtype == "auto":
+        dtype = auto_model_dtype(device)
     if name == TINY or name.startswith(TINY + ":"):
         seed = int(name.split(":", 1)[1]) if ":" in name else 0
         lm = _load_tiny(seed, name=name)
@@ -80,6 +85,25 @@ def load_lm(name: str, *, device: str | None = None, dtype: str = "float32") -> 
     lm.model.eval()
     lm.load_info.update(device_used=device, dtype=dtype)
     return lm
+
+
+def resolve_model_dtype(requested: str, device_type: str, bf16_supported: bool) -> str:
+    """The forward's dtype for `requested` ("auto" or a name of DTYPES) on a device of this type."""
+    if requested != "auto":
+        return requested
+    return "bfloat16" if device_type == "cuda" and bf16_supported else "float32"
+
+
+def auto_model_dtype(device: str) -> str:
+    # native bf16 only (torch.cuda.is_bf16_supported(including_emulation=False), for this
+    # device): an older GPU would emulate it, slower than float32
+    return resolve_model_dtype("auto", torch.device(device).type, cuda_ampere_or_newer(device))
+
+
+def cuda_ampere_or_newer(device) -> bool:
+    """Whether `device` is a CUDA GPU of compute capability 8.0 or later: native bf16 and TF32."""
+    dev = torch.device(device)
+    return dev.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(dev)[0] >= 8
 
 
 def _versions() -> dict:

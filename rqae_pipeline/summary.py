@@ -10,11 +10,26 @@ from rqae_pipeline.store import ActivationStore, Flags
 def storage_fvu(manifest: dict) -> float | None:
     """FVU of the stored acts against the fp32 activations they were encoded from (exact:
     float64 sums accumulated over every row at harvest time)."""
-    e = manifest.get("storage_error")
+    return _fvu(manifest.get("storage_error"))
+
+
+def forward_fvu(manifest: dict) -> float | None:
+    """FVU of the harvest's forward (bf16/fp16 weights or TF32 matmuls) against a float32
+    forward of the store's first contexts, both normalised as the rows are; None for a plain
+    float32 forward (the reference itself) or a store from before it was recorded."""
+    return _fvu(manifest.get("forward_error"))
+
+
+def _fvu(e: dict | None) -> float | None:
+    # float64 sums (sse, sumsq, sum, n): sse over the reference's total variance
     if not e or not e.get("n") or e.get("sum") is None:
         return None
     total = e["sumsq"] - float(np.sum(np.square(e["sum"]))) / e["n"]
     return e["sse"] / total if total > 0 else None
+
+
+def _without_sums(e: dict | None) -> dict | None:
+    return None if e is None else {k: v for k, v in e.items() if k not in ("sse", "sumsq", "sum", "n")}
 
 
 def summarise(store: ActivationStore, *, sample_rows: int = 65536, seed: int = 0) -> dict:
@@ -38,6 +53,8 @@ def summarise(store: ActivationStore, *, sample_rows: int = 65536, seed: int = 0
         "writer": store.writer(),
         "created": store.manifest.get("created"),
         "storage_fvu_vs_fp32": storage_fvu(store.manifest),
+        "forward": _without_sums(store.manifest.get("forward_error")),
+        "forward_fvu_vs_fp32": forward_fvu(store.manifest),
     }
     out["bytes_per_token"] = out["bytes_on_disk"] / n if n else None
     out["ratio_to_fp32_cache"] = out["bytes_per_token"] / (4 * spec.d_model) if n else None
@@ -84,6 +101,12 @@ def format_summary(s: dict) -> str:
                      f"  = {s['ratio_to_fp32_cache']:.3f} x an fp32 cache (4*d B/token)")
     if s["storage_fvu_vs_fp32"] is not None:
         lines.append(f"storage FVU  {s['storage_fvu_vs_fp32']:.3e} against the fp32 activations")
+    if s.get("forward"):
+        f = s["forward"]
+        precision = f"{f['model_dtype']} forward, TF32 {'on' if f['tf32'] else 'off'}"
+        lines.append(f"forward FVU  {s['forward_fvu_vs_fp32']:.3e} against a float32 forward ({precision}; first "
+                     f"{f['contexts']} contexts)" if s["forward_fvu_vs_fp32"] is not None
+                     else f"forward      {precision} (the float32 reference: no forward error)")
     if s["writer"]:
         w = s["writer"]
         lines.append(f"writer       pid {w.get('pid')} on {w.get('host')} ({'running' if w['live'] else 'stale lock'})")

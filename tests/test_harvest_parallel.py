@@ -20,8 +20,9 @@ import pytest
 import torch
 
 from rqae_pipeline import RQAEError
+from rqae_pipeline.forward import worker_device
 from rqae_pipeline.harvest import harvest
-from rqae_pipeline.harvest_dask import DaskConfig, harvest_parallel, worker_device
+from rqae_pipeline.harvest_dask import DaskConfig, harvest_parallel
 from rqae_pipeline.store import ActivationStore, StoreLock
 
 from helpers import HANG_GUARD_S, TINY, run_rqae, start_rqae, tiny_config, wait_until
@@ -29,6 +30,9 @@ from helpers import HANG_GUARD_S, TINY, run_rqae, start_rqae, tiny_config, wait_
 TWO = DaskConfig(workers=2, threads_per_worker=1)
 LONG = 24_000  # tokens: 188 shards of 4 contexts x 32 tokens, long enough to kill something mid-run
 SHORT = 3_000
+# the short stores' settings: the store dtype, and a bfloat16 forward (its forward_error measured by a worker)
+SHORT_STORES = {"short-float16": {"dtype": "float16"}, "short-fp8": {"dtype": "fp8"},
+                "short-bf16-forward": {"dtype": "float16", "model_dtype": "bfloat16"}}
 CLI_ARGS = ["--model", TINY, "--layer", "1", "--context-length", "32", "--batch-size", "2",
             "--contexts-per-shard", "4", "--contexts-per-chunk", "2"]
 
@@ -54,9 +58,10 @@ def single(tiny_lm, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for name, tokens, dtype in (("long", LONG, "float16"), ("short-float16", SHORT, "float16"),
-                                    ("short-fp8", SHORT, "fp8")):
-            harvest(tiny_config(root / name, tokens=tokens, dtype=dtype), lm=tiny_lm, progress=False)
+        harvest(tiny_config(root / "long", tokens=LONG), lm=tiny_lm, progress=False)
+        for name, settings in SHORT_STORES.items():
+            lm = None if "model_dtype" in settings else tiny_lm  # the bfloat16 model is loaded by harvest
+            harvest(tiny_config(root / name, tokens=SHORT, **settings), lm=lm, progress=False)
     finally:
         torch.set_num_threads(threads)
     return root
@@ -90,13 +95,16 @@ def committed_tokens(path: Path) -> int:
         return 0
 
 
-@pytest.mark.parametrize("dtype", ["float16", "fp8"])
-def test_two_workers_write_the_single_process_store_byte_for_byte(tmp_path, client, single, dtype):
+@pytest.mark.parametrize("name", list(SHORT_STORES))
+def test_two_workers_write_the_single_process_store_byte_for_byte(tmp_path, client, single, name):
     out = tmp_path / "par.zarr"
-    result = harvest_parallel(tiny_config(out, tokens=SHORT, dtype=dtype), TWO, client=client, progress=False)
+    result = harvest_parallel(tiny_config(out, tokens=SHORT, **SHORT_STORES[name]), TWO, client=client,
+                              progress=False)
     assert result.tokens == result.new_tokens == ActivationStore.open(out).n_tokens >= SHORT
     assert not (out / ".lock").exists()
-    assert_identical(out, single / f"short-{dtype}")
+    assert_identical(out, single / name)
+    forward = ActivationStore.open(out).manifest["forward_error"]
+    assert forward["model_dtype"] == SHORT_STORES[name].get("model_dtype", "float32")
 
 
 def test_a_worker_killed_mid_run_is_retried_and_the_store_is_unchanged(tmp_path, client, single):
