@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -53,6 +51,7 @@ from rqae_pipeline.harvest import (
 from rqae_pipeline.shard_writer import (
     BatchError,
     Committed,
+    InterruptShield,
     StorageError,
     codec_mean,
     commit,
@@ -271,7 +270,7 @@ class _Commits:
 
     def run(self, exhausted: Callable[[Committed], dict | None]) -> None:
         """Every shard, committed in order; the last commit says `complete` and `exhausted(at)`."""
-        shield = _Shield()
+        shield = InterruptShield()
         with shield.installed():
             with shield.writing():
                 self._submit()
@@ -335,40 +334,3 @@ class _Commits:
         self.bar.update(self.at.tokens - before)
 
 
-class _Shield:
-    """Ctrl-C lands only while the client waits for its workers. A commit or a resize it cut
-    short would go on in zarr's I/O thread (zarr runs its writes on an event loop and only
-    waits for them here), behind the manifest this process holds: the truncation after an
-    interrupt would then drop rows the manifest on disk names. Inside `writing()` a SIGINT is
-    held until the write is done."""
-
-    def __init__(self):
-        self.busy = self.held = False
-
-    @contextlib.contextmanager
-    def installed(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signals reach only the main thread: nothing to hold here
-            return
-        previous = signal.signal(signal.SIGINT, self._on_sigint)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
-
-    @contextlib.contextmanager
-    def writing(self):
-        self.busy = True
-        try:
-            yield
-        finally:
-            self.busy = False
-        if self.held:
-            self.held = False
-            raise KeyboardInterrupt
-
-    def _on_sigint(self, signum, frame):
-        if self.busy:
-            self.held = True
-        else:
-            raise KeyboardInterrupt
