@@ -35,9 +35,10 @@ import torch
 
 from rqae_pipeline import RQAEError
 from rqae_pipeline.io import default_device, empty_except_lock
+from rqae_pipeline.lock import take_write_lock
 from rqae_pipeline.models.registry import architecture_of
-from rqae_pipeline.store import ActivationStore, StoreLock
-from rqae_pipeline.urls import is_file, is_remote, join, location, name_of, sibling
+from rqae_pipeline.store import ActivationStore
+from rqae_pipeline.urls import is_file, join, location, name_of, sibling
 
 CODES_SCHEMA = 1
 ATTR = "rqae_codes"
@@ -261,13 +262,7 @@ def _open_for_writing(out: Path, store: ActivationStore, identity: dict):
         codes.check(store=store, identity=identity)  # never append another model's codes
     elif not empty_except_lock(out):
         raise RQAEError(f"{out} exists and is not a codes store; choose another --out")
-    lock = StoreLock(out)
-    try:
-        if not is_remote(out):  # an object store has no directories to make
-            out.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
-    except OSError as e:
-        raise RQAEError(f"cannot write to {out}: {e.strerror or e}") from None
+    lock = take_write_lock(out)
     try:
         group = zarr.open_group(str(out), mode="a", zarr_format=3)
         if not exists:

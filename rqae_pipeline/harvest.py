@@ -42,6 +42,7 @@ from rqae_pipeline.lm import (
     load_lm,
     resolve_hook,
 )
+from rqae_pipeline.lock import take_write_lock
 from rqae_pipeline.shard_writer import Batch, ShardWriter
 from rqae_pipeline.store import (
     NORMALISATIONS,
@@ -54,7 +55,7 @@ from rqae_pipeline.store import (
     StoreSpec,
     store_exists,
 )
-from rqae_pipeline.urls import is_remote, location
+from rqae_pipeline.urls import location
 
 DEFAULT_DATASET = "auto"  # builtin corpus for offline/test models, FineWeb-Edu for hub models
 # --tokens above this is a typo, not a plan (the blog's whole run is 1e9 tokens; 1e12 fp16
@@ -219,13 +220,7 @@ def open_store_for_writing(cfg: HarvestConfig, spec: StoreSpec, facts: ModelFact
                            ) -> tuple[ActivationStore, StoreLock]:
     out = location(cfg.out)
     store = existing_store(cfg, spec)
-    lock = StoreLock(out)
-    try:
-        if not is_remote(out):  # an object store has no directories to make
-            out.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
-    except OSError as e:
-        raise RQAEError(f"cannot write to {out}: {e.strerror or e}") from None
+    lock = take_write_lock(out)
     try:
         if store is not None:
             store = store.reopen_for_append()
@@ -239,6 +234,18 @@ def open_store_for_writing(cfg: HarvestConfig, spec: StoreSpec, facts: ModelFact
 
 
 Contexts = Iterator[tuple[np.ndarray, CorpusState]]
+
+
+def take_contexts(source: Contexts, want: int, state: CorpusState | None) -> tuple[list[np.ndarray], CorpusState]:
+    """Up to `want` next contexts of `source` and the corpus state after the last of them
+    (`state` when the source has run out)."""
+    group = []
+    for ctx, after in source:
+        group.append(ctx)
+        state = after
+        if len(group) == want:
+            break
+    return group, state
 
 
 def harvest(cfg: HarvestConfig, *, lm: LoadedLM | None = None, progress: bool = True,
@@ -315,12 +322,7 @@ def _run(cfg: HarvestConfig, lm: LoadedLM, source: Contexts, store: ActivationSt
             # A batch never crosses a shard boundary, so every shard is committed whole.
             to_boundary = spec.contexts_per_shard - contexts % spec.contexts_per_shard
             want = min(spec.batch_contexts, target_contexts - contexts, to_boundary)
-            group = []
-            for ctx, st in source:
-                group.append(ctx)
-                state = st
-                if len(group) == want:
-                    break
+            group, state = take_contexts(source, want, state)
             if not group:
                 break
             writer.put((forward_batch(lm, store, np.stack(group), contexts, eps), contexts + len(group), state))

@@ -47,6 +47,7 @@ from rqae_pipeline.harvest import (
     open_store_for_writing,
     plan_harvest,
     progress_bar,
+    take_contexts,
 )
 from rqae_pipeline.shard_writer import (
     BatchError,
@@ -215,12 +216,7 @@ def plan_shards(source: Contexts, at: Committed, target_contexts: int, spec) -> 
     the corpus ends inside it."""
     contexts, per, R = at.contexts, spec.contexts_per_shard, spec.rows_per_context
     while contexts < target_contexts:
-        want, group, state = min(per - contexts % per, target_contexts - contexts), [], None
-        for ctx, st in source:
-            group.append(ctx)
-            state = st
-            if len(group) == want:
-                break
+        group, state = take_contexts(source, min(per - contexts % per, target_contexts - contexts), None)
         if not group:
             return
         task = ShardTask(index=contexts // per, start_row=contexts // per * spec.shard_rows, first_row=contexts * R,

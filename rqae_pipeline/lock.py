@@ -39,7 +39,7 @@ import tempfile
 from pathlib import Path
 
 from rqae_pipeline import RQAEError
-from rqae_pipeline.urls import filesystem, is_remote, join, location
+from rqae_pipeline.urls import Location, filesystem, is_remote, join, location
 
 LOCK_NAME = ".lock"
 
@@ -187,3 +187,16 @@ class StoreLock:
                 f"store is being written by another process (pid {info.get('pid')} on {info.get('host')}); "
                 f"wait for it or stop it"
             )
+
+
+def take_write_lock(out: Location) -> StoreLock:
+    """The single-writer lock of the store at `out`, its folder made first on a local disk
+    (an object store has no directories to make); a refusal is one RQAEError."""
+    lock = StoreLock(out)
+    try:
+        if not is_remote(out):
+            out.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except OSError as e:
+        raise RQAEError(f"cannot write to {out}: {e.strerror or e}") from None
+    return lock
