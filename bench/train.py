@@ -176,26 +176,27 @@ print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(
     return int(res.stdout.strip().splitlines()[-1]) / 1024  # MiB
 
 
-def tok_per_s_of_run(store: Path, out: Path, nproc: int, steps: int, n_q: int) -> float:
+def tok_per_s_of_run(store: Path, out: Path, nproc: int, steps: int, n_q: int, batch: int) -> float:
     """Tokens over seconds of the logged intervals of an `rqae train` run, the first (start-up)
     and the last (final evaluation) left out."""
     import json
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     cmd = [sys.executable, "-m", "rqae_pipeline.cli", "train", "--store", str(store), "--out", str(out),
-           "--n-q", str(n_q), "--batch-size", "1024", "--tokens", str(1024 * steps), "--checkpoint-every", "1000000",
-           "--eval-every", "1000000", "--device", "cpu", "--nproc", str(nproc)]
+           "--n-q", str(n_q), "--batch-size", str(batch), "--tokens", str(batch * steps),
+           "--checkpoint-every", "1000000", "--eval-every", "1000000", "--device", "cpu", "--nproc", str(nproc)]
     subprocess.run(cmd, env=env, check=True, capture_output=True)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     intervals = [(r["tokens"] - prev["tokens"], r["tok_per_s"]) for prev, r in zip(rows, rows[1:-1])]
     return sum(tokens for tokens, _ in intervals) / sum(tokens / tok_s for tokens, tok_s in intervals)
 
 
-def parallel_rounds(store: Path, tmp: Path, steps: int, rounds: int) -> dict:
+def parallel_rounds(store: Path, tmp: Path, steps: int, rounds: int, batch: int) -> dict:
     one, two = [], []
     for r in range(rounds):  # interleaved, in alternating order: a load change hits both
         for nproc in ((1, 2) if r % 2 == 0 else (2, 1)):
-            (one if nproc == 1 else two).append(tok_per_s_of_run(store, tmp / f"p{nproc}-{r}", nproc, steps, 64))
+            run = tok_per_s_of_run(store, tmp / f"p{nproc}-{r}", nproc, steps, 64, batch)
+            (one if nproc == 1 else two).append(run)
     return {"one": one, "two": two, "ratio": [b / a for a, b in zip(one, two)]}
 
 
@@ -225,16 +226,18 @@ def seek_rounds(store: Path, steps: int, rounds: int) -> dict:
 
 def parallel_and_seek(quick: bool, rounds: int) -> None:
     steps, seek_steps = (40, 20) if quick else (120, 40)
+    batches = {1024: steps, 4096: steps // 2}  # batch: steps (the larger batch: more tokens per step)
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store.zarr"
         make_store(store, max(1024 * steps * 2, int(1024 * seek_steps * 10 * 1.2)), 640)
-        par = parallel_rounds(store, Path(tmp), steps, rounds)
-        seek = seek_rounds(store, seek_steps, rounds)
+        par = {b: parallel_rounds(store, Path(tmp) / str(b), n, rounds, b) for b, n in batches.items()}
+        seek = seek_rounds(store, seek_steps, 3 * rounds)  # ~0.3 s a round: cheap, and noisy
     tok = "{:,.0f}"
     print("| measure (min / median / max over rounds) | value |\n|---|---|")
-    print(f"| RQAE n_q=64 d=640 training, 1 process x 1 thread | {spread(par['one'], tok)} tok/s |")
-    print(f"| same, 2 gloo ranks x 1 thread (torchrun) | {spread(par['two'], tok)} tok/s |")
-    print(f"| 2 ranks / 1 process | **{spread(par['ratio'])}x** |")
+    for b, p in par.items():
+        print(f"| RQAE n_q=64 d=640 training, batch {b}, 1 process x 1 thread | {spread(p['one'], tok)} tok/s |")
+        print(f"| same, 2 gloo ranks x 1 thread (torchrun) | {spread(p['two'], tok)} tok/s |")
+        print(f"| 2 ranks / 1 process, batch {b} | **{spread(p['ratio'])}x** |")
     print(f"| resume seek to the first new batch, after {seek_steps} steps | {spread(seek['at1'], '{:.3f}')} s |")
     print(f"| same, after {10 * seek_steps} steps | {spread(seek['at10'], '{:.3f}')} s |")
     print(f"| seek at 10x / at 1x trained tokens | **{spread(seek['ratio'])}** |")

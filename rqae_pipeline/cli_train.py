@@ -49,6 +49,10 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the run's last checkpoint.")] = False,
     nproc: Annotated[int, typer.Option(help="Data-parallel processes, through torchrun (one per GPU on cuda; "
                                        "gloo with one thread each on CPU). --batch-size is the global batch.")] = 1,
+    streams: Annotated[int | None, typer.Option(
+        help="Shuffled streams each global batch is read from in equal parts; each process reads only its own. "
+             "Default: one per process (a resumed run keeps its own). The data order depends on it: pass the same "
+             "--streams to compare runs on different numbers of processes.")] = None,
 ) -> None:
     """Train an RQAE, a codebook autoencoder or a sae-lens SAE on a store, without the LM."""
     store = store_location(store)
@@ -62,7 +66,7 @@ def train(
                      prefix_loss=prefix_loss, mean_init=mean_init, options=_parse_options(option), dtype=dtype)
     cfg = TrainConfig(store=store, out=out, model=spec, batch_size=batch_size, tokens=tokens, seed=seed,
                       heldout_fraction=heldout, checkpoint_every=checkpoint_every, eval_every=eval_every,
-                      device=device, resume=resume)
+                      device=device, resume=resume, streams=streams)
     if nproc != 1:
         _train_in_processes(cfg, nproc)
         return

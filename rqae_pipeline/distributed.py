@@ -1,7 +1,8 @@
 """Data-parallel training over `torch.distributed`, as `torchrun` launches it.
 
-Every rank reads only its own equal, contiguous slice of each global shuffled batch (the
-global batches are those of one process: `reader.shuffled_batches`) and trains on it; after
+Every rank reads only its own streams of the shuffled data, its equal, contiguous slice of
+each global batch (the global batches are those of one process reading as many streams:
+`reader.shuffled_batches`), and trains on it; after
 each backward pass the gradients are averaged over the ranks, so every rank takes the same
 optimiser step with the gradient of the mean loss over the global batch (equal slices make
 the mean of the ranks' means the global mean). The averaging runs as DistributedDataParallel
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -97,6 +98,40 @@ def check_batch(batch_size: int, ranks: Ranks) -> None:
     if batch_size % ranks.world_size:
         raise RQAEError(f"--batch-size {batch_size} does not split evenly over {ranks.world_size} processes; "
                         f"use a multiple of {ranks.world_size}")
+
+
+def next_on_every_rank(batches: Iterator, ranks: Ranks):
+    """next(batches), or on every rank the error a rank's reader raised: ranks read disjoint
+    streams, so only the rank holding a damaged row sees it, and the others must not be left
+    waiting for it in the gradient all_reduce. One flag all_reduce per step, on the CPU (a gloo
+    group beside NCCL), so the step does not wait for the device."""
+    if not ranks.distributed:
+        return next(batches)
+    try:
+        item, error = next(batches), ""
+    except RQAEError as e:
+        item, error = None, str(e)
+    group = _cpu_group()
+    failed = torch.tensor([1 if error else 0])
+    dist.all_reduce(failed, group=group)
+    if failed.item():
+        errors = [None] * ranks.world_size
+        dist.all_gather_object(errors, error, group=group)
+        raise RQAEError(next(e for e in errors if e))
+    return item
+
+
+_gloo_beside_nccl = None
+
+
+def _cpu_group():
+    """The group for small CPU collectives: the default one under gloo, a gloo group under NCCL."""
+    global _gloo_beside_nccl
+    if dist.get_backend() == "gloo":
+        return None
+    if _gloo_beside_nccl is None:  # made on every rank at the same (first) call: a collective
+        _gloo_beside_nccl = dist.new_group(backend="gloo")
+    return _gloo_beside_nccl
 
 
 def barrier(ranks: Ranks) -> None:

@@ -10,9 +10,15 @@ exactly: reading from it touches that buffer only, however far into the pass it 
 With the default 128 MB buffer every batch mixes rows of dozens of contexts from all over
 the store, and memory stays at a few buffers whatever the store's size.
 
-Data-parallel ranks each take their own equal, contiguous part of every global batch: a rank
-reads the buffer's chunks (zarr decompresses whole chunks) but gathers, permutes and keeps
-only its rows, and all ranks step through the same global batches and positions.
+A read may be split into `streams` independent streams: the permuted chunks are dealt to
+the streams in turn, each stream cuts its own buffers and permutes their rows (seeded by
+(seed, buffer, stream)), and a global batch is the concatenation of equal parts, one from
+each stream, in stream order. One stream is the reading described above. Data-parallel
+ranks each own a contiguous block of streams, so a rank decompresses only its own chunks
+and its part of every global batch is an equal, contiguous slice; the global batches are
+those of one process reading the same number of streams, whatever the number of ranks
+that divides it. A pass ends when its shortest stream does (the other streams' tails, at
+most a few chunks, wait for the next pass's permutation).
 
 (Until 2026-12 the tail of each buffer was re-shuffled into the next one, which made a
 buffer's order depend on every earlier one, so a resume had to replay the whole pass.)
@@ -41,19 +47,31 @@ class ReadPosition:
     row: int = 0
 
 
+Reads = ReadPosition | tuple[ReadPosition, ...]  # one stream's position, or each stream's
+
+
 @dataclass(frozen=True)
 class DataPosition:
-    """Where training stands in its data: pass `epoch` over the rows, at `read` in that pass."""
+    """Where training stands in its data: pass `epoch` over the rows, at `read` in that pass
+    (a ReadPosition, or a tuple of one per stream)."""
 
     epoch: int = 0
-    read: ReadPosition = ReadPosition()
+    read: Reads = ReadPosition()
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict:
+        if isinstance(self.read, tuple):
+            return {"epoch": self.epoch, "streams": [[r.buffer, r.row] for r in self.read]}
         return {"epoch": self.epoch, "buffer": self.read.buffer, "row": self.read.row}
 
     @classmethod
-    def from_dict(cls, d: dict[str, int]) -> DataPosition:
+    def from_dict(cls, d: dict) -> DataPosition:
+        if "streams" in d:
+            return cls(d["epoch"], tuple(ReadPosition(b, r) for b, r in d["streams"]))
         return cls(d["epoch"], ReadPosition(d["buffer"], d["row"]))
+
+
+def start_of_pass(streams: int) -> Reads:
+    return ReadPosition() if streams == 1 else (ReadPosition(),) * streams
 
 
 def pass_seed(seed: int, epoch: int) -> int:
@@ -66,10 +84,11 @@ def _chunk_ranges(start: int, stop: int, chunk_rows: int) -> list[tuple[int, int
     return [(max(a, start), min(a + chunk_rows, stop)) for a in range(first, stop, chunk_rows)]
 
 
-def buffer_groups(store, *, shuffle: bool, seed: int, start: int, stop: int | None,
-                  buffer_rows: int | None) -> list[list[tuple[int, int]]]:
-    """The pass's buffers, each a list of (first, stop) chunk row ranges: a pure function of
-    the seed (the chunk permutation) and the store's layout."""
+def stream_groups(store, *, shuffle: bool, seed: int, start: int, stop: int | None, buffer_rows: int | None,
+                  streams: int = 1) -> list[list[list[tuple[int, int]]]]:
+    """Each stream's buffers, each a list of (first, stop) chunk row ranges: a pure function
+    of the seed (the chunk permutation), the stream count and the store's layout. The permuted
+    chunks are dealt to the streams in turn; each stream's buffers hold `buffer_rows`."""
     stop = store.n_tokens if stop is None else min(stop, store.n_tokens)
     ranges = _chunk_ranges(start, stop, store.spec.chunk_rows)
     if shuffle:
@@ -77,7 +96,14 @@ def buffer_groups(store, *, shuffle: bool, seed: int, start: int, stop: int | No
     if buffer_rows is None:
         buffer_rows = BUFFER_BYTES // (4 * store.d)
     per_buffer = max(1, buffer_rows // store.spec.chunk_rows)
-    return [ranges[i : i + per_buffer] for i in range(0, len(ranges), per_buffer)]
+    dealt = [ranges[s::streams] for s in range(streams)]
+    return [[mine[i : i + per_buffer] for i in range(0, len(mine), per_buffer)] for mine in dealt]
+
+
+def buffer_groups(store, *, shuffle: bool, seed: int, start: int, stop: int | None,
+                  buffer_rows: int | None) -> list[list[tuple[int, int]]]:
+    """The buffers of a one-stream pass (`stream_groups`)."""
+    return stream_groups(store, shuffle=shuffle, seed=seed, start=start, stop=stop, buffer_rows=buffer_rows)[0]
 
 
 def _merged_spans(group: list[tuple[int, int]]) -> list[list[int]]:
@@ -92,68 +118,45 @@ def _merged_spans(group: list[tuple[int, int]]) -> list[list[int]]:
     return spans
 
 
-def _rank_positions(n: int, skip: int, phase: int, batch_size: int, rank: int, world_size: int) -> np.ndarray:
-    """The positions in [skip, n) of a buffer's pass order that fall in rank `rank`'s part of
-    their global batch, when position `skip` is `phase` rows into a global batch."""
-    q = np.arange(skip, n)
-    if world_size == 1:
-        return q
-    part = batch_size // world_size
-    return q[(q - skip + phase) % batch_size // part == rank]
+def load_buffer(store, group, index: int, *, shuffle: bool, seed: int, exclude: int, stream: int = 0,
+                check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Buffer `index` of stream `stream`: its kept rows and their store row indices, in the
+    pass's order. With `check_finite`, a kept row holding NaN/inf is an RQAEError naming it.
 
-
-def load_buffer(store, group, index: int, *, shuffle: bool, seed: int, exclude: int, positions=None,
-                check_finite: bool = False) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Buffer `index`'s kept rows and their store row indices in the pass's order, or only those
-    at `positions(n)` of that order (n: the buffer's kept rows); also n. With `check_finite`, a
-    kept row holding NaN/inf, wanted or not, is an RQAEError naming it.
-
-    The chunks are read and decoded whole (that is what zarr reads), but only the wanted rows
-    are gathered, permuted and kept: a rank reads its own part of the buffer's rows."""
+    The kept rows are gathered in the storage dtype (a half or a quarter of float32's bytes)
+    and decoded once, in their final order: one copy of each row instead of two."""
     spans = _merged_spans(group)
-    parts = [store.read_acts(a, b) for a, b in spans]
-    acts = [p[0] for p in parts]
+    parts = [store.read_acts_encoded(a, b) for a, b in spans]
+    stored = _joined([p[0] for p in parts])
+    row_scale = None if parts[0][1] is None else _joined([p[1] for p in parts])
     store_rows = np.concatenate([np.arange(a, b) for a, b in spans])
-    starts = np.cumsum([0] + [b - a for a, b in spans])
-    kept = np.flatnonzero((np.concatenate([p[1] for p in parts]) & exclude) == 0)  # offsets into the spans
+    kept = np.flatnonzero((_joined([p[2] for p in parts]) & exclude) == 0)  # offsets into the spans
+    if shuffle:  # seeded by (seed, buffer, stream) alone, so any buffer can be produced first
+        # (stream 0 keeps the one-stream seed: one stream is the reading of before streams)
+        kept = kept[np.random.default_rng([seed, index] + ([stream] if stream else [])).permutation(len(kept))]
+    acts = store.decode_acts(stored[kept], None if row_scale is None else row_scale[kept])
     if check_finite:
-        _require_finite(store, acts, starts, kept, store_rows)
-    n = len(kept)
-    if shuffle:  # seeded by (seed, buffer) alone, so any buffer can be produced first
-        kept = kept[np.random.default_rng([seed, index]).permutation(n)]
-    if positions is not None:
-        kept = kept[positions(n)]
-    return _gather(acts, starts, kept, store.d), torch.from_numpy(store_rows[kept]), n
+        _require_finite(store, acts, store_rows[kept])
+    return acts, torch.from_numpy(store_rows[kept])
 
 
-def _require_finite(store, acts: list[torch.Tensor], starts: np.ndarray, kept: np.ndarray,
-                    store_rows: np.ndarray, limit: int = 5) -> None:
-    """Raise naming the kept rows that hold NaN/inf: the store's fault, not the learning rate's.
-    The whole buffer is checked, whatever part of it is wanted, so that data-parallel ranks
-    stop together; a row sum per row (~1/20 of an elementwise check) finds the suspects, and
-    an elementwise check of those alone tells NaN/inf from a sum that overflowed."""
-    sums = torch.cat([a.sum(1) for a in acts])
-    suspects = kept[~torch.isfinite(sums[torch.from_numpy(kept)]).numpy()]
+def _joined(arrays: list[np.ndarray]) -> np.ndarray:
+    return arrays[0] if len(arrays) == 1 else np.concatenate(arrays)
+
+
+def _require_finite(store, acts: torch.Tensor, store_rows: np.ndarray, limit: int = 5) -> None:
+    """Raise naming the rows of `acts` (store rows `store_rows`) that hold NaN/inf: the
+    store's fault, not the learning rate's. A row sum per row (~1/20 of an elementwise check)
+    finds the suspects, and an elementwise check of those alone tells NaN/inf from a sum
+    that overflowed."""
+    suspects = np.flatnonzero(~torch.isfinite(acts.sum(1)).numpy())
     if not len(suspects):
         return
-    bad = suspects[~torch.isfinite(_gather(acts, starts, suspects, store.d)).all(1).numpy()]
+    bad = suspects[~torch.isfinite(acts[torch.from_numpy(suspects)]).all(1).numpy()]
     if len(bad):
         where = ", ".join(str(r) for r in sorted(store_rows[bad])[:limit]) + (" ..." if len(bad) > limit else "")
         raise RQAEError(f"store {store.path} has non-finite (NaN/inf) activations in row(s) {where}; nothing was "
                         f"trained on them (`rqae verify {store.path}` lists the damage)")
-
-
-def _gather(acts: list[torch.Tensor], starts: np.ndarray, offsets: np.ndarray, d: int) -> torch.Tensor:
-    """Rows at `offsets` (in that order) of the concatenation of `acts`, without building it:
-    each span's wanted rows are copied in store order into their places."""
-    out = torch.empty(len(offsets), d)
-    order = np.argsort(offsets, kind="stable")
-    ordered = offsets[order]
-    bounds = np.searchsorted(ordered, starts)
-    for part, first, lo, hi in zip(acts, starts, bounds[:-1], bounds[1:]):
-        if hi > lo:
-            out[torch.from_numpy(order[lo:hi])] = part[torch.from_numpy(ordered[lo:hi] - first)]
-    return out
 
 
 def kept_rows(store, group, exclude: int) -> int:
@@ -203,89 +206,131 @@ class _RowQueue:
         return (acts[0], rows[0]) if len(acts) == 1 else (torch.cat(acts), torch.cat(rows))
 
 
-def _batch_ends(n: int, skip: int, phase: int, batch_size: int) -> range:
-    """The positions in (skip, n] of a buffer where a global batch ends, when position `skip`
-    is `phase` rows into a global batch."""
-    return range(skip + batch_size - phase, n + 1, batch_size)
+def _piece_ends(index: int, n: int, skip: int, phase: int, piece: int) -> list[ReadPosition]:
+    """The positions after each piece that ends in buffer `index` (n kept rows), when its
+    position `skip` is `phase` rows into a piece."""
+    return [ReadPosition(index, end) if end < n else ReadPosition(index + 1, 0)
+            for end in range(skip + piece - phase, n + 1, piece)]
+
+
+def _stream_pieces(store, groups, piece: int, *, stream: int, shuffle: bool, seed: int, exclude: int,
+                   first: ReadPosition, drop_last: bool, check_finite: bool) -> Iterator:
+    """One stream's consecutive `piece` rows from `first` on, as (acts, rows, position after),
+    and with `drop_last` off the shorter tail last."""
+    def load(index):
+        return load_buffer(store, groups[index], index, shuffle=shuffle, seed=seed, exclude=exclude,
+                           stream=stream, check_finite=check_finite)
+
+    queue, phase, skip = _RowQueue(), 0, first.row  # phase: rows of the current piece before `skip`
+    # Read the next buffer on a thread while the caller consumes this one (zarr decoding
+    # releases the GIL), so training does not wait on decompression.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, first.buffer) if first.buffer < len(groups) else None
+        for i in range(first.buffer, len(groups)):
+            acts, rows = pending.result()
+            acts, rows, n = acts[skip:], rows[skip:], len(rows)
+            read_next = partial(pool.submit, load, i + 1) if i + 1 < len(groups) else lambda: None
+            pending = None
+            queue.put(acts, rows)
+            for position in _piece_ends(i, n, skip, phase, piece):
+                yield (*queue.take(piece), position)
+                # asked for another piece: read the next buffer meanwhile (not before, so that a
+                # caller taking one piece does not wait, on closing, for a buffer it never uses)
+                pending = pending or read_next()
+            pending = pending or read_next()
+            phase, skip = (phase + n - skip) % piece, 0
+    if len(queue) and not drop_last:
+        yield (*queue.take(len(queue)), ReadPosition(len(groups), 0))
+
+
+def _stream_positions(store, groups, piece: int, *, exclude: int, first: ReadPosition) -> Iterator[ReadPosition]:
+    """The positions `_stream_pieces` reports, from the flags alone: another rank's stream."""
+    phase, skip = 0, first.row
+    for i in range(first.buffer, len(groups)):
+        n = kept_rows(store, groups[i], exclude)
+        yield from _piece_ends(i, n, skip, phase, piece)
+        phase, skip = (phase + n - skip) % piece, 0
+
+
+def check_streams(batch_size: int, streams: int, world_size: int) -> None:
+    if streams < 1 or streams % world_size:
+        raise RQAEError(f"--streams {streams} does not split over {world_size} processes; "
+                        f"use a multiple of {world_size}")
+    if batch_size % streams:
+        raise RQAEError(f"--batch-size {batch_size} does not split evenly over {streams} streams; "
+                        f"use a multiple of {streams}")
 
 
 def shuffled_batches(store, batch_size: int, *, shuffle: bool, seed: int, start: int, stop: int | None,
                      exclude: int, buffer_rows: int | None, drop_last: bool, return_rows: bool = False,
-                     first: ReadPosition = ReadPosition(), with_position: bool = False, rank: int = 0,
+                     first: Reads | None = None, with_position: bool = False, streams: int = 1, rank: int = 0,
                      world_size: int = 1, check_finite: bool = False) -> Iterator:
-    """Batches from position `first` on. Yields acts, or (acts, rows) with `return_rows`; with
-    `with_position` each item is followed by the ReadPosition of the next row, `(item, position)`.
+    """Batches from position `first` on (default: the pass's start). Yields acts, or (acts,
+    rows) with `return_rows`; with `with_position` each item is followed by the position of the
+    next row (a ReadPosition, or one per stream), `(item, position)`.
 
-    With `world_size` > 1 each item is rank `rank`'s equal, contiguous part of the global batch
-    (the batches of world size 1, whatever the world size), and a rank gathers only its rows.
-    With `check_finite`, a buffer with a kept NaN/inf row raises before its first batch."""
-    if batch_size % world_size or (world_size > 1 and not drop_last):
-        raise ValueError("ranks need drop_last and a batch size that splits evenly over them")
-    groups = buffer_groups(store, shuffle=shuffle, seed=seed, start=start, stop=stop, buffer_rows=buffer_rows)
-    part = batch_size // world_size
-
-    def load(index, skip, phase):
-        def positions(n):
-            return _rank_positions(n, skip, phase, batch_size, rank, world_size)
-
-        return load_buffer(store, groups[index], index, shuffle=shuffle, seed=seed, exclude=exclude,
-                           positions=positions, check_finite=check_finite)
-
-    def item(acts, rows, position):
+    With `streams` > 1 each batch is the concatenation of `batch_size / streams` rows of each
+    stream; with `world_size` > 1 each item is rank `rank`'s part, the rows of its own block of
+    streams, and the rank decompresses only their chunks (the other streams' positions come
+    from their flags). With `check_finite`, a buffer with a kept NaN/inf row raises before its
+    first batch (only this rank's streams are checked)."""
+    check_streams(batch_size, streams, world_size)
+    if streams > 1 and not drop_last:
+        raise ValueError("several streams need drop_last (a pass ends with its shortest stream)")
+    groups = stream_groups(store, shuffle=shuffle, seed=seed, start=start, stop=stop, buffer_rows=buffer_rows,
+                           streams=streams)
+    first = start_of_pass(streams) if first is None else first
+    firsts = first if isinstance(first, tuple) else (first,)
+    if len(firsts) != streams:
+        raise ValueError(f"a position of {len(firsts)} stream(s) for a read of {streams}")
+    piece, own = batch_size // streams, range(rank * streams // world_size, (rank + 1) * streams // world_size)
+    readers = [_stream_pieces(store, groups[s], piece, stream=s, shuffle=shuffle, seed=seed, exclude=exclude,
+                              first=firsts[s], drop_last=drop_last, check_finite=check_finite) if s in own
+               else _stream_positions(store, groups[s], piece, exclude=exclude, first=firsts[s])
+               for s in range(streams)]
+    for items in zip(*readers):
+        mine = [items[s] for s in own]
+        acts, rows = (mine[0][0], mine[0][1]) if len(mine) == 1 else (torch.cat([m[0] for m in mine]),
+                                                                      torch.cat([m[1] for m in mine]))
+        at = tuple(item[2] if s in own else item for s, item in enumerate(items))
         out = (acts, rows) if return_rows else acts
-        return (out, position) if with_position else out
-
-    queue, phase, skip = _RowQueue(), 0, first.row  # phase: rows of the current global batch before `skip`
-    # Read the next buffer on a thread while the caller consumes this one (zarr decoding
-    # releases the GIL), so training does not wait on decompression.
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(load, first.buffer, skip, 0) if first.buffer < len(groups) else None
-        for i in range(first.buffer, len(groups)):
-            acts, rows, n = pending.result()
-            next_phase = (phase + n - skip) % batch_size
-            read_next = partial(pool.submit, load, i + 1, 0, next_phase) if i + 1 < len(groups) else lambda: None
-            pending = None
-            queue.put(acts, rows)
-            for end in _batch_ends(n, skip, phase, batch_size):
-                yield item(*queue.take(part), ReadPosition(i, end) if end < n else ReadPosition(i + 1, 0))
-                # asked for another batch: read the next buffer meanwhile (not before, so that a
-                # caller taking one batch does not wait, on closing, for a buffer it never uses)
-                pending = pending or read_next()
-            pending = pending or read_next()
-            phase, skip = next_phase, 0
-    if len(queue) and not drop_last:
-        yield item(*queue.take(len(queue)), ReadPosition(len(groups), 0))
+        yield (out, at[0] if streams == 1 else at) if with_position else out
 
 
 def endless_batches(store, batch_size: int, *, seed: int, stop: int, exclude: int, start: DataPosition,
-                    rank: int = 0, world_size: int = 1) -> Iterator:
+                    streams: int = 1, rank: int = 0, world_size: int = 1) -> Iterator:
     """Full shuffled batches of rows [0, stop) from `start` on, pass after pass (pass e seeded
     `pass_seed(seed, e)`), each as (batch, DataPosition after it); with `world_size` > 1, rank
     `rank`'s part of each global batch (`shuffled_batches`). A NaN/inf row is an RQAEError
-    before any batch of its buffer is handed out, on every rank."""
+    before any batch of its buffer is handed out, on the rank that reads it."""
     epoch, first = start.epoch, start.read
     while True:
         seen = False
         for batch, at in shuffled_batches(store, batch_size, shuffle=True, seed=pass_seed(seed, epoch), start=0,
                                           stop=stop, exclude=exclude, buffer_rows=None, drop_last=True, first=first,
-                                          with_position=True, rank=rank, world_size=world_size, check_finite=True):
+                                          with_position=True, streams=streams, rank=rank, world_size=world_size,
+                                          check_finite=True):
             seen = True
             yield batch, DataPosition(epoch, at)
-        if not seen and first == ReadPosition():
+        if not seen and first == start_of_pass(streams):
             raise RQAEError(f"fewer than {batch_size} training rows in the store; lower --batch-size")
-        epoch, first = epoch + 1, ReadPosition()
+        epoch, first = epoch + 1, start_of_pass(streams)
 
 
-def position_of_batch(store, batch_size: int, *, seed: int, stop: int, exclude: int, batches: int) -> DataPosition:
+def position_of_batch(store, batch_size: int, *, seed: int, stop: int, exclude: int, batches: int,
+                      streams: int = 1) -> DataPosition:
     """Where `endless_batches` stands after `batches` batches, counted from the flags alone
     (no activations decoded): for runs that did not record their position, and for tests."""
     def groups(epoch):
-        return buffer_groups(store, shuffle=True, seed=pass_seed(seed, epoch), start=0, stop=stop, buffer_rows=None)
+        return stream_groups(store, shuffle=True, seed=pass_seed(seed, epoch), start=0, stop=stop, buffer_rows=None,
+                             streams=streams)
 
-    per_pass = sum(kept_rows(store, g, exclude) for g in groups(0)) // batch_size
+    piece = batch_size // streams
+    per_pass = min(sum(kept_rows(store, g, exclude) for g in mine) for mine in groups(0)) // piece
     if per_pass == 0:
         raise RQAEError(f"fewer than {batch_size} training rows in the store; lower --batch-size")
     epoch, k = divmod(batches, per_pass)
     if epoch and not k:  # the stream reports the end of a pass as a position in that pass
         epoch, k = epoch - 1, per_pass
-    return DataPosition(epoch, position_after(store, groups(epoch), batch_size, k, exclude=exclude))
+    at = tuple(position_after(store, mine, piece, k, exclude=exclude) for mine in groups(epoch))
+    return DataPosition(epoch, at[0] if streams == 1 else at)

@@ -369,10 +369,19 @@ class ActivationStore:
 
     def read_acts(self, start: int, stop: int) -> tuple[torch.Tensor, np.ndarray]:
         """Decoded activations and flags of rows [start, stop): all a training batch needs."""
+        acts, row_scale, flags = self.read_acts_encoded(start, stop)
+        return self.decode_acts(acts, row_scale), flags
+
+    def read_acts_encoded(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+        """Activations of rows [start, stop) as stored, their row scales (fp8; else None) and
+        flags: a reader gathers the rows it keeps in the storage dtype, then decodes them."""
         rows = slice(start, stop)
         row_scale = self._rows("row_scale", rows) if self.spec.dtype == "fp8" else None
-        acts = decode_acts(self._rows("acts", rows), self.spec.dtype, row_scale, self._mean())
-        return acts, self._rows("flags", rows)
+        return self._rows("acts", rows), row_scale, self._rows("flags", rows)
+
+    def decode_acts(self, acts: np.ndarray, row_scale: np.ndarray | None) -> torch.Tensor:
+        """Float32 activations from stored ones (`read_acts_encoded`)."""
+        return decode_acts(acts, self.spec.dtype, row_scale, self._mean())
 
     def read_rows(self, index: np.ndarray) -> Rows:
         """Rows at arbitrary sorted indices (a zarr orthogonal selection)."""

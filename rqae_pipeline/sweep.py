@@ -23,8 +23,9 @@ from rqae_pipeline import RQAEError
 from rqae_pipeline.io import atomic_write_json
 from rqae_pipeline.metrics import prefix_of, rqae_bits_per_token, sae_bits_per_token
 from rqae_pipeline.models.base import ModelSpec
+from rqae_pipeline.run_dir import METRICS, RUN_FILE
 from rqae_pipeline.store import ActivationStore
-from rqae_pipeline.train import METRICS, RUN_FILE, TrainConfig, heldout_split, train
+from rqae_pipeline.train import TrainConfig, heldout_split, train
 
 SWEEP_FILE = "sweep.json"
 DIVERGED_FILE = "diverged.json"
@@ -166,7 +167,7 @@ def train_run(cfg: SweepConfig, spec: ModelSpec, *, seed: int, out: Path, split:
                      seed=seed, heldout_fraction=split.fraction, eval_tokens=split.eval_rows,
                      eval_every=max(1, steps // cfg.evaluations), checkpoint_every=max(50, steps // 4),
                      log_every=max(1, min(10, steps // cfg.evaluations)), device=cfg.device,
-                     resume=out.exists(), **cfg.extra)
+                     resume=out.exists(), **{"streams": 1, **cfg.extra})  # one process: one stream
     tc_identity = json.loads(json.dumps(tc.identity()))
     if _done(out) is None:
         try:

@@ -6,9 +6,10 @@ function of the seed, and every checkpoint records where in it training stands (
 buffer, row; `reader.py`), so a resumed run starts reading there, touching one shuffle
 buffer however far it got, and ends with the same weights as an uninterrupted one.
 
-Under torchrun every rank reads and trains on its own slice of each global batch (the global
-batches are those of one process), with gradients averaged over the ranks (`distributed.py`);
-rank 0 alone writes the run directory.
+Each global batch is drawn in equal parts from `streams` shuffled streams (default: one per
+process). Under torchrun every rank reads only its own streams and trains on their slice of
+each global batch (the global batches are those of one process reading as many streams), with
+gradients averaged over the ranks (`distributed.py`); rank 0 alone writes the run directory.
 
 Held-out data is split by context: the last `heldout_fraction` of the store's contexts,
 recorded in `train.json`, never reach the optimiser.
@@ -28,17 +29,21 @@ import torch
 
 from rqae_pipeline import RQAEError, __version__, distributed
 from rqae_pipeline.distributed import SINGLE, Ranks, mean_over_ranks
-from rqae_pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text
 from rqae_pipeline.metrics import Stats, prefix_label, prefix_of
 from rqae_pipeline.models.base import ModelSpec, Trainable
 from rqae_pipeline.models.registry import build_trainable, reconstruct
 from rqae_pipeline.models.sae import SAEBaseline
-from rqae_pipeline.reader import DataPosition, endless_batches, position_of_batch
+from rqae_pipeline.reader import DataPosition, check_streams, endless_batches, position_of_batch, start_of_pass
+from rqae_pipeline.run_dir import (
+    METRICS,
+    RUN_FILE,
+    keep_metrics_up_to,
+    prepare_out,
+    recorded_streams,
+    save_checkpoint,
+    write_run_file,
+)
 from rqae_pipeline.store import ActivationStore, Flags
-
-CHECKPOINT = "checkpoint.pt"
-RUN_FILE = "train.json"
-METRICS = "metrics.jsonl"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -57,12 +62,15 @@ class TrainConfig:
     checkpoint_every: int = 50
     device: str | None = None
     resume: bool = False
+    streams: int | None = None  # shuffled streams each global batch is read from (reader.py); None: one per process
 
     def __post_init__(self):
         if self.batch_size < 1 or self.tokens < self.batch_size:
             raise ValueError("need batch_size >= 1 and tokens >= batch_size")
         if not 0 < self.heldout_fraction < 1:
             raise ValueError("heldout_fraction must be in (0, 1)")
+        if self.streams is not None and self.streams < 1:
+            raise ValueError("streams must be at least 1")
 
     @property
     def total_steps(self) -> int:
@@ -116,18 +124,22 @@ def positioned_batches(store: ActivationStore, cfg: TrainConfig, split: dict, st
     each global batch), each with the position after it (`reader.endless_batches`); reaching
     `start` reads one buffer, wherever it is. NaN/inf rows are an error, never trained on."""
     return endless_batches(store, cfg.batch_size, seed=cfg.seed, stop=split["first_row"], exclude=cfg.exclude,
-                           start=start, rank=ranks.rank, world_size=ranks.world_size)
+                           start=start, streams=cfg.streams or 1, rank=ranks.rank, world_size=ranks.world_size)
 
 
 def position_of_step(store: ActivationStore, cfg: TrainConfig, split: dict, steps: int) -> DataPosition:
     """Where `steps` batches end, from the flags alone: for checkpoints without a position."""
     return position_of_batch(store, cfg.batch_size, seed=cfg.seed, stop=split["first_row"], exclude=cfg.exclude,
-                             batches=steps)
+                             batches=steps, streams=cfg.streams or 1)
+
+
+def first_position(cfg: TrainConfig) -> DataPosition:
+    return DataPosition(0, start_of_pass(cfg.streams or 1))
 
 
 def train_batches(store: ActivationStore, cfg: TrainConfig, split: dict, skip: int = 0):
     """The global batches alone, from step `skip` on."""
-    start = position_of_step(store, cfg, split, skip) if skip else DataPosition()
+    start = position_of_step(store, cfg, split, skip) if skip else first_position(cfg)
     return (batch for batch, _ in positioned_batches(store, cfg, split, start))
 
 
@@ -161,65 +173,6 @@ def evaluate(trainable: Trainable, x: torch.Tensor, batch: int = 4096) -> dict[s
     return out
 
 
-# --------------------------------------------------------------------------- run directory
-
-
-def _write_run_file(out: Path, run: dict) -> None:
-    atomic_write_json(out / RUN_FILE, run, default=str)
-
-
-def save_checkpoint(out: Path, trainable: Trainable, step: int, cfg: TrainConfig,
-                    data: DataPosition | None = None) -> None:
-    # atomic: a kill mid-save leaves the previous checkpoint
-    atomic_torch_save({"step": step, "state": trainable.checkpoint_state(), "identity": cfg.identity(),
-                       **({"data": data.as_dict()} if data is not None else {})}, out / CHECKPOINT)
-
-
-def _prepare_out(cfg: TrainConfig, store: ActivationStore) -> dict | None:
-    """Return the checkpoint to resume from (or None); refuse to mix runs."""
-    out = Path(cfg.out)
-    run_file = out / RUN_FILE
-    if run_file.exists() or (out / CHECKPOINT).exists():
-        if not cfg.resume:
-            raise RQAEError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-        prior = json.loads(run_file.read_text()) if run_file.exists() else {}
-        if prior.get("store_spec") and prior["store_spec"] != store.manifest["spec"]:
-            raise RQAEError(f"{out} was trained on another store (model/hook/corpus differ); choose another --out")
-        if not (out / CHECKPOINT).exists():
-            return None
-        ckpt = _read_checkpoint(out / CHECKPOINT)
-        for key, value in cfg.identity().items():
-            if ckpt["identity"].get(key) != value:
-                raise RQAEError(f"cannot resume: {key} was {ckpt['identity'].get(key)!r}, now {value!r}; "
-                                f"resume with the same settings or choose another --out")
-        return ckpt
-    if out.exists() and any(out.iterdir()):
-        raise RQAEError(f"{out} exists and is not a training run directory; choose another --out")
-    return None
-
-
-def _read_checkpoint(path: Path) -> dict:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for a bad file
-        raise RQAEError(f"{path} is damaged ({_first_line(e)}); delete it to train from scratch, "
-                        f"or choose another --out") from None
-    if not isinstance(ckpt, dict) or not {"step", "state", "identity"} <= ckpt.keys():
-        raise RQAEError(f"{path} is not a checkpoint written by rqae train; delete it or choose another --out")
-    return ckpt
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
-
-
-def _keep_metrics_up_to(path: Path, step: int) -> None:
-    if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-        atomic_write_text(path, "".join(ln + "\n" for ln in lines))
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -240,7 +193,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     """Train (or resume) a model; under torchrun, as one rank of a data-parallel run."""
     ranks, device = distributed.start(cfg.device)
     try:
-        run = _start_run(cfg, ranks, device)
+        run = _start_run(_with_streams(cfg, ranks), ranks, device)
         t0 = time.perf_counter()
         step, interrupted = _train_loop(run, progress=progress and ranks.is_main)
         result = TrainResult(out=run.out, steps=step, interrupted=interrupted, seconds=time.perf_counter() - t0)
@@ -249,6 +202,14 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         return result
     finally:
         distributed.stop(ranks)
+
+
+def _with_streams(cfg: TrainConfig, ranks: Ranks) -> TrainConfig:
+    """`cfg` with its stream count settled: as given, else the resumed run's, else one per process."""
+    distributed.check_batch(cfg.batch_size, ranks)
+    streams = cfg.streams or recorded_streams(cfg.out, cfg.resume) or ranks.world_size
+    check_streams(cfg.batch_size, streams, ranks.world_size)
+    return replace(cfg, streams=streams)
 
 
 @dataclass
@@ -269,12 +230,11 @@ def _read_data(cfg: TrainConfig, ranks: Ranks) -> _Data:
     store = open_training_store(cfg.store)
     if cfg.model.d_in != store.d:
         raise RQAEError(f"model d_in {cfg.model.d_in} does not match the store's d_model {store.d}")
-    distributed.check_batch(cfg.batch_size, ranks)
-    ckpt = _prepare_out(cfg, store)
+    ckpt = prepare_out(cfg.out, resume=cfg.resume, identity=cfg.identity(), store=store)
     split = heldout_split(store, cfg.heldout_fraction)
     heldout = heldout_rows(store, cfg, split) if ranks.is_main else None
     fresh = ckpt is None or ckpt["step"] == 0
-    first_batch = next(positioned_batches(store, cfg, split, DataPosition()))[0] if fresh else None
+    first_batch = next(positioned_batches(store, cfg, split, first_position(cfg)))[0] if fresh else None
     return _Data(store=store, split=split, ckpt=ckpt, heldout=heldout, first_batch=first_batch)
 
 
@@ -293,15 +253,15 @@ def _start_run(cfg: TrainConfig, ranks: Ranks, device: str) -> _Run:
         trainable.data_parallel(ranks)
     if isinstance(trainable, SAEBaseline):  # its cfg.json then says which activations it reads
         trainable.record_source(data.store)
-    step, position = 0, DataPosition()
+    step, position = 0, first_position(cfg)
     if data.ckpt is not None:
         trainable.load_checkpoint_state(data.ckpt["state"])
         step = data.ckpt["step"]
         position = (DataPosition.from_dict(data.ckpt["data"]) if "data" in data.ckpt
                     else position_of_step(data.store, cfg, data.split, step))
     if main:
-        _keep_metrics_up_to(out / METRICS, step)
-        _write_run_file(out, {"config": cfg.identity(), "store": str(cfg.store),
+        keep_metrics_up_to(out / METRICS, step)
+        write_run_file(out, {"config": cfg.identity(), "store": str(cfg.store),
                               "store_spec": data.store.manifest["spec"], "heldout": data.split,
                               "rqae_pipeline": __version__, "status": "training", "processes": ranks.world_size})
     if step == 0:
@@ -324,7 +284,7 @@ def _train_loop(run: _Run, *, progress: bool) -> tuple[int, bool]:
     try:
         with open(run.out / METRICS, "a") if ranks.is_main else contextlib.nullcontext() as log:
             while step < cfg.total_steps:
-                batch, position = next(run.batches)
+                batch, position = distributed.next_on_every_rank(run.batches, ranks)
                 stats = run.trainable.train_step(batch)
                 step += 1
                 bar.update(1)
@@ -340,7 +300,7 @@ def _train_loop(run: _Run, *, progress: bool) -> tuple[int, bool]:
                     _log_step(run, log, bar, step, values, throughput.tokens_per_second(step * cfg.batch_size))
                 if saves:
                     if ranks.is_main:
-                        save_checkpoint(run.out, run.trainable, step, cfg, position)
+                        save_checkpoint(run.out, run.trainable, step, cfg.identity(), position)
                     last_good = step
     except KeyboardInterrupt:
         # The interrupt may land inside a step (after the optimiser moved the weights, before
@@ -381,7 +341,7 @@ def _finish_run(run: _Run, step: int) -> dict[str, Any]:
     run.trainable.save(run.out)
     info = json.loads((run.out / RUN_FILE).read_text())
     info.update(status="done", steps=step, heldout_metrics=heldout, weight_bytes=run.trainable.weight_bytes())
-    _write_run_file(run.out, info)
+    write_run_file(run.out, info)
     from rqae_pipeline.report.plots import plot_training
 
     plot_training(run.out / METRICS, run.out, heldout)

@@ -5,6 +5,7 @@ few steps and an encode on cuda match the CPU (skipped without a GPU)."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -19,8 +20,9 @@ from rqae_pipeline.distributed import Ranks
 from rqae_pipeline.harvest import harvest
 from rqae_pipeline.models.base import ModelSpec
 from rqae_pipeline.reader import DataPosition, ReadPosition, shuffled_batches
+from rqae_pipeline.run_dir import CHECKPOINT
 from rqae_pipeline.store import ActivationStore, Flags
-from rqae_pipeline.train import CHECKPOINT, TrainConfig, heldout_split, position_of_step, positioned_batches, train
+from rqae_pipeline.train import TrainConfig, heldout_split, position_of_step, positioned_batches, train
 
 from helpers import HANG_GUARD_S, REPO, rqae_cmd, run_rqae, tiny_config
 
@@ -68,7 +70,8 @@ def assert_same_weights(a, b):
 def test_two_gloo_ranks_end_with_the_single_process_weights(store_path, tmp_path, arch, options):
     # topk with a 2-step dead window: its auxiliary loss reads the dead-latent mask, which is
     # only the single-process one if the ranks share their firing statistics
-    one = cfg_for(store_path, tmp_path / "one", arch, model={"options": options})
+    # one process reading 2 streams: the global batches of 2 ranks (each reads one of them)
+    one = cfg_for(store_path, tmp_path / "one", arch, model={"options": options}, streams=2)
     train(one, progress=False)
     two = cfg_for(store_path, tmp_path / "two", arch, model={"options": options})
     proc = run_rqae(*cli_args(two, 2))
@@ -86,21 +89,65 @@ def test_batch_that_does_not_split_over_the_ranks_is_refused(store_path, tmp_pat
     assert not (tmp_path / "odd" / CHECKPOINT).exists()
 
 
-def test_a_nan_row_stops_every_rank_before_its_buffer(store_path, tmp_path):
-    # every rank checks the whole shuffle buffer, not only its slice: all stop together with
-    # the error, none is left waiting in a collective for a peer that has gone
+def test_a_nan_row_is_found_by_the_rank_that_reads_it(store_path, tmp_path):
     import zarr
 
     damaged = tmp_path / "nan.zarr"
     shutil.copytree(store_path, damaged)
-    zarr.open_group(str(damaged), mode="r+", zarr_format=3)["acts"][1000, 3] = np.nan  # in one rank's slice
+    zarr.open_group(str(damaged), mode="r+", zarr_format=3)["acts"][1000, 3] = np.nan
     store = ActivationStore.open(damaged)
-    slices = [shuffled_batches(store, BATCH, shuffle=True, seed=0, start=0, stop=None, exclude=int(Flags.BOS),
-                               buffer_rows=None, drop_last=True, rank=r, world_size=2, check_finite=True)
-              for r in range(2)]
-    for rank_slices in slices:
-        with pytest.raises(RQAEError, match=r"non-finite \(NaN/inf\) activations in row\(s\) 1000;"):
-            next(rank_slices)
+    outcomes = []
+    for r in range(2):
+        reader = shuffled_batches(store, BATCH, shuffle=True, seed=0, start=0, stop=None, exclude=int(Flags.BOS),
+                                  buffer_rows=None, drop_last=True, streams=2, rank=r, world_size=2,
+                                  check_finite=True)
+        try:
+            next(reader)
+            outcomes.append("batch")
+        except RQAEError as e:
+            assert re.search(r"non-finite \(NaN/inf\) activations in row\(s\) 1000;", str(e))
+            outcomes.append("error")
+    assert sorted(outcomes) == ["batch", "error"]  # only the rank whose stream holds row 1000 decodes it
+
+
+def _next_on_two_ranks(rank: int, port: int, out: str) -> None:
+    """Rank 1's reader fails at its 4th batch; what each rank's `next_on_every_rank` gives."""
+    import torch.distributed as dist
+
+    from rqae_pipeline.distributed import next_on_every_rank
+
+    def reader():
+        for k in range(10):
+            if rank == 1 and k == 3:
+                raise RQAEError("row 7 is damaged")
+            yield k
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    batches, got = reader(), []
+    try:
+        for _ in range(10):
+            got.append(next_on_every_rank(batches, Ranks(rank=rank, world_size=2)))
+    except RQAEError as e:
+        got.append(f"error: {e}")
+    finally:
+        dist.destroy_process_group()
+    with open(f"{out}/{rank}.json", "w") as f:
+        json.dump(got, f)
+
+
+def test_a_reader_error_on_one_rank_stops_every_rank_with_it(tmp_path):
+    """Ranks read disjoint streams: the rank that does not read the damaged row must stop with
+    the error at the same step, not wait in the gradient all_reduce for a peer that has gone."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_next_on_two_ranks, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    for rank in range(2):
+        assert json.loads((tmp_path / f"{rank}.json").read_text()) == [0, 1, 2, "error: row 7 is damaged"]
 
 
 def _descendants(pid: int) -> list[int]:
@@ -157,10 +204,11 @@ def test_kill_9_of_the_job_then_resume_ends_where_an_uninterrupted_run_ends(stor
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_resumed_reader_starts_at_the_recorded_position(store_path, tmp_path):
+@pytest.mark.parametrize("streams", [1, 2])
+def test_resumed_reader_starts_at_the_recorded_position(store_path, tmp_path, streams):
     """Batch k from its position (one buffer read) is batch k of the uninterrupted stream,
     across a pass boundary too, and the flag count finds the same position."""
-    cfg = cfg_for(store_path, tmp_path / "x", steps=200)
+    cfg = cfg_for(store_path, tmp_path / "x", steps=200, streams=streams)
     store = ActivationStore.open(store_path)
     split = heldout_split(store, cfg.heldout_fraction)
     stream = positioned_batches(store, cfg, split, position_of_step(store, cfg, split, 0))
@@ -175,39 +223,59 @@ def test_resumed_reader_starts_at_the_recorded_position(store_path, tmp_path):
             torch.testing.assert_close(next(resumed)[0], seen[k + j][0], rtol=0, atol=0)
 
 
-def rank_batches(store, world_size, rank=0, first=None):
-    """Batches of 4-chunk shuffle buffers (~248 kept rows: global batches straddle buffers at
-    every phase), as (acts, rows, position)."""
+def rank_batches(store, streams, world_size=1, rank=0, first=None):
+    """Batches of 2-chunk shuffle buffers per stream (~124 kept rows: each stream's parts
+    straddle buffers at every phase), as (acts, rows, position)."""
     stream = shuffled_batches(store, BATCH, shuffle=True, seed=3, start=0, stop=None, exclude=int(Flags.BOS),
-                              buffer_rows=4 * store.spec.chunk_rows, drop_last=True, return_rows=True,
-                              with_position=True, first=first or ReadPosition(), rank=rank,
-                              world_size=world_size)
+                              buffer_rows=2 * store.spec.chunk_rows, drop_last=True, return_rows=True,
+                              with_position=True, first=first, streams=streams, rank=rank, world_size=world_size)
     return [(acts, rows, at) for (acts, rows), at in stream]
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_each_rank_reads_its_slice_of_the_global_batches(store_path, world_size):
-    """Rank r's batches are rows [r b, (r + 1) b) of the one-process batches, with the same
-    positions, from the start and from resume positions inside a pass."""
+@pytest.mark.parametrize("streams,world_size", [(2, 2), (4, 2), (4, 4)])
+def test_each_rank_reads_its_slice_of_the_global_batches_and_only_its_chunks(store_path, streams, world_size):
+    """Rank r's batches are rows [r b, (r + 1) b) of the one-process batches of as many streams,
+    with the same positions, from the start and from resume positions inside a pass; the ranks
+    decompress disjoint chunks."""
     store = ActivationStore.open(store_path)
-    whole = rank_batches(store, 1)
-    assert len({at.buffer for *_, at in whole}) > 20
+    whole = rank_batches(store, streams)
+    assert len({tuple(p.buffer for p in at) for *_, at in whole}) > 10  # many buffers of each stream
     part = BATCH // world_size
     for k in (0, 1, 2, 3, len(whole) // 2, len(whole) - 4):
-        first = whole[k - 1][2] if k else ReadPosition()
+        first = whole[k - 1][2] if k else None
+        decoded = []
         for r in range(world_size):
-            for (acts, rows, at), (w_acts, w_rows, w_at) in zip(rank_batches(store, world_size, r, first), whole[k:]):
+            store.read_acts_encoded = _recording(ActivationStore.read_acts_encoded.__get__(store), decoded.append, r)
+            for (acts, rows, at), (w_acts, w_rows, w_at) in zip(rank_batches(store, streams, world_size, r, first),
+                                                                whole[k:]):
                 assert at == w_at and acts.shape == (part, store.d)
                 torch.testing.assert_close(rows, w_rows[r * part : (r + 1) * part], rtol=0, atol=0)
                 torch.testing.assert_close(acts, w_acts[r * part : (r + 1) * part], rtol=0, atol=0)
+        rows_of = [{row for rank, a, b in decoded if rank == r for row in range(a, b)} for r in range(world_size)]
+        assert all(rows_of) and sum(map(len, rows_of)) == len(set().union(*rows_of))  # disjoint
+
+
+def _recording(read, record, rank):
+    def recorded(start, stop):
+        record((rank, start, stop))
+        return read(start, stop)
+    return recorded
+
+
+def test_a_pass_of_several_streams_ends_with_its_shortest_and_covers_each_row_at_most_once(store_path):
+    store = ActivationStore.open(store_path)
+    whole = rank_batches(store, 4)
+    rows = torch.cat([r for _, r, _ in whole])
+    kept = int(((store.column("flags", slice(0, store.n_tokens)) & int(Flags.BOS)) == 0).sum())
+    assert len(set(rows.tolist())) == len(rows) > kept - 4 * store.spec.chunk_rows
 
 
 def test_training_ranks_step_through_the_one_process_batches(store_path, tmp_path):
     """`positioned_batches` of rank r are slices of the one-process batches across a pass boundary."""
-    cfg = cfg_for(store_path, tmp_path / "x", steps=200)
+    cfg = cfg_for(store_path, tmp_path / "x", steps=200, streams=2)
     store = ActivationStore.open(store_path)
     split = heldout_split(store, cfg.heldout_fraction)
-    stream = positioned_batches(store, cfg, split, DataPosition())
+    stream = positioned_batches(store, cfg, split, DataPosition(0, (ReadPosition(),) * 2))
     seen = [next(stream) for _ in range(150)]
     per_pass = next(k for k, (_, at) in enumerate(seen, 1) if at.epoch == 1)
     start = seen[per_pass - 3][1]
@@ -236,3 +304,18 @@ def test_training_and_encoding_on_cuda_match_the_cpu(store_path, tmp_path):
         torch.testing.assert_close(models["cuda"].module.state_dict()[name].cpu(), p, rtol=1e-3, atol=1e-4, msg=name)
     codes = {d: m.module.encode(x.to(d)).cpu().numpy() for d, m in models.items()}
     assert np.mean(codes["cpu"] == codes["cuda"]) > 0.99  # ties and float rounding may flip a few codes
+
+
+def test_a_resumed_run_keeps_its_streams_and_a_bad_count_is_one_error_line(store_path, tmp_path):
+    first = cfg_for(store_path, tmp_path / "run", steps=10, streams=2)
+    train(first, progress=False)
+    assert json.loads((tmp_path / "run" / "train.json").read_text())["config"]["streams"] == 2
+    longer = cfg_for(store_path, tmp_path / "run", steps=12, resume=True)  # streams not given: the run's own
+    with pytest.raises(RQAEError, match="cannot resume: tokens was"):  # only the longer budget differs
+        train(longer, progress=False)
+    with pytest.raises(RQAEError, match="cannot resume: streams was 2, now 4"):
+        train(cfg_for(store_path, tmp_path / "run", steps=10, resume=True, streams=4), progress=False)
+    proc = run_rqae(*cli_args(cfg_for(store_path, tmp_path / "odd", steps=4), 1, "--streams", "3"))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("error: --batch-size 128 does "
+                                                                                   "not split evenly over 3 streams")
+    assert not (tmp_path / "odd").exists()

@@ -8,8 +8,9 @@ from rqae_pipeline import RQAEError
 from rqae_pipeline.harvest import harvest
 from rqae_pipeline.models.base import ModelSpec
 from rqae_pipeline.models.registry import build_trainable
+from rqae_pipeline.run_dir import CHECKPOINT
 from rqae_pipeline.store import ActivationStore, StoreLock
-from rqae_pipeline.train import CHECKPOINT, TrainConfig, evaluate, heldout_rows, heldout_split, train
+from rqae_pipeline.train import TrainConfig, evaluate, heldout_rows, heldout_split, train
 
 from helpers import HANG_GUARD_S, start_rqae, tiny_config, untrained_heldout_fvu, wait_until
 

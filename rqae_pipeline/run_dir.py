@@ -1,0 +1,93 @@
+"""A training run's directory: `train.json` (the run's settings, store and status),
+`checkpoint.pt` (weights, optimiser, step, identity and data position), `metrics.jsonl`;
+checking a directory before a run starts or resumes, and writing each file atomically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from rqae_pipeline import RQAEError
+from rqae_pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text
+
+if TYPE_CHECKING:
+    from rqae_pipeline.models.base import Trainable
+    from rqae_pipeline.reader import DataPosition
+    from rqae_pipeline.store import ActivationStore
+
+CHECKPOINT = "checkpoint.pt"
+RUN_FILE = "train.json"
+METRICS = "metrics.jsonl"
+IDENTITY_BEFORE = {"streams": 1}  # identity fields added later: the value runs from before them had
+
+
+def write_run_file(out: Path, run: dict) -> None:
+    atomic_write_json(out / RUN_FILE, run, default=str)
+
+
+def save_checkpoint(out: Path, trainable: Trainable, step: int, identity: dict,
+                    data: DataPosition | None = None) -> None:
+    # atomic: a kill mid-save leaves the previous checkpoint
+    atomic_torch_save({"step": step, "state": trainable.checkpoint_state(), "identity": identity,
+                       **({"data": data.as_dict()} if data is not None else {})}, out / CHECKPOINT)
+
+
+def prepare_out(out: Path, *, resume: bool, identity: dict, store: ActivationStore) -> dict | None:
+    """Return the checkpoint to resume from (or None); refuse to mix runs (`identity`: the
+    settings a resumed run must share, `TrainConfig.identity`)."""
+    out = Path(out)
+    run_file = out / RUN_FILE
+    if run_file.exists() or (out / CHECKPOINT).exists():
+        if not resume:
+            raise RQAEError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
+        prior = json.loads(run_file.read_text()) if run_file.exists() else {}
+        if prior.get("store_spec") and prior["store_spec"] != store.manifest["spec"]:
+            raise RQAEError(f"{out} was trained on another store (model/hook/corpus differ); choose another --out")
+        if not (out / CHECKPOINT).exists():
+            return None
+        ckpt = read_checkpoint(out / CHECKPOINT)
+        for key, value in identity.items():
+            before = ckpt["identity"].get(key, IDENTITY_BEFORE.get(key))
+            if before != value:
+                raise RQAEError(f"cannot resume: {key} was {before!r}, now {value!r}; "
+                                f"resume with the same settings or choose another --out")
+        return ckpt
+    if out.exists() and any(out.iterdir()):
+        raise RQAEError(f"{out} exists and is not a training run directory; choose another --out")
+    return None
+
+
+def read_checkpoint(path: Path) -> dict:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError... for a bad file
+        raise RQAEError(f"{path} is damaged ({first_line(e)}); delete it to train from scratch, "
+                        f"or choose another --out") from None
+    if not isinstance(ckpt, dict) or not {"step", "state", "identity"} <= ckpt.keys():
+        raise RQAEError(f"{path} is not a checkpoint written by rqae train; delete it or choose another --out")
+    return ckpt
+
+
+def first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200] if lines else ''}"
+
+
+def keep_metrics_up_to(path: Path, step: int) -> None:
+    if path.exists():
+        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
+        atomic_write_text(path, "".join(ln + "\n" for ln in lines))
+
+
+def recorded_streams(out: Path, resume: bool) -> int | None:
+    """The stream count a run being resumed recorded (1 for runs from before streams)."""
+    run_file = Path(out) / RUN_FILE
+    if not (resume and run_file.exists()):
+        return None
+    try:
+        return json.loads(run_file.read_text())["config"].get("streams", IDENTITY_BEFORE["streams"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None  # a damaged run file: `prepare_out` says so
