@@ -217,7 +217,7 @@ def result_rows(args: argparse.Namespace, n: int, runs: dict, m: dict) -> list[t
          f"**{rb:.3f}** (per round {each(r_bare)}; medians {n / th:,.0f} vs {n / tb:,.0f} tok/s)", ">= 0.97",
          ok(rb >= 0.97)),
         (f"harvest time / sae-lens CacheActivationsRunner time (median of {args.repeats} rounds)",
-         f"**{rs:.3f}** (per round {each(r_sael)}; medians {th:.2f} s vs {ts:.2f} s)", "< 1", ok(rs < 1)),
+         f"**{rs:.3f}** (per round {each(r_sael)}; medians {th:.2f} s vs {ts:.2f} s)", "<= 0.95", ok(rs <= 0.95)),
         ("fp16 store bytes/token / fp32 cache (4·d)", f"**{b16:.3f}** ({b16 * fp32_cache:,.0f} B/token)",
          "<= 0.46", ok(b16 <= 0.46)),
         ("fp16 storage FVU vs fp32", f"{f16:.2e}", "<= 2e-3", ok(f16 <= 2e-3)),
