@@ -2,9 +2,9 @@
 
 Reads real activation rows from a store, then times, in CPU seconds of this process (one
 thread: numcodecs' Blosc is told to use one), the chunk codec the harvest writes with
-(`store._compressors`: Blosc zstd-5 byte shuffle, then crc32c) on whole 1,024-row chunks:
+(`codec.compressors`: Blosc zstd-5 byte shuffle, then crc32c) on whole 1,024-row chunks:
 encode (what a harvest worker pays per token) and decode (what a reader pays), for the
-store dtypes float16 and fp8 (the compact codes, `store.encode_acts`). Reports bytes per
+store dtypes float16 and fp8 (the compact codes, `codec.encode_acts`). Reports bytes per
 row before and after compression and CPU microseconds per row and per raw MB, min / median
 / max over `--rounds`. docs/scale.md scales these to Gemma-2-2B's d = 2304.
 
@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rqae_pipeline.store import ActivationStore, _compressors, encode_acts
+from rqae_pipeline.codec import compressors, encode_acts
+from rqae_pipeline.store import ActivationStore
 
 CHUNK_ROWS = 1024
 
@@ -41,7 +42,7 @@ def time_codec(acts: np.ndarray) -> tuple[float, float, int]:
 
     mem = MemoryStore()
     arr = zarr.create_array(store=mem, shape=acts.shape, dtype=acts.dtype, chunks=(CHUNK_ROWS, acts.shape[1]),
-                            compressors=_compressors("float16"), zarr_format=3)
+                            compressors=compressors("float16"), zarr_format=3)
     t0 = time.process_time()
     arr[:] = acts
     t1 = time.process_time()

@@ -34,10 +34,11 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # sae-lens's progress bar
 import numpy as np
 import torch
 
+from rqae_pipeline.codec import decode_acts, encode_acts
 from rqae_pipeline.corpus import iter_contexts
 from rqae_pipeline.harvest import HarvestConfig, harvest, resolve_corpus
 from rqae_pipeline.lm import OFFLINE_GEMMA, load_lm, resolve_hook
-from rqae_pipeline.store import ActivationStore, decode_acts, encode_acts
+from rqae_pipeline.store import ActivationStore
 from rqae_pipeline.summary import storage_fvu
 
 

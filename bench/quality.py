@@ -10,12 +10,11 @@ bits per token) and print mean ± standard error over seeds:
     python bench/quality.py                      # rqae + topk, 100 steps x 1024, CE for seed 0
     python bench/quality.py --tokens 51200 --archs rqae,topk --ste-both   # smaller, + the STE choice
 
-Cost measured on 2 CPU cores shared with other jobs (load 2-9): the sweeps and seeds of the
-default took ~13 minutes on a 49k-token store; CE-delta over 32 contexts took ~9 minutes
-per run (the LM, every spliced prefix and two zero-ablations), so CE is measured for the
-first `--ce-seeds` (1) runs of each model, with its bootstrap SE over contexts. With the
-default 98k-token store and 64 CE contexts the whole command is expected to exceed 20
-minutes on 2 cores (not timed end to end); `--ce-contexts 0` drops the LM.
+Cost: the default, from a fresh --out (harvest of the 98,304-token store included), took
+11.5 minutes end to end on an idle 2-core machine (the harvest 1.2 of them; then the
+sweeps, the seed runs and the evaluation, with CE-delta over the 64 test contexts for the
+first `--ce-seeds` (1) run of each model and its bootstrap SE over contexts). `--size plateau`
+trains 8x longer per run; `--ce-contexts 0` drops the LM.
 
 Runs, `sweep.json` and `quality.json` land in --out; a rerun reuses finished runs.
 """

@@ -129,8 +129,8 @@ def bench_workers(args: argparse.Namespace, root: Path) -> list[Row]:
             clients[n].close()
             clusters[n].close()
     ratios = [b / a for a, b in zip(rates[1], rates[2], strict=True)]
-    return [(f"harvest, 1 dask worker x 1 thread, {args.worker_tokens:,} tokens", f"{spread(rates[1], '{:,.0f}')} tok/s",
-             "", ""),
+    return [(f"harvest, 1 dask worker x 1 thread, {args.worker_tokens:,} tokens",
+             f"{spread(rates[1], '{:,.0f}')} tok/s", "", ""),
             ("same, 2 dask workers x 1 thread", f"{spread(rates[2], '{:,.0f}')} tok/s", "", ""),
             ("2 workers / 1 worker tok/s", f"**{spread(ratios)}**", ">= 1.6", met(ratios, lambda m: m >= 1.6)),
             ("1- and 2-worker stores byte-identical (round 0)", "yes", "yes", "yes")]

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from rqae_pipeline import RQAEError, __version__
+from rqae_pipeline.codec import STORE_DTYPES, StoreDtype
 from rqae_pipeline.corpus import ContextPacker, CorpusSpec, CorpusState, iter_contexts, parse_corpus
 from rqae_pipeline.forward import (
     check_forward_precision,
@@ -46,16 +47,13 @@ from rqae_pipeline.lock import take_write_lock
 from rqae_pipeline.shard_writer import Batch, ShardWriter
 from rqae_pipeline.store import (
     NORMALISATIONS,
-    STORE_DTYPES,
     ActivationStore,
     Flags,
     Normalisation,
-    StoreDtype,
     StoreLock,
     StoreSpec,
-    store_exists,
 )
-from rqae_pipeline.urls import location
+from rqae_pipeline.urls import location, store_exists
 
 DEFAULT_DATASET = "auto"  # builtin corpus for offline/test models, FineWeb-Edu for hub models
 # --tokens above this is a typo, not a plan (the blog's whole run is 1e9 tokens; 1e12 fp16

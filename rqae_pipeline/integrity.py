@@ -4,7 +4,7 @@ Zarr reads a missing shard as the fill value (zeros) without complaint, so befor
 every shard file the read covers is stat'ed (a few stats per read: negligible next to the
 decompression; on an object store, one HEAD request per shard through its fsspec filesystem).
 Chunks written since checksums were added carry a crc32c (see
-`store._compressors`) and the shard index always has one, so corrupted bytes raise inside
+`codec.compressors`) and the shard index always has one, so corrupted bytes raise inside
 zarr; the error is turned into one line naming the store, the array and the shard file.
 """
 

@@ -16,8 +16,9 @@ import numpy as np
 import torch
 
 from rqae_pipeline import RQAEError
+from rqae_pipeline.codec import decode_acts, encode_acts
 from rqae_pipeline.lm import load_tokenizer
-from rqae_pipeline.store import ActivationStore, decode_acts, encode_acts
+from rqae_pipeline.store import ActivationStore
 
 
 @dataclass(frozen=True)

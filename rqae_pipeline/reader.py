@@ -20,7 +20,7 @@ those of one process reading the same number of streams, whatever the number of 
 that divides it. A pass ends when its shortest stream does (the other streams' tails, at
 most a few chunks, wait for the next pass's permutation).
 
-(Until 2026-12 the tail of each buffer was re-shuffled into the next one, which made a
+(In earlier versions the tail of each buffer was re-shuffled into the next one, which made a
 buffer's order depend on every earlier one, so a resume had to replay the whole pass.)
 """
 

@@ -17,8 +17,9 @@ import numpy as np
 import torch
 
 from rqae_pipeline import RQAEError
+from rqae_pipeline.codec import StoreDtype, decode_acts, encode_acts
 from rqae_pipeline.corpus import CorpusState
-from rqae_pipeline.store import ROW_ARRAYS, ActivationStore, Flags, StoreDtype, decode_acts, encode_acts
+from rqae_pipeline.store import ROW_ARRAYS, ActivationStore, Flags
 
 
 @dataclass

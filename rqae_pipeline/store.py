@@ -32,23 +32,20 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, get_args
 
 import numpy as np
 import torch
 
-from rqae_pipeline import RQAEError
+from rqae_pipeline import RQAEError, codec
+from rqae_pipeline.codec import STORE_DTYPES, StoreDtype, decode_acts
 from rqae_pipeline.corpus_files import describe_change, without_files
 from rqae_pipeline.integrity import read_checked, require_shards, shards_of
 from rqae_pipeline.lm import NORMALISATIONS, Normalisation
 from rqae_pipeline.lock import StoreLock
-from rqae_pipeline.urls import Location, is_file, is_remote, join, location, total_bytes
+from rqae_pipeline.urls import Location, check_writable, exists, location, open_group, total_bytes
 
 SCHEMA_VERSION = 1
-StoreDtype = Literal["float16", "float32", "fp8"]
-STORE_DTYPES: tuple[str, ...] = get_args(StoreDtype)
 ROW_ARRAYS = ("acts", "scale", "tokens", "seq", "pos", "flags")
-E4M3_MAX = 448.0
 
 
 class Flags(enum.IntFlag):
@@ -118,29 +115,6 @@ class Rows:
 # --------------------------------------------------------------------------- the store
 
 
-def _compressors(dtype: str):
-    from zarr.codecs import BloscCodec, Crc32cCodec
-
-    # Measured on real fp16 Gemma-3-270M activations (16k rows): zstd-5 with byte shuffle
-    # 0.877x of raw, no shuffle 0.938x, bitshuffle 1.0x (no gain), lz4 1.0x.
-    # The crc32c comes last, so it covers each chunk's compressed bytes: a corrupted chunk
-    # is an error on every read, never data (4 bytes a chunk). Stores written before it
-    # have no crc32c in their arrays' metadata and read as before.
-    return [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle"), Crc32cCodec()]
-
-
-def _open_group(path: Location, mode: str):
-    """The store's zarr group: zarr opens a URL through its FsspecStore, a path as a LocalStore."""
-    import zarr
-
-    try:
-        return zarr.open_group(str(path), mode=mode, zarr_format=3)
-    except FileNotFoundError:
-        raise RQAEError(f"no activation store at {path}") from None
-    except Exception as e:  # zarr raises several types for "not a group"
-        raise RQAEError(f"{path} is not an activation store ({type(e).__name__})") from e
-
-
 class ActivationStore:
     """Open stores with `ActivationStore.open` (read) or `.create` / `.open_for_append` (write)."""
 
@@ -155,9 +129,9 @@ class ActivationStore:
     @classmethod
     def open(cls, path: str | Path) -> ActivationStore:
         path = location(path)
-        if not _exists(path, "zarr.json"):
+        if not exists(path, "zarr.json"):
             raise RQAEError(f"no activation store at {path}")
-        group = _open_group(path, "r")
+        group = open_group(path, "r")
         manifest = group.attrs.get("rqae")
         if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA_VERSION:
             raise RQAEError(f"{path} is a Zarr group but not an rqae activation store (schema {SCHEMA_VERSION})")
@@ -176,8 +150,8 @@ class ActivationStore:
             raise ValueError("a final-norm store needs the LM's final-norm gain")
         if not empty_except_lock(path):
             raise RQAEError(f"{path} already exists and is not an empty directory; use --resume or another --out")
-        _check_writable(path)
-        group = _open_group(path, "a")  # "w" would wipe the directory, our lock included
+        check_writable(path)
+        group = open_group(path, "a")  # "w" would wipe the directory, our lock included
         n_rows, d = 0, spec.d_model
         rows, chunk = (0,), (spec.chunk_rows,)
         storage = {"float16": "float16", "float32": "float32", "fp8": "uint8"}[spec.dtype]
@@ -193,8 +167,8 @@ class ActivationStore:
             arrays["row_scale"] = (rows, "float32", chunk, (spec.shard_rows,))
         for name, (shape, dtype, chunks, shards) in arrays.items():
             group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
-                               compressors=_compressors(dtype), fill_value=0)
-        group.create_array("gain", data=gain.float().numpy(), compressors=_compressors("float32"))
+                               compressors=codec.compressors(dtype), fill_value=0)
+        group.create_array("gain", data=gain.float().numpy(), compressors=codec.compressors("float32"))
         manifest = {
             "schema": SCHEMA_VERSION,
             "spec": asdict(spec),
@@ -206,7 +180,7 @@ class ActivationStore:
         return cls(path, group, manifest)
 
     def reopen_for_append(self) -> ActivationStore:
-        group = _open_group(self.path, "r+")
+        group = open_group(self.path, "r+")
         return type(self)(self.path, group, group.attrs["rqae"])
 
     def check_matches(self, spec: StoreSpec) -> None:
@@ -318,7 +292,7 @@ class ActivationStore:
         if name in self.group:
             self.group[name][:] = data
         else:
-            self.group.create_array(name, data=data, compressors=_compressors(str(data.dtype)))
+            self.group.create_array(name, data=data, compressors=codec.compressors(str(data.dtype)))
 
     def commit(self, *, tokens: int, contexts: int, corpus_state: Sequence, complete: bool = False,
                extra: dict | None = None) -> None:
@@ -435,58 +409,3 @@ class ActivationStore:
 
     def nbytes_on_disk(self) -> int:
         return total_bytes(self.path)
-
-
-def store_exists(path: str | Path) -> bool:
-    """Is there a store (its group's zarr.json) at `path`, a local directory or a URL?"""
-    return _exists(location(path), "zarr.json")
-
-
-def _exists(path: Location, key: str) -> bool:
-    """Like `is_file`, but an unreachable or forbidden remote location is one error line."""
-    try:
-        return is_file(path, key)
-    except OSError as e:
-        raise RQAEError(f"cannot read {path}: {e.strerror or e}") from None
-
-
-def _check_writable(path: Location) -> None:
-    try:
-        if is_remote(path):
-            from rqae_pipeline.urls import filesystem
-
-            fs, probe = filesystem(join(path, ".write-probe"))
-            fs.pipe_file(probe, b"x")
-            fs.rm_file(probe)
-            return
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / ".write-probe"
-        probe.write_bytes(b"x")
-        probe.unlink()
-    except OSError as e:
-        raise RQAEError(f"cannot write to {path}: {e.strerror or e}") from None
-
-
-# --------------------------------------------------------------------------- compact codec
-
-
-def encode_acts(x: torch.Tensor, dtype: StoreDtype, mean: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """Encode fp32 acts (n, d) for storage. fp8: e4m3 codes of (x - mean) scaled per row to
-    the format's range, the best of the compact schemes measured (see docs/benchmarks.md)."""
-    x = x.float()
-    if dtype == "float32":
-        return {"acts": x.numpy()}
-    if dtype == "float16":
-        return {"acts": x.half().numpy()}
-    y = x - torch.from_numpy(mean)
-    row_scale = (y.abs().amax(dim=1) / E4M3_MAX).clamp_min(1e-12)
-    codes = (y / row_scale[:, None]).to(torch.float8_e4m3fn).view(torch.uint8)
-    return {"acts": codes.numpy(), "row_scale": row_scale.numpy()}
-
-
-def decode_acts(acts: np.ndarray, dtype: StoreDtype, row_scale: np.ndarray | None = None,
-                mean: np.ndarray | None = None) -> torch.Tensor:
-    if dtype != "fp8":
-        return torch.from_numpy(np.ascontiguousarray(acts)).float()
-    y = torch.from_numpy(np.ascontiguousarray(acts)).view(torch.float8_e4m3fn).float()
-    return y * torch.from_numpy(np.asarray(row_scale, dtype=np.float32))[:, None] + torch.from_numpy(mean)

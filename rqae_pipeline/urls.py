@@ -140,3 +140,43 @@ def total_bytes(loc: Location) -> int:
         return sum(f.stat().st_size for f in Path(loc).rglob("*") if f.is_file())
     fs, path = filesystem(loc)
     return int(fs.du(path))
+
+
+def open_group(path: Location, mode: str):
+    """The store's zarr group: zarr opens a URL through its FsspecStore, a path as a LocalStore."""
+    import zarr
+
+    try:
+        return zarr.open_group(str(path), mode=mode, zarr_format=3)
+    except FileNotFoundError:
+        raise RQAEError(f"no activation store at {path}") from None
+    except Exception as e:  # zarr raises several types for "not a group"
+        raise RQAEError(f"{path} is not an activation store ({type(e).__name__})") from e
+
+
+def store_exists(path: str | Path) -> bool:
+    """Is there a store (its group's zarr.json) at `path`, a local directory or a URL?"""
+    return exists(location(path), "zarr.json")
+
+
+def exists(path: Location, key: str) -> bool:
+    """Like `is_file`, but an unreachable or forbidden remote location is one error line."""
+    try:
+        return is_file(path, key)
+    except OSError as e:
+        raise RQAEError(f"cannot read {path}: {e.strerror or e}") from None
+
+
+def check_writable(path: Location) -> None:
+    try:
+        if is_remote(path):
+            fs, probe = filesystem(join(path, ".write-probe"))
+            fs.pipe_file(probe, b"x")
+            fs.rm_file(probe)
+            return
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-probe"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        raise RQAEError(f"cannot write to {path}: {e.strerror or e}") from None

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rqae_pipeline.codec import decode_acts
 from rqae_pipeline.integrity import (
     describe,
     drain_zarr_tasks,
@@ -23,7 +24,7 @@ from rqae_pipeline.integrity import (
     shard_key,
     shard_rows,
 )
-from rqae_pipeline.store import ROW_ARRAYS, ActivationStore, Flags, decode_acts
+from rqae_pipeline.store import ROW_ARRAYS, ActivationStore, Flags
 from rqae_pipeline.urls import is_file, size_of
 
 EXIT_DAMAGED = 1  # `rqae verify` exit status when any problem is found (2: not a store / usage)

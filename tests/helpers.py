@@ -135,7 +135,8 @@ def synthetic_store(path: Path, raw, *, gain=None, flags: np.ndarray | None = No
     """A float32 store of given raw residuals (n, d), written as a harvest writes them:
     rows raw / rms(raw) * gain ("final-norm" with a gain, else "rms"), contexts of
     `context_rows` rows (BOS not stored), token ids and flags as given (default zeros)."""
-    from rqae_pipeline.store import StoreSpec, encode_acts
+    from rqae_pipeline.codec import encode_acts
+    from rqae_pipeline.store import StoreSpec
 
     n, d = raw.shape
     spec = StoreSpec(model="synthetic", hook="h", layer=0, d_model=d, corpus={"name": "synthetic"},

@@ -118,11 +118,11 @@ def test_every_row_array_is_checksummed(intact):
 def test_a_store_written_without_checksums_still_reads_identically(intact, tmp_path, tiny_lm, monkeypatch):
     from zarr.codecs import BloscCodec
 
-    import rqae_pipeline.store as store_mod
+    from rqae_pipeline import codec
 
     old = tmp_path / "old.zarr"
     without_crc = [BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")]  # the codecs before checksums
-    monkeypatch.setattr(store_mod, "_compressors", lambda dtype: without_crc)
+    monkeypatch.setattr(codec, "compressors", lambda dtype: without_crc)
     harvest(tiny_config(old), lm=tiny_lm, progress=False)
     monkeypatch.undo()
     assert "crc32c" not in json.dumps(json.loads((old / "acts" / "zarr.json").read_text())["codecs"][0]

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from rqae_pipeline import RQAEError
+from rqae_pipeline.codec import decode_acts, encode_acts
 from rqae_pipeline.harvest import harvest
-from rqae_pipeline.store import ActivationStore, Flags, decode_acts, encode_acts
+from rqae_pipeline.store import ActivationStore, Flags
 from rqae_pipeline.summary import storage_fvu, summarise
 
 from helpers import tiny_config
