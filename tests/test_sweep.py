@@ -129,3 +129,21 @@ def test_rqae_sweep_command_writes_the_sweep_and_the_table(store_path, tmp_path)
     assert [r["lr"] for r in saved["sweep"]] == [1e-2] and len(saved["seeds"]) == 2  # the family default alone
     fvus = [r["fvu"] for r in json.loads((out / "quality.json").read_text())["rqae-4"]]
     assert "rqae-4" in result.output and f"{mean_se(fvus)[0]:.4f} ±" in result.output
+
+
+def test_a_run_finished_before_a_setting_existed_is_reused_and_one_with_other_settings_refused(store_path, tmp_path):
+    from rqae_pipeline.sweep import train_run
+
+    spec, out = ModelSpec(arch="rqae", d_in=64, n_q=4, lr=1e-2), tmp_path / "run"
+    cfg = SweepConfig(store=store_path, out=tmp_path / "q", models={"rqae": spec}, tokens=128 * 4, batch_size=128,
+                      heldout_contexts=8, evaluations=2, progress=False)
+    split = splits(ActivationStore.open(store_path), cfg.heldout_contexts)[0]
+    first = train_run(cfg, spec, seed=0, out=out, split=split)
+    info = json.loads((out / "train.json").read_text())
+    del info["config"]["streams"]  # as written before `streams` was a setting (one stream)
+    (out / "train.json").write_text(json.dumps(info))
+    assert train_run(cfg, spec, seed=0, out=out, split=split)["fvu"] == first["fvu"]  # reused, not retrained
+    info["config"]["streams"] = 2
+    (out / "train.json").write_text(json.dumps(info))
+    with pytest.raises(RQAEError, match="holds a finished run with other settings"):
+        train_run(cfg, spec, seed=0, out=out, split=split)
