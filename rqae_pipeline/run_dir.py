@@ -24,6 +24,12 @@ METRICS = "metrics.jsonl"
 IDENTITY_BEFORE = {"streams": 1}  # identity fields added later: the value runs from before them had
 
 
+def as_recorded(identity: dict) -> dict:
+    """A run's recorded identity with the fields it predates filled in with their old values,
+    so that a run from before a field existed compares as the run it was."""
+    return {**IDENTITY_BEFORE, **identity}
+
+
 def write_run_file(out: Path, run: dict) -> None:
     atomic_write_json(out / RUN_FILE, run, default=str)
 
@@ -49,8 +55,9 @@ def prepare_out(out: Path, *, resume: bool, identity: dict, store: ActivationSto
         if not (out / CHECKPOINT).exists():
             return None
         ckpt = read_checkpoint(out / CHECKPOINT)
+        recorded = as_recorded(ckpt["identity"])
         for key, value in identity.items():
-            before = ckpt["identity"].get(key, IDENTITY_BEFORE.get(key))
+            before = recorded.get(key)
             if before != value:
                 raise RQAEError(f"cannot resume: {key} was {before!r}, now {value!r}; "
                                 f"resume with the same settings or choose another --out")
@@ -88,6 +95,6 @@ def recorded_streams(out: Path, resume: bool) -> int | None:
     if not (resume and run_file.exists()):
         return None
     try:
-        return json.loads(run_file.read_text())["config"].get("streams", IDENTITY_BEFORE["streams"])
+        return as_recorded(json.loads(run_file.read_text())["config"])["streams"]
     except (ValueError, KeyError, TypeError, AttributeError):
         return None  # a damaged run file: `prepare_out` says so

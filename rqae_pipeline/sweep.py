@@ -23,7 +23,7 @@ from rqae_pipeline import RQAEError
 from rqae_pipeline.io import atomic_write_json
 from rqae_pipeline.metrics import prefix_of, rqae_bits_per_token, sae_bits_per_token
 from rqae_pipeline.models.base import ModelSpec
-from rqae_pipeline.run_dir import IDENTITY_BEFORE, METRICS, RUN_FILE
+from rqae_pipeline.run_dir import METRICS, RUN_FILE, as_recorded
 from rqae_pipeline.store import ActivationStore
 from rqae_pipeline.train import TrainConfig, heldout_split, train
 
@@ -180,9 +180,7 @@ def train_run(cfg: SweepConfig, spec: ModelSpec, *, seed: int, out: Path, split:
         if result.interrupted:
             raise KeyboardInterrupt
     info = _done(out)
-    # a run finished before an identity field existed recorded none: it had the field's old value
-    recorded = {**{k: v for k, v in IDENTITY_BEFORE.items() if k in tc_identity}, **info["config"]}
-    if recorded != tc_identity:
+    if as_recorded(info["config"]) != tc_identity:
         raise RQAEError(f"{out} holds a finished run with other settings (tokens, batch, seed or model); "
                         f"choose another --out")
     steps, fvus = heldout_series(out)
