@@ -73,6 +73,12 @@ class TrainConfig:
             raise ValueError("streams must be at least 1")
 
     @property
+    def stream_count(self) -> int:
+        """`streams` as read: `train` settles None (one per process, or the resumed run's);
+        a config read outside it (tests, benches) is one process."""
+        return self.streams or 1
+
+    @property
     def total_steps(self) -> int:
         return self.tokens // self.batch_size
 
@@ -124,17 +130,17 @@ def positioned_batches(store: ActivationStore, cfg: TrainConfig, split: dict, st
     each global batch), each with the position after it (`reader.endless_batches`); reaching
     `start` reads one buffer, wherever it is. NaN/inf rows are an error, never trained on."""
     return endless_batches(store, cfg.batch_size, seed=cfg.seed, stop=split["first_row"], exclude=cfg.exclude,
-                           start=start, streams=cfg.streams or 1, rank=ranks.rank, world_size=ranks.world_size)
+                           start=start, streams=cfg.stream_count, rank=ranks.rank, world_size=ranks.world_size)
 
 
 def position_of_step(store: ActivationStore, cfg: TrainConfig, split: dict, steps: int) -> DataPosition:
     """Where `steps` batches end, from the flags alone: for checkpoints without a position."""
     return position_of_batch(store, cfg.batch_size, seed=cfg.seed, stop=split["first_row"], exclude=cfg.exclude,
-                             batches=steps, streams=cfg.streams or 1)
+                             batches=steps, streams=cfg.stream_count)
 
 
 def first_position(cfg: TrainConfig) -> DataPosition:
-    return DataPosition(0, start_of_pass(cfg.streams or 1))
+    return DataPosition(0, start_of_pass(cfg.stream_count))
 
 
 def train_batches(store: ActivationStore, cfg: TrainConfig, split: dict, skip: int = 0):
