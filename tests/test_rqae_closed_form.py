@@ -2,7 +2,7 @@
 symmetric nearest-code search against scoring all 544 codes.
 
 Errors are relative in the Frobenius norm: |a - b| / |b| per tensor. n_q = 70 makes
-N = 280 cross the closed form's 256-column slabs.
+the closed form's default 64-layer chunks end in a short one.
 """
 
 import itertools
@@ -82,6 +82,22 @@ def test_closed_form_matches_the_loop_in_float32_apart_from_tie_rows(ste, prefix
     errors, cf, loop = relative_errors(model, x[agree], prefix_loss)
     assert torch.equal(cf[2], loop[2])
     assert max(errors) <= 1e-4, errors
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 35, 70, 200])
+@pytest.mark.parametrize("prefix_loss", [True, False])
+def test_every_chunk_size_gives_the_loop_gradients(chunk, prefix_loss):
+    from rqae_pipeline.models.rqae_closed_form import loss_and_grads as closed_form
+
+    model, x = make_model(trained=True)
+    x = x / model.input_scale
+    params = (model.W_in, model.b_in, model.W_out, model.b_out)
+    loss, x_hat, codes, grads = closed_form(params, model.codebook, x, model._nearest,
+                                            prefix_loss=prefix_loss, ste="normalised", chunk=chunk)
+    reference = loss_and_grads(model, x * model.input_scale, "loop", prefix_loss)
+    assert torch.equal(codes, reference[2])
+    for a, b in zip((loss, x_hat * model.input_scale, *grads), (reference[0], reference[1], *reference[3])):
+        assert float((a - b).norm() / b.norm()) <= 1e-10
 
 
 def test_training_loss_hooks_and_no_grad_use():

@@ -34,6 +34,7 @@ from rqae_pipeline import metrics
 from rqae_pipeline.models.base import load_module_state, read_module_dir, save_module_dir
 from rqae_pipeline.models.rqae_closed_form import (
     PrecomputedGradients,
+    code_layers,
     loss_and_grads,
     nearest_code_symmetric,
     symmetric_search_tables,
@@ -168,30 +169,12 @@ class RQAE(HookedRootModule):
 
         All layers' input projections of x are one GEMM; what earlier layers subtract
         reaches later projections through the 4x4 blocks of `_cross_terms`, so the
-        recurrence runs on 4-vectors instead of re-reading (B, d) n_q times. Within a
-        block of layers corrections are applied layer by layer; a finished block pushes
-        its contribution to all later layers with one GEMM. Once layer i is coded its
-        columns receive no more corrections, so they hold p_i when the loop ends.
+        recurrence runs on 4-vectors instead of re-reading (B, d) n_q times
+        (`code_layers`). Training encodes chunk by chunk instead (`loss_and_grads`).
         """
-        nearest = nearest or self._nearest
-        B, n, k = x.shape[0], self.n_q, CODE_DIM
         w_in, cross, bias = self._cross_terms()
         proj = torch.addmm(bias, x, w_in)  # (B, n*4)
-        codes = torch.empty(B, n, dtype=torch.long, device=x.device)
-        for b0 in range(0, n, block):
-            b1 = min(b0 + block, n)
-            block_codes = []
-            for i in range(b0, b1):
-                c = nearest(proj[:, i * k : (i + 1) * k])
-                block_codes.append(c)
-                if i + 1 < b1:  # in place: no (B, block) temporary per layer
-                    later = proj[:, (i + 1) * k : b1 * k]
-                    later.addmm_(self.codebook[c], cross[i * k : (i + 1) * k, (i + 1) * k : b1 * k], alpha=-1)
-            codes[:, b0:b1] = torch.stack(block_codes, 1)
-            if b1 < n:
-                q = self.codebook[codes[:, b0:b1]].reshape(B, -1)
-                proj[:, b1 * k :].addmm_(q, cross[b0 * k : b1 * k, b1 * k :], alpha=-1)
-        return codes, proj
+        return code_layers(proj, cross, self.codebook, nearest or self._nearest, block), proj
 
     def decode(self, codes: torch.Tensor, n_layers: int | None = None) -> torch.Tensor:
         """(B, n_q) codes -> (B, d): the sum of the first `n_layers` layers' outputs."""
@@ -217,10 +200,9 @@ class RQAE(HookedRootModule):
         `loss.backward()` sets the four weights' gradients; x_hat carries no gradient."""
         with torch.autocast(device_type=x.device.type, enabled=False), torch.no_grad():
             x = self.hook_in(x.to(self.W_in.dtype) / self.input_scale)
-            codes, proj = self.encode_with_projections(x)
             params = (self.W_in, self.b_in, self.W_out, self.b_out)
-            loss, x_hat, grads = loss_and_grads(params, self.codebook, x, codes, proj,
-                                                prefix_loss=prefix_loss, ste=self.cfg.ste)
+            loss, x_hat, codes, grads = loss_and_grads(params, self.codebook, x, self._nearest,
+                                                       prefix_loss=prefix_loss, ste=self.cfg.ste)
             self.hook_codes(codes)
             x_hat = self.hook_recons(x_hat * self.input_scale)
             self.hook_error(x * self.input_scale - x_hat)

@@ -19,16 +19,33 @@ full: 1 and 1), G_j = v_j x - Σ_k w_jk r̂_k. Everything follows from G:
     dW_in_j  = r_jᵀ dP_j = xᵀdP_j - Σ_{k<j} W_out[k]ᵀ (z_kᵀ dP_j) - β_j ⊗ colsum(dP_j)
     db_in_j  = colsum(dP_j)                (β_j = Σ_{k<j} b_out[k])
 
-Stacked, with Wo = W_out as (N, d) and W̃ = w expanded to 4×4 blocks, G Woᵀ =
-(x Woᵀ) diag(v) - Z (Wo Woᵀ ∘ W̃) - b̄ (b̄_j = (w b_out)_j W_out[j]ᵀ), Zᵀ G rows =
-diag(v) Zᵀ x - (ZᵀZ ∘ W̃) Wo - colsum(Z) ⊗ (w b_out), and the loss expands the same way:
-Σ_{m∈M}‖e_m‖² = |M|‖x‖² - 2 Σ_j v_j <x, r̂_j> + Σ_jk w_jk <r̂_j, r̂_k>. The full loss needs
-none of the N×N terms: G_j = e_n for every j. The N×N products are formed one column slab
-at a time (`SLAB` columns) with the mask applied to the slab, so no N×N matrix is held,
-and the strictly-causal Zᵀ dP product only computes the slabs above the diagonal. Loss
-sums are accumulated in float64 (the prefix expansion subtracts terms of the size of
-n‖x‖²). The codes come from the blocked encoder, which also hands back every layer's
-projection p_j (the column of its projection matrix once all corrections have arrived).
+Chunks. Split the layers into chunks of c consecutive layers [a, e) (`CHUNK`, the last
+one shorter) and keep the d-space residual only where a chunk starts, R = r_a. Inside the
+chunk r_m = R - Σ_{a<=l<m} r̂_l, so for a layer j of the chunk
+
+    G_j = A + α_j R - Σ_{l in chunk} w_jl r̂_l
+
+with A = Σ_{m∈M, m>e} e_m (what the later chunks contribute) and, for the prefix loss,
+α_j = e - j, w_jl = e - max(j, l); for the full loss A = e_n and α = w = 0. Stacked over
+the chunk's 4c columns (Z_c, Wo_c = its rows of Z and W_out as (4c, d), W̃ = w expanded to
+4×4 blocks, b̄_j = (w b_out)_j W_out[j]ᵀ):
+
+    G Wo_cᵀ  = A Wo_cᵀ + (R Wo_cᵀ) diag(α) - Z_c (Wo_c Wo_cᵀ ∘ W̃) - b̄
+    Z_cᵀ G   = Z_cᵀ A + diag(α) Z_cᵀ R - (Z_cᵀ Z_c ∘ W̃) Wo_c - colsum(Z_c) ⊗ (w b_out)
+    dW_in_c  = Rᵀ dP_c - Wo_cᵀ [(Z_cᵀ dP_c) ∘ (l < j)] - β ⊗ colsum(dP)   (β_j = Σ_{a<=l<j} b_out[l])
+
+and the chunk's share of the prefix loss expands around R:
+Σ_{m=a+1}^{e} ‖r_m‖² = c‖R‖² - 2 Σ_l α_l <R, r̂_l> + Σ_jl w_jl <r̂_j, r̂_l>. The chunks are
+visited last to first, and A grows by the chunk's Σ_{m=a+1}^{e} r_m = c R - Σ_l α_l r̂_l
+on the way. Every product is (B × d) by (d × 4c) or (4c × B) by (B × d), plus 4c × 4c
+Grams: about 8 d N + 14 c N multiply-adds per token. Forming the N × N products over all
+layers at once costs about 5 d N + 2.5 N² per token and 3.5 N² d per step instead; at
+d = 2304, n_q = 1024 and batch 4096 that is ~1.5× the arithmetic (docs/benchmarks.md).
+Loss sums are accumulated in float64; the expansion cancels only within a chunk. The codes
+come from the same chunked recurrence: each chunk's projections are one GEMM of R, what
+earlier layers of the chunk subtract reaches later projections through 4×4 blocks of
+Wo_c W_in_c (`code_layers`), and R for the next chunk is R - Z_c Wo_c - Σ b_out, as in the
+loop (x_hat = x - r_n).
 
 Nearest code
 ------------
@@ -44,11 +61,12 @@ the brute-force argmax over all 544 codes (tests/test_rqae_closed_form.py).
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch
 
 CODE_DIM = 4
-SLAB = 256  # columns (64 layers) of an N×N product formed at a time
+CHUNK = 64  # layers whose d-space residual is not formed (module docstring)
 
 
 # ---------------------------------------------------------------------- nearest code
@@ -83,55 +101,30 @@ def nearest_code_symmetric(p: torch.Tensor, canon_units, canon_levels, place_val
     return code_of_key[(canon_levels[best] * signed_places).sum(-1).long()]
 
 
-# ---------------------------------------------------------------------- closed form
 
 
-def _layers(start: int, stop: int, device) -> torch.Tensor:
-    return torch.arange(start, stop, device=device) // CODE_DIM
+def code_layers(proj: torch.Tensor, cross: torch.Tensor, codebook: torch.Tensor, nearest, block: int) -> torch.Tensor:
+    """Code the layers of `proj` (B, 4 m) in order, in place: (B, m) long codes.
 
-
-def _prefix_weights_slab(n: int, rows: int, c0: int, c1: int, dtype, device) -> torch.Tensor:
-    """w_jk = n - max(j, k) for element rows 0..rows and element columns c0..c1."""
-    return (n - torch.maximum(_layers(0, rows, device)[:, None], _layers(c0, c1, device)[None, :])).to(dtype)
-
-
-def _gram_weighted(A: torch.Tensor, Wo: torch.Tensor, n: int, prefix: bool) -> torch.Tensor:
-    """A (Wo Woᵀ ∘ W̃), slab by slab: (B, N)."""
-    if not prefix:
-        return (A @ Wo) @ Wo.T
-    N = Wo.shape[0]
-    out = torch.empty(A.shape[0], N, dtype=A.dtype, device=A.device)
-    for c0 in range(0, N, SLAB):
-        c1 = min(c0 + SLAB, N)
-        slab = (Wo @ Wo[c0:c1].T) * _prefix_weights_slab(n, N, c0, c1, A.dtype, A.device)
-        out[:, c0:c1] = A @ slab
-    return out
-
-
-def _codes_gram_times(Z: torch.Tensor, Wo: torch.Tensor, n: int) -> torch.Tensor:
-    """(ZᵀZ ∘ W̃) Wo for the prefix weights, accumulated over column slabs: (N, d). The
-    weighted Gram matrix is symmetric, so each slab is formed only down to its own
-    columns and its part above them is used twice (as itself and transposed)."""
-    N = Wo.shape[0]
-    out = torch.zeros_like(Wo)
-    for c0 in range(0, N, SLAB):
-        c1 = min(c0 + SLAB, N)
-        slab = (Z[:, :c1].T @ Z[:, c0:c1]) * _prefix_weights_slab(n, c1, c0, c1, Z.dtype, Z.device)
-        out[:c1] += slab @ Wo[c0:c1]
-        out[c0:c1] += slab[:c0].T @ Wo[:c0]
-    return out
-
-
-def _earlier_layers_term(Z: torch.Tensor, dP: torch.Tensor, Wo: torch.Tensor) -> torch.Tensor:
-    """Woᵀ [(Zᵀ dP) ∘ (layer(k) < layer(j))]: (d, N); only the blocks above the diagonal."""
-    N = Wo.shape[0]
-    out = torch.zeros(Wo.shape[1], N, dtype=Wo.dtype, device=Wo.device)
-    for c0 in range(CODE_DIM, N, SLAB):
-        c1 = min(c0 + SLAB, N)
-        block = Z[:, : c1 - CODE_DIM].T @ dP[:, c0:c1]  # rows: every layer before the slab's last
-        block *= _layers(0, c1 - CODE_DIM, Z.device)[:, None] < _layers(c0, c1, Z.device)[None, :]
-        out[:, c0:c1] = Wo[: c1 - CODE_DIM].T @ block
-    return out
+    proj holds each layer's projection of its chunk's input; cross[4l:4l+4, 4j:4j+4] =
+    W_out[l] W_in[j] is how layer l's output moves layer j's projection. Within a block of
+    layers corrections are applied layer by layer; a finished block pushes its contribution
+    to all later layers with one GEMM. Once layer j is coded its columns receive no more
+    corrections, so they hold p_j when the loop ends.
+    """
+    B, m, k = proj.shape[0], proj.shape[1] // CODE_DIM, CODE_DIM
+    codes = torch.empty(B, m, dtype=torch.long, device=proj.device)
+    for b0 in range(0, m, block):
+        b1 = min(b0 + block, m)
+        for i in range(b0, b1):
+            codes[:, i] = nearest(proj[:, i * k : (i + 1) * k])
+            if i + 1 < b1:  # in place: no (B, block) temporary per layer
+                later = proj[:, (i + 1) * k : b1 * k]
+                later.addmm_(codebook[codes[:, i]], cross[i * k : (i + 1) * k, (i + 1) * k : b1 * k], alpha=-1)
+        if b1 < m:
+            q = codebook[codes[:, b0:b1]].reshape(B, -1)
+            proj[:, b1 * k :].addmm_(q, cross[b0 * k : b1 * k, b1 * k :], alpha=-1)
+    return codes
 
 
 def _dot64(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -149,47 +142,122 @@ def straight_through(dQ: torch.Tensor, proj: torch.Tensor, ste: str) -> torch.Te
     return ((g - u * (u * g).sum(-1, keepdim=True)) / norm).reshape(B, -1)
 
 
-def loss_and_grads(params: tuple[torch.Tensor, ...], codebook: torch.Tensor, x: torch.Tensor, codes: torch.Tensor,
-                   proj: torch.Tensor, *, prefix_loss: bool, ste: str) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-    """(loss, x_hat, (dW_in, db_in, dW_out, db_out)) of the loop's loss, from the codes and
-    projections; x is already divided by the input scale. No autograd."""
+@dataclass(frozen=True)
+class _Chunk:
+    """One chunk's weights and constants: layers a..e-1, stacked as (4c, ...) matrices."""
+
+    a: int
+    e: int
+    W_in: torch.Tensor  # (d, 4c)
+    b_in: torch.Tensor  # (4c,) effective: b_in[j] - (Σ_{a<=l<j} b_out[l]) W_in[j]
+    Wo: torch.Tensor  # (4c, d)
+    b_out: torch.Tensor  # (c, d)
+    before: torch.Tensor  # (c, d) β_j = Σ_{a<=l<j} b_out[l]
+
+
+def _chunks(params: tuple[torch.Tensor, ...], chunk: int) -> list[_Chunk]:
     W_in, b_in, W_out, b_out = (t.detach() for t in params)
     n, d = b_out.shape
-    B, N = x.shape[0], n * CODE_DIM
-    Wo = W_out.reshape(N, d)
-    Z = codebook[codes].reshape(B, N)
-    x_hat = Z @ Wo + b_out.sum(0)
-    z_sum, x_sum = Z.sum(0), x.sum(0)
-    if prefix_loss:
-        s = 1.0 / (n * B * d)
-        v = torch.arange(n, 0, -1, dtype=x.dtype, device=x.device)  # n - j
-        layer = torch.arange(n, device=x.device)
-        w = (n - torch.maximum(layer[:, None], layer[None, :])).to(x.dtype)  # (n, n) layer weights
-        w_b = w @ b_out
-        b_bar = torch.einsum("nd,nkd->nk", w_b, W_out).reshape(N)
-        xw_v = (x @ Wo.T) * v.repeat_interleave(CODE_DIM)
-        z_gram = _gram_weighted(Z, Wo, n, prefix=True)
-        G_wo = xw_v - z_gram - b_bar  # G Woᵀ
-        total = (n * x.pow(2).sum(dtype=torch.float64) - 2 * (_dot64(Z, xw_v) + _dot64(x_sum, v @ b_out))
-                 + _dot64(Z, z_gram) + 2 * _dot64(z_sum, b_bar) + B * _dot64(b_out, w_b))
-        zt_g = (v.repeat_interleave(CODE_DIM)[:, None] * (Z.T @ x) - _codes_gram_times(Z, Wo, n)
-                - z_sum[:, None] * w_b.repeat_interleave(CODE_DIM, 0))
-        z_sum_wo = torch.einsum("nk,nkd->nd", z_sum.reshape(n, CODE_DIM), W_out)
-        g_sum = v[:, None] * x_sum - w @ (z_sum_wo + B * b_out)
-    else:
-        s = 1.0 / (B * d)
-        error = x - x_hat
-        G_wo = error @ Wo.T
-        total = error.pow(2).sum(dtype=torch.float64)
-        zt_g = Z.T @ error
-        g_sum = error.sum(0).expand(n, d)
-    dP = straight_through(-2 * s * G_wo, proj, ste)
-    dP_sum = dP.sum(0).reshape(n, CODE_DIM)
-    before = torch.cumsum(b_out, 0) - b_out  # β_j, exclusive prefix sums
-    dW_in = x.T @ dP - _earlier_layers_term(Z, dP, Wo) - torch.einsum("nd,nk->dnk", before, dP_sum).reshape(d, N)
-    grads = (dW_in.reshape(d, n, CODE_DIM).permute(1, 0, 2).contiguous(), dP_sum,
-             (-2 * s * zt_g).reshape(n, CODE_DIM, d), -2 * s * g_sum.contiguous())
-    return (s * total).to(x.dtype), x_hat, grads
+    out = []
+    for a in range(0, n, chunk):
+        e = min(a + chunk, n)
+        before = torch.cumsum(b_out[a:e], 0) - b_out[a:e]  # exclusive prefix sums in the chunk
+        bias = b_in[a:e] - torch.einsum("cd,cdk->ck", before, W_in[a:e])
+        out.append(_Chunk(a, e, W_in[a:e].permute(1, 0, 2).reshape(d, -1), bias.reshape(-1),
+                          W_out[a:e].reshape(-1, d), b_out[a:e], before))
+    return out
+
+
+def _encode(chunks: list[_Chunk], codebook, x, nearest) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    """Codes (B, n), projections (B, 4n) and each chunk's input residual R_k (B, d), and the
+    final residual appended: the loop's recurrence with d-space residuals kept only at
+    chunk boundaries."""
+    B, n = x.shape[0], chunks[-1].e
+    codes = torch.empty(B, n, dtype=torch.long, device=x.device)
+    proj = torch.empty(B, n * CODE_DIM, dtype=x.dtype, device=x.device)
+    residuals = [x]
+    for ch in chunks:
+        R, p = residuals[-1], proj[:, ch.a * CODE_DIM : ch.e * CODE_DIM]
+        torch.addmm(ch.b_in, R, ch.W_in, out=p)
+        codes[:, ch.a : ch.e] = code_layers(p, ch.Wo @ ch.W_in, codebook, nearest, block=16)
+        Z = codebook[codes[:, ch.a : ch.e]].reshape(B, -1)
+        residuals.append(torch.addmm(R, Z, ch.Wo, alpha=-1).sub_(ch.b_out.sum(0)))
+    return codes, proj, residuals
+
+
+def _chunk_terms(ch: _Chunk, Z, R, A, prefix: bool):
+    """For one chunk, with G_j = A + α_j R - Σ_l w_jl r̂_l (module docstring): G_j W_out[j]ᵀ
+    stacked (B, 4c), z_jᵀ G_j stacked (4c, d), colsum(G_j) (c, d) and the chunk's loss sum.
+    A is None where it is zero (the last chunk of the prefix loss)."""
+    if not prefix:  # G_j = A = r_n for every layer
+        return A @ ch.Wo.T, Z.T @ A, A.sum(0).expand(ch.e - ch.a, -1), None
+    B, c = Z.shape[0], ch.e - ch.a
+    layer = torch.arange(c, device=Z.device)
+    alpha = (c - layer).to(Z.dtype)
+    w = (c - torch.maximum(layer[:, None], layer[None, :])).to(Z.dtype)
+    w4, alpha4 = w.repeat_interleave(CODE_DIM, 0).repeat_interleave(CODE_DIM, 1), alpha.repeat_interleave(CODE_DIM)
+    w_b = w @ ch.b_out  # (c, d): Σ_l w_jl b_out[l]
+    b_bar = torch.einsum("cd,ckd->ck", w_b, ch.Wo.reshape(c, CODE_DIM, -1)).reshape(-1)
+    z_gram = Z @ ((ch.Wo @ ch.Wo.T) * w4)
+    RW = (R @ ch.Wo.T).mul_(alpha4)
+    GW = (RW - z_gram if A is None else torch.addmm(RW, A, ch.Wo.T).sub_(z_gram)).sub_(b_bar)  # RW is kept
+    z_sum, R_sum = Z.sum(0), R.sum(0)
+    ZtG = (alpha4[:, None] * (Z.T @ R) - ((Z.T @ Z) * w4) @ ch.Wo - z_sum[:, None] * w_b.repeat_interleave(CODE_DIM, 0))
+    z_sum_wo = torch.einsum("ck,ckd->cd", z_sum.reshape(c, CODE_DIM), ch.Wo.reshape(c, CODE_DIM, -1))
+    G_sum = alpha[:, None] * R_sum - w @ (z_sum_wo + B * ch.b_out)
+    if A is not None:
+        ZtG.addmm_(Z.T, A)
+        G_sum += A.sum(0)
+    # Σ_{m=a+1}^{e} ‖r_m‖², expanded around R (float64 sums)
+    loss = (c * R.pow(2).sum(dtype=torch.float64) - 2 * (_dot64(Z, RW) + _dot64(R_sum, alpha @ ch.b_out))
+            + _dot64(Z, z_gram) + 2 * _dot64(z_sum, b_bar) + B * _dot64(ch.b_out, w_b))
+    return GW, ZtG, G_sum, loss
+
+
+def _input_grads(ch: _Chunk, Z, R, dP) -> torch.Tensor:
+    """dW_in_j = r_jᵀ dP_j with r_j = R - Σ_{a<=l<j} r̂_l, stacked (d, 4c)."""
+    layer = torch.arange(ch.e - ch.a, device=Z.device).repeat_interleave(CODE_DIM)
+    earlier = (Z.T @ dP) * (layer[:, None] < layer[None, :])
+    dP_sum = dP.sum(0).reshape(-1, CODE_DIM)
+    return R.T @ dP - ch.Wo.T @ earlier - torch.einsum("cd,ck->dck", ch.before, dP_sum).reshape(R.shape[1], -1)
+
+
+def _add_chunk_sum(A, ch: _Chunk, Z, R) -> torch.Tensor:
+    """A for the chunk before: A + Σ_{m=a+1}^{e} r_m = A + c R - Σ_l α_l r̂_l, in place."""
+    c = ch.e - ch.a
+    alpha = torch.arange(c, 0, -1, dtype=R.dtype, device=R.device)
+    A = R * c if A is None else A.add_(R, alpha=c)
+    return A.addmm_(Z * alpha.repeat_interleave(CODE_DIM), ch.Wo, alpha=-1).sub_(alpha @ ch.b_out)
+
+
+def loss_and_grads(params: tuple[torch.Tensor, ...], codebook: torch.Tensor, x: torch.Tensor, nearest, *,
+                   prefix_loss: bool, ste: str, chunk: int = CHUNK) -> tuple:
+    """(loss, x_hat, codes, (dW_in, db_in, dW_out, db_out)) of the loop's loss; x is already
+    divided by the input scale. No autograd."""
+    n, d = params[3].shape
+    B = x.shape[0]
+    s = 1.0 / (n * B * d) if prefix_loss else 1.0 / (B * d)
+    chunks = _chunks(params, chunk)
+    codes, proj, residuals = _encode(chunks, codebook, x, nearest)
+    final = residuals[-1]
+    A = None if prefix_loss else final  # Σ_{m>e} r_m for the last chunk (zero); r_n
+    total = x.new_zeros((), dtype=torch.float64) if prefix_loss else final.pow(2).sum(dtype=torch.float64)
+    dW_in, db_in, dW_out, db_out = [], [], [], []
+    for ch, R in zip(reversed(chunks), reversed(residuals[:-1])):
+        Z = codebook[codes[:, ch.a : ch.e]].reshape(B, -1)
+        GW, ZtG, G_sum, loss = _chunk_terms(ch, Z, R, A, prefix_loss)
+        dP = straight_through(-2 * s * GW, proj[:, ch.a * CODE_DIM : ch.e * CODE_DIM], ste)
+        dW_in.append(_input_grads(ch, Z, R, dP))
+        db_in.append(dP.sum(0))
+        dW_out.append(-2 * s * ZtG)
+        db_out.append(-2 * s * G_sum)
+        if prefix_loss:
+            total += loss
+            A = _add_chunk_sum(A, ch, Z, R) if ch.a > 0 else None
+    grads = (torch.cat(dW_in[::-1], 1).reshape(d, n, CODE_DIM).permute(1, 0, 2).contiguous(),
+             torch.cat(db_in[::-1]).reshape(n, CODE_DIM), torch.cat(dW_out[::-1]).reshape(n, CODE_DIM, d),
+             torch.cat(db_out[::-1]))
+    return (s * total).to(x.dtype), x - final, codes, grads
 
 
 class PrecomputedGradients(torch.autograd.Function):
