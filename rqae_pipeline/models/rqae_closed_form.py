@@ -101,6 +101,7 @@ def nearest_code_symmetric(p: torch.Tensor, canon_units, canon_levels, place_val
     return code_of_key[(canon_levels[best] * signed_places).sum(-1).long()]
 
 
+# ---------------------------------------------------------------------- closed form
 
 
 def code_layers(proj: torch.Tensor, cross: torch.Tensor, codebook: torch.Tensor, nearest, block: int) -> torch.Tensor:
