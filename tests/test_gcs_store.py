@@ -21,13 +21,14 @@ from test_object_store import (
     _free_port,
     _metrics,
     assert_same_arrays,
+    harvest_killed_after_a_commit,
     invoke,
     local_reference,  # noqa: F401  (the fixture: the same harvest on a local path)
 )
 
 from rqae_pipeline.store import ActivationStore
 
-from helpers import REPO, run_rqae, start_rqae, wait_until
+from helpers import REPO, run_rqae
 
 pytest.importorskip("gcsfs")
 emulator = pytest.importorskip("gcp_storage_emulator.server")
@@ -65,13 +66,7 @@ def committed_tokens(fs, key: str) -> int:
 
 def test_harvest_kill_9_resume_train_and_eval_on_gcs_equal_the_local_runs(gcs, local_reference, tmp_path):  # noqa: F811
     key = f"{BUCKET}/killed.zarr"
-    err = tmp_path / "harvest.stderr"
-    proc = start_rqae("harvest", *HARVEST_ARGS, "--out", f"gs://{key}", stderr=err)
-    try:
-        wait_until(lambda: committed_tokens(gcs, key) >= 1, proc, err)
-    finally:
-        proc.kill()  # SIGKILL: no cleanup runs
-        proc.wait()
+    harvest_killed_after_a_commit(f"gs://{key}", lambda: committed_tokens(gcs, key), tmp_path)
     assert 0 < committed_tokens(gcs, key) < TOKENS
     r = run_rqae("harvest", *HARVEST_ARGS, "--out", f"gs://{key}", "--resume")
     assert r.returncode == 0, r.stderr

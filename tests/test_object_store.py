@@ -88,15 +88,22 @@ def assert_same_arrays(url, local):
         assert got[name].shape == want[name].shape and np.array_equal(got[name], want[name]), name
 
 
+def harvest_killed_after_a_commit(url: str, committed, tmp_path):
+    """`rqae harvest --out url` killed with SIGKILL once `committed()` counts a committed
+    token (no cleanup runs); the dead process."""
+    err = tmp_path / "harvest.stderr"
+    proc = start_rqae("harvest", *HARVEST_ARGS, "--out", url, stderr=err)
+    try:
+        wait_until(lambda: committed() >= 1, proc, err)
+    finally:
+        proc.kill()
+        proc.wait()
+    return proc
+
+
 def test_harvest_kill_9_and_resume_on_the_bucket_equal_the_local_store(s3, local_reference, tmp_path):
     key = f"{BUCKET}/killed.zarr"
-    err = tmp_path / "harvest.stderr"
-    proc = start_rqae("harvest", *HARVEST_ARGS, "--out", f"s3://{key}", stderr=err)
-    try:
-        wait_until(lambda: committed_tokens(s3, key) >= 1, proc, err)
-    finally:
-        proc.kill()  # SIGKILL: no cleanup runs
-        proc.wait()
+    proc = harvest_killed_after_a_commit(f"s3://{key}", lambda: committed_tokens(s3, key), tmp_path)
     killed_at = committed_tokens(s3, key)
     assert 0 < killed_at < TOKENS
     assert StoreLock(f"s3://{key}").read()["pid"] == proc.pid  # the dead writer's lock object is left...
