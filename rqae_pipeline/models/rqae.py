@@ -195,8 +195,8 @@ class RQAE(HookedRootModule):
         self, x: torch.Tensor, *, prefix_loss: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(loss, x_hat, codes), the values and parameter gradients of `training_loss_loop`
-        (up to float rounding and ties between codes) computed in closed form from the
-        blocked encoder's codes: a few large matrix products instead of a loop over layers.
+        (up to float rounding and ties between codes) computed in closed form, chunk by chunk
+        of layers, from the codes: large matrix products instead of a loop over layers.
         `loss.backward()` sets the four weights' gradients; x_hat carries no gradient."""
         with torch.autocast(device_type=x.device.type, enabled=False), torch.no_grad():
             x = self.hook_in(x.to(self.W_in.dtype) / self.input_scale)
