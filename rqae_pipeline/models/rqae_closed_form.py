@@ -186,6 +186,14 @@ def _encode(chunks: list[_Chunk], codebook, x, nearest) -> tuple[torch.Tensor, t
     return codes, proj, residuals
 
 
+def _prefix_counts(c: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a chunk of c layers under the prefix loss: α_j = e - j, the errors of the chunk
+    after layer j, and w_jl = e - max(j, l), those after both (layers counted from the
+    chunk's start)."""
+    layer = torch.arange(c, device=device)
+    return (c - layer).to(dtype), (c - torch.maximum(layer[:, None], layer[None, :])).to(dtype)
+
+
 def _chunk_terms(ch: _Chunk, Z, R, A, prefix: bool):
     """For one chunk, with G_j = A + α_j R - Σ_l w_jl r̂_l (module docstring): G_j W_out[j]ᵀ
     stacked (B, 4c), z_jᵀ G_j stacked (4c, d), colsum(G_j) (c, d) and the chunk's loss sum.
@@ -193,9 +201,7 @@ def _chunk_terms(ch: _Chunk, Z, R, A, prefix: bool):
     if not prefix:  # G_j = A = r_n for every layer
         return A @ ch.Wo.T, Z.T @ A, A.sum(0).expand(ch.e - ch.a, -1), None
     B, c = Z.shape[0], ch.e - ch.a
-    layer = torch.arange(c, device=Z.device)
-    alpha = (c - layer).to(Z.dtype)
-    w = (c - torch.maximum(layer[:, None], layer[None, :])).to(Z.dtype)
+    alpha, w = _prefix_counts(c, Z.dtype, Z.device)
     w4, alpha4 = w.repeat_interleave(CODE_DIM, 0).repeat_interleave(CODE_DIM, 1), alpha.repeat_interleave(CODE_DIM)
     w_b = w @ ch.b_out  # (c, d): Σ_l w_jl b_out[l]
     b_bar = torch.einsum("cd,ckd->ck", w_b, ch.Wo.reshape(c, CODE_DIM, -1)).reshape(-1)
@@ -226,7 +232,7 @@ def _input_grads(ch: _Chunk, Z, R, dP) -> torch.Tensor:
 def _add_chunk_sum(A, ch: _Chunk, Z, R) -> torch.Tensor:
     """A for the chunk before: A + Σ_{m=a+1}^{e} r_m = A + c R - Σ_l α_l r̂_l, in place."""
     c = ch.e - ch.a
-    alpha = torch.arange(c, 0, -1, dtype=R.dtype, device=R.device)
+    alpha, _ = _prefix_counts(c, R.dtype, R.device)
     A = R * c if A is None else A.add_(R, alpha=c)
     return A.addmm_(Z * alpha.repeat_interleave(CODE_DIM), ch.Wo, alpha=-1).sub_(alpha @ ch.b_out)
 
