@@ -21,6 +21,7 @@ from test_object_store import (
     _free_port,
     _metrics,
     assert_same_arrays,
+    committed_tokens,
     harvest_killed_after_a_commit,
     invoke,
     local_reference,  # noqa: F401  (the fixture: the same harvest on a local path)
@@ -54,14 +55,6 @@ def gcs():
     for k, v in saved.items():
         os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
     server.stop()
-
-
-def committed_tokens(fs, key: str) -> int:
-    fs.invalidate_cache()
-    try:
-        return json.loads(fs.cat_file(f"{key}/zarr.json"))["attributes"]["rqae"]["committed"]["tokens"]
-    except (FileNotFoundError, KeyError, ValueError):
-        return 0
 
 
 def test_harvest_kill_9_resume_train_and_eval_on_gcs_equal_the_local_runs(gcs, local_reference, tmp_path):  # noqa: F811
