@@ -123,6 +123,7 @@ class ActivationStore:
         self.group = group
         self.manifest = manifest
         self.spec = StoreSpec(**manifest["spec"])
+        self._arrays: dict = {}  # zarr arrays opened for reading (`_array`)
 
     # ------------------------------------------------------------------ opening
 
@@ -280,6 +281,7 @@ class ActivationStore:
         """Write encoded columns at rows [start, start + n); grows arrays as needed. Not a commit."""
         n = len(cols["scale"])
         stop = start + n
+        self._arrays.clear()  # the arrays grow: reopen them for the next read
         for name, data in cols.items():
             # Write every shard, all-zero ones too (zarr skips those by default), so that a
             # missing shard file always means damage (see integrity.py).
@@ -289,6 +291,7 @@ class ActivationStore:
             arr[start:stop] = data
 
     def set_array(self, name: str, data: np.ndarray) -> None:
+        self._arrays.clear()
         if name in self.group:
             self.group[name][:] = data
         else:
@@ -310,6 +313,7 @@ class ActivationStore:
     def truncate_to_committed(self) -> None:
         """Drop rows past the last commit (left by an interrupted writer)."""
         n = self.n_tokens
+        self._arrays.clear()
         for name in ROW_ARRAYS + (("row_scale",) if self.spec.dtype == "fp8" else ()):
             arr = self.group[name]
             if arr.shape[0] != n:
@@ -327,7 +331,17 @@ class ActivationStore:
     def _rows(self, name: str, rows: slice | np.ndarray) -> np.ndarray:
         """Rows of one array as stored. Every read goes through here: a missing shard (zarr
         would return zeros) or a damaged one is an RQAEError naming the store, array and file."""
-        return read_checked(self.path, self.group[name], name, rows)
+        return read_checked(self.path, self._array(name), name, rows)
+
+    def _array(self, name: str):
+        """Array `name`, opened once for reading: opening parses its metadata (~0.7 ms, a third
+        of the time a reader spends on a 1,024-row chunk span at d = 640). The writes above
+        drop the cache, since they change shapes; rows below the committed count read the
+        same through an array opened earlier, whatever another process appended since."""
+        arr = self._arrays.get(name)
+        if arr is None:
+            arr = self._arrays[name] = self.group[name]
+        return arr
 
     def read_encoded(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Columns of rows [start, stop) exactly as stored (no decoding)."""
