@@ -44,6 +44,7 @@ import os
 import shutil
 import socket
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -56,6 +57,9 @@ from rqae_pipeline.harvest import HarvestConfig, harvest
 from rqae_pipeline.harvest_dask import DaskConfig, harvest_parallel
 from rqae_pipeline.lm import OFFLINE_GEMMA, load_lm
 from rqae_pipeline.store import ActivationStore
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import store_files  # noqa: E402  (the tests' byte-for-byte store comparison)
 
 SECTIONS = ("workers", "s3", "resume")
 BUCKET = "rqae-bench"
@@ -78,19 +82,6 @@ def base_config(args: argparse.Namespace, out: Path | str, **changes) -> Harvest
 
 
 # --------------------------------------------------------------------------- workers
-
-
-def store_bytes(path: Path) -> dict[str, bytes]:
-    files = {}
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            data = p.read_bytes()
-            if p == path / "zarr.json":
-                meta = json.loads(data)
-                meta["attributes"]["rqae"]["created"] = None
-                data = json.dumps(meta).encode()
-            files[str(p.relative_to(path))] = data
-    return files
 
 
 def timed_parallel(cfg: HarvestConfig, client, workers: int, out: Path) -> float:
@@ -118,7 +109,7 @@ def bench_workers(args: argparse.Namespace, root: Path) -> list[Row]:
         for r in range(args.rounds):
             for n in (1, 2) if r % 2 == 0 else (2, 1):
                 rates[n].append(timed_parallel(cfg, clients[n], n, root / f"w{r}-{n}"))
-            if r == 0 and store_bytes(root / "w0-1") != store_bytes(root / "w0-2"):
+            if r == 0 and store_files(root / "w0-1") != store_files(root / "w0-2"):
                 raise SystemExit("the 1- and 2-worker stores differ")
             for n in (1, 2):
                 shutil.rmtree(root / f"w{r}-{n}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -32,6 +33,21 @@ def store_arrays(path: Path) -> dict[str, np.ndarray]:
     """Every committed row array of a store, as stored."""
     store = ActivationStore.open(path)
     return store.read_encoded(0, store.n_tokens)
+
+
+def store_files(path: Path) -> dict[str, bytes]:
+    """Every file of a local store directory, the manifest's creation time masked: what two
+    harvests with the same settings (one process, or 1, 2 or N dask workers) agree on."""
+    files = {}
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            data = p.read_bytes()
+            if p == path / "zarr.json":
+                meta = json.loads(data)
+                meta["attributes"]["rqae"]["created"] = "<masked>"
+                data = json.dumps(meta).encode()
+            files[str(p.relative_to(path))] = data
+    return files
 
 
 def tree_digest(path: Path) -> dict[str, str]:

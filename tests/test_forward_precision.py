@@ -2,7 +2,6 @@
 forward, recorded in the manifest as `forward_error` (rqae_pipeline/forward.py)."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from rqae_pipeline.lm import load_lm, normalise, resolve_model_dtype
 from rqae_pipeline.store import ActivationStore
 from rqae_pipeline.summary import forward_fvu
 
-from helpers import TINY, run_rqae, tiny_config
+from helpers import TINY, run_rqae, tiny_config, tree_digest
 
 CLI_ARGS = ["--model", TINY, "--layer", "1", "--context-length", "32", "--batch-size", "2",
             "--contexts-per-shard", "4", "--contexts-per-chunk", "2"]
@@ -31,10 +30,6 @@ def bf16_store(bf16_lm, tmp_path_factory):
     out = tmp_path_factory.mktemp("bf16") / "s.zarr"
     harvest(tiny_config(out, tokens=1024, model_dtype="bfloat16"), lm=bf16_lm, progress=False)
     return out
-
-
-def store_files(path: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def independent_fvu(store: ActivationStore, fp32_lm, bf16_lm) -> float:
@@ -82,14 +77,14 @@ def test_resume_keeps_the_recorded_error_and_writes_the_one_run_store(tmp_path, 
 
 
 def test_resume_with_another_model_dtype_is_one_error_line_and_changes_nothing(bf16_store):
-    before = store_files(bf16_store)
+    before = tree_digest(bf16_store)
     r = run_rqae("harvest", *CLI_ARGS, "--tokens", "2048", "--out", str(bf16_store), "--resume",
                  "--model-dtype", "float32")
     assert r.returncode != 0
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:"), r.stderr
     assert "bfloat16 (TF32 off)" in lines[0] and "float32 (TF32 off)" in lines[0]
-    assert store_files(bf16_store) == before
+    assert tree_digest(bf16_store) == before
 
 
 def test_a_store_from_before_forward_error_is_held_to_its_load_dtype(tmp_path, tiny_lm, bf16_lm):

@@ -25,7 +25,7 @@ from rqae_pipeline.harvest import harvest
 from rqae_pipeline.harvest_dask import DaskConfig, harvest_parallel
 from rqae_pipeline.store import ActivationStore, StoreLock
 
-from helpers import HANG_GUARD_S, TINY, run_rqae, start_rqae, tiny_config, wait_until
+from helpers import HANG_GUARD_S, TINY, run_rqae, start_rqae, store_files, tiny_config, wait_until
 
 TWO = DaskConfig(workers=2, threads_per_worker=1)
 LONG = 24_000  # tokens: 188 shards of 4 contexts x 32 tokens, long enough to kill something mid-run
@@ -65,20 +65,6 @@ def single(tiny_lm, tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
     return root
-
-
-def store_files(path: Path) -> dict[str, bytes]:
-    """Every file of a store directory; the manifest's creation time masked."""
-    files = {}
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            data = p.read_bytes()
-            if p == path / "zarr.json":
-                meta = json.loads(data)
-                meta["attributes"]["rqae"]["created"] = "<masked>"
-                data = json.dumps(meta).encode()
-            files[str(p.relative_to(path))] = data
-    return files
 
 
 def assert_identical(path: Path, reference: Path) -> None:

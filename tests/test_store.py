@@ -129,3 +129,23 @@ def test_opening_something_else_is_a_clear_error(tmp_path):
     zarr.open_group(str(tmp_path / "plain"), mode="w")
     with pytest.raises(RQAEError, match="not an rqae activation store"):
         ActivationStore.open(tmp_path / "plain")
+
+
+def test_a_store_reads_the_rows_it_appended_after_reading_earlier_ones(tmp_path):
+    """Reads keep the zarr arrays open; a write that grows them must not leave a read of the
+    new rows looking at the old shape (it would come back short, or as zeros)."""
+    from rqae_pipeline.store import StoreSpec
+
+    d, n = 16, 256
+    spec = StoreSpec(model="random", hook="blocks.0.hook_resid_post", layer=0, d_model=d, corpus={"name": "random"},
+                     tokenizer="none", context_length=16, skip_bos=False, normalisation="rms", dtype="float16",
+                     contexts_per_shard=16, contexts_per_chunk=4, batch_contexts=4, outlier_factor=10.0)
+    store = ActivationStore.create(tmp_path / "s.zarr", spec, torch.ones(d), {})
+    acts = np.random.default_rng(0).standard_normal((2 * n, d)).astype(np.float16)
+    for start in (0, n):
+        rows = np.arange(start, start + n)
+        store.write_rows(start, {"acts": acts[start : start + n], "scale": np.ones(n, np.float32),
+                                 "tokens": np.zeros(n, np.int32), "seq": rows // 16,
+                                 "pos": (rows % 16).astype(np.int16), "flags": np.zeros(n, np.uint8)})
+        store.commit(tokens=start + n, contexts=(start + n) // 16, corpus_state=(0, 0))
+        np.testing.assert_array_equal(store.read(0, start + n).acts.numpy(), acts[: start + n].astype(np.float32))
