@@ -21,12 +21,17 @@ ratios), on `--threads` torch threads (default 1):
    (final evaluation), so the intervals in which a shuffle buffer is read count in full
    (the median interval would skip them); the order of the two runs alternates by round;
 6. resume seek: time from opening the data at a checkpoint's recorded position to the first
-   new batch, at 10x the trained tokens over 1x (one shuffle buffer either way: ~1).
+   new batch, at 10x the trained tokens over 1x (one shuffle buffer either way: ~1);
+7. on an accelerator (`--device`, default cuda when one is present, else the section is left
+   out): closed-form step and encoder tok/s at n_q=1024, d=2304 in wall time with the device
+   synchronised around each call, peak device memory of a step, and the fraction of rows
+   whose codes equal the CPU's.
 
     python bench/train.py                 # full sizes (~15 min on a busy 2-core machine)
     python bench/train.py --quick         # smaller, for a smoke run (a few minutes)
     python bench/train.py --only parallel # sections 5 and 6 alone
     python bench/train.py --only parallel --quick --rounds 1   # a smoke run of them
+    python bench/train.py --only device   # section 7 alone (a few minutes of GPU time)
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -243,16 +249,71 @@ def parallel_and_seek(quick: bool, rounds: int) -> None:
     print(f"| seek at 10x / at 1x trained tokens | **{spread(seek['ratio'])}** |")
 
 
+def device_wall(device: str, fn) -> float:
+    """Wall seconds of fn(), the device synchronised before and after (its work is queued)."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def device_rounds(device: str, d: int, n_q: int, batches: tuple[int, ...], rounds: int) -> dict:
+    """Section 7: closed-form step and encoder tok/s per batch on `device`, peak device memory
+    of the steps, and the rows whose codes (untrained model) equal the CPU encoder's."""
+    model, x = model_and_batch(d, n_q, max(batches))
+    cpu_codes = model.encode(x[:512])
+    model, x = model.to(device), x.to(device)
+    out = {"same_codes": float((model.encode(x[:512]).cpu() == cpu_codes).all(1).float().mean())}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    on_cuda = device.startswith("cuda")
+    for b in batches:
+        xb = x[:b]
+        train_step(model, opt, xb, "closed_form")  # warm-up: allocations, kernels
+        if on_cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+        step = [b / device_wall(device, partial(train_step, model, opt, xb, "closed_form")) for _ in range(rounds)]
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 if on_cuda else float("nan")
+        model.encode(xb)  # the cross terms of the trained weights, built once as evaluation does
+        encode = [b / device_wall(device, partial(model.encode, xb)) for _ in range(rounds)]
+        out[b] = {"step": step, "encode": encode, "peak_mib": peak}
+    return out
+
+
+def print_device_rows(device: str, res: dict, cpu_step: list[float] | None) -> None:
+    name = torch.cuda.get_device_name(device) if device.startswith("cuda") else device
+    tok = "{:,.0f}"
+    print(f"| on {name}: rows whose codes equal the CPU encoder's (untrained, 512 rows) | {res['same_codes']:.4f} |")
+    for b, r in ((b, r) for b, r in res.items() if isinstance(b, int)):
+        print(f"| on {name}: closed-form step, batch {b} | {spread(r['step'], tok)} tok/s |")
+        print(f"| on {name}: peak memory of the steps, batch {b} | {r['peak_mib']:,.0f} MiB |")
+        print(f"| on {name}: encoding, symmetric search, batch {b} | {spread(r['encode'], tok)} tok/s |")
+        if cpu_step:
+            print(f"| on {name}: closed-form step / the CPU step above, per token, batch {b} | "
+                  f"{statistics.median(r['step']) / statistics.median(cpu_step):,.0f}x |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-store", action="store_true", help="leave out the reader-memory measurement (4)")
-    ap.add_argument("--only", choices=["all", "parallel"], default="all",
-                    help="parallel: the data-parallel and resume-seek sections (5, 6) alone")
+    ap.add_argument("--only", choices=["all", "parallel", "device"], default="all",
+                    help="parallel: the data-parallel and resume-seek sections (5, 6) alone; device: section 7")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else None,
+                    help="accelerator for section 7 (default: cuda when present, else no section 7)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    d_dev, n_q_dev, dev_batches = (2304, 1024, (4096, 16384)) if not args.quick else (512, 128, (1024,))
+    if args.only == "device":
+        if not args.device:
+            raise SystemExit("no accelerator: pass --device (cuda is not available)")
+        print(f"device section: RQAE d={d_dev}, n_q={n_q_dev}, random activations, {args.rounds} rounds")
+        print("| measure (min / median / max over rounds) | value |\n|---|---|")
+        print_device_rows(args.device, device_rounds(args.device, d_dev, n_q_dev, dev_batches, args.rounds), None)
+        return
     if args.only == "parallel":
         print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, load average "
               f"{os.getloadavg()[0]:.1f}; {args.rounds} rounds")
@@ -300,6 +361,9 @@ def main() -> None:
         print(f"| peak RSS training on {base_rows:,} rows (d=640) | {rss_small:,.0f} MiB |")
         print(f"| peak RSS training on {10 * base_rows:,} rows (10x) | {rss_big:,.0f} MiB |")
         print(f"| peak RSS ratio 10x store / 1x store | **{rss_big / rss_small:.2f}** |")
+    if args.device:
+        print_device_rows(args.device, device_rounds(args.device, d_dev, n_q_dev, dev_batches, args.rounds),
+                          tr["cf_tok_s"])
     print()
     parallel_and_seek(args.quick, args.rounds)
 
