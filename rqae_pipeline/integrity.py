@@ -83,6 +83,26 @@ def read_checked(root: Location, arr, name: str, rows: slice | np.ndarray) -> np
         raise damage_error(root, arr, name, shards, e) from None
 
 
+def read_checked_ranges(root: Location, arr, name: str, ranges: list[slice]) -> list[np.ndarray]:
+    """`read_checked` of several row ranges of one array, read concurrently: zarr fetches and
+    decodes their chunks on its event loop and thread pool at once, where one range after
+    another would leave all cores but one idle and, on an object store, wait out each
+    request in turn."""
+    from zarr.core.sync import sync
+
+    shards = sorted({i for rows in ranges for i in shards_of(arr, rows)})
+    require_shards(root, arr, name, shards)
+
+    async def read_all():
+        return await asyncio.gather(*(arr.async_array.getitem(rows) for rows in ranges))
+
+    try:
+        return list(sync(read_all()))
+    except Exception as e:  # noqa: BLE001  as in read_checked
+        drain_zarr_tasks()
+        raise damage_error(root, arr, name, shards, e) from None
+
+
 def _read(arr, rows: slice | np.ndarray) -> np.ndarray:
     if isinstance(rows, slice):
         return arr[rows]

@@ -126,7 +126,7 @@ def load_buffer(store, group, index: int, *, shuffle: bool, seed: int, exclude: 
     The kept rows are gathered in the storage dtype (a half or a quarter of float32's bytes)
     and decoded once, in their final order: one copy of each row instead of two."""
     spans = _merged_spans(group)
-    parts = [store.read_acts_encoded(a, b) for a, b in spans]
+    parts = store.read_spans_encoded(spans)
     stored = _joined([p[0] for p in parts])
     row_scale = None if parts[0][1] is None else _joined([p[1] for p in parts])
     store_rows = np.concatenate([np.arange(a, b) for a, b in spans])

@@ -245,7 +245,7 @@ def test_each_rank_reads_its_slice_of_the_global_batches_and_only_its_chunks(sto
         first = whole[k - 1][2] if k else None
         decoded = []
         for r in range(world_size):
-            store.read_acts_encoded = _recording(ActivationStore.read_acts_encoded.__get__(store), decoded.append, r)
+            store.read_spans_encoded = _recording(ActivationStore.read_spans_encoded.__get__(store), decoded, r)
             for (acts, rows, at), (w_acts, w_rows, w_at) in zip(rank_batches(store, streams, world_size, r, first),
                                                                 whole[k:]):
                 assert at == w_at and acts.shape == (part, store.d)
@@ -256,9 +256,9 @@ def test_each_rank_reads_its_slice_of_the_global_batches_and_only_its_chunks(sto
 
 
 def _recording(read, record, rank):
-    def recorded(start, stop):
-        record((rank, start, stop))
-        return read(start, stop)
+    def recorded(spans):
+        record.extend((rank, start, stop) for start, stop in spans)
+        return read(spans)
     return recorded
 
 

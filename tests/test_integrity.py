@@ -101,6 +101,41 @@ def test_garbage_inside_a_chunk_is_detected(copy, tmp_path):
     assert not run.exists()
 
 
+def _in_memory_fs(local, name: str) -> str:
+    """A copy of a local store in fsspec's in-memory object store (no rename, like a bucket)."""
+    import fsspec
+
+    fsspec.filesystem("memory").put(str(local), f"/{name}", recursive=True)
+    return f"memory://{name}"
+
+
+def test_an_object_store_reader_reads_the_local_batches(intact):
+    """From an object store a reader requests a buffer's chunk spans concurrently
+    (`ActivationStore.read_spans_encoded`); the batches are the local store's, row for row."""
+    url = _in_memory_fs(intact, "integrity-intact")
+    local, remote = ActivationStore.open(intact), ActivationStore.open(url)
+    pairs = zip(local.batches(64, seed=1, buffer_rows=256, return_rows=True),
+                remote.batches(64, seed=1, buffer_rows=256, return_rows=True), strict=True)
+    for (a, rows_a), (b, rows_b) in pairs:
+        assert np.array_equal(rows_a.numpy(), rows_b.numpy()) and np.array_equal(a.numpy(), b.numpy())
+
+
+@pytest.mark.parametrize("damage", ["missing", "checksum"])
+def test_an_object_store_reader_names_a_missing_or_damaged_shard(intact, damage):
+    import fsspec
+
+    fs, url = fsspec.filesystem("memory"), _in_memory_fs(intact, f"integrity-{damage}")
+    key = f"/integrity-{damage}/acts/c/3/0"
+    if damage == "missing":
+        fs.rm(key)
+    else:  # garbage inside the first chunk; the shard index at the end stays intact
+        data = bytearray(fs.cat(key))
+        data[200:240] = np.random.default_rng(0).integers(0, 256, 40, dtype=np.uint8).tobytes()
+        fs.pipe(key, bytes(data))
+    with pytest.raises(RQAEError, match=rf"acts.*c/3/0.*{damage}"):
+        list(ActivationStore.open(url).batches(64, seed=1, buffer_rows=256))
+
+
 def test_an_all_zero_shard_is_written_not_skipped(copy):
     store = ActivationStore.open(copy).reopen_for_append()
     cols = store.read_encoded(0, 128)
