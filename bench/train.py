@@ -206,28 +206,39 @@ def parallel_rounds(store: Path, tmp: Path, steps: int, rounds: int, batch: int)
     return {"one": one, "two": two, "ratio": [b / a for a, b in zip(one, two)]}
 
 
-def seek_seconds(store: Path, steps: int) -> float:
-    """Seconds from opening the data at the position after `steps` batches to the first new batch."""
+def seek_setup(store: Path, steps: int) -> tuple:
+    """(store, config, held-out split, the position after `steps` batches): what a resumed run
+    has before it reads (the checkpoint records the position; counted from the flags here)."""
     from rqae_pipeline.models.base import ModelSpec
     from rqae_pipeline.store import ActivationStore
-    from rqae_pipeline.train import TrainConfig, heldout_split, position_of_step, positioned_batches
+    from rqae_pipeline.train import TrainConfig, heldout_split, position_of_step
 
     st = ActivationStore.open(store)
     cfg = TrainConfig(store=store, out=store, model=ModelSpec(arch="rqae", d_in=st.d, n_q=8), batch_size=1024,
                       tokens=1024 * (steps + 1))
     split = heldout_split(st, cfg.heldout_fraction)
-    position = position_of_step(st, cfg, split, steps)  # what the checkpoint records (not timed)
+    return st, cfg, split, position_of_step(st, cfg, split, steps)
+
+
+def seek_seconds(setup: tuple) -> float:
+    """Seconds from opening the data at a recorded position to the first new batch."""
+    from rqae_pipeline.train import positioned_batches
+
     t0 = time.perf_counter()
-    next(positioned_batches(st, cfg, split, position))
+    next(positioned_batches(*setup))
     return time.perf_counter() - t0
 
 
 def seek_rounds(store: Path, steps: int, rounds: int) -> dict:
-    at1, at10 = [], []
-    for _ in range(rounds):
-        at1.append(seek_seconds(store, steps))
-        at10.append(seek_seconds(store, 10 * steps))
-    return {"at1": at1, "at10": at10, "ratio": [b / a for a, b in zip(at1, at10)]}
+    """Both positions are found before any seek is timed, and the two seeks alternate in
+    order, so each timed read follows the same work (finding the position at 10x reads 10x
+    the flags, which once ran right before its timed read)."""
+    setups = {1: seek_setup(store, steps), 10: seek_setup(store, 10 * steps)}
+    at = {1: [], 10: []}
+    for r in range(rounds):
+        for k in ((1, 10) if r % 2 == 0 else (10, 1)):
+            at[k].append(seek_seconds(setups[k]))
+    return {"at1": at[1], "at10": at[10], "ratio": [b / a for a, b in zip(at[1], at[10])]}
 
 
 def parallel_and_seek(quick: bool, rounds: int) -> None:
