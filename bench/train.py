@@ -242,7 +242,8 @@ def seek_rounds(store: Path, steps: int, rounds: int) -> dict:
 
 
 def parallel_and_seek(quick: bool, rounds: int) -> None:
-    steps, seek_steps = (40, 20) if quick else (120, 40)
+    # --quick: at batch 4096 (half the steps) 30 steps log 3 times, leaving one timed interval
+    steps, seek_steps = (60, 20) if quick else (120, 40)
     batches = {1024: steps, 4096: steps // 2}  # batch: steps (the larger batch: more tokens per step)
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store.zarr"
