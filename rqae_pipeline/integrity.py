@@ -57,10 +57,17 @@ def missing_shards(root: Location, arr, name: str, shards: Iterable[int]) -> lis
     if may_omit_shards(arr, name):
         return []
     keys = [shard_key(arr, name, i) for i in shards]
-    if is_remote(root) and len(keys) > 4:  # one listing instead of a request per shard
+    if is_remote(root) and len(keys) > max(4, listing_pages(arr)):  # fewer requests than one per shard
         present = keys_under(root, f"{name}/")
         return [key for key in keys if key not in present]
     return [key for key in keys if not is_file(root, key)]
+
+
+def listing_pages(arr) -> int:
+    """Requests a listing of all of an array's shards takes (object stores list 1,000 keys a
+    page): a read that checks more shards than this lists them, a smaller one asks for each
+    (a shuffle buffer's ~14 shards of a 1B-row store: 14 requests, not a 61-page listing)."""
+    return -(-arr.shape[0] // shard_rows(arr)) // 1000
 
 
 def require_shards(root: Location, arr, name: str, shards: Iterable[int]) -> None:

@@ -136,6 +136,26 @@ def test_an_object_store_reader_names_a_missing_or_damaged_shard(intact, damage)
         list(ActivationStore.open(url).batches(64, seed=1, buffer_rows=256))
 
 
+@pytest.mark.parametrize("rows,lists", [(10 * 16384, True), (2 * 10**9, False)])
+def test_a_remote_shard_check_lists_only_when_that_takes_fewer_requests(monkeypatch, rows, lists):
+    """Five shards of a 10-shard array: one listing. Five of a 2B-row array (122k shards, a
+    122-page listing): a request each, as a reader's shuffle buffer of a large store asks."""
+    import zarr
+
+    from rqae_pipeline import integrity
+
+    name = f"listing-{rows}"
+    arr = zarr.create_array(store=f"memory://{name}", name="acts", shape=(rows, 4), chunks=(1024, 4),
+                            shards=(16384, 4), dtype="float16")
+    arr[: 2 * 16384] = 1  # shards 0 and 1 exist
+    listed = []
+    real = integrity.keys_under
+    monkeypatch.setattr(integrity, "keys_under", lambda *a: listed.append(a) or real(*a))
+    missing = integrity.missing_shards(f"memory://{name}", arr, "acts", [0, 1, 5, 6, 7])
+    assert missing == [f"acts/c/{i}/0" for i in (5, 6, 7)]
+    assert bool(listed) == lists
+
+
 def test_an_all_zero_shard_is_written_not_skipped(copy):
     store = ActivationStore.open(copy).reopen_for_append()
     cols = store.read_encoded(0, 128)
