@@ -172,6 +172,8 @@ def harvest_parallel(cfg: HarvestConfig, cluster: DaskConfig, *, client=None, pr
             result = _run_parallel(cfg, c, job, store, source, progress=progress)
         if result.interrupted:  # the cluster is closed: no worker of it writes any more
             store.truncate_to_committed()
+        else:  # every shard is written: what is left unfinished is a killed worker's
+            store.drop_unfinished_writes()
         return result
     finally:
         if lock is not None:

@@ -28,6 +28,7 @@ the previous manifest or the new one. A shard object cut short by a kill never e
 from __future__ import annotations
 
 import enum
+import re
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -45,6 +46,7 @@ from rqae_pipeline.lock import StoreLock
 from rqae_pipeline.urls import Location, check_writable, exists, is_remote, location, open_group, total_bytes
 
 SCHEMA_VERSION = 1
+UNFINISHED_WRITE = re.compile(r"[0-9a-f]{32}\.partial")  # zarr LocalStore's temporary name suffix
 ROW_ARRAYS = ("acts", "scale", "tokens", "seq", "pos", "flags")
 
 
@@ -311,13 +313,24 @@ class ActivationStore:
         self.manifest = manifest
 
     def truncate_to_committed(self) -> None:
-        """Drop rows past the last commit (left by an interrupted writer)."""
+        """Drop rows past the last commit, and unfinished shard writes (left by an interrupted
+        writer or a killed worker)."""
         n = self.n_tokens
         self._arrays.clear()
         for name in ROW_ARRAYS + (("row_scale",) if self.spec.dtype == "fp8" else ()):
             arr = self.group[name]
             if arr.shape[0] != n:
                 arr.resize((n,) + arr.shape[1:])
+        self.drop_unfinished_writes()
+
+    def drop_unfinished_writes(self) -> None:
+        """Delete zarr's `<key>.<uuid>.partial` files: a local write goes to one and is renamed
+        over its key when whole, so one left behind is a write whose process was killed. Only
+        for the lock holder with no write running; object stores put whole objects."""
+        if not is_remote(self.path):
+            for p in Path(self.path).rglob("*.partial"):
+                if UNFINISHED_WRITE.fullmatch(p.name.split(".", 1)[-1]):
+                    p.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ reading
 

@@ -219,3 +219,20 @@ def test_resume_of_a_finished_store_to_more_tokens_extends_it(tmp_path, tiny_lm,
         assert np.array_equal(got[name], reference[name]), name
     # Acts may differ in the last bits where a batch was split differently.
     np.testing.assert_allclose(got["acts"].astype(np.float32), reference["acts"].astype(np.float32), atol=2e-2)
+
+
+def test_resume_deletes_the_unfinished_writes_of_a_killed_writer(tmp_path, tiny_lm):
+    """A local zarr write goes to `<key>.<uuid>.partial` and is renamed over the key when
+    whole; a writer killed in between leaves the temporary file, which --resume deletes (and
+    nothing else of the store's)."""
+    out = tmp_path / "s.zarr"
+    harvest(tiny_config(out, tokens=512), lm=tiny_lm, progress=False)
+    left = [out / "acts" / "c" / "1" / f"0.{'ab' * 16}.partial", out / "flags" / "c" / f"1.{'cd' * 16}.partial"]
+    for p in left:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(b"half a shard")
+    kept = out / "acts" / "c" / "not-zarrs.partial"  # not zarr's temporary name: left alone
+    kept.write_bytes(b"x")
+    harvest(tiny_config(out, tokens=1024, resume=True), lm=tiny_lm, progress=False)
+    assert not any(p.exists() for p in left) and kept.exists()
+    assert ActivationStore.open(out).n_tokens == 1024
