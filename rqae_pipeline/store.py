@@ -347,8 +347,8 @@ class ActivationStore:
         return read_checked(self.path, self._array(name), name, rows)
 
     def _array(self, name: str):
-        """Array `name`, opened once for reading: opening parses its metadata (~0.7 ms, a third
-        of the time a reader spends on a 1,024-row chunk span at d = 640). The writes above
+        """Array `name`, opened once for reading: opening parses its metadata (~0.6 ms, twice
+        per chunk span a reader reads: ~1/5 of its time at d = 640, docs/benchmarks.md). The writes above
         drop the cache, since they change shapes; rows below the committed count read the
         same through an array opened earlier, whatever another process appended since."""
         arr = self._arrays.get(name)
