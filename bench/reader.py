@@ -157,6 +157,29 @@ def s3_server(bucket: str):
         server.wait()
 
 
+def shard_checks(bucket: str, rounds: int, shards: int = 14) -> tuple[list[float], list[float]]:
+    """Seconds to check that `shards` shard objects exist (what a shuffle buffer of a 1B-row
+    store asks per array), all requests at once (`urls.files_present`) and one after another."""
+    import zarr
+
+    from rqae_pipeline import integrity, urls
+
+    url = f"{bucket}/checks.zarr"
+    arr = zarr.create_array(store=url, shape=(64 * 256, 8), chunks=(256, 8), shards=(256, 8), dtype="float16",
+                            overwrite=True)
+    arr[:] = 1
+    keys = [integrity.shard_key(arr, "", i).lstrip("/") for i in range(0, 64, 64 // shards)][:shards]
+    assert all(urls.files_present(url, keys))
+    at_once, in_turn = [], []
+    pairs = [(urls.files_present, at_once), (lambda u, k: [urls.is_file(u, key) for key in k], in_turn)]
+    for r in range(rounds):
+        for check, out in (pairs if r % 2 == 0 else pairs[::-1]):
+            t = time.perf_counter()
+            check(url, keys)
+            out.append(time.perf_counter() - t)
+    return at_once, in_turn
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
@@ -177,6 +200,11 @@ def main() -> None:
         with s3_server("bench") as bucket:
             m = measure(f"{bucket}/store.zarr", 2304, args.s3_buffers, args.rounds, (1,), list(MODES))
             print_rows("S3 (moto)", 2304, m, (1,))
+            at_once, in_turn = shard_checks(bucket, max(9, args.rounds))
+        ratio = spread([b / a for a, b in zip(at_once, in_turn)], "{:.2f}")
+        at_once, in_turn = (spread([1e3 * t for t in ts], "{:.1f}") for ts in (at_once, in_turn))
+        print(f"\nshard checks of one buffer (14 objects) from S3: at once {at_once} ms, one by one {in_turn} ms; "
+              f"one by one / at once {ratio}x")
 
 
 if __name__ == "__main__":

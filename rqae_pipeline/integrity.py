@@ -2,7 +2,8 @@
 
 Zarr reads a missing shard as the fill value (zeros) without complaint, so before a read
 every shard file the read covers is stat'ed (a few stats per read: negligible next to the
-decompression; on an object store, one HEAD request per shard through its fsspec filesystem).
+decompression; on an object store, one HEAD request per shard through its fsspec filesystem,
+all of a read's requests at once).
 Chunks written since checksums were added carry a crc32c (see
 `codec.compressors`) and the shard index always has one, so corrupted bytes raise inside
 zarr; the error is turned into one line naming the store, the array and the shard file.
@@ -16,7 +17,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from rqae_pipeline import RQAEError
-from rqae_pipeline.urls import Location, is_file, is_remote, join, keys_under
+from rqae_pipeline.urls import Location, files_present, is_remote, join, keys_under
 
 
 def shard_rows(arr) -> int:
@@ -60,7 +61,7 @@ def missing_shards(root: Location, arr, name: str, shards: Iterable[int]) -> lis
     if is_remote(root) and len(keys) > max(4, listing_pages(arr)):  # fewer requests than one per shard
         present = keys_under(root, f"{name}/")
         return [key for key in keys if key not in present]
-    return [key for key in keys if not is_file(root, key)]
+    return [key for key, present in zip(keys, files_present(root, keys), strict=True) if not present]
 
 
 def listing_pages(arr) -> int:

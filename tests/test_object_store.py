@@ -148,6 +148,35 @@ def test_train_and_eval_from_the_bucket_equal_the_local_run(s3, local_reference,
     assert bucket_codes.shape[0] == TOKENS and np.array_equal(bucket_codes, local_codes)
 
 
+def test_a_bucket_reads_shard_checks_are_made_at_once_and_name_the_missing_shard(s3, local_reference, monkeypatch):
+    """Before a read every shard it covers is checked (zarr would read a missing one as
+    zeros); from a bucket the HEAD requests go out together, not one round trip each."""
+    from rqae_pipeline import integrity, urls
+
+    key = f"{BUCKET}/checks.zarr"
+    s3.put(str(local_reference), key, recursive=True)
+    s3.rm(f"{key}/acts/c/5/0")
+    url = f"s3://{key}"
+    arr = ActivationStore.open(url).group["acts"]
+    fs, in_flight, most = urls.filesystem(url)[0], [0], [0]
+    real_info = fs._info
+
+    async def counting_info(*args, **kw):
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
+        try:
+            return await real_info(*args, **kw)
+        finally:
+            in_flight[0] -= 1
+
+    monkeypatch.setattr(fs, "_info", counting_info)
+    keys = [integrity.shard_key(arr, "acts", i) for i in range(8)]
+    present = urls.files_present(url, keys)
+    assert present == [urls.is_file(url, k) for k in keys] == [i != 5 for i in range(8)]
+    assert most[0] == len(keys)  # every request in flight at once
+    assert integrity.missing_shards(url, arr, "acts", range(8)) == ["acts/c/5/0"]
+
+
 def _metrics(evaluation: dict) -> dict:
     """The evaluation without the fields naming where the store and model were."""
     return {k: v for k, v in evaluation.items() if k not in ("store", "model", "path", "store_path")}
