@@ -35,24 +35,19 @@ from rqae_pipeline.forward import (
 from rqae_pipeline.io import empty_except_lock
 from rqae_pipeline.lm import (
     MODEL_DTYPES,
+    NORMALISATIONS,
     OFFLINE_GEMMA,
     TINY,
     HookSpec,
     LoadedLM,
+    Normalisation,
     final_norm_gain,
     load_lm,
     resolve_hook,
 )
 from rqae_pipeline.lock import take_write_lock
 from rqae_pipeline.shard_writer import Batch, ShardWriter
-from rqae_pipeline.store import (
-    NORMALISATIONS,
-    ActivationStore,
-    Flags,
-    Normalisation,
-    StoreLock,
-    StoreSpec,
-)
+from rqae_pipeline.store import ActivationStore, Flags, StoreLock, StoreSpec
 from rqae_pipeline.urls import location, store_exists
 
 DEFAULT_DATASET = "auto"  # builtin corpus for offline/test models, FineWeb-Edu for hub models

@@ -27,91 +27,32 @@ the previous manifest or the new one. A shard object cut short by a kill never e
 
 from __future__ import annotations
 
-import enum
 import re
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from rqae_pipeline import RQAEError, codec
-from rqae_pipeline.codec import STORE_DTYPES, StoreDtype, decode_acts
+from rqae_pipeline.codec import decode_acts
 from rqae_pipeline.corpus_files import describe_change, without_files
 from rqae_pipeline.integrity import read_checked, read_checked_ranges, require_shards, shards_of
-from rqae_pipeline.lm import NORMALISATIONS, Normalisation
 from rqae_pipeline.lock import StoreLock
+from rqae_pipeline.store_format import (  # noqa: F401  (re-exported: the store's public names)
+    ROW_ARRAYS,
+    SCHEMA_VERSION,
+    Flags,
+    Rows,
+    StoreSpec,
+    array_layout,
+    row_arrays,
+)
 from rqae_pipeline.urls import Location, check_writable, exists, is_remote, location, open_group, total_bytes
 
-SCHEMA_VERSION = 1
 UNFINISHED_WRITE = re.compile(r"[0-9a-f]{32}\.partial")  # zarr LocalStore's temporary name suffix
-ROW_ARRAYS = ("acts", "scale", "tokens", "seq", "pos", "flags")
-
-
-class Flags(enum.IntFlag):
-    BOS = 1
-    EOS = 2
-    PAD = 4
-    SPECIAL = 8  # any other special token of the tokenizer
-    OUTLIER = 16  # raw norm > outlier_factor x the batch median (attention sinks)
-
-    ANY_SPECIAL = 15
-
-
-@dataclass(frozen=True, kw_only=True)
-class StoreSpec:
-    """What makes two harvests the same store. Reopening with any field changed is refused."""
-
-    model: str
-    hook: str
-    layer: int
-    d_model: int
-    corpus: dict
-    tokenizer: str
-    context_length: int
-    skip_bos: bool
-    normalisation: Normalisation
-    dtype: StoreDtype
-    contexts_per_shard: int
-    contexts_per_chunk: int
-    batch_contexts: int
-    outlier_factor: float
-
-    def __post_init__(self):
-        if self.dtype not in STORE_DTYPES:
-            raise ValueError(f"unknown store dtype {self.dtype!r}; use float16, float32 or fp8")
-        if self.normalisation not in NORMALISATIONS:
-            raise ValueError(f"unknown normalisation {self.normalisation!r}; use 'final-norm' or 'rms'")
-        if self.contexts_per_shard % self.contexts_per_chunk:
-            raise ValueError("contexts_per_shard must be a multiple of contexts_per_chunk")
-        if self.contexts_per_shard % self.batch_contexts:
-            raise ValueError("contexts_per_shard must be a multiple of the batch size in contexts")
-
-    @property
-    def rows_per_context(self) -> int:
-        return self.context_length - (1 if self.skip_bos else 0)
-
-    @property
-    def shard_rows(self) -> int:
-        return self.contexts_per_shard * self.rows_per_context
-
-    @property
-    def chunk_rows(self) -> int:
-        return self.contexts_per_chunk * self.rows_per_context
-
-
-@dataclass(frozen=True)
-class Rows:
-    """A block of store rows, decoded: `acts` is float32 whatever the storage dtype."""
-
-    acts: torch.Tensor  # (n, d) float32
-    scale: torch.Tensor  # (n,) float32
-    tokens: np.ndarray
-    seq: np.ndarray
-    pos: np.ndarray
-    flags: np.ndarray
 
 
 # --------------------------------------------------------------------------- the store
@@ -155,20 +96,7 @@ class ActivationStore:
             raise RQAEError(f"{path} already exists and is not an empty directory; use --resume or another --out")
         check_writable(path)
         group = open_group(path, "a")  # "w" would wipe the directory, our lock included
-        n_rows, d = 0, spec.d_model
-        rows, chunk = (0,), (spec.chunk_rows,)
-        storage = {"float16": "float16", "float32": "float32", "fp8": "uint8"}[spec.dtype]
-        arrays = {
-            "acts": ((n_rows, d), storage, (spec.chunk_rows, d), (spec.shard_rows, d)),
-            "scale": (rows, "float32", chunk, (spec.shard_rows,)),
-            "tokens": (rows, "int32", chunk, (spec.shard_rows,)),
-            "seq": (rows, "int64", chunk, (spec.shard_rows,)),
-            "pos": (rows, "int16", chunk, (spec.shard_rows,)),
-            "flags": (rows, "uint8", chunk, (spec.shard_rows,)),
-        }
-        if spec.dtype == "fp8":
-            arrays["row_scale"] = (rows, "float32", chunk, (spec.shard_rows,))
-        for name, (shape, dtype, chunks, shards) in arrays.items():
+        for name, (shape, dtype, chunks, shards) in array_layout(spec).items():
             group.create_array(name, shape=shape, dtype=dtype, chunks=chunks, shards=shards,
                                compressors=codec.compressors(dtype), fill_value=0)
         group.create_array("gain", data=gain.float().numpy(), compressors=codec.compressors("float32"))
@@ -317,7 +245,7 @@ class ActivationStore:
         writer or a killed worker)."""
         n = self.n_tokens
         self._arrays.clear()
-        for name in ROW_ARRAYS + (("row_scale",) if self.spec.dtype == "fp8" else ()):
+        for name in row_arrays(self.spec):
             arr = self.group[name]
             if arr.shape[0] != n:
                 arr.resize((n,) + arr.shape[1:])
@@ -337,7 +265,7 @@ class ActivationStore:
     def check_shards(self) -> None:
         """Raise RQAEError naming a missing shard file of the committed rows: one stat per
         shard and array, for commands to fail before they create any output."""
-        for name in ROW_ARRAYS + (("row_scale",) if self.spec.dtype == "fp8" else ()):
+        for name in row_arrays(self.spec):
             arr = self.group[name]
             require_shards(self.path, arr, name, shards_of(arr, slice(0, self.n_tokens)))
 
@@ -358,7 +286,7 @@ class ActivationStore:
 
     def read_encoded(self, start: int, stop: int) -> dict[str, np.ndarray]:
         """Columns of rows [start, stop) exactly as stored (no decoding)."""
-        names = ROW_ARRAYS + (("row_scale",) if self.spec.dtype == "fp8" else ())
+        names = row_arrays(self.spec)
         return {n: self._rows(n, slice(start, stop)) for n in names}
 
     def read(self, start: int = 0, stop: int | None = None) -> Rows:
@@ -401,7 +329,7 @@ class ActivationStore:
 
     def read_rows(self, index: np.ndarray) -> Rows:
         """Rows at arbitrary sorted indices (a zarr orthogonal selection)."""
-        names = ROW_ARRAYS + (("row_scale",) if self.spec.dtype == "fp8" else ())
+        names = row_arrays(self.spec)
         cols = {n: self._rows(n, np.asarray(index)) for n in names}
         return self._decode(cols)
 
@@ -443,7 +371,7 @@ class ActivationStore:
         import dask.array as da
 
         n, shard = self.n_tokens, self.spec.shard_rows
-        names = ROW_ARRAYS + (("row_scale",) if self.spec.dtype == "fp8" else ())
+        names = row_arrays(self.spec)
         for name in names:  # dask reads a missing shard as zeros too: check them all up front
             require_shards(self.path, self.group[name], name, shards_of(self.group[name], slice(0, n)))
         return {name: da.from_zarr(self.group[name], chunks=(shard,) + self.group[name].shape[1:])[:n]

@@ -1,0 +1,97 @@
+"""The activation store's format: its identity (`StoreSpec`), its row arrays and their
+on-disk layout, the flag bits, and a decoded block of rows. `store.py` reads and writes it;
+the table in its docstring describes the arrays.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from rqae_pipeline.codec import STORE_DTYPES, StoreDtype
+from rqae_pipeline.lm import NORMALISATIONS, Normalisation
+
+SCHEMA_VERSION = 1
+ROW_ARRAYS = ("acts", "scale", "tokens", "seq", "pos", "flags")
+
+
+class Flags(enum.IntFlag):
+    BOS = 1
+    EOS = 2
+    PAD = 4
+    SPECIAL = 8  # any other special token of the tokenizer
+    OUTLIER = 16  # raw norm > outlier_factor x the batch median (attention sinks)
+
+    ANY_SPECIAL = 15
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreSpec:
+    """What makes two harvests the same store. Reopening with any field changed is refused."""
+
+    model: str
+    hook: str
+    layer: int
+    d_model: int
+    corpus: dict
+    tokenizer: str
+    context_length: int
+    skip_bos: bool
+    normalisation: Normalisation
+    dtype: StoreDtype
+    contexts_per_shard: int
+    contexts_per_chunk: int
+    batch_contexts: int
+    outlier_factor: float
+
+    def __post_init__(self):
+        if self.dtype not in STORE_DTYPES:
+            raise ValueError(f"unknown store dtype {self.dtype!r}; use float16, float32 or fp8")
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(f"unknown normalisation {self.normalisation!r}; use 'final-norm' or 'rms'")
+        if self.contexts_per_shard % self.contexts_per_chunk:
+            raise ValueError("contexts_per_shard must be a multiple of contexts_per_chunk")
+        if self.contexts_per_shard % self.batch_contexts:
+            raise ValueError("contexts_per_shard must be a multiple of the batch size in contexts")
+
+    @property
+    def rows_per_context(self) -> int:
+        return self.context_length - (1 if self.skip_bos else 0)
+
+    @property
+    def shard_rows(self) -> int:
+        return self.contexts_per_shard * self.rows_per_context
+
+    @property
+    def chunk_rows(self) -> int:
+        return self.contexts_per_chunk * self.rows_per_context
+
+
+@dataclass(frozen=True)
+class Rows:
+    """A block of store rows, decoded: `acts` is float32 whatever the storage dtype."""
+
+    acts: torch.Tensor  # (n, d) float32
+    scale: torch.Tensor  # (n,) float32
+    tokens: np.ndarray
+    seq: np.ndarray
+    pos: np.ndarray
+    flags: np.ndarray
+
+
+def row_arrays(spec: StoreSpec) -> tuple[str, ...]:
+    """The arrays with one entry per row: `ROW_ARRAYS`, and `row_scale` for fp8 stores."""
+    return ROW_ARRAYS + (("row_scale",) if spec.dtype == "fp8" else ())
+
+
+def array_layout(spec: StoreSpec) -> dict[str, tuple]:
+    """Each row array's (empty shape, storage dtype, chunk shape, shard shape)."""
+    d, chunk, shard = spec.d_model, spec.chunk_rows, spec.shard_rows
+    storage = {"float16": "float16", "float32": "float32", "fp8": "uint8"}[spec.dtype]
+    column = {"scale": "float32", "tokens": "int32", "seq": "int64", "pos": "int16", "flags": "uint8",
+              "row_scale": "float32"}
+    return {name: ((0, d), storage, (chunk, d), (shard, d)) if name == "acts"
+            else ((0,), column[name], (chunk,), (shard,)) for name in row_arrays(spec)}
