@@ -278,8 +278,9 @@ def _start_run(cfg: TrainConfig, ranks: Ranks, device: str) -> _Run:
 
 def _train_loop(run: _Run, *, progress: bool) -> tuple[int, bool]:
     """Step until `total_steps`, logging and checkpointing; (steps done, interrupted). The
-    step's metrics stay on the device; they are read (one host sync, averaged over the
-    ranks) only on log and checkpoint steps, which is also where a non-finite loss is caught."""
+    step's metrics stay on the device; they are computed and read (one host sync, averaged
+    over the ranks) only on log and checkpoint steps, which is also where a non-finite loss
+    is caught."""
     from tqdm import tqdm
 
     cfg, step, ranks = run.cfg, run.step, run.ranks
@@ -291,11 +292,11 @@ def _train_loop(run: _Run, *, progress: bool) -> tuple[int, bool]:
         with open(run.out / METRICS, "a") if ranks.is_main else contextlib.nullcontext() as log:
             while step < cfg.total_steps:
                 batch, position = distributed.next_on_every_rank(run.batches, ranks)
-                stats = run.trainable.train_step(batch)
                 step += 1
-                bar.update(1)
                 last = step == cfg.total_steps
                 logs, saves = step % cfg.log_every == 0 or last, step % cfg.checkpoint_every == 0 or last
+                stats = run.trainable.train_step(batch, metrics=logs or saves)
+                bar.update(1)
                 if not (logs or saves):
                     continue
                 values = mean_over_ranks(stats, ranks)

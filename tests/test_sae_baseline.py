@@ -246,11 +246,11 @@ def test_sae_training_resumes_to_the_same_weights(store_path, tmp_path):
         trainable = orig(*a, **k)
         step = trainable.train_step
 
-        def counted(x):
+        def counted(x, **kw):
             steps["n"] += 1
             if steps["n"] == 15:
                 raise KeyboardInterrupt
-            return step(x)
+            return step(x, **kw)
 
         trainable.train_step = counted
         return trainable

@@ -60,6 +60,28 @@ def test_rqae_trains_and_writes_its_run_directory(store_path, tmp_path):
     assert set(rows[-1]["heldout"]["fvu_by_prefix"]) == {"1", "2", "4", "8"}
 
 
+@pytest.mark.parametrize("arch", ["rqae", "topk-sae"])
+def test_steps_without_metrics_train_the_same_weights(store_path, arch):
+    """The loop asks for a step's metrics (batch FVU, ...) only on the steps it logs: leaving
+    them out must not change what is trained."""
+    store = ActivationStore.open(store_path)
+    x = store.read(0, 4 * 256).acts
+    size = {"n_q": 4} if arch == "rqae" else {"d_sae": 64, "k": 4}
+    spec = ModelSpec(arch=arch, d_in=store.d, **size)
+    runs = []
+    for with_metrics in (True, False):
+        m = build_trainable(spec, total_steps=4, batch_size=256, device="cpu", seed=0)
+        m.init_from_data(x)
+        stats = [m.train_step(x[i * 256 : (i + 1) * 256], metrics=with_metrics) for i in range(4)]
+        runs.append((stats, m.checkpoint_state()))
+    (full, a), (lean, b) = runs
+    assert all("fvu" in s for s in full) and all(set(s) == {"loss"} for s in lean)
+    assert [s["loss"].item() for s in full] == [s["loss"].item() for s in lean]
+    weights = (a["model"], b["model"]) if arch == "rqae" else (a["sae"], b["sae"])
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
 def test_heldout_split_is_by_context_and_never_trained_on(store_path):
     store = ActivationStore.open(store_path)
     split = heldout_split(store, 0.1)

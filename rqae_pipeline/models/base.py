@@ -64,9 +64,10 @@ class Trainable(Protocol):
     def init_from_data(self, sample: torch.Tensor) -> None:
         """Data-dependent initialisation from a (n, d) fp32 sample (e.g. bias = data mean)."""
 
-    def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One optimiser step on a (B, d) fp32 batch; returns at least {"loss": ...}, as 0-d
-        tensors on the model's device (reading them is a host sync; the loop does it when it logs)."""
+    def train_step(self, x: torch.Tensor, *, metrics: bool = True) -> dict[str, torch.Tensor]:
+        """One optimiser step on a (B, d) fp32 batch; returns {"loss": ...} and, with
+        `metrics`, the batch's other metrics (FVU, ...), as 0-d tensors on the model's device
+        (reading them is a host sync; the loop asks for and reads them only when it logs)."""
 
     def data_parallel(self, ranks: Any) -> None:
         """Become one of `ranks` (`distributed.Ranks`) of a data-parallel run: average the

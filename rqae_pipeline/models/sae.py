@@ -179,7 +179,7 @@ class SAEBaseline:
         self.ranks = ranks
         self._averager = average_gradients(self.sae, ranks)
 
-    def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def train_step(self, x: torch.Tensor, *, metrics: bool = True) -> dict[str, torch.Tensor]:
         t, ranks = self.trainer, self.ranks
         x = x.to(self.device)
         self._estimate_normalization(x.float())  # no-op once init_from_data (or a checkpoint) set it
@@ -191,6 +191,8 @@ class SAEBaseline:
             self._share_sparsity_stats(freq_before, x.shape[0])
         t.n_training_steps += 1
         self._inference = None
+        if not metrics:
+            return {"loss": out.loss.detach().float().reshape(())}
         with torch.no_grad():  # 0-d device tensors: no host sync per step (the loop reads them when it logs)
             sae_in, sae_out = out.sae_in.float(), out.sae_out.float()
             fvu = (sae_out - sae_in).pow(2).sum() / (sae_in - sae_in.mean(0)).pow(2).sum().clamp_min(1e-30)
