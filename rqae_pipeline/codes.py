@@ -33,7 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rqae_pipeline import RQAEError
+from rqae_pipeline import RQAEError, codec
+from rqae_pipeline.integrity import read_checked, require_shards, shards_of
 from rqae_pipeline.io import default_device, empty_except_lock
 from rqae_pipeline.lock import take_write_lock
 from rqae_pipeline.models.registry import architecture_of
@@ -121,7 +122,7 @@ class CodesStore:
         stop = self.n if stop is None else min(stop, self.n)
         if not 0 <= start <= stop:
             raise RQAEError(f"row range [{start}, {stop}) is outside the {self.n} encoded rows")
-        return np.asarray(self.codes[start:stop])
+        return np.asarray(self._rows(slice(start, stop)))
 
     def read_rows(self, rows: np.ndarray) -> np.ndarray:
         rows = np.asarray(rows, dtype=np.int64)
@@ -130,8 +131,13 @@ class CodesStore:
                             f"{self.n} encoded rows")
         order = np.argsort(rows)
         out = np.empty((len(rows), self.n_q), dtype=np.int16)
-        out[order] = self.codes.get_orthogonal_selection((rows[order], slice(None)))
+        out[order] = self._rows(rows[order])
         return out
+
+    def _rows(self, rows: slice | np.ndarray) -> np.ndarray:
+        """Every read of the codes: a missing shard file (zarr would read it as code 0) or a
+        damaged one is an RQAEError naming it, as for the activation store."""
+        return read_checked(self.path, self.codes, "codes", rows)
 
     def blocks(self, start: int = 0, stop: int | None = None):
         """(start, codes) for consecutive blocks of `block_rows` rows: bounded memory."""
@@ -144,6 +150,7 @@ class CodesStore:
         """The committed codes as a dask array chunked by store shard."""
         import dask.array as da
 
+        require_shards(self.path, self.codes, "codes", shards_of(self.codes, slice(0, self.n)))  # dask reads zeros
         return da.from_zarr(self.codes, chunks=(self.block_rows, self.n_q))[: self.n]
 
     def check(self, *, store: ActivationStore | None = None, model_dir: Path | None = None,
@@ -225,6 +232,8 @@ def encode_store(cfg: EncodeConfig, *, progress: bool = True) -> Path:
         arr, done, n = group["codes"], int(meta["committed"]), store.n_tokens
         if arr.shape[0] != n:
             arr.resize((n, identity["n_q"]))
+        # every shard is written, all-zero ones too, so that a missing shard file means damage
+        arr = arr.with_config({"write_empty_chunks": True})
         shard = store.spec.shard_rows
         with tqdm(total=n, initial=done, unit="tok", unit_scale=True, desc="encode", disable=not progress,
                   dynamic_ncols=True) as bar:
@@ -254,7 +263,6 @@ def _encode_rows(model, store: ActivationStore, a: int, b: int, batch: int, devi
 
 def _open_for_writing(out: Path, store: ActivationStore, identity: dict):
     import zarr
-    from zarr.codecs import BloscCodec
 
     exists = is_file(out, "zarr.json")
     if exists:
@@ -269,7 +277,7 @@ def _open_for_writing(out: Path, store: ActivationStore, identity: dict):
             spec = store.spec
             group.create_array("codes", shape=(0, identity["n_q"]), dtype="int16",
                                chunks=(spec.chunk_rows, identity["n_q"]), shards=(spec.shard_rows, identity["n_q"]),
-                               compressors=[BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")], fill_value=0)
+                               compressors=codec.compressors("int16"), fill_value=0)
             group.attrs[ATTR] = {"schema": CODES_SCHEMA, "model": identity, "store": store_identity(store),
                                  "store_path": str(store.path), "committed": 0, "complete": False, "created": _now()}
     except BaseException:

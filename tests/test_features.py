@@ -81,6 +81,36 @@ def test_codes_store_equals_encode_on_every_row(env):
     assert np.array_equal(cs.read_rows(np.array([70, 3, 4000])), cs.read()[[70, 3, 4000]])
 
 
+@pytest.mark.parametrize("damage", ["missing", "damaged"])
+def test_a_missing_or_damaged_codes_shard_is_an_error_not_codes(env, tmp_path, damage):
+    """zarr reads a missing shard as the fill value, code 0 on every layer: search and
+    features would rank those rows silently. Every read of the codes is checked instead."""
+    import shutil
+
+    from rqae_pipeline.integrity import shard_key
+
+    copy = tmp_path / "codes.zarr"
+    shutil.copytree(env["codes"], copy)
+    shard_file = copy / shard_key(env["cs"].codes, "codes", 1)
+    if damage == "missing":
+        shard_file.unlink()
+    else:  # garbage inside the shard's first chunk; the shard index at the end stays intact
+        data = bytearray(shard_file.read_bytes())
+        data[20:60] = np.random.default_rng(0).integers(0, 256, 40, dtype=np.uint8).tobytes()
+        shard_file.write_bytes(bytes(data))
+    codes, rows = open_codes(copy), env["cs"].block_rows
+    assert np.array_equal(codes.read(0, rows), env["cs"].read(0, rows))  # the intact shard reads
+    reads = [codes.read, lambda: codes.read_rows(np.array([3, rows + 5]))]
+    if damage == "missing":  # checked before dask reads (a damaged chunk fails its crc32c inside zarr)
+        reads.append(codes.dask)
+    for read in reads:
+        with pytest.raises(RQAEError, match=rf"array codes: shard file .*c/1/0 is {damage}"):
+            read()
+    if damage == "damaged":
+        with pytest.raises(Exception, match="[Cc]hecksum"):
+            codes.dask().compute()
+
+
 def test_interrupted_encode_resumes_to_identical_codes(env, tmp_path, monkeypatch):
     out = tmp_path / "codes.zarr"
     real, calls = codes_mod._encode_rows, []
