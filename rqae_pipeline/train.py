@@ -278,9 +278,9 @@ def _start_run(cfg: TrainConfig, ranks: Ranks, device: str) -> _Run:
 
 def _train_loop(run: _Run, *, progress: bool) -> tuple[int, bool]:
     """Step until `total_steps`, logging and checkpointing; (steps done, interrupted). The
-    step's metrics stay on the device; they are computed and read (one host sync, averaged
-    over the ranks) only on log and checkpoint steps, which is also where a non-finite loss
-    is caught."""
+    step's metrics stay on the device; they are computed only on log steps and read (one
+    host sync, averaged over the ranks) on log and checkpoint steps, which is also where a
+    non-finite loss is caught."""
     from tqdm import tqdm
 
     cfg, step, ranks = run.cfg, run.step, run.ranks
@@ -295,7 +295,7 @@ def _train_loop(run: _Run, *, progress: bool) -> tuple[int, bool]:
                 step += 1
                 last = step == cfg.total_steps
                 logs, saves = step % cfg.log_every == 0 or last, step % cfg.checkpoint_every == 0 or last
-                stats = run.trainable.train_step(batch, metrics=logs or saves)
+                stats = run.trainable.train_step(batch, metrics=logs)  # a checkpoint checks only the loss
                 bar.update(1)
                 if not (logs or saves):
                     continue

@@ -93,6 +93,7 @@ def is_file(loc: Location, key: str = "") -> bool:
     if not is_remote(loc):
         return (Path(loc) / key).is_file() if key else Path(loc).is_file()
     fs, path = filesystem(join(loc, key) if key else loc)
+    fs.invalidate_cache(path)  # a listing cached earlier would answer for objects written or deleted since
     try:  # not fs.isfile: it answers False for every error, so an unreachable endpoint read as "no store"
         return fs.info(path)["type"] == "file"
     except FileNotFoundError:
@@ -115,6 +116,7 @@ def files_present(loc: Location, keys: list[str]) -> list[bool]:
     root = filesystem(loc)[1].rstrip("/")
 
     async def present(key: str) -> bool:
+        fs.invalidate_cache(f"{root}/{key}")  # as in is_file
         try:
             return (await fs._info(f"{root}/{key}"))["type"] == "file"
         except FileNotFoundError:

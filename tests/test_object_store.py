@@ -174,7 +174,14 @@ def test_a_bucket_reads_shard_checks_are_made_at_once_and_name_the_missing_shard
     present = urls.files_present(url, keys)
     assert present == [urls.is_file(url, k) for k in keys] == [i != 5 for i in range(8)]
     assert most[0] == len(keys)  # every request in flight at once
-    assert integrity.missing_shards(url, arr, "acts", range(8)) == ["acts/c/5/0"]
+    most[0] = 0
+    assert integrity.listing_pages(arr) == 0  # so 4 shards are asked one request each (more are listed)
+    assert integrity.missing_shards(url, arr, "acts", [3, 4, 5, 6]) == ["acts/c/5/0"]
+    assert most[0] == 4
+    flags = ActivationStore.open(url).group["flags"]
+    assert integrity.missing_shards(url, flags, "flags", range(8)) == []  # 8 shards: one listing, cached
+    s3.rm(f"{key}/flags/c/6")  # gone after that listing: the check must not answer from it
+    assert integrity.missing_shards(url, flags, "flags", [6, 7]) == ["flags/c/6"]
 
 
 def _metrics(evaluation: dict) -> dict:
