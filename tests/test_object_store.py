@@ -322,6 +322,19 @@ def test_harvest_into_a_bucket_it_may_only_read_is_one_error_line_and_writes_not
     assert s3.find(bucket) == [f"{bucket}/keep.txt"]
 
 
+def test_presence_checks_against_an_unreachable_endpoint_fail_rather_than_report_absence(s3):
+    """The concurrent checks keep `is_file`'s rule: a failed request is an error, never
+    "the shard is missing" (nor, worse, present)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}", "AWS_MAX_ATTEMPTS": "1"}
+    code = f"from rqae_pipeline.urls import files_present; print(files_present('s3://{BUCKET}/x.zarr', ['a', 'b']))"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "False" not in r.stdout and "True" not in r.stdout
+    assert "ConnectionError" in r.stderr or "Could not connect" in r.stderr, r.stderr[-2000:]
+
+
 @pytest.mark.parametrize("command", [["harvest", *HARVEST_ARGS, "--out"], ["inspect"],
                                      ["search", "--model", "no-model", "--address", "1:1", "--store"]])
 def test_an_unreachable_endpoint_is_one_error_line(s3, monkeypatch, command):
