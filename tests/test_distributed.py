@@ -150,6 +150,46 @@ def test_a_reader_error_on_one_rank_stops_every_rank_with_it(tmp_path):
         assert json.loads((tmp_path / f"{rank}.json").read_text()) == [0, 1, 2, "error: row 7 is damaged"]
 
 
+def _bound_threads(rank: int, out: str) -> None:
+    """The cores of this rank before `bind_to_own_cores`, and after it of the main thread,
+    of a thread started before it and of one started after it."""
+    import os
+    import threading
+
+    from rqae_pipeline.distributed import bind_to_own_cores
+
+    os.environ["LOCAL_WORLD_SIZE"] = "2"
+    cores, hold = {"before": sorted(os.sched_getaffinity(0))}, threading.Event()
+    early = threading.Thread(target=hold.wait)
+    early.start()
+    share = bind_to_own_cores(Ranks(rank=rank, world_size=2, local_rank=rank))
+    cores["main"] = sorted(os.sched_getaffinity(0))  # 0: the calling thread
+    cores["early"] = sorted(os.sched_getaffinity(early.native_id))
+    after = threading.Thread(target=lambda: cores.__setitem__("after", sorted(os.sched_getaffinity(0))))
+    after.start()
+    after.join()
+    hold.set()
+    early.join()
+    with open(f"{out}/{rank}.json", "w") as f:
+        json.dump({"share": sorted(share), **cores}, f)
+
+
+@pytest.mark.skipif(len(__import__("os").sched_getaffinity(0)) < 2, reason="needs 2 cores")
+def test_cpu_ranks_bind_their_threads_to_disjoint_equal_shares_of_the_cores(tmp_path):
+    import os
+
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_bound_threads, args=(str(tmp_path),), nprocs=2, start_method="spawn")
+    got = [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in range(2)]
+    allowed = os.sched_getaffinity(0)
+    for g in got:
+        assert g["main"] == g["early"] == g["after"] == g["share"]  # threads started before and after
+        assert g["before"] == sorted(allowed)
+        assert len(g["share"]) == len(allowed) // 2
+    assert not set(got[0]["share"]) & set(got[1]["share"]) and set(got[0]["share"]) | set(got[1]["share"]) <= allowed
+
+
 def _descendants(pid: int) -> list[int]:
     out = []
     for task in os.listdir(f"/proc/{pid}/task"):
