@@ -159,7 +159,7 @@ def s3_server(bucket: str):
 
 def shard_checks(bucket: str, rounds: int, shards: int = 14) -> tuple[list[float], list[float]]:
     """Seconds to check that `shards` shard objects exist (what a shuffle buffer of a 1B-row
-    store asks per array), all requests at once (`urls.files_present`) and one after another."""
+    store asks per array), all requests at once (`urls.file_sizes`) and one after another."""
     import zarr
 
     from rqae_pipeline import integrity, urls
@@ -169,9 +169,9 @@ def shard_checks(bucket: str, rounds: int, shards: int = 14) -> tuple[list[float
                             overwrite=True)
     arr[:] = 1
     keys = [integrity.shard_key(arr, "", i).lstrip("/") for i in range(0, 64, 64 // shards)][:shards]
-    assert all(urls.files_present(url, keys))
+    assert all(urls.file_sizes(url, keys))  # every key present, none empty
     at_once, in_turn = [], []
-    pairs = [(urls.files_present, at_once), (lambda u, k: [urls.is_file(u, key) for key in k], in_turn)]
+    pairs = [(urls.file_sizes, at_once), (lambda u, k: [urls.is_file(u, key) for key in k], in_turn)]
     for r in range(rounds):
         for check, out in (pairs if r % 2 == 0 else pairs[::-1]):
             t = time.perf_counter()

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import numpy as np
 
 from rqae_pipeline import RQAEError
-from rqae_pipeline.urls import Location, files_present, is_remote, join, keys_under
+from rqae_pipeline.urls import Location, file_sizes, is_remote, join, sizes_under
 
 
 def shard_rows(arr) -> int:
@@ -54,14 +54,25 @@ def may_omit_shards(arr, name: str) -> bool:
     return name == "flags" and not has_chunk_checksums(arr)
 
 
-def missing_shards(root: Location, arr, name: str, shards: Iterable[int]) -> list[str]:
+def unusable_shards(root: Location, arr, name: str, shards: Iterable[int]) -> dict[str, str]:
+    """{key: "missing" | "empty"} of the shard files of `shards` that are absent or hold no
+    bytes: zarr reads both as the fill value (an empty file is a write that never reached
+    the disk, e.g. a crash before it was synced; every written shard holds at least its
+    index)."""
     if may_omit_shards(arr, name):
-        return []
+        return {}
     keys = [shard_key(arr, name, i) for i in shards]
     if is_remote(root) and len(keys) > max(4, listing_pages(arr)):  # fewer requests than one per shard
-        present = keys_under(root, f"{name}/")
-        return [key for key in keys if key not in present]
-    return [key for key, present in zip(keys, files_present(root, keys), strict=True) if not present]
+        listed = sizes_under(root, f"{name}/")
+        sizes = [listed.get(key) for key in keys]
+    else:
+        sizes = file_sizes(root, keys)
+    return {key: "missing" if size is None else "empty" for key, size in zip(keys, sizes, strict=True) if not size}
+
+
+def missing_shards(root: Location, arr, name: str, shards: Iterable[int]) -> list[str]:
+    """Keys of the shard files of `shards` that are absent or empty (`unusable_shards`)."""
+    return list(unusable_shards(root, arr, name, shards))
 
 
 def listing_pages(arr) -> int:
@@ -72,16 +83,31 @@ def listing_pages(arr) -> int:
 
 
 def require_shards(root: Location, arr, name: str, shards: Iterable[int]) -> None:
-    missing = missing_shards(root, arr, name, shards)
-    if missing:
-        raise RQAEError(f"store {root}: array {name}: shard file {join(root, missing[0])} is missing"
-                        f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}; "
+    unusable = unusable_shards(root, arr, name, shards)
+    if unusable:
+        key, what = next(iter(unusable.items()))
+        raise RQAEError(f"store {root}: array {name}: shard file {join(root, key)} is {what}"
+                        f"{f' (and {len(unusable) - 1} more)' if len(unusable) > 1 else ''}; "
                         f"see `rqae verify {root}` and docs on repairing a store")
+
+
+def require_rows(root: Location, arr, name: str, rows: slice | np.ndarray | int) -> None:
+    """Refuse rows past the array's end: zarr would return fewer rows than asked, silently
+    (a manifest that commits more rows than an array holds: a copy taken mid-write)."""
+    if isinstance(rows, slice):
+        end = rows.stop
+    else:
+        rows = np.asarray(rows)
+        end = int(rows.max()) + 1 if rows.size else None
+    if end is not None and end > arr.shape[0]:
+        raise RQAEError(f"store {root}: array {name} holds {arr.shape[0]:,} rows, not the {end:,} asked for (its "
+                        f"manifest commits rows that were never written); see `rqae verify {root}`")
 
 
 def read_checked(root: Location, arr, name: str, rows: slice | np.ndarray) -> np.ndarray:
     """Rows of one array as stored (a slice or sorted row indices), or RQAEError naming the
     missing or damaged shard."""
+    require_rows(root, arr, name, rows)
     shards = shards_of(arr, rows)
     require_shards(root, arr, name, shards)
     try:
@@ -98,6 +124,8 @@ def read_checked_ranges(root: Location, arr, name: str, ranges: list[slice]) -> 
     request in turn."""
     from zarr.core.sync import sync
 
+    for rows in ranges:
+        require_rows(root, arr, name, rows)
     shards = sorted({i for rows in ranges for i in shards_of(arr, rows)})
     require_shards(root, arr, name, shards)
 

@@ -84,9 +84,21 @@ def first_line(e: BaseException) -> str:
 
 
 def keep_metrics_up_to(path: Path, step: int) -> None:
-    if path.exists():
-        lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= step]
-        atomic_write_text(path, "".join(ln + "\n" for ln in lines))
+    """Keep the metrics rows of steps up to the checkpoint's. A last line that is not JSON is
+    a row cut short by a kill mid-write, past the checkpoint: dropped."""
+    if not path.exists():
+        return
+    lines, kept = [ln for ln in path.read_text().splitlines() if ln], []
+    for i, line in enumerate(lines):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            if i == len(lines) - 1:
+                break
+            raise RQAEError(f"{path}: line {i + 1} is not a metrics row; repair or remove the file") from None
+        if row.get("step", 0) <= step:
+            kept.append(line)
+    atomic_write_text(path, "".join(ln + "\n" for ln in kept))
 
 
 def recorded_streams(out: Path, resume: bool) -> int | None:

@@ -39,7 +39,7 @@ import torch
 from rqae_pipeline import RQAEError, codec
 from rqae_pipeline.codec import decode_acts
 from rqae_pipeline.corpus_files import describe_change, without_files
-from rqae_pipeline.integrity import read_checked, read_checked_ranges, require_shards, shards_of
+from rqae_pipeline.integrity import read_checked, read_checked_ranges, require_rows, require_shards, shards_of
 from rqae_pipeline.lock import StoreLock
 from rqae_pipeline.store_format import (  # noqa: F401  (re-exported: the store's public names)
     ROW_ARRAYS,
@@ -191,6 +191,9 @@ class ActivationStore:
             return None
         if getattr(self, "_mean_cache", None) is None and "mean" in self.group:
             self._mean_cache = np.asarray(self._rows("mean", slice(None)), dtype=np.float32)
+        if getattr(self, "_mean_cache", None) is None and self.n_tokens:  # a new mean would misdecode them
+            raise RQAEError(f"store {self.path}: array mean is missing, and its {self.n_tokens:,} committed fp8 rows "
+                            f"cannot be decoded without it; see `rqae verify {self.path}`")
         return getattr(self, "_mean_cache", None)
 
     # ------------------------------------------------------------------ columns
@@ -267,6 +270,7 @@ class ActivationStore:
         shard and array, for commands to fail before they create any output."""
         for name in row_arrays(self.spec):
             arr = self.group[name]
+            require_rows(self.path, arr, name, slice(0, self.n_tokens))
             require_shards(self.path, arr, name, shards_of(arr, slice(0, self.n_tokens)))
 
     def _rows(self, name: str, rows: slice | np.ndarray) -> np.ndarray:

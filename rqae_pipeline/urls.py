@@ -104,33 +104,51 @@ def is_file(loc: Location, key: str = "") -> bool:
         raise ConnectionError(f"{type(e).__name__}: {e}") from e
 
 
-def files_present(loc: Location, keys: list[str]) -> list[bool]:
-    """`is_file` of each key. On an asynchronous object-store filesystem (s3fs, gcsfs) the
-    requests are made at once, so checking a shuffle buffer's shards waits about one round
-    trip instead of one per shard."""
+def file_sizes(loc: Location, keys: list[str]) -> list[int | None]:
+    """Bytes of each file (object) `key` under `loc`, None where there is none. On an
+    asynchronous object-store filesystem (s3fs, gcsfs) the requests are made at once, so
+    checking a shuffle buffer's shards waits about one round trip instead of one per shard."""
     fs = filesystem(loc)[0] if is_remote(loc) and len(keys) > 1 else None
     if not getattr(fs, "async_impl", False):
-        return [is_file(loc, key) for key in keys]
+        return [_size_or_none(loc, key) for key in keys]
     from fsspec.asyn import sync
 
     root = filesystem(loc)[1].rstrip("/")
 
-    async def present(key: str) -> bool:
+    async def size(key: str) -> int | None:
         fs.invalidate_cache(f"{root}/{key}")  # as in is_file
         try:
-            return (await fs._info(f"{root}/{key}"))["type"] == "file"
+            info = await fs._info(f"{root}/{key}")
         except FileNotFoundError:
-            return False
+            return None
+        return int(info["size"]) if info["type"] == "file" else None
 
-    async def check_all() -> list[bool]:
-        return list(await asyncio.gather(*(present(key) for key in keys)))
+    async def sizes() -> list[int | None]:
+        return list(await asyncio.gather(*(size(key) for key in keys)))
 
     try:
-        return sync(fs.loop, check_all)
+        return sync(fs.loop, sizes)
     except OSError:
         raise
     except Exception as e:  # as in is_file
         raise ConnectionError(f"{type(e).__name__}: {e}") from e
+
+
+def _size_or_none(loc: Location, key: str) -> int | None:
+    if not is_remote(loc):
+        path = Path(loc) / key
+        return path.stat().st_size if path.is_file() else None
+    fs, path = filesystem(join(loc, key))
+    fs.invalidate_cache(path)  # as in is_file
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        raise
+    except Exception as e:  # as in is_file
+        raise ConnectionError(f"{type(e).__name__}: {e}") from e
+    return int(info["size"]) if info["type"] == "file" else None
 
 
 def size_of(loc: Location, key: str) -> int:
@@ -158,12 +176,13 @@ def names_in(loc: Location) -> list[str] | None:
     return [e.rstrip("/").rsplit("/", 1)[-1] for e in entries] or None
 
 
-def keys_under(loc: str, prefix: str) -> set[str]:
-    """Keys of the objects under `loc`/`prefix`, relative to `loc` (a remote location)."""
+def sizes_under(loc: str, prefix: str) -> dict[str, int]:
+    """Bytes of each object under `loc`/`prefix`, by key relative to `loc` (a remote location)."""
     fs, root = filesystem(loc)
     root = root.rstrip("/")
-    found = fs.find(f"{root}/{prefix}".rstrip("/"), refresh=True) if fs.exists(f"{root}/{prefix}") else []
-    return {f[len(root) + 1:] for f in found}
+    path = f"{root}/{prefix}".rstrip("/")
+    found = fs.find(path, refresh=True, detail=True) if fs.exists(path) else {}
+    return {f[len(root) + 1:]: int(info["size"]) for f, info in found.items()}
 
 
 def total_bytes(loc: Location) -> int:

@@ -20,9 +20,9 @@ from rqae_pipeline.integrity import (
     describe,
     drain_zarr_tasks,
     has_chunk_checksums,
-    missing_shards,
     shard_key,
     shard_rows,
+    unusable_shards,
 )
 from rqae_pipeline.store import ROW_ARRAYS, ActivationStore, Flags
 from rqae_pipeline.urls import is_file, size_of
@@ -100,8 +100,9 @@ def _read_shard(store: ActivationStore, name: str, i: int, report: VerifyReport)
     arr, per = store.group[name], store.spec.shard_rows
     key = shard_key(arr, name, i)
     a, b = i * per, min((i + 1) * per, store.n_tokens)
-    if missing_shards(store.path, arr, name, [i]):
-        report.problems.append(f"{key}: shard file missing (rows {a:,}-{b - 1:,})")
+    unusable = unusable_shards(store.path, arr, name, [i])
+    if unusable:
+        report.problems.append(f"{key}: shard file {unusable[key]} (rows {a:,}-{b - 1:,})")
         return None
     try:
         data = arr[a:b]

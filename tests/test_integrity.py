@@ -70,6 +70,33 @@ def test_a_missing_shard_is_an_error_not_zeros(copy):
     assert store.read(0, 3 * 128).acts.shape == (384, store.d)  # intact shards still read
 
 
+def test_an_empty_shard_file_is_an_error_not_zeros(copy):
+    """A shard file with no bytes (a write that never reached the disk) reads as zeros in
+    zarr just as a missing one does; reads refuse it and `rqae verify` names it."""
+    (copy / "scale" / "c" / "2").write_bytes(b"")
+    store = ActivationStore.open(copy)
+    with pytest.raises(RQAEError, match=r"array scale: shard file .*scale/c/2 is empty"):
+        store.read(2 * 128, 2 * 128 + 4)
+    assert store.read(0, 2 * 128).acts.shape == (256, store.d)
+    r = run_rqae("verify", str(copy), "--no-progress")
+    assert r.returncode == 1 and "scale/c/2: shard file empty" in r.stdout + r.stderr, r.stdout + r.stderr
+
+
+def test_rows_committed_past_an_arrays_end_are_an_error_not_fewer_rows(copy):
+    """A manifest committing more rows than an array holds (a copy taken mid-write): zarr
+    would return the shorter array's rows without complaint."""
+    import zarr
+
+    n = ActivationStore.open(copy).n_tokens
+    zarr.open_group(str(copy), mode="r+")["tokens"].resize((n - 100,))
+    store = ActivationStore.open(copy)
+    with pytest.raises(RQAEError, match=rf"array tokens holds {n - 100:,} rows, not the {n:,} asked for"):
+        store.read()
+    with pytest.raises(RQAEError, match="array tokens holds"):
+        store.check_shards()
+    assert store.read(0, 128).tokens.shape == (128,)
+
+
 def test_train_and_encode_refuse_a_store_with_a_missing_shard(copy, tmp_path):
     model = tiny_rqae(copy, tmp_path / "rqae", n_q=4, init_rows=256)
     (copy / "flags" / "c" / "5").unlink()
@@ -149,8 +176,8 @@ def test_a_remote_shard_check_lists_only_when_that_takes_fewer_requests(monkeypa
                             shards=(16384, 4), dtype="float16")
     arr[: 2 * 16384] = 1  # shards 0 and 1 exist
     listed = []
-    real = integrity.keys_under
-    monkeypatch.setattr(integrity, "keys_under", lambda *a: listed.append(a) or real(*a))
+    real = integrity.sizes_under
+    monkeypatch.setattr(integrity, "sizes_under", lambda *a: listed.append(a) or real(*a))
     missing = integrity.missing_shards(f"memory://{name}", arr, "acts", [0, 1, 5, 6, 7])
     assert missing == [f"acts/c/{i}/0" for i in (5, 6, 7)]
     assert bool(listed) == lists

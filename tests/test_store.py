@@ -76,6 +76,15 @@ def test_compact_fp8_store_is_small_and_accurate(tiny_lm, tmp_path, store16):
     assert ((got - ref).pow(2).sum() / (ref - ref.mean(0)).pow(2).sum()) < 2e-3
     assert store.group["acts"].dtype == np.uint8
     assert summarise(store)["bytes_on_disk"] < 0.7 * summarise(store16)["bytes_on_disk"]
+    # Without its mean the committed rows cannot be decoded: an error, not a fresh mean (a
+    # resumed harvest would compute one and every earlier row would decode wrong).
+    import shutil
+
+    shutil.rmtree(out / "mean")
+    with pytest.raises(RQAEError, match="array mean is missing"):
+        ActivationStore.open(out).read(0, 10)
+    with pytest.raises(RQAEError, match="array mean is missing"):
+        harvest(tiny_config(out, tokens=8192, dtype="fp8", resume=True), lm=tiny_lm, progress=False)
 
 
 def test_encode_decode_round_trip_each_dtype():
