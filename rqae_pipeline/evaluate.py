@@ -114,12 +114,18 @@ def checked_device(name: str | None) -> str:
 
 # --------------------------------------------------------------------------- models
 
-_MODELS: dict[tuple[str, str], Any] = {}  # per process: each dask worker loads a model once
+_MODELS: dict[tuple, Any] = {}  # per process: each dask worker loads a model once
 
 
 def load_model(ref: Path | str | PretrainedSAE, device: str = "cpu"):
-    """A model directory (RQAE, codebook, any sae-lens SAE dir) or a pretrained sae-lens SAE."""
-    key = (str(ref) if isinstance(ref, PretrainedSAE) else str(Path(ref).resolve()), device)
+    """A model directory (RQAE, codebook, any sae-lens SAE dir) or a pretrained sae-lens SAE.
+    A directory is cached with its files' sizes and modification times, so that a worker
+    kept from an earlier job never evaluates the weights a run has since replaced."""
+    if isinstance(ref, PretrainedSAE):
+        key = (str(ref), device)
+    else:
+        files = sorted(Path(ref).iterdir()) if Path(ref).is_dir() else []
+        key = (str(Path(ref).resolve()), device, tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files))
     if key not in _MODELS:
         pretrained = isinstance(ref, PretrainedSAE)
         _MODELS[key] = load_pretrained_sae(ref, device) if pretrained else load_model_dir(ref, device)

@@ -75,6 +75,26 @@ def test_dask_local_cluster_equals_the_single_process_path(trained):
         assert dask["code_usage"][key] == pytest.approx(single["code_usage"][key], rel=1e-9)
 
 
+def test_a_model_replaced_in_its_directory_is_loaded_anew(trained, tmp_path):
+    """Each process (a dask worker kept between jobs) caches the models it loaded; a run
+    written again into the same directory must not be evaluated with the old weights."""
+    import shutil
+
+    from rqae_pipeline.evaluate import load_model
+    from rqae_pipeline.models.rqae import RQAE
+
+    model_dir = tmp_path / "rqae"
+    shutil.copytree(trained[1]["rqae"], model_dir)
+    first = load_model(model_dir)
+    assert load_model(model_dir) is first  # unchanged: the cached instance
+    replaced = RQAE.load(model_dir)
+    with torch.no_grad():
+        replaced.W_in.mul_(2)
+    replaced.save(model_dir)
+    again = load_model(model_dir)
+    assert again is not first and torch.equal(again.W_in, replaced.W_in)
+
+
 def test_bad_evaluation_input(trained, tmp_path, tiny_lm):
     store, runs = trained
     with pytest.raises(RQAEError, match="cannot reach the dask scheduler"):
