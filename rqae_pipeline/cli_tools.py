@@ -111,7 +111,10 @@ def features(
         store=store, model=model, addresses=tuple(address), texts=tuple(query), token_indices=tuple(token_index),
         layers=layers, top_k=top_k, context=context, codes=codes, splits=splits))
     typer.echo("\n".join(features_lines(result)))
-    write_json(out, result.to_dict())
+    if out is not None:  # the model the vMFs belong to: `rqae steer` refuses them for another
+        from rqae_pipeline.codes import model_identity
+
+        write_json(out, {**result.to_dict(), "model": model_identity(model)})
 
 
 def feature_dictionary(

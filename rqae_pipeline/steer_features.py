@@ -48,7 +48,7 @@ def load_feature(ref: str, store, model_dir: Path, model, codes_path: Path | Non
         return _dictionary_feature(data, path, key, store, model_dir, model, codes_path)
     features = data.get("features") if isinstance(data, dict) else None
     if isinstance(features, list) and features and "vmf" in features[0]:
-        return _vmf_file_feature(data, path, key, model)
+        return _vmf_file_feature(data, path, key, model_dir, model)
     raise RQAEError(f"{path} is neither a feature dictionary nor a `rqae features --out` file")
 
 
@@ -69,7 +69,14 @@ def _dictionary_feature(data, path, key, store, model_dir, model, codes_path) ->
     return SteerFeature(name=key, vmf=fit_vmf(model, codes), words=words)
 
 
-def _vmf_file_feature(data, path, key, model) -> SteerFeature:
+def _vmf_file_feature(data, path, key, model_dir, model) -> SteerFeature:
+    from rqae_pipeline.codes import model_identity
+
+    fitted_by = data.get("model")  # absent in files written before it was recorded
+    if isinstance(fitted_by, dict) and fitted_by.get("weights_sha256") != model_identity(model_dir)["weights_sha256"]:
+        raise RQAEError(f"the features in {path} were fitted with model {fitted_by.get('name')!r} "
+                        f"(weights {str(fitted_by.get('weights_sha256'))[:8]}), not {model_dir}; refit them with "
+                        f"`rqae features --model {model_dir} --out ...`")
     names = [f.get("name") for f in data["features"]]
     name = key if key is not None else names[0]
     if name not in names:
@@ -77,8 +84,9 @@ def _vmf_file_feature(data, path, key, model) -> SteerFeature:
     feat = data["features"][names.index(name)]
     v = feat["vmf"]
     vmf = VMF(mean=np.asarray(v["mean"], np.float64), kappa=np.asarray(v["kappa"], np.float64), n=int(v["n"]))
-    if vmf.mean.shape != (model.n_q, 4):
-        raise RQAEError(f"the feature in {path} has {len(vmf.kappa)} layers but the model has {model.n_q}")
+    if vmf.mean.shape != (model.n_q, 4) or vmf.kappa.shape != (model.n_q,) or not np.isfinite(vmf.kappa).all():
+        raise RQAEError(f"the feature in {path} has {len(vmf.kappa)} layers (or non-finite concentrations) "
+                        f"but the model has {model.n_q}")
     tokens = [q["token"] for q in data.get("queries", [])] + [h["token"] for h in feat.get("hits", [])]
     return SteerFeature(name=f"{path.name}#{name}", vmf=vmf, words=concept_words(tokens))
 

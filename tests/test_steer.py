@@ -249,6 +249,27 @@ def test_cli_steer_with_a_dictionary_feature_and_a_codebook_code(env, dictionary
     assert r.exit_code == 0 and "steering code 5" in r.stdout, r.output
 
 
+def test_a_vmf_feature_file_steers_only_the_model_that_fitted_it(env, tmp_path):
+    """`rqae features --out` records its model; another RQAE of the same size would read the
+    same numbers as a different feature."""
+    f = tmp_path / "f.json"
+    r = invoke("features", "--store", env["store"], "--model", env["model_dir"], "--address", "3:5",
+               "--address", "4:6", "--out", f)
+    assert r.exit_code == 0, r.output
+    other = tmp_path / "other-rqae"
+    with torch.no_grad():
+        changed = type(env["model"])(env["model"].cfg)
+        changed.load_state_dict(env["model"].state_dict())
+        changed.W_out.mul_(1.5)
+    changed.save(other)
+    args = ["--store", env["store"], "--prompt", PROMPT, "--feature", f, "--strength", "0.5", "--top-k-layers", "2",
+            "--max-new-tokens", "2", "--samples", "1", "--word", "the"]
+    r = invoke("steer", "--model", env["model_dir"], *args)
+    assert r.exit_code == 0, r.output
+    r = invoke("steer", "--model", other, *args)
+    assert r.exit_code == 2 and "were fitted with model" in r.stderr and "refit them" in r.stderr, r.output
+
+
 def _other_store_model(env):
     """An RQAE whose train.json says it was trained on a store with another hook."""
     d = env["root"] / "rqae-other-store"
