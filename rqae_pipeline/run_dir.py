@@ -35,10 +35,12 @@ def write_run_file(out: Path, run: dict) -> None:
 
 
 def save_checkpoint(out: Path, trainable: Trainable, step: int, identity: dict,
-                    data: DataPosition | None = None) -> None:
-    # atomic: a kill mid-save leaves the previous checkpoint
+                    data: DataPosition | None = None, store_spec: dict | None = None) -> None:
+    # atomic: a kill mid-save leaves the previous checkpoint. The store's spec travels with
+    # it, so that a resume finds the store it trained on even without train.json.
     atomic_torch_save({"step": step, "state": trainable.checkpoint_state(), "identity": identity,
-                       **({"data": data.as_dict()} if data is not None else {})}, out / CHECKPOINT)
+                       **({"data": data.as_dict()} if data is not None else {}),
+                       **({"store_spec": store_spec} if store_spec is not None else {})}, out / CHECKPOINT)
 
 
 def prepare_out(out: Path, *, resume: bool, identity: dict, store: ActivationStore) -> dict | None:
@@ -49,12 +51,16 @@ def prepare_out(out: Path, *, resume: bool, identity: dict, store: ActivationSto
     if run_file.exists() or (out / CHECKPOINT).exists():
         if not resume:
             raise RQAEError(f"{out} already holds a training run; pass --resume to continue it or choose another --out")
-        prior = json.loads(run_file.read_text()) if run_file.exists() else {}
-        if prior.get("store_spec") and prior["store_spec"] != store.manifest["spec"]:
-            raise RQAEError(f"{out} was trained on another store (model/hook/corpus differ); choose another --out")
-        if not (out / CHECKPOINT).exists():
+        try:
+            prior = json.loads(run_file.read_text()) if run_file.exists() else {}
+        except ValueError:
+            raise RQAEError(f"{run_file} is not JSON (damaged); remove it to resume from {CHECKPOINT}") from None
+        ckpt = read_checkpoint(out / CHECKPOINT) if (out / CHECKPOINT).exists() else {}
+        for spec in (prior.get("store_spec") if isinstance(prior, dict) else None, ckpt.get("store_spec")):
+            if spec and spec != store.manifest["spec"]:
+                raise RQAEError(f"{out} was trained on another store (model/hook/corpus differ); choose another --out")
+        if not ckpt:
             return None
-        ckpt = read_checkpoint(out / CHECKPOINT)
         recorded = as_recorded(ckpt["identity"])
         for key, value in identity.items():
             before = recorded.get(key)

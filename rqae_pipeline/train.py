@@ -193,6 +193,7 @@ class _Run:
     heldout: torch.Tensor | None  # held-out rows for periodic and final evaluation (rank 0's)
     batches: Any  # iterator of (this rank's slice of the global batch, position after it), from `step` on
     ranks: Ranks = distributed.SINGLE
+    store_spec: dict | None = None  # the store's, saved with every checkpoint
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
@@ -273,7 +274,8 @@ def _start_run(cfg: TrainConfig, ranks: Ranks, device: str) -> _Run:
     if step == 0:
         trainable.init_from_data(data.first_batch)  # the global batch, on every rank
     batches = positioned_batches(data.store, cfg, data.split, position, ranks)
-    return _Run(cfg=cfg, out=out, trainable=trainable, step=step, heldout=data.heldout, batches=batches, ranks=ranks)
+    return _Run(cfg=cfg, out=out, trainable=trainable, step=step, heldout=data.heldout, batches=batches, ranks=ranks,
+                store_spec=data.store.manifest["spec"])
 
 
 def _train_loop(run: _Run, *, progress: bool) -> tuple[int, bool]:
@@ -307,7 +309,7 @@ def _train_loop(run: _Run, *, progress: bool) -> tuple[int, bool]:
                     _log_step(run, log, bar, step, values, throughput.tokens_per_second(step * cfg.batch_size))
                 if saves:
                     if ranks.is_main:
-                        save_checkpoint(run.out, run.trainable, step, cfg.identity(), position)
+                        save_checkpoint(run.out, run.trainable, step, cfg.identity(), position, run.store_spec)
                     last_good = step
     except KeyboardInterrupt:
         # The interrupt may land inside a step (after the optimiser moved the weights, before

@@ -189,7 +189,7 @@ def test_bad_training_input_is_refused(store_path, tmp_path, tiny_lm):
         lock.release()
 
 
-def test_out_dir_of_another_run_and_changed_hyperparameters(store_path, tmp_path):
+def test_out_dir_of_another_run_and_changed_hyperparameters(store_path, tmp_path, tiny_lm):
     out = tmp_path / "run"
     train(rqae_cfg(store_path, out, tokens=256 * 10), progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
@@ -201,6 +201,17 @@ def test_out_dir_of_another_run_and_changed_hyperparameters(store_path, tmp_path
     with pytest.raises(RQAEError, match="batch_size was 256, now 128"):
         train(rqae_cfg(store_path, out, tokens=256 * 10, resume=True, batch_size=128), progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    # another store of the same width: refused from train.json, and from the checkpoint alone
+    other_store = tmp_path / "other.zarr"
+    harvest(tiny_config(other_store, tokens=2048, context_length=16), lm=tiny_lm, progress=False)
+    for damaged in (False, True):
+        if damaged:  # train.json lost or unreadable: the checkpoint still names the store it trained on
+            (out / "train.json").write_text("{not json")
+            with pytest.raises(RQAEError, match="train.json is not JSON"):
+                train(rqae_cfg(store_path, out, tokens=256 * 20, resume=True), progress=False)
+            (out / "train.json").unlink()
+        with pytest.raises(RQAEError, match="trained on another store"):
+            train(rqae_cfg(other_store, out, tokens=256 * 20, resume=True), progress=False)
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(RQAEError, match="not a training run directory"):
