@@ -154,6 +154,20 @@ def test_an_sae_of_one_normalisation_is_refused_on_a_store_of_the_other(run, tmp
         evaluate(EvalConfig(store=store_path, model=other, rows="all"), progress=False)
 
 
+def test_an_unknown_input_normalisation_is_an_error_not_a_guessed_space(run, tmp_path):
+    store_path, out = run
+    other = tmp_path / "unknown"
+    shutil.copytree(out, other)
+    cfg = json.loads((other / "cfg.json").read_text())
+    (other / "cfg.json").write_text(json.dumps({**cfg, "input_normalisation": "layer-norm"}))
+    with pytest.raises((RQAEError, ValueError), match="input_normalisation.*'layer-norm'"):  # the CLI: one error line
+        evaluate(EvalConfig(store=store_path, model=other, rows="all"), progress=False)
+    from rqae_pipeline.models.sae_format import recorded_normalisation
+
+    with pytest.raises(RQAEError, match="input_normalisation 'layer-norm' is not one of final-norm, rms"):
+        recorded_normalisation(other)  # what decides the space of directories saved before the architectures
+
+
 def test_sae_lens_alone_refuses_the_directory_instead_of_misreading_it(run, monkeypatch):
     from sae_lens.registry import SAE_CLASS_REGISTRY
 

@@ -214,4 +214,7 @@ def recorded_normalisation(model_dir: str | Path) -> InputNormalisation | None:
         value = json.loads(cfg_path.read_text()).get("input_normalisation")
     except (ValueError, AttributeError):
         raise RQAEError(f"{cfg_path} is not a sae-lens config (unreadable JSON)") from None
-    return value if value in NORMALISATIONS else None
+    if value is not None and value not in NORMALISATIONS:  # guessing the space would change every metric
+        raise RQAEError(f"{cfg_path}: input_normalisation {value!r} is not one of {', '.join(NORMALISATIONS)}; "
+                        f"every metric's space depends on it")
+    return value
