@@ -199,7 +199,7 @@ def store_checks(lm, hook, contexts: np.ndarray, runs: dict, tmp: Path) -> dict:
     b16, b8 = (s.nbytes_on_disk() / n / fp32_cache for s in (s16, s8))
     return {"raw_err": float((ours - theirs).norm() / theirs.norm()),
             "saelens_bytes": sum(f.stat().st_size for f in (tmp / "saelens-0").rglob("*") if f.is_file()),
-            "schemes": compact_schemes(s32.read().acts, np.asarray(s8.group["mean"][:], dtype=np.float32)),
+            "schemes": compact_schemes(s32.read().acts, s8.codec_mean()),
             "fp32_cache": fp32_cache, "b16": b16, "b8": b8,
             "f16": storage_fvu(s16.manifest), "f8": storage_fvu(s8.manifest)}
 
