@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rqae_pipeline import RQAEError
 from rqae_pipeline.codec import decode_acts
 from rqae_pipeline.integrity import (
     describe,
@@ -119,8 +120,9 @@ def _check_rows(store: ActivationStore, start: int, cols: dict[str, np.ndarray],
     """Content checks of one shard's rows (arrays that failed to read are skipped)."""
     bad = report.problems.append
     spec = store.spec
-    if "acts" in cols and (spec.dtype != "fp8" or "row_scale" in cols):
-        acts = decode_acts(cols["acts"], spec.dtype, cols.get("row_scale"), store.codec_mean())
+    mean = _codec_mean_or_none(store)  # fp8 rows cannot be decoded without it (`_check_vectors` names why)
+    if "acts" in cols and (spec.dtype != "fp8" or ("row_scale" in cols and mean is not None)):
+        acts = decode_acts(cols["acts"], spec.dtype, cols.get("row_scale"), mean)
         _report_nonfinite("acts", start, ~np.isfinite(acts.numpy()).all(axis=1), bad)
     for name in ("scale", "row_scale"):
         if name in cols:
@@ -141,6 +143,13 @@ def _check_rows(store: ActivationStore, start: int, cols: dict[str, np.ndarray],
             special = cols["flags"] & int(Flags.ANY_SPECIAL)
             pairs = np.unique(np.stack([cols["tokens"].astype(np.int64), special]), axis=1)
             special_bits.update(map(tuple, pairs.T.tolist()))
+
+
+def _codec_mean_or_none(store: ActivationStore) -> np.ndarray | None:
+    try:
+        return store.codec_mean()
+    except RQAEError:  # missing or damaged: reported with the (d,) arrays
+        return None
 
 
 def _report_nonfinite(name: str, start: int, mask: np.ndarray, bad) -> None:

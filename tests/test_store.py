@@ -85,6 +85,10 @@ def test_compact_fp8_store_is_small_and_accurate(tiny_lm, tmp_path, store16):
         ActivationStore.open(out).read(0, 10)
     with pytest.raises(RQAEError, match="array mean is missing"):
         harvest(tiny_config(out, tokens=8192, dtype="fp8", resume=True), lm=tiny_lm, progress=False)
+    from rqae_pipeline.verify import verify_store
+
+    report = verify_store(ActivationStore.open(out))
+    assert not report.ok and "mean: array missing" in report.problems  # listed, not a crash
 
 
 def test_encode_decode_round_trip_each_dtype():
