@@ -25,7 +25,6 @@ similarity, norms by layer).
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from rqae_pipeline import RQAEError, codec
 from rqae_pipeline.integrity import read_checked, require_shards, shards_of
 from rqae_pipeline.io import default_device, empty_except_lock
 from rqae_pipeline.lock import take_write_lock
+from rqae_pipeline.models.base import read_config
 from rqae_pipeline.models.registry import architecture_of
 from rqae_pipeline.store import ActivationStore
 from rqae_pipeline.urls import is_file, join, location, name_of, sibling
@@ -70,7 +70,7 @@ def model_identity(model_dir: Path) -> dict:
     arch = architecture_of(model_dir)
     if arch != "rqae":
         raise RQAEError(f"{model_dir} holds a {arch!r} model; codes need an RQAE")
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_config(model_dir, ("n_q", "d_in"))
     h = hashlib.sha256()
     with open(weights, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):

@@ -111,6 +111,20 @@ def test_a_missing_or_damaged_codes_shard_is_an_error_not_codes(env, tmp_path, d
             codes.dask().compute()
 
 
+def test_a_model_config_missing_a_field_is_one_error_line(env, tmp_path):
+    import shutil
+
+    from rqae_pipeline.codes import model_identity
+
+    bad = tmp_path / "rqae"
+    shutil.copytree(env["model_dir"], bad)
+    cfg = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k != "n_q"}))
+    for load in (RQAE.load, model_identity):
+        with pytest.raises(RQAEError, match="config.json lacks n_q"):
+            load(bad)
+
+
 def test_interrupted_encode_resumes_to_identical_codes(env, tmp_path, monkeypatch):
     out = tmp_path / "codes.zarr"
     real, calls = codes_mod._encode_rows, []

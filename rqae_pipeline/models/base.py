@@ -108,9 +108,10 @@ def save_module_dir(module: torch.nn.Module, out_dir: str | Path, config: dict) 
     (out / "config.json").write_text(json.dumps(config, indent=1))
 
 
-def read_module_dir(model_dir: str | Path, architecture: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, state dict) of a directory written by `save_module_dir`, checking its architecture."""
-    import json
+def read_module_dir(model_dir: str | Path, architecture: str,
+                    required: tuple[str, ...] = ()) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, state dict) of a directory written by `save_module_dir`, checking its
+    architecture and that its config has the `required` fields."""
 
     from safetensors.torch import load_file
 
@@ -128,7 +129,23 @@ def read_module_dir(model_dir: str | Path, architecture: str) -> tuple[dict, dic
     except Exception as e:  # safetensors raises SafetensorError / OSError for a truncated or foreign file
         raise RQAEError(f"{weights} is damaged or truncated ({type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else ''})") from None
-    return json.loads((d / "config.json").read_text()), state
+    return read_config(d, required), state
+
+
+def read_config(model_dir: Path, required: tuple[str, ...]) -> dict:
+    """A model directory's config.json, with the `required` fields present (one error line
+    naming the missing ones, not a KeyError)."""
+    import json
+
+    path = Path(model_dir) / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise RQAEError(f"{path} cannot be read as JSON ({type(e).__name__})") from None
+    missing = [k for k in required if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise RQAEError(f"{path} lacks {', '.join(missing)}; the model directory is incomplete")
+    return cfg
 
 
 def load_module_state(module: torch.nn.Module, state: dict[str, torch.Tensor], model_dir: str | Path) -> None:

@@ -69,7 +69,7 @@ class CodebookAE(torch.nn.Module):
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu") -> CodebookAE:
-        cfg, state = read_module_dir(model_dir, "codebook")
+        cfg, state = read_module_dir(model_dir, "codebook", required=("d_in", "n_codes", "k"))
         model = cls(CodebookConfig(d_in=cfg["d_in"], n_codes=cfg["n_codes"], k=cfg["k"]))
         load_module_state(model, state, model_dir)
         return model.to(device).eval()

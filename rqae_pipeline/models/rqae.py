@@ -279,7 +279,7 @@ class RQAE(HookedRootModule):
 
     @classmethod
     def load(cls, model_dir: str | Path, device: str = "cpu") -> RQAE:
-        cfg, state = read_module_dir(model_dir, "rqae")
+        cfg, state = read_module_dir(model_dir, "rqae", required=("d_in", "n_q"))
         model = cls(RQAEConfig(d_in=cfg["d_in"], n_q=cfg["n_q"], init=cfg.get("init", "tied"),
                                ste=cfg.get("ste", "normalised")))
         load_module_state(model, state, model_dir)
