@@ -160,8 +160,6 @@ def train_run(cfg: SweepConfig, spec: ModelSpec, *, seed: int, out: Path, split:
     """Train one run (or read a finished one) and return its record: rate, seed, held-out
     FVU (inf when its loss turned NaN/inf) and plateau summary."""
     record = {"lr": spec.lr, "seed": seed, "run": str(out)}
-    if (out / DIVERGED_FILE).exists():
-        return {**record, **json.loads((out / DIVERGED_FILE).read_text()), "fvu": math.inf}
     steps = cfg.steps
     tc = TrainConfig(store=cfg.store, out=out, model=spec, batch_size=cfg.batch_size, tokens=cfg.tokens,
                      seed=seed, heldout_fraction=split.fraction, eval_tokens=split.eval_rows,
@@ -169,13 +167,19 @@ def train_run(cfg: SweepConfig, spec: ModelSpec, *, seed: int, out: Path, split:
                      log_every=max(1, min(10, steps // cfg.evaluations)), device=cfg.device,
                      resume=out.exists(), **{"streams": 1, **cfg.extra})  # one process: one stream
     tc_identity = json.loads(json.dumps(tc.identity()))
+    if (out / DIVERGED_FILE).exists():  # reused only for the settings it diverged with
+        diverged = json.loads((out / DIVERGED_FILE).read_text())
+        if diverged.get("config", tc_identity) != tc_identity:
+            raise RQAEError(f"{out} holds a run that diverged with other settings (tokens, batch, seed or model); "
+                            f"choose another --out")
+        return {**record, "diverged": diverged["diverged"], "fvu": math.inf}
     if _done(out) is None:
         try:
             result = train(tc, progress=cfg.progress)
         except RQAEError as e:
             if not str(e).startswith("loss became"):  # train's divergence message; anything else is fatal
                 raise
-            atomic_write_json(out / DIVERGED_FILE, {"diverged": str(e)})
+            atomic_write_json(out / DIVERGED_FILE, {"diverged": str(e), "config": tc_identity})
             return {**record, "diverged": str(e), "fvu": math.inf}
         if result.interrupted:
             raise KeyboardInterrupt

@@ -103,6 +103,11 @@ def test_sweep_keeps_the_lowest_validation_fvu_and_a_diverging_rate_loses(store_
     saved = json.loads((tmp_path / "q" / SWEEP_FILE).read_text())
     assert saved["models"]["topk"]["chosen_lr"] == entry["chosen_lr"]
     assert next(r for r in saved["models"]["topk"]["sweep"] if r["lr"] == 1e4)["fvu"] is None  # JSON has no inf
+    # a diverged run is reused only for the settings it diverged with
+    import dataclasses
+
+    with pytest.raises(RQAEError, match="diverged with other settings"):
+        run_sweep(dataclasses.replace(cfg, grid=(1e4,), tokens=128 * 30), echo=lambda _: None)
 
     evaluated = evaluate_seeds(cfg, result, ce_contexts=0, echo=lambda _: None)
     fvus = [r["fvu"] for r in evaluated["topk"]]
