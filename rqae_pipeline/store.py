@@ -79,7 +79,10 @@ class ActivationStore:
         manifest = group.attrs.get("rqae")
         if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA_VERSION:
             raise RQAEError(f"{path} is a Zarr group but not an rqae activation store (schema {SCHEMA_VERSION})")
-        return cls(path, group, manifest)
+        try:
+            return cls(path, group, manifest)
+        except (KeyError, TypeError, ValueError) as e:  # fields missing, unknown or of a wrong value
+            raise RQAEError(f"{path}: the manifest's spec is not a store spec ({type(e).__name__}: {e})") from None
 
     @classmethod
     def create(cls, path: str | Path, spec: StoreSpec, gain: torch.Tensor | None, provenance: dict) -> ActivationStore:

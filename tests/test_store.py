@@ -35,6 +35,26 @@ def test_manifest_records_how_the_store_was_made(store16):
     assert m["committed"]["tokens"] == store16.n_tokens == 4096 and m["committed"]["complete"]
 
 
+@pytest.mark.parametrize("change", ["missing", "unknown", "bad-value"])
+def test_a_manifest_spec_that_is_not_a_store_spec_is_one_error(store16, tmp_path, change):
+    import json
+    import shutil
+
+    copy = tmp_path / "s.zarr"
+    shutil.copytree(store16.path, copy)
+    meta = json.loads((copy / "zarr.json").read_text())
+    spec = meta["attributes"]["rqae"]["spec"]
+    if change == "missing":
+        del spec["hook"]
+    elif change == "unknown":
+        spec["added_later"] = 1
+    else:
+        spec["dtype"] = "bf17"
+    (copy / "zarr.json").write_text(json.dumps(meta))
+    with pytest.raises(RQAEError, match="the manifest's spec is not a store spec"):
+        ActivationStore.open(copy)
+
+
 def test_rows_address_their_context_and_position(store16):
     rows = store16.read(0, 64)
     assert list(rows.pos[:32]) == list(range(32)) and (rows.seq[:32] == 0).all() and (rows.seq[32:64] == 1).all()
