@@ -391,9 +391,14 @@ def check_model_store(model_dir: Path, d_in: int, store: ActivationStore) -> Non
 
 def check_dictionary(data: dict, path: Path, store: ActivationStore, identity: dict, model_dir: Path) -> None:
     """A feature dictionary must come from this model (`codes.model_identity`) and this store."""
-    if data["model"]["weights_sha256"] != identity["weights_sha256"]:
-        raise RQAEError(f"{path} was built with another model ({data['model']['name']}), not {model_dir}")
-    key = first_difference(data["store_spec"], store.manifest["spec"])
+    try:
+        built_by, built_from = data["model"]["weights_sha256"], data["store_spec"]
+    except (KeyError, TypeError):
+        raise RQAEError(f"{path} does not record the model and store it was built from; rebuild it with "
+                        f"`rqae feature-dictionary`") from None
+    if built_by != identity["weights_sha256"]:
+        raise RQAEError(f"{path} was built with another model ({data['model'].get('name')}), not {model_dir}")
+    key = first_difference(built_from, store.manifest["spec"])
     if key is not None:
         raise RQAEError(f"{path} was built from another store than {store.path} ({key} differs)")
 
