@@ -82,8 +82,12 @@ def _vmf_file_feature(data, path, key, model_dir, model) -> SteerFeature:
     if name not in names:
         raise RQAEError(f"there is no feature {name!r} in {path}; it has {', '.join(map(str, names))}")
     feat = data["features"][names.index(name)]
-    v = feat["vmf"]
-    vmf = VMF(mean=np.asarray(v["mean"], np.float64), kappa=np.asarray(v["kappa"], np.float64), n=int(v["n"]))
+    try:
+        v = feat["vmf"]
+        vmf = VMF(mean=np.asarray(v["mean"], np.float64), kappa=np.asarray(v["kappa"], np.float64), n=int(v["n"]))
+    except (KeyError, TypeError, ValueError):
+        raise RQAEError(f"the feature {name!r} in {path} has no readable vMF (mean, kappa, n); "
+                        f"refit it with `rqae features --out`") from None
     if vmf.mean.shape != (model.n_q, 4) or vmf.kappa.shape != (model.n_q,) or not np.isfinite(vmf.kappa).all():
         raise RQAEError(f"the feature in {path} has {len(vmf.kappa)} layers (or non-finite concentrations) "
                         f"but the model has {model.n_q}")

@@ -268,6 +268,11 @@ def test_a_vmf_feature_file_steers_only_the_model_that_fitted_it(env, tmp_path):
     assert r.exit_code == 0, r.output
     r = invoke("steer", "--model", other, *args)
     assert r.exit_code == 2 and "were fitted with model" in r.stderr and "refit them" in r.stderr, r.output
+    data = json.loads(f.read_text())
+    del data["features"][0]["vmf"]["kappa"]
+    f.write_text(json.dumps(data))
+    r = invoke("steer", "--model", env["model_dir"], *args)
+    assert r.exit_code == 2 and "has no readable vMF" in r.stderr, r.output
 
 
 def _other_store_model(env):
