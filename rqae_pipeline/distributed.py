@@ -19,7 +19,6 @@ touches none of this.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -69,22 +68,24 @@ def start(device: str | None) -> tuple[Ranks, str]:
     if on_gpu:
         device = f"cuda:{ranks.local_rank}"
         torch.cuda.set_device(device)
-    else:
-        bind_to_own_cores(ranks)
     _die_with_launcher()
     if not dist.is_initialized():
         dist.init_process_group("nccl" if on_gpu else "gloo")  # env:// from torchrun
+    if not on_gpu:
+        bind_to_own_cores(ranks)  # after the group: gloo's own threads stay unbound
     return ranks, device
 
 
 def bind_to_own_cores(ranks: Ranks) -> set[int] | None:
-    """Bind every thread of this CPU rank to its own equal share of the cores the job may use
-    (local rank i: the i-th share), as torchrun's `--numa-binding=exclusive` does for GPU
-    ranks. Unbound, the OS runs a rank's reader thread on the core of another rank's step,
-    which the rank then waits for in the gradient all_reduce: 2 ranks on 2 cores trained
-    1.62x one process unbound and 1.69x bound (docs/benchmarks.md). To keep two jobs on one
-    machine apart, start each with its own cores (`taskset`): each splits what it is given.
-    The share, or None where there is nothing to split (Linux only)."""
+    """Bind this thread, and the threads it starts from now on (the reader's, zarr's), to this
+    CPU rank's own equal share of the cores the job may use (local rank i: the i-th share),
+    as torchrun's `--numa-binding=exclusive` does for GPU ranks. Unbound, the OS runs a
+    rank's reader thread on the core of another rank's step, which the rank then waits for
+    in the gradient all_reduce (docs/benchmarks.md). Threads already running (gloo's) stay
+    unbound: binding them too made a rank abort at exit ("terminate called without an
+    active exception") in about 1 of 6 short runs. To keep two jobs on one machine apart,
+    start each with its own cores (`taskset`): each splits what it is given. The share, or
+    None where there is nothing to split (Linux only)."""
     local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     if local < 2 or not hasattr(os, "sched_setaffinity"):
         return None
@@ -93,9 +94,7 @@ def bind_to_own_cores(ranks: Ranks) -> set[int] | None:
     if share < 1:
         return None
     mine = set(cpus[ranks.local_rank * share : (ranks.local_rank + 1) * share])
-    for tid in os.listdir("/proc/self/task"):  # threads started from now on (the reader's) inherit it
-        with contextlib.suppress(ProcessLookupError):  # a thread that has ended since the listing
-            os.sched_setaffinity(int(tid), mine)
+    os.sched_setaffinity(0, mine)  # this thread; those it starts from now on (the reader's, zarr's) inherit it
     return mine
 
 

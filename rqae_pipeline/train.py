@@ -199,15 +199,20 @@ class _Run:
 def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     """Train (or resume) a model; under torchrun, as one rank of a data-parallel run."""
     ranks, device = distributed.start(cfg.device)
+    run = None
     try:
         run = _start_run(_with_streams(cfg, ranks), ranks, device)
         t0 = time.perf_counter()
         step, interrupted = _train_loop(run, progress=progress and ranks.is_main)
+        run.batches.close()  # the reader's prefetch of a next buffer ends here, not at interpreter exit
         result = TrainResult(out=run.out, steps=step, interrupted=interrupted, seconds=time.perf_counter() - t0)
         if not interrupted and ranks.is_main:
             result.heldout = _finish_run(run, step)
+        distributed.barrier(ranks)  # no rank tears the group down while another still works in it
         return result
     finally:
+        if run is not None:
+            run.batches.close()
         distributed.stop(ranks)
 
 
