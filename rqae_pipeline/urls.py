@@ -89,19 +89,8 @@ def filesystem(loc: str):
 
 
 def is_file(loc: Location, key: str = "") -> bool:
-    """Does the file (object) `key` under `loc` exist?"""
-    if not is_remote(loc):
-        return (Path(loc) / key).is_file() if key else Path(loc).is_file()
-    fs, path = filesystem(join(loc, key) if key else loc)
-    fs.invalidate_cache(path)  # a listing cached earlier would answer for objects written or deleted since
-    try:  # not fs.isfile: it answers False for every error, so an unreachable endpoint read as "no store"
-        return fs.info(path)["type"] == "file"
-    except FileNotFoundError:
-        return False
-    except OSError:
-        raise
-    except Exception as e:  # botocore/aiohttp connection errors are not OSErrors
-        raise ConnectionError(f"{type(e).__name__}: {e}") from e
+    """Does the file (object) `key` under `loc` (or `loc` itself) exist?"""
+    return _size_or_none(loc, key) is not None
 
 
 def file_sizes(loc: Location, keys: list[str]) -> list[int | None]:
@@ -116,7 +105,7 @@ def file_sizes(loc: Location, keys: list[str]) -> list[int | None]:
     root = filesystem(loc)[1].rstrip("/")
 
     async def size(key: str) -> int | None:
-        fs.invalidate_cache(f"{root}/{key}")  # as in is_file
+        fs.invalidate_cache(f"{root}/{key}")  # as in _size_or_none
         try:
             info = await fs._info(f"{root}/{key}")
         except FileNotFoundError:
@@ -130,23 +119,24 @@ def file_sizes(loc: Location, keys: list[str]) -> list[int | None]:
         return sync(fs.loop, sizes)
     except OSError:
         raise
-    except Exception as e:  # as in is_file
+    except Exception as e:  # as in _size_or_none
         raise ConnectionError(f"{type(e).__name__}: {e}") from e
 
 
 def _size_or_none(loc: Location, key: str) -> int | None:
+    """Bytes of file `key` under `loc` (or of `loc` itself), None where there is none."""
     if not is_remote(loc):
-        path = Path(loc) / key
+        path = Path(loc) / key if key else Path(loc)
         return path.stat().st_size if path.is_file() else None
-    fs, path = filesystem(join(loc, key))
-    fs.invalidate_cache(path)  # as in is_file
-    try:
+    fs, path = filesystem(join(loc, key) if key else loc)
+    fs.invalidate_cache(path)  # a listing cached earlier would answer for objects written or deleted since
+    try:  # not fs.isfile: it answers False for every error, so an unreachable endpoint read as "no store"
         info = fs.info(path)
     except FileNotFoundError:
         return None
     except OSError:
         raise
-    except Exception as e:  # as in is_file
+    except Exception as e:  # botocore/aiohttp connection errors are not OSErrors
         raise ConnectionError(f"{type(e).__name__}: {e}") from e
     return int(info["size"]) if info["type"] == "file" else None
 
