@@ -306,14 +306,29 @@ def print_device_rows(device: str, res: dict, cpu_step: list[float] | None) -> N
                   f"{statistics.median(r['step']) / statistics.median(cpu_step):,.0f}x |")
 
 
+def print_encoding_rows(enc: dict, enc_batch: int) -> None:
+    tok = "{:,.0f}"
+    print(f"| RQAE encoding, symmetric search (batch {enc_batch}) | {spread(enc['symmetric'], tok)} tok/s |")
+    print(f"| RQAE encoding, 544-code argmax, blocks of 64 (the encoder before) | {spread(enc['brute'], tok)} tok/s |")
+    print(f"| RQAE encoding, 544-code argmax, blocks of 16 (the search alone differs) | "
+          f"{spread(enc['brute_block16'], tok)} tok/s |")
+    print(f"| RQAE encoding, naive loop | {spread(enc['naive'], tok)} tok/s |")
+    print(f"| symmetric / 544-code argmax encoder | **{spread(enc['sym_over_brute'])}x** "
+          f"(rows with identical codes: {enc['rows_identical']:.4f}) |")
+    print(f"| symmetric / 544-code argmax, both in blocks of 16 | {spread(enc['sym_over_brute16'])}x |")
+    print(f"| 544-code argmax encoder / naive loop | {spread(enc['brute_over_naive'])}x |")
+    print(f"| share of the 544-code encoder's time in its argmax | {enc['argmax_share']:.0%} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--skip-store", action="store_true", help="leave out the reader-memory measurement (4)")
-    ap.add_argument("--only", choices=["all", "parallel", "device"], default="all",
-                    help="parallel: the data-parallel and resume-seek sections (5, 6) alone; device: section 7")
+    ap.add_argument("--only", choices=["all", "encode", "parallel", "device"], default="all",
+                    help="encode: the encoding section (3) alone; parallel: the data-parallel and resume-seek "
+                         "sections (5, 6) alone; device: section 7")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else None,
                     help="accelerator for section 7 (default: cuda when present, else no section 7)")
     args = ap.parse_args()
@@ -334,6 +349,12 @@ def main() -> None:
     d, n_q = (2304, 1024) if not args.quick else (512, 128)
     # encoding at `rqae encode`'s batch (codes.py, EncodeConfig.batch_size)
     cf_batch, loop_batch, enc_batch = (4096, 128, 4096) if not args.quick else (1024, 128, 256)
+    if args.only == "encode":
+        print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} thread(s), load "
+              f"average {os.getloadavg()[0]:.1f}; RQAE d={d}, n_q={n_q}, random activations, {args.rounds} rounds")
+        print("| measure (min / median / max over rounds) | value |\n|---|---|")
+        print_encoding_rows(encoding_rounds(d, n_q, enc_batch, args.rounds), enc_batch)
+        return
     loop_mem_batches = (32, 64) if not args.quick else (64, 128)
     print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {args.threads} thread(s), load average "
           f"{os.getloadavg()[0]:.1f}; RQAE d={d}, n_q={n_q}, random activations, {args.rounds} rounds")
@@ -359,16 +380,7 @@ def main() -> None:
     print(f"| step memory, loop, batch {loop_mem_batches[0]} / {loop_mem_batches[1]} -> {cf_batch} (linear) | "
           f"{mem['loop_mib'][0]:,.0f} / {mem['loop_mib'][1]:,.0f} -> {mem['loop_extrapolated_mib']:,.0f} MiB |")
     print(f"| step memory closed form / loop at batch {cf_batch} | **1/{1 / mem['ratio']:,.0f}** |")
-    print(f"| RQAE encoding, symmetric search (batch {enc_batch}) | {spread(enc['symmetric'], tok)} tok/s |")
-    print(f"| RQAE encoding, 544-code argmax, blocks of 64 (the encoder before) | {spread(enc['brute'], tok)} tok/s |")
-    print(f"| RQAE encoding, 544-code argmax, blocks of 16 (the search alone differs) | "
-          f"{spread(enc['brute_block16'], tok)} tok/s |")
-    print(f"| RQAE encoding, naive loop | {spread(enc['naive'], tok)} tok/s |")
-    print(f"| symmetric / 544-code argmax encoder | **{spread(enc['sym_over_brute'])}x** "
-          f"(rows with identical codes: {enc['rows_identical']:.4f}) |")
-    print(f"| symmetric / 544-code argmax, both in blocks of 16 | {spread(enc['sym_over_brute16'])}x |")
-    print(f"| 544-code argmax encoder / naive loop | {spread(enc['brute_over_naive'])}x |")
-    print(f"| share of the 544-code encoder's time in its argmax | {enc['argmax_share']:.0%} |")
+    print_encoding_rows(enc, enc_batch)
     if not args.skip_store:
         print(f"| peak RSS training on {base_rows:,} rows (d=640) | {rss_small:,.0f} MiB |")
         print(f"| peak RSS training on {10 * base_rows:,} rows (10x) | {rss_big:,.0f} MiB |")
