@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from rqae_pipeline import RQAEError, codec
-from rqae_pipeline.integrity import read_checked, require_shards, shards_of
+from rqae_pipeline.integrity import dask_rows, read_checked
 from rqae_pipeline.io import default_device, empty_except_lock
 from rqae_pipeline.lock import take_write_lock
 from rqae_pipeline.models.base import read_config
@@ -147,11 +147,8 @@ class CodesStore:
             yield a, self.read(a, min(a + step, stop))
 
     def dask(self):
-        """The committed codes as a dask array chunked by store shard."""
-        import dask.array as da
-
-        require_shards(self.path, self.codes, "codes", shards_of(self.codes, slice(0, self.n)))  # dask reads zeros
-        return da.from_zarr(self.codes, chunks=(self.block_rows, self.n_q))[: self.n]
+        """The committed codes as a dask array chunked by store shard, each chunk read checked."""
+        return dask_rows(self.path, self.codes, "codes", self.n, self.block_rows)
 
     def check(self, *, store: ActivationStore | None = None, model_dir: Path | None = None,
               identity: dict | None = None) -> None:

@@ -139,6 +139,37 @@ def read_checked_ranges(root: Location, arr, name: str, ranges: list[slice]) -> 
         raise damage_error(root, arr, name, shards, e) from None
 
 
+class CheckedRows:
+    """An array-like over one store array whose every read is `read_checked`: what a dask
+    array built on it reads (`dask_rows`) is checked when its chunks are computed, not only
+    when the graph is built (a shard deleted in between would read as zeros)."""
+
+    def __init__(self, root: Location, arr, name: str, n_rows: int):
+        self.root, self.arr, self.name = root, arr, name
+        self.shape, self.dtype, self.ndim = (n_rows,) + tuple(arr.shape[1:]), arr.dtype, arr.ndim
+
+    def __getitem__(self, key) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        rows = slice(*key[0].indices(self.shape[0]))
+        if rows.step != 1:
+            raise IndexError("checked store views read contiguous rows")
+        return read_checked(self.root, self.arr, self.name, rows)[(slice(None),) + key[1:]]
+
+    def __dask_tokenize__(self):  # dask names the array by this, not by hashing the zarr object
+        return ("checked-rows", str(self.root), self.name, self.shape)
+
+
+def dask_rows(root: Location, arr, name: str, n_rows: int, block_rows: int):
+    """The first `n_rows` rows of `arr` as a dask array of `block_rows`-row chunks, each read
+    checked (`CheckedRows`); the shards are also checked once now, so a gap is an error at
+    once rather than on the first compute."""
+    import dask.array as da
+
+    require_shards(root, arr, name, shards_of(arr, slice(0, n_rows)))
+    view = CheckedRows(root, arr, name, n_rows)
+    return da.from_array(view, chunks=(block_rows,) + view.shape[1:], asarray=False, fancy=False)
+
+
 def _read(arr, rows: slice | np.ndarray) -> np.ndarray:
     if isinstance(rows, slice):
         return arr[rows]

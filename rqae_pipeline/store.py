@@ -39,7 +39,14 @@ import torch
 from rqae_pipeline import RQAEError, codec
 from rqae_pipeline.codec import decode_acts
 from rqae_pipeline.corpus_files import describe_change, without_files
-from rqae_pipeline.integrity import read_checked, read_checked_ranges, require_rows, require_shards, shards_of
+from rqae_pipeline.integrity import (
+    dask_rows,
+    read_checked,
+    read_checked_ranges,
+    require_rows,
+    require_shards,
+    shards_of,
+)
 from rqae_pipeline.lock import StoreLock
 from rqae_pipeline.store_format import (  # noqa: F401  (re-exported: the store's public names)
     ROW_ARRAYS,
@@ -374,15 +381,10 @@ class ActivationStore:
                                     with_position=with_position)
 
     def dask(self) -> dict:
-        """Committed rows as dask arrays chunked by shard (acts stay in their storage dtype)."""
-        import dask.array as da
-
+        """Committed rows as dask arrays chunked by shard (acts stay in their storage dtype);
+        every chunk is read checked, as `read` is."""
         n, shard = self.n_tokens, self.spec.shard_rows
-        names = row_arrays(self.spec)
-        for name in names:  # dask reads a missing shard as zeros too: check them all up front
-            require_shards(self.path, self.group[name], name, shards_of(self.group[name], slice(0, n)))
-        return {name: da.from_zarr(self.group[name], chunks=(shard,) + self.group[name].shape[1:])[:n]
-                for name in names}
+        return {name: dask_rows(self.path, self.group[name], name, n, shard) for name in row_arrays(self.spec)}
 
     def nbytes_on_disk(self) -> int:
         return total_bytes(self.path)

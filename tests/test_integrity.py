@@ -70,6 +70,19 @@ def test_a_missing_shard_is_an_error_not_zeros(copy):
     assert store.read(0, 3 * 128).acts.shape == (384, store.d)  # intact shards still read
 
 
+def test_the_dask_view_checks_each_chunk_when_it_is_computed(copy):
+    """A shard deleted after the dask graph is built is an error when computed, not zeros."""
+    store = ActivationStore.open(copy)
+    arrays = store.dask()
+    np.testing.assert_array_equal(arrays["acts"][:256].compute(), store.read_encoded(0, 256)["acts"])
+    (copy / "acts" / "c" / "3" / "0").unlink()
+    assert arrays["acts"][:384].compute().shape == (384, store.d)  # the shards before it still read
+    with pytest.raises(RQAEError, match=r"acts.*c/3/0.*missing"):
+        arrays["acts"].sum().compute()
+    with pytest.raises(RQAEError, match=r"acts.*c/3/0.*missing"):
+        store.dask()  # and a new view is refused at once
+
+
 def test_an_empty_shard_file_is_an_error_not_zeros(copy):
     """A shard file with no bytes (a write that never reached the disk) reads as zeros in
     zarr just as a missing one does; reads refuse it and `rqae verify` names it."""
