@@ -38,6 +38,9 @@ def harvest(
                                              "bf16, else float32; float32 on a GPU runs TF32 matmuls where it can), "
                                              "float32, bfloat16 or float16. Its error against a float32 forward is "
                                              "recorded in the manifest (forward_error).")] = "auto",
+    compile: Annotated[bool, typer.Option(help="Run the forward through torch.compile (residual stream hooks; "
+                                          "a one-off compile, then faster batches; recorded in forward_error).")
+                       ] = False,
     resume: Annotated[bool, typer.Option(help="Continue an interrupted (or shorter) store at --out.")] = False,
     workers: Annotated[int, typer.Option(help="dask LocalCluster workers, one model each, a shard per task; "
                                          "with G GPUs worker i uses cuda:(i mod G) (0: this process).")] = 0,
@@ -53,7 +56,8 @@ def harvest(
         out=out, model=model, hook=layer, dataset=dataset, dataset_config=dataset_config, split=split,
         text_field=text_field, tokens=tokens, context_length=context_length, batch_contexts=batch_size,
         contexts_per_shard=contexts_per_shard, contexts_per_chunk=contexts_per_chunk, dtype=dtype,
-        normalisation=normalisation, skip_bos=skip_bos, device=device, model_dtype=model_dtype, resume=resume,
+        normalisation=normalisation, skip_bos=skip_bos, device=device, model_dtype=model_dtype, compile=compile,
+        resume=resume,
     )
     if workers or scheduler:
         from rqae_pipeline.harvest_dask import DaskConfig, harvest_parallel

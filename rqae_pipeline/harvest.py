@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +26,7 @@ from rqae_pipeline.codec import STORE_DTYPES, StoreDtype
 from rqae_pipeline.corpus import ContextPacker, CorpusSpec, CorpusState, iter_contexts, parse_corpus
 from rqae_pipeline.forward import (
     check_forward_precision,
+    compiled_stop,
     cuda_tf32,
     hook_residuals,
     measure_forward_error,
@@ -76,6 +77,7 @@ class HarvestConfig:
     outlier_factor: float = 10.0
     device: str | None = None
     model_dtype: str = "auto"  # the forward's dtype; "auto": bfloat16 on a GPU with native bf16, else float32
+    compile: bool = False  # run the forward through torch.compile (forward.hook_residuals)
     resume: bool = False
 
     def __post_init__(self):
@@ -136,6 +138,9 @@ class ModelFacts:
 
 def model_facts(cfg: HarvestConfig, lm: LoadedLM) -> ModelFacts:
     hook = resolve_hook(lm, lm.n_layers // 2 if cfg.hook == "auto" else cfg.hook)
+    if cfg.compile and compiled_stop(hook.name, hook.layer) is None:
+        raise RQAEError(f"--compile harvests a residual stream hook (blocks.L.hook_resid_post or hook_resid_pre), "
+                        f"not {hook.name}; leave out --compile for this hook")
     if cfg.context_length > lm.model.cfg.n_ctx:
         raise RQAEError(f"context length {cfg.context_length} exceeds {lm.name}'s n_ctx {lm.model.cfg.n_ctx}")
     gain = final_norm_gain(lm)[0] if cfg.normalisation == "final-norm" else None  # "rms" stores ones
@@ -248,7 +253,8 @@ def harvest(cfg: HarvestConfig, *, lm: LoadedLM | None = None, progress: bool = 
     Nothing is written until the model has loaded and the corpus has yielded its first
     context. `notice` gets one-line remarks for stderr (`--resume` with no store yet).
     The forward runs with TF32 set for its precision, which a new store records first."""
-    lm = lm or load_lm(cfg.model, device=cfg.device, dtype=cfg.model_dtype)
+    lm = replace(lm or load_lm(cfg.model, device=cfg.device, dtype=cfg.model_dtype),
+                 compiled_batch=compiled_batch(cfg))
     facts = model_facts(cfg, lm)
     spec, source = plan_harvest(cfg, facts, lm.tokenizer, notice)
     store, lock = open_store_for_writing(cfg, spec, facts)
@@ -259,6 +265,11 @@ def harvest(cfg: HarvestConfig, *, lm: LoadedLM | None = None, progress: bool = 
             return _run(cfg, lm, source, store, progress=progress)
     finally:
         lock.release()
+
+
+def compiled_batch(cfg: HarvestConfig) -> int:
+    """`LoadedLM.compiled_batch` for this harvest: its batch size with --compile, else 0 (eager)."""
+    return cfg.batch_contexts if cfg.compile else 0
 
 
 def plan_harvest(cfg: HarvestConfig, facts: ModelFacts, tokenizer,

@@ -42,6 +42,7 @@ from rqae_pipeline.harvest import (
     HarvestConfig,
     HarvestResult,
     ModelFacts,
+    compiled_batch,
     forward_batch,
     model_facts,
     open_store_for_writing,
@@ -163,7 +164,8 @@ def harvest_parallel(cfg: HarvestConfig, cluster: DaskConfig, *, client=None, pr
     try:
         with _connected(cluster, client) as c:
             job = WorkerModel(model=cfg.model, dtype=cfg.model_dtype, device=cfg.device,
-                              spread_gpus=not cluster.scheduler, torch_threads=_torch_threads(cluster))
+                              spread_gpus=not cluster.scheduler, torch_threads=_torch_threads(cluster),
+                              compiled_batch=compiled_batch(cfg))
             facts, tokenizer = c.submit(describe_model, job, cfg, pure=False).result()
             spec, source = plan_harvest(cfg, facts, tokenizer, notice)
             store, lock = open_store_for_writing(cfg, spec, facts)

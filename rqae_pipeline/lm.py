@@ -49,6 +49,9 @@ class LoadedLM:
     tokenizer: "object"
     name: str
     load_info: dict = field(default_factory=dict)  # recorded in store manifests
+    # > 0: the harvest's forward runs through torch.compile in batches of exactly this many
+    # contexts (forward.hook_residuals); 0: eager
+    compiled_batch: int = 0
 
     @property
     def n_layers(self) -> int:

@@ -132,3 +132,79 @@ def test_tf32_switch_is_restored_after_the_forward():
             assert matmul.fp32_precision == "ieee"
         assert matmul.fp32_precision == "tf32"
     assert matmul.fp32_precision == before
+
+
+# --------------------------------------------------------------------------- --compile
+
+
+@pytest.fixture(scope="module")
+def compiled_store(tiny_lm, tmp_path_factory):
+    """990 tokens harvested through torch.compile: 31 contexts of 32, so the last batch of 2
+    contexts is short (padded)."""
+    out = tmp_path_factory.mktemp("compiled") / "s.zarr"
+    harvest(tiny_config(out, tokens=990, compile=True), lm=tiny_lm, progress=False)
+    return out
+
+
+def test_a_compiled_harvest_stores_the_eager_rows_and_records_its_error(compiled_store, tiny_lm, tmp_path):
+    eager = tmp_path / "eager.zarr"
+    harvest(tiny_config(eager, tokens=990), lm=tiny_lm, progress=False)
+    got, want = ActivationStore.open(compiled_store), ActivationStore.open(eager)
+    assert got.n_tokens == want.n_tokens == 992
+    ours, theirs = got.read_encoded(0, 992), want.read_encoded(0, 992)
+    for name in ("tokens", "seq", "pos", "flags"):
+        np.testing.assert_array_equal(ours[name], theirs[name])
+    # fused kernels round differently: equal to the last bits of the float16 rows
+    np.testing.assert_allclose(ours["acts"].astype(np.float32), theirs["acts"].astype(np.float32), atol=4e-3)
+    entry = got.manifest["forward_error"]
+    assert entry["compiled"] is True and entry["model_dtype"] == "float32" and entry["reference"] == "float32"
+    assert 0 < forward_fvu(got.manifest) < 1e-8
+
+
+def test_a_resumed_compiled_harvest_writes_the_one_run_store(compiled_store, tiny_lm, tmp_path):
+    """Every batch goes through one static shape (a short one padded), so a resume after a
+    short final batch (9 contexts), whose batches then start at other contexts than the one
+    run's, computes every row as the one run did."""
+    out = tmp_path / "resumed.zarr"
+    harvest(tiny_config(out, tokens=270, compile=True), lm=tiny_lm, progress=False)
+    assert ActivationStore.open(out).n_contexts == 9
+    harvest(tiny_config(out, tokens=990, compile=True, resume=True), lm=tiny_lm, progress=False)
+    ours, theirs = (ActivationStore.open(p).read_encoded(0, 992) for p in (out, compiled_store))
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
+
+
+def test_resume_without_compile_is_one_error_line_and_changes_nothing(compiled_store):
+    before = tree_digest(compiled_store)
+    r = run_rqae("harvest", *CLI_ARGS, "--tokens", "2048", "--out", str(compiled_store), "--resume")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:"), r.stderr
+    assert "float32 (TF32 off, torch.compile)" in lines[0] and "--compile" in lines[0]
+    assert tree_digest(compiled_store) == before
+
+
+def test_compile_with_a_hook_inside_a_block_is_refused_before_anything_is_written(tmp_path):
+    out = tmp_path / "s.zarr"
+    r = run_rqae("harvest", *[a if a != "1" else "blocks.1.hook_mlp_out" for a in CLI_ARGS], "--tokens", "256",
+                 "--out", str(out), "--compile")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "hook_mlp_out" in lines[0], r.stderr
+    assert not out.exists()
+
+
+def test_the_compiled_forward_runs_one_batch_shape_whatever_the_number_of_contexts(tiny_lm):
+    from dataclasses import replace
+
+    from torch._dynamo.utils import counters
+
+    from rqae_pipeline.forward import hook_residuals
+
+    lm, hook = replace(tiny_lm, compiled_batch=2), "blocks.1.hook_resid_post"
+    tokens = torch.randint(0, tiny_lm.model.cfg.d_vocab, (5, 32), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        eager = hook_residuals(tiny_lm, tokens, hook, 1)
+        hook_residuals(lm, tokens[:2], hook, 1)  # compiled here (or by an earlier test) for 2 contexts
+        graphs = counters["stats"]["unique_graphs"]
+        for n in (1, 3, 5):  # a short batch, and batches of 2 and a short one
+            torch.testing.assert_close(hook_residuals(lm, tokens[:n], hook, 1), eager[:n], atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == graphs  # no new graph for the other sizes

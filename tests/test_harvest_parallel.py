@@ -30,9 +30,11 @@ from helpers import HANG_GUARD_S, TINY, run_rqae, start_rqae, store_files, tiny_
 TWO = DaskConfig(workers=2, threads_per_worker=1)
 LONG = 24_000  # tokens: 188 shards of 4 contexts x 32 tokens, long enough to kill something mid-run
 SHORT = 3_000
-# the short stores' settings: the store dtype, and a bfloat16 forward (its forward_error measured by a worker)
+# the short stores' settings: the store dtype, a bfloat16 forward (its forward_error measured by a
+# worker), and a torch.compile forward (compiled in each worker)
 SHORT_STORES = {"short-float16": {"dtype": "float16"}, "short-fp8": {"dtype": "fp8"},
-                "short-bf16-forward": {"dtype": "float16", "model_dtype": "bfloat16"}}
+                "short-bf16-forward": {"dtype": "float16", "model_dtype": "bfloat16"},
+                "short-compiled-forward": {"dtype": "float16", "compile": True}}
 CLI_ARGS = ["--model", TINY, "--layer", "1", "--context-length", "32", "--batch-size", "2",
             "--contexts-per-shard", "4", "--contexts-per-chunk", "2"]
 
@@ -91,6 +93,7 @@ def test_two_workers_write_the_single_process_store_byte_for_byte(tmp_path, clie
     assert_identical(out, single / name)
     forward = ActivationStore.open(out).manifest["forward_error"]
     assert forward["model_dtype"] == SHORT_STORES[name].get("model_dtype", "float32")
+    assert forward.get("compiled", False) == SHORT_STORES[name].get("compile", False)
 
 
 def test_a_worker_killed_mid_run_is_retried_and_the_store_is_unchanged(tmp_path, client, single):
