@@ -7,9 +7,11 @@ loaded model and the same token batches, and reported as ratios:
    their storage FVU against fp32, and the FVU of the 8-bit schemes of DESIGN §3 on the
    same fp32 activations;
 3. harvest wall time / CacheActivationsRunner wall time (its hub loader patched to return
-   our loaded model, the same contexts given to it pre-tokenised).
+   our loaded model, the same contexts given to it pre-tokenised);
+4. the same with each tool's torch.compile option: `harvest --compile` against the runner
+   with `compile_llm=True`, and the one-off compile time.
 
-Bare forward, harvest and sae-lens runs are interleaved `--repeats` times after a warm-up;
+Bare forward, harvest and sae-lens runs (and the compiled pair) are interleaved `--repeats` times after a warm-up;
 each time ratio is the median over rounds of that round's ratio, so drift (other load on
 a shared machine) hits both sides of a ratio alike.
 
@@ -39,7 +41,7 @@ from rqae_pipeline.corpus import iter_contexts
 from rqae_pipeline.harvest import HarvestConfig, harvest, resolve_corpus
 from rqae_pipeline.lm import OFFLINE_GEMMA, load_lm, resolve_hook
 from rqae_pipeline.store import ActivationStore
-from rqae_pipeline.summary import storage_fvu
+from rqae_pipeline.summary import forward_fvu, storage_fvu
 
 
 def get_contexts(cfg: HarvestConfig, lm) -> np.ndarray:
@@ -78,8 +80,9 @@ def run_harvest(cfg: HarvestConfig, lm, out: Path, **changes) -> tuple[np.ndarra
     return clock() - t0, ActivationStore.open(out)
 
 
-def run_saelens(lm, contexts: np.ndarray, hook: str, batch: int, out: Path) -> np.ndarray:
-    """Wall time of CacheActivationsRunner (construction + run) over exactly `contexts`."""
+def run_saelens(lm, contexts: np.ndarray, hook: str, batch: int, out: Path, compile_llm: bool = False) -> np.ndarray:
+    """Wall time of CacheActivationsRunner (construction + run) over exactly `contexts`;
+    `compile_llm` is sae-lens's own torch.compile option."""
     import datasets
     import sae_lens.cache_activations_runner as car
     from sae_lens import CacheActivationsRunner, CacheActivationsRunnerConfig
@@ -91,6 +94,7 @@ def run_saelens(lm, contexts: np.ndarray, hook: str, batch: int, out: Path) -> n
         context_size=contexts.shape[1], new_cached_activations_path=str(out), dtype="float32",
         device=str(lm.model.cfg.device), prepend_bos=False,  # our contexts already start with BOS
         buffer_size_gb=(n + 0.5) * d * 4 / 1e9,  # one buffer of exactly these tokens, not 2 GB
+        compile_llm=compile_llm,
     )
     assert cfg.n_buffers == 1 and cfg.n_tokens_in_buffer == n, (cfg.n_buffers, cfg.n_tokens_in_buffer, n)
     data = datasets.Dataset.from_dict({"input_ids": contexts.astype(np.int64).tolist()})
@@ -166,21 +170,25 @@ def timed_rounds(args: argparse.Namespace, lm, hook, cfg: HarvestConfig, context
     """A warm-up through each path (first-call allocations, lazy imports), then `--repeats`
     interleaved rounds of bare forward / harvest / sae-lens, and one fp32 and one fp8 harvest."""
     B, T = cfg.batch_contexts, cfg.context_length
+    warm = dataclasses.replace(cfg, tokens=B * T, contexts_per_shard=math.lcm(B, 8))
     bare_forward(lm, contexts[:B], hook.layer, B)
-    run_harvest(dataclasses.replace(cfg, tokens=B * T, contexts_per_shard=math.lcm(B, 8)), lm, tmp / "warm.zarr")
-    run_saelens(lm, contexts[:B], hook.name, B, tmp / "warm-saelens")
-    bare, harv, sael = [], [], []
+    warm_s = run_harvest(warm, lm, tmp / "warm.zarr")[0][0]
+    warm_compiled_s = run_harvest(dataclasses.replace(warm, compile=True), lm, tmp / "warm-compiled.zarr")[0][0]
+    for compile_llm in (False, True):
+        run_saelens(lm, contexts[:B], hook.name, B, tmp / f"warm-saelens-{compile_llm}", compile_llm)
+    runs = {k: [] for k in ("bare", "harv", "sael", "harv_c", "sael_c")}
     for r in range(args.repeats):
-        bare.append(bare_forward(lm, contexts, hook.layer, B))
-        harv.append(run_harvest(cfg, lm, tmp / f"fp16-{r}.zarr")[0])
-        sael.append(run_saelens(lm, contexts, hook.name, B, tmp / f"saelens-{r}"))
-        print(f"round {r}: wall (CPU) s: bare {bare[-1][0]:.2f} ({bare[-1][1]:.2f}), harvest {harv[-1][0]:.2f} "
-              f"({harv[-1][1]:.2f}), sae-lens {sael[-1][0]:.2f} ({sael[-1][1]:.2f}); load {os.getloadavg()[0]:.2f}",
-              flush=True)
+        runs["bare"].append(bare_forward(lm, contexts, hook.layer, B))
+        runs["harv"].append(run_harvest(cfg, lm, tmp / f"fp16-{r}.zarr")[0])
+        runs["sael"].append(run_saelens(lm, contexts, hook.name, B, tmp / f"saelens-{r}"))
+        runs["harv_c"].append(run_harvest(cfg, lm, tmp / f"compiled-{r}.zarr", compile=True)[0])
+        runs["sael_c"].append(run_saelens(lm, contexts, hook.name, B, tmp / f"saelens-compiled-{r}", True))
+        print(f"round {r}: wall (CPU) s: " + ", ".join(f"{k} {v[-1][0]:.2f} ({v[-1][1]:.2f})" for k, v in runs.items())
+              + f"; load {os.getloadavg()[0]:.2f}", flush=True)
     t32, s32 = run_harvest(cfg, lm, tmp / "fp32.zarr", dtype="float32")
     t8, s8 = run_harvest(cfg, lm, tmp / "fp8.zarr", dtype="fp8")
-    return {"bare": bare, "harv": harv, "sael": sael, "t32": t32[0], "t8": t8[0], "s32": s32, "s8": s8,
-            "s16": ActivationStore.open(tmp / "fp16-0.zarr")}
+    return {**runs, "t32": t32[0], "t8": t8[0], "s32": s32, "s8": s8, "compile_s": warm_compiled_s - warm_s,
+            "s16": ActivationStore.open(tmp / "fp16-0.zarr"), "s_c": ActivationStore.open(tmp / "compiled-0.zarr")}
 
 
 def store_checks(lm, hook, contexts: np.ndarray, runs: dict, tmp: Path) -> dict:
@@ -237,6 +245,28 @@ def result_rows(args: argparse.Namespace, n: int, runs: dict, m: dict) -> list[t
     ]
 
 
+def compile_rows(args: argparse.Namespace, runs: dict) -> list[tuple[str, str, str, str]]:
+    """harvest --compile against sae-lens with and without its own compile option (compile_llm
+    wraps the model in torch.compile, but the runner calls `run_with_cache`, which runs the
+    wrapped module eagerly: the check row shows whether that option changes its time)."""
+    def ratio(a: str, b: str) -> tuple[float, str]:
+        per = [x[0] / y[0] for x, y in zip(runs[a], runs[b])]
+        return float(np.median(per)), ", ".join(f"{x:.3f}" for x in per)
+
+    (cs, cs_each), (cd, cd_each) = ratio("harv_c", "sael_c"), ratio("harv_c", "sael")
+    (sc, sc_each), (hb, hb_each) = ratio("sael_c", "sael"), ratio("bare", "harv_c")
+    return [
+        (f"harvest --compile time / sae-lens time with its compile_llm=True (median of {args.repeats} rounds)",
+         f"**{cs:.3f}** (per round {cs_each})", "<= 0.95", "yes" if cs <= 0.95 else "**NO**"),
+        ("harvest --compile time / sae-lens time, its defaults", f"{cd:.3f} (per round {cd_each})", "", ""),
+        ("harvest --compile tok/s / bare eager forward tok/s", f"{hb:.3f} (per round {hb_each})", "", ""),
+        ("sae-lens compile_llm=True time / its default time (check)", f"{sc:.3f} (per round {sc_each})", "", ""),
+        ("one-off compile: first compiled harvest batch minus first eager one", f"{runs['compile_s']:.1f} s", "", ""),
+        ("forward FVU of the --compile store against an eager float32 forward",
+         f"{forward_fvu(runs['s_c'].manifest):.1e}", "", ""),
+    ]
+
+
 def main() -> None:
     args = parse_args()
     import sae_lens  # noqa: F401  (imported before any timing)
@@ -252,7 +282,8 @@ def main() -> None:
         runs = timed_rounds(args, lm, hook, cfg, contexts, Path(tmp))
         measured = store_checks(lm, hook, contexts, runs, Path(tmp))
     table = ["| measure | value | target | met |", "|---|---|---|---|"]
-    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in result_rows(args, contexts.size, runs, measured)]
+    rows = result_rows(args, contexts.size, runs, measured) + compile_rows(args, runs)
+    table += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     print("\n" + "\n".join(table))
     if args.out_md:
         args.out_md.write_text("\n".join([f"- {h}" for h in header] + [""] + table) + "\n")
