@@ -19,7 +19,6 @@ the codes store block by block, keeping a running top-k (bounded memory).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 
 from rqae_pipeline import RQAEError, metrics
 from rqae_pipeline.codes import CodesStore, ensure_codes
+from rqae_pipeline.io import read_json
 from rqae_pipeline.store import ActivationStore, Flags
 
 # Past this concentration a layer's vMF is a point mass for every purpose: a neighbouring
@@ -381,7 +381,7 @@ def check_model_store(model_dir: Path, d_in: int, store: ActivationStore) -> Non
     if d_in != store.d:
         raise RQAEError(f"model {model_dir} reads d={d_in} but the store holds d={store.d}")
     run = Path(model_dir) / "train.json"
-    spec = json.loads(run.read_text()).get("store_spec") if run.exists() else None
+    spec = read_json(run, {"store_spec": (dict, type(None))}).get("store_spec") if run.exists() else None
     if spec:
         key = first_difference(spec, store.manifest["spec"])
         if key is not None:
