@@ -15,7 +15,6 @@ and carry bootstrap standard errors. Tasks run in-process or on dask.distributed
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -36,7 +35,7 @@ from rqae_pipeline.ce import (
     default_ce_prefixes,
     residual_start_layer,
 )
-from rqae_pipeline.io import default_device
+from rqae_pipeline.io import default_device, read_json
 from rqae_pipeline.metrics import Stats, code_usage_summary, default_prefixes
 from rqae_pipeline.models.registry import kind_of, load_model_dir, reconstruct
 from rqae_pipeline.store import ActivationStore, Flags
@@ -327,7 +326,7 @@ def eval_rows(cfg: EvalConfig, store: ActivationStore) -> tuple[int, int]:
     run = None if isinstance(cfg.model, PretrainedSAE) else Path(cfg.model) / "train.json"
     if run is None or not run.exists():
         raise RQAEError(f"{cfg.model} has no train.json with a held-out split (not trained here); use --rows all")
-    info = json.loads(run.read_text())
+    info = read_json(run, {"heldout.first_row": int}, fix="; use --rows all to evaluate every row")
     if info.get("store_spec") != store.manifest["spec"]:
         raise RQAEError(f"{cfg.model} was trained on another store (model/hook/corpus/settings differ)")
     return int(info["heldout"]["first_row"]), store.n_tokens

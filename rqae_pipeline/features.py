@@ -19,7 +19,6 @@ the codes store block by block, keeping a running top-k (bounded memory).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 
 from rqae_pipeline import RQAEError, metrics
 from rqae_pipeline.codes import CodesStore, ensure_codes
+from rqae_pipeline.io import checked_fields, read_json
 from rqae_pipeline.store import ActivationStore, Flags
 
 # Past this concentration a layer's vMF is a point mass for every purpose: a neighbouring
@@ -381,7 +381,7 @@ def check_model_store(model_dir: Path, d_in: int, store: ActivationStore) -> Non
     if d_in != store.d:
         raise RQAEError(f"model {model_dir} reads d={d_in} but the store holds d={store.d}")
     run = Path(model_dir) / "train.json"
-    spec = json.loads(run.read_text()).get("store_spec") if run.exists() else None
+    spec = read_json(run, {"store_spec": (dict, type(None))}).get("store_spec") if run.exists() else None
     if spec:
         key = first_difference(spec, store.manifest["spec"])
         if key is not None:
@@ -389,8 +389,27 @@ def check_model_store(model_dir: Path, d_in: int, store: ActivationStore) -> Non
                             f"this store: {store.manifest['spec'].get(key)!r})")
 
 
+# What `rqae steer` and `rqae dashboard` read of a dictionary entry and of each of its examples
+ENTRY_FIELDS = {"id": str, "layers": int, "prefix": list, "seed.left": str, "seed.token": str, "seed.right": str,
+                "examples": list}
+EXAMPLE_FIELDS = {"row": int, "score": (int, float), "token": str}
+
+
+def check_entries(data: dict, path: Path) -> None:
+    """Every entry holds what its readers use: a hand-edited or cut-down dictionary is one
+    error line naming the field, not a KeyError deep inside steering or rendering."""
+    fix = "; rebuild it with `rqae feature-dictionary`"
+    for i, f in enumerate(checked_fields(data, path, {"features": list}, fix=fix)["features"]):
+        checked_fields(data, path, {f"features.{i}.{k}": t for k, t in ENTRY_FIELDS.items()}, fix=fix)
+        for j in range(len(f["examples"])):
+            checked_fields(data, path, {f"features.{i}.examples.{j}.{k}": t for k, t in EXAMPLE_FIELDS.items()},
+                           fix=fix)
+
+
 def check_dictionary(data: dict, path: Path, store: ActivationStore, identity: dict, model_dir: Path) -> None:
-    """A feature dictionary must come from this model (`codes.model_identity`) and this store."""
+    """A feature dictionary must come from this model (`codes.model_identity`) and this store,
+    and its entries hold what steering and the dashboard read."""
+    check_entries(data, path)
     try:
         built_by, built_from = data["model"]["weights_sha256"], data["store_spec"]
     except (KeyError, TypeError):

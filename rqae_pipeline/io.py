@@ -1,4 +1,5 @@
-"""File-system seams: atomic writes, directory swaps, output checks and the default device.
+"""File-system seams: atomic writes, directory swaps, output checks, checked JSON reads and the
+default device.
 
 Every file or directory the package replaces whole goes through here, so a kill at any
 instant leaves readers the old version or the new one, never a torn one: files are written
@@ -11,8 +12,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+from rqae_pipeline import RQAEError
 
 LOCK_NAME = ".lock"  # a writer's lock file (store.StoreLock); the only file a fresh output may hold
 
@@ -47,6 +51,45 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def read_json(path: Path, fields: Mapping[str, type | tuple[type, ...]] | None = None, *, fix: str = "") -> dict:
+    """The JSON object in `path`, its `fields` ("key", "key.sub" or "key.0.sub" -> the type(s) it
+    must hold; a missing field reads as None) checked. A file cut short, hand-edited or from
+    another tool is the user's to repair: one error line naming the file and what is wrong (then
+    `fix`, a hint such as "; delete it to ..."), never a traceback from deep inside its reader."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        raise RQAEError(f"{path} cannot be read as JSON ({getattr(e, 'strerror', None) or e}){fix}") from None
+    if not isinstance(data, dict):
+        raise RQAEError(f"{path} holds no JSON object{fix}")
+    return checked_fields(data, path, fields or {}, fix=fix)
+
+
+def checked_fields(data: dict, path: Path, fields: Mapping[str, type | tuple[type, ...]], *, fix: str = "") -> dict:
+    """`data` (read from `path`) when its `fields` hold the types `read_json` says; else one error line."""
+    for key, kind in fields.items():
+        if not isinstance(_field(data, key), kind):
+            raise RQAEError(f"{path}: {key} {_not_a(kind)}{fix}")
+    return data
+
+
+def _field(data: Any, key: str) -> Any:
+    """data["a"]["b"][0] for key "a.b.0"; None where the path leads nowhere."""
+    for part in key.split("."):
+        if isinstance(data, list):
+            data = data[int(part)] if part.isdigit() and int(part) < len(data) else None
+        else:
+            data = data.get(part) if isinstance(data, dict) else None
+    return data
+
+
+def _not_a(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    names = " or ".join(t.__name__ for t in kinds if t is not type(None))
+    return f"is not of type {names}" if type(None) in kinds else f"is missing or not of type {names}"
 
 
 def staging_dir(out: Path) -> Path:

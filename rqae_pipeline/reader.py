@@ -26,6 +26,7 @@ buffer's order depend on every earlier one, so a resume had to replay the whole 
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -65,9 +66,18 @@ class DataPosition:
 
     @classmethod
     def from_dict(cls, d: dict) -> DataPosition:
+        """The position `as_dict` wrote; KeyError, TypeError or ValueError for a record lacking a
+        field or holding a non-integer (read further, it would fail or start at another row)."""
         if "streams" in d:
-            return cls(d["epoch"], tuple(ReadPosition(b, r) for b, r in d["streams"]))
-        return cls(d["epoch"], ReadPosition(d["buffer"], d["row"]))
+            return cls(_int(d["epoch"]), tuple(ReadPosition(_int(b), _int(r)) for b, r in d["streams"]))
+        return cls(_int(d["epoch"]), ReadPosition(_int(d["buffer"]), _int(d["row"])))
+
+
+def _int(value) -> int:
+    n = operator.index(value)  # an int: a float or a string in a record is no position
+    if n < 0:
+        raise ValueError(f"negative position {n}")
+    return n
 
 
 def start_of_pass(streams: int) -> Reads:

@@ -12,10 +12,10 @@ import torch
 
 from rqae_pipeline import RQAEError
 from rqae_pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from rqae_pipeline.reader import DataPosition
 
 if TYPE_CHECKING:
     from rqae_pipeline.models.base import Trainable
-    from rqae_pipeline.reader import DataPosition
     from rqae_pipeline.store import ActivationStore
 
 CHECKPOINT = "checkpoint.pt"
@@ -81,7 +81,20 @@ def read_checkpoint(path: Path) -> dict:
                         f"or choose another --out") from None
     if not isinstance(ckpt, dict) or not {"step", "state", "identity"} <= ckpt.keys():
         raise RQAEError(f"{path} is not a checkpoint written by rqae train; delete it or choose another --out")
+    if "data" in ckpt and not _readable_position(ckpt):  # before a resume rewrites train.json and the metrics
+        raise RQAEError(f"{path} records no readable data position (epoch, and buffer and row for each of its "
+                        f"streams); delete it to train from scratch, or choose another --out")
     return ckpt
+
+
+def _readable_position(ckpt: dict) -> bool:
+    """The checkpoint's data position is one `rqae train` writes: its fields present, integers,
+    one read position per stream of the run."""
+    try:
+        read = DataPosition.from_dict(ckpt["data"]).read
+        return (len(read) if isinstance(read, tuple) else 1) == as_recorded(ckpt["identity"])["streams"]
+    except (KeyError, TypeError, ValueError):
+        return False
 
 
 def first_line(e: BaseException) -> str:

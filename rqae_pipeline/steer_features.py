@@ -56,12 +56,12 @@ def _dictionary_feature(data, path, key, store, model_dir, model, codes_path) ->
     from rqae_pipeline.codes import ensure_codes, model_identity
     from rqae_pipeline.features import fit_vmf
 
+    check_dictionary(data, path, store, model_identity(model_dir), model_dir)  # first: it checks the fields read below
     ids = [f["id"] for f in data["features"]]
     if key is None or key not in ids:
         what = "give one as" if key is None else f"there is no feature {key!r} in it; use"
         raise RQAEError(f"{path} is a feature dictionary: {what} {path}#ID ({ids[0]} .. {ids[-1]})" if ids
                         else f"{path} holds no features")
-    check_dictionary(data, path, store, model_identity(model_dir), model_dir)
     feat = data["features"][ids.index(key)]
     rows = np.array([e["row"] for e in feat["examples"]], dtype=np.int64)
     codes = ensure_codes(store, model_dir, codes_path).read_rows(rows)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from rqae_pipeline import RQAEError
-from rqae_pipeline.io import atomic_write_json
+from rqae_pipeline.io import atomic_write_json, checked_fields, read_json
 from rqae_pipeline.metrics import prefix_of, rqae_bits_per_token, sae_bits_per_token
 from rqae_pipeline.models.base import ModelSpec
 from rqae_pipeline.run_dir import METRICS, RUN_FILE, as_recorded
@@ -151,9 +151,12 @@ def splits(store: ActivationStore, test_contexts: int) -> tuple[Split, Split]:
 
 
 def _done(out: Path) -> dict | None:
-    path = out / RUN_FILE
-    info = json.loads(path.read_text()) if path.exists() else {}
-    return info if info.get("status") == "done" else None
+    """A finished run's train.json; None while the run is absent or unfinished."""
+    path, fix = out / RUN_FILE, f"; delete {out} to train the run again"
+    info = read_json(path, fix=fix) if path.exists() else {}
+    if info.get("status") != "done":
+        return None
+    return checked_fields(info, path, {"config": dict, "heldout_metrics.fvu": (int, float)}, fix=fix)
 
 
 def train_run(cfg: SweepConfig, spec: ModelSpec, *, seed: int, out: Path, split: Split) -> dict:
@@ -168,7 +171,7 @@ def train_run(cfg: SweepConfig, spec: ModelSpec, *, seed: int, out: Path, split:
                      resume=out.exists(), **{"streams": 1, **cfg.extra})  # one process: one stream
     tc_identity = json.loads(json.dumps(tc.identity()))
     if (out / DIVERGED_FILE).exists():  # reused only for the settings it diverged with
-        diverged = json.loads((out / DIVERGED_FILE).read_text())
+        diverged = read_json(out / DIVERGED_FILE, {"diverged": str}, fix=f"; delete {out} to train the run again")
         if diverged.get("config", tc_identity) != tc_identity:
             raise RQAEError(f"{out} holds a run that diverged with other settings (tokens, batch, seed or model); "
                             f"choose another --out")

@@ -146,10 +146,20 @@ def test_cli_dashboard_builds_a_dictionary_and_refuses_bad_input(env, tmp_path):
     before = tree_digest(out)
     other = tmp_path / "other.zarr"  # the dictionary is from another store
     harvest(tiny_config(other, tokens=256), progress=False)
+    cut = tmp_path / "cut.json"  # an example cut down by hand: the dashboard reads its row
+    data = json.loads(env["dict_path"].read_text())
+    del data["features"][1]["examples"][0]["row"]
+    cut.write_text(json.dumps(data))
+    torn = tmp_path / "torn-run"  # a model whose train.json was cut short
+    shutil.copytree(env["model_dir"], torn)
+    (torn / "train.json").write_text('{"store_spec": {"model"')
     bad = [(["--store", other, "--model", env["model_dir"], "--features", env["dict_path"]], "another store"),
            (["--store", env["store"], "--model", env["model_dir"], "--features", tmp_path / "none.json"],
             "cannot read the feature dictionary"),
-           (["--store", env["store"], "--model", env["model_dir"], "--examples", "0"], "must be positive")]
+           (["--store", env["store"], "--model", env["model_dir"], "--examples", "0"], "must be positive"),
+           (["--store", env["store"], "--model", env["model_dir"], "--features", cut],
+            "cut.json: features.1.examples.0.row is missing or not of type int"),
+           (["--store", env["store"], "--model", torn], "torn-run/train.json cannot be read as JSON")]
     for args, needle in bad:
         r = runner.invoke(app, [str(a) for a in ("dashboard", *args, "--out", out)])
         assert r.exit_code == 2, r.output

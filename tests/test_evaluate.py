@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -133,6 +134,28 @@ def test_eval_cli_prints_a_table_and_writes_json(trained, tmp_path):
     assert r.exit_code == 2 and "CE prefixes [9] must lie in 1..8" in r.stderr
     r = CliRunner().invoke(app, ["eval", "--store", str(store), "--model", str(runs["rqae"]), "--rows", "some"])
     assert r.exit_code == 2 and r.stderr.startswith("error: unknown row selection")
+
+
+def test_a_model_whose_train_json_is_damaged_is_one_error_line(trained, tmp_path):
+    """The held-out rows come from the run's train.json: one cut short or without its split is
+    one error line naming it (was a JSONDecodeError or KeyError traceback)."""
+    from typer.testing import CliRunner
+
+    from rqae_pipeline.cli import app
+
+    store, runs = trained
+    run = tmp_path / "rqae"
+    shutil.copytree(runs["rqae"], run)
+    info = (run / "train.json").read_text()
+    for text, needle in ((info[:100], "train.json cannot be read as JSON"),
+                         (json.dumps({**json.loads(info), "heldout": {}}),
+                          "train.json: heldout.first_row is missing or not of type int")):
+        (run / "train.json").write_text(text)
+        r = CliRunner().invoke(app, ["eval", "--store", str(store), "--model", str(run)])
+        assert r.exit_code == 2, r.output
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+        assert "use --rows all" in lines[0]
 
 
 def test_ce_delta_kl_and_zero_ablation_agree_with_sae_lens_evals(trained, tmp_path, tiny_lm):

@@ -168,6 +168,36 @@ def test_an_unknown_input_normalisation_is_an_error_not_a_guessed_space(run, tmp
         recorded_normalisation(other)  # what decides the space of directories saved before the architectures
 
 
+def test_a_damaged_sae_directory_is_one_error_line(run, tmp_path):
+    """A cfg.json cut short, lacking a field or naming an architecture sae-lens does not know,
+    or weights gone: `rqae eval` says so in one line naming the file (sae-lens's loader raised
+    JSONDecodeError, KeyError or TypeError from deep inside)."""
+    from typer.testing import CliRunner
+
+    from rqae_pipeline.cli import app
+
+    store_path, out = run
+    text = (out / "cfg.json").read_text()
+    cfg = json.loads(text)
+    damages = {"cut-short": ("cfg.json", text[:200], "cfg.json cannot be read as JSON"),
+               "no-d_in": ("cfg.json", json.dumps({k: v for k, v in cfg.items() if k != "d_in"}),
+                           "cfg.json: d_in is missing or not of type int"),
+               "unknown": ("cfg.json", json.dumps({**cfg, "architecture": "nonsense"}),
+                           "cfg.json: architecture 'nonsense' is not one sae-lens knows"),
+               "no-weights": ("sae_weights.safetensors", None, "sae-lens cannot load the SAE in")}
+    for name, (file, damaged, needle) in damages.items():
+        d = tmp_path / name
+        shutil.copytree(out, d)
+        if damaged is None:
+            (d / file).unlink()
+        else:
+            (d / file).write_text(damaged)
+        r = CliRunner().invoke(app, ["eval", "--store", str(store_path), "--model", str(d), "--rows", "all"])
+        assert r.exit_code == 2, r.output
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+
+
 def test_sae_lens_alone_refuses_the_directory_instead_of_misreading_it(run, monkeypatch):
     from sae_lens.registry import SAE_CLASS_REGISTRY
 

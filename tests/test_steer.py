@@ -286,14 +286,15 @@ def _other_store_model(env):
 
 @pytest.mark.parametrize("case",
                          ["strength", "unknown-file", "unknown-id", "empty-prompt", "other-store", "no-feature",
-                          "no-record"])
+                          "no-record", "no-examples"])
 def test_cli_steer_bad_input_is_one_error_line_and_writes_nothing(env, dictionary, tmp_path, case):
     path, fid = dictionary
     model, feature, prompt, extra = env["model_dir"], f"{path}#{fid}", PROMPT, []
     needle = {"strength": "--strength must be in [0, 1]", "unknown-file": "unknown feature",
               "unknown-id": "no feature 'nope'", "empty-prompt": "tokenises to no tokens",
               "other-store": "trained on another store (hook", "no-feature": "give one feature",
-              "no-record": "does not record the model and store"}[case]
+              "no-record": "does not record the model and store",
+              "no-examples": "features.0.examples is missing or not of type list"}[case]
     if case == "strength":
         extra = ["--strength", "1.5"]
     elif case == "unknown-file":
@@ -308,6 +309,12 @@ def test_cli_steer_bad_input_is_one_error_line_and_writes_nothing(env, dictionar
         bare = tmp_path / "bare.json"
         bare.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "model"}))
         feature = f"{bare}#{fid}"
+    elif case == "no-examples":  # an entry cut down by hand: steering fits its vMF to the examples' codes
+        data = json.loads(path.read_text())
+        del data["features"][0]["examples"]
+        cut = tmp_path / "cut.json"
+        cut.write_text(json.dumps(data))
+        feature = f"{cut}#{fid}"
     args = ["steer", "--store", env["store"], "--model", model, "--prompt", prompt, "--out", tmp_path / "o.json",
             *extra]
     if case != "no-feature":

@@ -152,3 +152,25 @@ def test_a_run_finished_before_a_setting_existed_is_reused_and_one_with_other_se
     (out / "train.json").write_text(json.dumps(info))
     with pytest.raises(RQAEError, match="holds a finished run with other settings"):
         train_run(cfg, spec, seed=0, out=out, split=split)
+
+
+def test_a_damaged_run_record_is_one_error_line(store_path, tmp_path):
+    """A sweep reuses a finished or diverged run from its train.json or diverged.json: one cut
+    short or without its result is one error line naming it (was a JSONDecodeError or KeyError)."""
+    from rqae_pipeline.sweep import DIVERGED_FILE, train_run
+
+    spec, out = ModelSpec(arch="rqae", d_in=64, n_q=4, lr=1e-2), tmp_path / "run"
+    cfg = SweepConfig(store=store_path, out=tmp_path / "q", models={"rqae": spec}, tokens=128 * 4, batch_size=128,
+                      heldout_contexts=8, evaluations=2, progress=False)
+    split = splits(ActivationStore.open(store_path), cfg.heldout_contexts)[0]
+    train_run(cfg, spec, seed=0, out=out, split=split)
+    info = (out / "train.json").read_text()
+    no_result = json.dumps({k: v for k, v in json.loads(info).items() if k != "heldout_metrics"})
+    for name, text, needle in (("train.json", info[:100], "train.json cannot be read as JSON"),
+                               ("train.json", no_result, "train.json: heldout_metrics.fvu is missing"),
+                               (DIVERGED_FILE, '{"diverged": "loss bec', "diverged.json cannot be read as JSON")):
+        (out / name).write_text(text)
+        with pytest.raises(RQAEError, match=needle) as e:
+            train_run(cfg, spec, seed=0, out=out, split=split)
+        assert f"delete {out} to train the run again" in str(e.value)
+        (out / "train.json").write_text(info)

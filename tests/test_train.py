@@ -218,6 +218,24 @@ def test_out_dir_of_another_run_and_changed_hyperparameters(store_path, tmp_path
         train(rqae_cfg(store_path, tmp_path / "other"), progress=False)
 
 
+def test_a_checkpoint_without_a_readable_data_position_is_refused_unchanged(store_path, tmp_path):
+    """--resume starts reading where the checkpoint's data position says: a record lacking a
+    field, holding a non-integer or the wrong number of streams is one error line, before
+    train.json or the metrics are rewritten (was a KeyError or TypeError part-way in)."""
+    out = tmp_path / "run"
+    train(rqae_cfg(store_path, out, tokens=256 * 10), progress=False)
+    ckpt = torch.load(out / CHECKPOINT, weights_only=False)
+    data = ckpt["data"]
+    assert set(data) == {"epoch", "buffer", "row"}
+    for bad in ({k: v for k, v in data.items() if k != "row"}, {**data, "row": str(data["row"])},
+                {**data, "buffer": -1}, {"epoch": data["epoch"], "streams": [[0, 0], [0, 0]]}, None):
+        torch.save({**ckpt, "data": bad}, out / CHECKPOINT)
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        with pytest.raises(RQAEError, match="checkpoint.pt records no readable data position"):
+            train(rqae_cfg(store_path, out, tokens=256 * 10, resume=True), progress=False)
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
 def test_codebook_baseline_trains_through_the_same_loop(store_path, tmp_path):
     cfg = rqae_cfg(store_path, tmp_path / "cb", model=ModelSpec(arch="codebook", d_in=64, d_sae=128, k=4, lr=3e-3))
     result = train(cfg, progress=False)

@@ -34,8 +34,10 @@ from typing import Any
 import torch
 from sae_lens import SAE
 from sae_lens.registry import SAE_CLASS_REGISTRY, get_sae_class, register_sae_class
+from safetensors import SafetensorError
 
 from rqae_pipeline import RQAEError
+from rqae_pipeline.io import read_json
 from rqae_pipeline.lm import NORMALISATIONS
 from rqae_pipeline.lm import Normalisation as InputNormalisation
 
@@ -198,10 +200,24 @@ def stored_space_sae(sae: SAE) -> SAE:
 
 def load_sae_dir(path: str | Path, device: str = "cpu") -> SAE:
     """A sae-lens SAE directory, as the pipeline uses it: in the stored space when it was
-    saved for raw activations, as it is otherwise (e.g. a raw-residual SAE)."""
+    saved for raw activations, as it is otherwise (e.g. a raw-residual SAE). A directory
+    sae-lens cannot build an SAE from (cfg.json cut short, lacking a field or naming an unknown
+    architecture; weights missing or damaged) is one error line naming it, not a traceback
+    from inside sae-lens's loader."""
+    cfg_path = Path(path) / "cfg.json"
+    name = read_json(cfg_path, {"architecture": str, "d_in": int, "d_sae": int})["architecture"]
+    if name not in SAE_CLASS_REGISTRY:
+        raise RQAEError(f"{cfg_path}: architecture {name!r} is not one sae-lens knows "
+                        f"({', '.join(sorted(SAE_CLASS_REGISTRY))})")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_KWARGS_WARNING)
-        return stored_space_sae(SAE.load_from_disk(str(path), device=device))
+        try:
+            sae = SAE.load_from_disk(str(path), device=device)
+        except (KeyError, TypeError, ValueError, OSError, SafetensorError) as e:  # its loader's errors for bad files
+            lines = str(e).strip().splitlines()
+            raise RQAEError(f"sae-lens cannot load the SAE in {path} ({type(e).__name__}: "
+                            f"{lines[0][:200] if lines else ''})") from None
+    return stored_space_sae(sae)
 
 
 def recorded_normalisation(model_dir: str | Path) -> InputNormalisation | None:
