@@ -169,7 +169,7 @@ def test_an_unknown_input_normalisation_is_an_error_not_a_guessed_space(run, tmp
 
 
 def test_a_damaged_sae_directory_is_one_error_line(run, tmp_path):
-    """A cfg.json cut short, lacking a field or naming an architecture sae-lens does not know,
+    """A cfg.json cut short, lacking a field (a TopK SAE's k too) or naming an architecture sae-lens does not know,
     or weights gone: `rqae eval` says so in one line naming the file (sae-lens's loader raised
     JSONDecodeError, KeyError or TypeError from deep inside)."""
     from typer.testing import CliRunner
@@ -182,6 +182,8 @@ def test_a_damaged_sae_directory_is_one_error_line(run, tmp_path):
     damages = {"cut-short": ("cfg.json", text[:200], "cfg.json cannot be read as JSON"),
                "no-d_in": ("cfg.json", json.dumps({k: v for k, v in cfg.items() if k != "d_in"}),
                            "cfg.json: d_in is missing or not of type int"),
+               "no-k": ("cfg.json", json.dumps({k: v for k, v in cfg.items() if k != "k"}),
+                        "cfg.json: k is missing or not of type int"),  # sae-lens would build its default k
                "unknown": ("cfg.json", json.dumps({**cfg, "architecture": "nonsense"}),
                            "cfg.json: architecture 'nonsense' is not one sae-lens knows"),
                "no-weights": ("sae_weights.safetensors", None, "sae-lens cannot load the SAE in")}

@@ -25,6 +25,7 @@ gain as `norm_gain`; `norm_eps` and `input_normalisation` are config fields. So
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from sae_lens.registry import SAE_CLASS_REGISTRY, get_sae_class, register_sae_cl
 from safetensors import SafetensorError
 
 from rqae_pipeline import RQAEError
-from rqae_pipeline.io import read_json
+from rqae_pipeline.io import checked_fields, read_json
 from rqae_pipeline.lm import NORMALISATIONS
 from rqae_pipeline.lm import Normalisation as InputNormalisation
 
@@ -205,10 +206,13 @@ def load_sae_dir(path: str | Path, device: str = "cpu") -> SAE:
     architecture; weights missing or damaged) is one error line naming it, not a traceback
     from inside sae-lens's loader."""
     cfg_path = Path(path) / "cfg.json"
-    name = read_json(cfg_path, {"architecture": str, "d_in": int, "d_sae": int})["architecture"]
+    cfg = read_json(cfg_path, {"architecture": str, "d_in": int, "d_sae": int})
+    name = cfg["architecture"]
     if name not in SAE_CLASS_REGISTRY:
         raise RQAEError(f"{cfg_path}: architecture {name!r} is not one sae-lens knows "
                         f"({', '.join(sorted(SAE_CLASS_REGISTRY))})")
+    if "k" in {f.name for f in dataclasses.fields(SAE_CLASS_REGISTRY[name][1])}:
+        checked_fields(cfg, cfg_path, {"k": int})  # without it sae-lens builds its default k: another SAE
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_KWARGS_WARNING)
         try:
