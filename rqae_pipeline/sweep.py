@@ -92,14 +92,18 @@ def plateau_summary(steps: list[int], fvus: list[float], total_steps: int, tail:
 
 
 def heldout_series(run_dir: Path) -> tuple[list[int], list[float]]:
-    """(steps, held-out FVU) of a run's periodic evaluations (`metrics.jsonl`)."""
+    """(steps, held-out FVU) of a run's periodic evaluations (`metrics.jsonl`); a damaged row
+    is one error line naming it (the plateau summary would be made from what is left)."""
     steps, fvus = [], []
     path = Path(run_dir) / METRICS
-    for line in path.read_text().splitlines() if path.exists() else []:
-        row = json.loads(line)
-        if "heldout" in row:
-            steps.append(int(row["step"]))
-            fvus.append(float(row["heldout"]["fvu"]))
+    for i, line in enumerate(path.read_text().splitlines() if path.exists() else [], 1):
+        try:
+            row = json.loads(line)
+            if "heldout" in row:
+                steps.append(int(row["step"]))
+                fvus.append(float(row["heldout"]["fvu"]))
+        except (ValueError, KeyError, TypeError):
+            raise RQAEError(f"{path} line {i} is not a metrics row; delete {run_dir} to train the run again") from None
     return steps, fvus
 
 

@@ -156,7 +156,8 @@ def test_a_run_finished_before_a_setting_existed_is_reused_and_one_with_other_se
 
 def test_a_damaged_run_record_is_one_error_line(store_path, tmp_path):
     """A sweep reuses a finished or diverged run from its train.json or diverged.json: one cut
-    short or without its result is one error line naming it (was a JSONDecodeError or KeyError)."""
+    short or without its result, or a damaged row of its metrics, is one error line naming it
+    (was a JSONDecodeError or KeyError)."""
     from rqae_pipeline.sweep import DIVERGED_FILE, train_run
 
     spec, out = ModelSpec(arch="rqae", d_in=64, n_q=4, lr=1e-2), tmp_path / "run"
@@ -174,3 +175,8 @@ def test_a_damaged_run_record_is_one_error_line(store_path, tmp_path):
             train_run(cfg, spec, seed=0, out=out, split=split)
         assert f"delete {out} to train the run again" in str(e.value)
         (out / "train.json").write_text(info)
+    (out / DIVERGED_FILE).unlink()
+    metrics = (out / "metrics.jsonl").read_text().splitlines()
+    (out / "metrics.jsonl").write_text("\n".join([metrics[0][:20]] + metrics[1:]) + "\n")  # a damaged first row
+    with pytest.raises(RQAEError, match=r"metrics.jsonl line 1 is not a metrics row; delete .* to train the run again"):
+        train_run(cfg, spec, seed=0, out=out, split=split)
