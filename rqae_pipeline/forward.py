@@ -85,9 +85,10 @@ def hook_residuals(lm: LoadedLM, tokens: torch.Tensor, hook: str, layer: int) ->
 
 def compiled_stop(hook: str, layer: int) -> int | None:
     """The `stop_at_layer` at which the forward's own output is `hook`'s value (the residual
-    stream after block `layer`, or before it); None for a hook inside a block. A compiled
-    forward is called, not hooked: hooks added to a compiled module run it eagerly again
-    (which is why sae-lens's `compile_llm` leaves its `run_with_cache` as fast as before)."""
+    stream after block `layer`, or before it); None for a hook inside a block. The compiled
+    forward is called, not run through `run_with_cache`: the torch.compile wrapper hands that
+    method to the unwrapped module, which runs eagerly (why sae-lens's `compile_llm` leaves
+    its runner's forward as it was)."""
     return {f"blocks.{layer}.hook_resid_post": layer + 1, f"blocks.{layer}.hook_resid_pre": layer}.get(hook)
 
 
