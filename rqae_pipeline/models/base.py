@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol, get_args
 import torch
 
 from rqae_pipeline import RQAEError
+from rqae_pipeline.io import read_json
 
 TrainDtype = Literal["float32", "bfloat16"]
 TRAIN_DTYPES: tuple[str, ...] = get_args(TrainDtype)
@@ -135,14 +136,9 @@ def read_module_dir(model_dir: str | Path, architecture: str,
 def read_config(model_dir: Path, required: tuple[str, ...]) -> dict:
     """A model directory's config.json, with the `required` fields present (one error line
     naming the missing ones, not a KeyError)."""
-    import json
-
     path = Path(model_dir) / "config.json"
-    try:
-        cfg = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise RQAEError(f"{path} cannot be read as JSON ({type(e).__name__})") from None
-    missing = [k for k in required if not isinstance(cfg, dict) or k not in cfg]
+    cfg = read_json(path)
+    missing = [k for k in required if k not in cfg]
     if missing:
         raise RQAEError(f"{path} lacks {', '.join(missing)}; the model directory is incomplete")
     return cfg

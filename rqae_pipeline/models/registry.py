@@ -14,7 +14,6 @@ asks here:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any, Literal, get_args
 import torch
 
 from rqae_pipeline import RQAEError
+from rqae_pipeline.io import read_json
 
 ArchitectureKind = Literal["rqae", "codebook", "sae"]
 KINDS: tuple[str, ...] = get_args(ArchitectureKind)
@@ -96,10 +96,7 @@ def architecture_of(model_dir: str | Path) -> ArchitectureKind:
     d = Path(model_dir)
     cfg_path = d / "config.json"
     if cfg_path.exists():
-        try:
-            arch = json.loads(cfg_path.read_text()).get("architecture")
-        except (ValueError, AttributeError):
-            raise RQAEError(f"{d}/config.json is not a model config (unreadable JSON)") from None
+        arch = read_json(cfg_path).get("architecture")
         if arch in ("rqae", "codebook"):
             return arch
         if not (d / "cfg.json").exists():

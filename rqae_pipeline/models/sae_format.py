@@ -26,7 +26,6 @@ gain as `norm_gain`; `norm_eps` and `input_normalisation` are config fields. So
 from __future__ import annotations
 
 import dataclasses
-import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -230,10 +229,7 @@ def recorded_normalisation(model_dir: str | Path) -> InputNormalisation | None:
     cfg_path = Path(model_dir) / "cfg.json"
     if not cfg_path.exists():
         return None
-    try:
-        value = json.loads(cfg_path.read_text()).get("input_normalisation")
-    except (ValueError, AttributeError):
-        raise RQAEError(f"{cfg_path} is not a sae-lens config (unreadable JSON)") from None
+    value = read_json(cfg_path).get("input_normalisation")
     if value is not None and value not in NORMALISATIONS:  # guessing the space would change every metric
         raise RQAEError(f"{cfg_path}: input_normalisation {value!r} is not one of {', '.join(NORMALISATIONS)}; "
                         f"every metric's space depends on it")
