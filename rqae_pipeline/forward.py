@@ -8,11 +8,12 @@ dask worker, the processes that run the forward. `--compile` runs the forward th
 torch.compile (fused kernels: a one-off compile, then ~10% faster batches of Gemma-3-270M on
 a CPU); its rows round differently from the eager forward's, so it counts as a precision.
 
-Forward error (manifest `forward_error`): when the forward is not plain eager float32, the first
-FORWARD_ERROR_CONTEXTS contexts of a new store go once through the harvest's model and through
-an eager float32 copy of it (TF32 off), both normalised as the store normalises its rows, and the
-float64 sums of the difference are recorded as `storage_error`'s are (sse, sumsq, sum, n), so
-summary.py forms an FVU the same way. A plain float32 forward is the reference itself: its
+Forward error (manifest `forward_error`): when the forward is not plain eager float32, a new
+store's first batch (its first FORWARD_ERROR_CONTEXTS contexts when a batch holds fewer) goes
+through the harvest's model and through an eager float32 copy of it (TF32 off), both normalised
+as the store normalises its rows, and the float64 sums of the difference are recorded as
+`storage_error`'s are (sse, sumsq, sum, n), so summary.py forms an FVU the same way. The
+harvest's rows of that batch are the ones measured, not a second forward of it. A plain float32 forward is the reference itself: its
 entry names the precision and holds no sums. A resume keeps the entry (nothing is measured
 again) and refuses a forward of another precision: one store never mixes them.
 """
@@ -33,7 +34,7 @@ from rqae_pipeline.lm import DTYPES, LoadedLM, cuda_ampere_or_newer, load_lm
 from rqae_pipeline.shard_writer import batch_error
 from rqae_pipeline.store import ActivationStore
 
-FORWARD_ERROR_CONTEXTS = 8  # contexts measured: the store's first 8 (fewer when it holds fewer)
+FORWARD_ERROR_CONTEXTS = 8  # contexts measured at least (the first batch if larger; fewer if the store holds fewer)
 
 
 def precision_of(lm: LoadedLM) -> dict:
@@ -74,9 +75,17 @@ def cuda_tf32(on: bool):
             matmul.allow_tf32, cudnn.allow_tf32 = before
 
 
+_MEASURED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> (call, tokens, residuals)
+
+
 def hook_residuals(lm: LoadedLM, tokens: torch.Tensor, hook: str, layer: int) -> torch.Tensor:
-    """Raw residuals (B, T, d) at `hook` of block `layer`; the forward stops after that block."""
+    """Raw residuals (B, T, d) at `hook` of block `layer`; the forward stops after that block.
+    The first call after `measure_forward_error` on the very contexts it measured (a new
+    store's first batch) gets the rows that measurement computed, not a second forward."""
     tokens = tokens.to(lm.model.cfg.device)
+    kept = _MEASURED.pop(lm.model, None)
+    if kept is not None and kept[0] == (hook, layer, lm.compiled_batch) and torch.equal(kept[1], tokens):
+        return kept[2]
     if lm.compiled_batch:
         return _compiled_residuals(lm, tokens, compiled_stop(hook, layer))
     _, cache = lm.model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=layer + 1)
@@ -155,6 +164,8 @@ def measure_forward_error(lm: LoadedLM, store: ActivationStore, tokens_np: np.nd
     with cuda_tf32(False):
         x_ref = hook_residuals(reference, tokens, spec.hook, spec.layer)
     del reference  # a float32 copy of the model: freed before the harvest's shards need the memory
+    # the harvest's first batch is these contexts: hook_residuals hands it these rows
+    _MEASURED[lm.model] = ((spec.hook, spec.layer, lm.compiled_batch), tokens.to(device), x)
     if device.type == "cuda":
         torch.cuda.empty_cache()
     eps, kept = float(lm.model.cfg.eps), slice(1, None) if spec.skip_bos else slice(None)
@@ -175,7 +186,9 @@ def record_forward_error(store: ActivationStore, source: Contexts, tokens: int,
     """Commit `measure(first contexts)` as the manifest's `forward_error` unless the store has
     one; returns `source` with the contexts it took put back in front. `tokens`: the run's target.
     A store from before `forward_error` gets it from the contexts its resume starts at."""
-    want = min(FORWARD_ERROR_CONTEXTS, -(-tokens // store.spec.rows_per_context) - store.n_contexts)
+    spec = store.spec
+    first_batch = min(spec.batch_contexts, spec.contexts_per_shard - store.n_contexts % spec.contexts_per_shard)
+    want = min(max(FORWARD_ERROR_CONTEXTS, first_batch), -(-tokens // spec.rows_per_context) - store.n_contexts)
     if "forward_error" in store.manifest or want <= 0:
         return source
     first = list(itertools.islice(source, want))

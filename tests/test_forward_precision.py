@@ -76,6 +76,31 @@ def test_resume_keeps_the_recorded_error_and_writes_the_one_run_store(tmp_path, 
     assert resumed.manifest["storage_error"] == one_run.manifest["storage_error"]
 
 
+def forward_calls(lm, cfg) -> int:
+    """How many forward passes of `lm.model` a harvest with `cfg` runs."""
+    calls = []
+    handle = lm.model.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        harvest(cfg, lm=lm, progress=False)
+    finally:
+        handle.remove()
+    return len(calls)
+
+
+def test_the_measured_first_batch_is_not_run_again(tmp_path, tiny_lm, bf16_lm):
+    # batches of 8 contexts: the first batch is exactly the contexts the error is measured on
+    kw = dict(tokens=1024, batch_contexts=8, contexts_per_shard=8)
+    eager_fp32 = forward_calls(tiny_lm, tiny_config(tmp_path / "fp32.zarr", **kw))
+    bf16 = forward_calls(bf16_lm, tiny_config(tmp_path / "bf16.zarr", model_dtype="bfloat16", **kw))
+    store = ActivationStore.open(tmp_path / "bf16.zarr")
+    assert store.manifest["forward_error"]["contexts"] == 8 and store.n_contexts == 32
+    assert eager_fp32 == 4 and bf16 == 4  # the reference forward runs on a float32 copy, not counted
+    # a first batch larger than 8 contexts is measured whole
+    forward_calls(bf16_lm, tiny_config(tmp_path / "b16.zarr", model_dtype="bfloat16", tokens=1024,
+                                       batch_contexts=16, contexts_per_shard=16))
+    assert ActivationStore.open(tmp_path / "b16.zarr").manifest["forward_error"]["contexts"] == 16
+
+
 def test_resume_with_another_model_dtype_is_one_error_line_and_changes_nothing(bf16_store):
     before = tree_digest(bf16_store)
     r = run_rqae("harvest", *CLI_ARGS, "--tokens", "2048", "--out", str(bf16_store), "--resume",
