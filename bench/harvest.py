@@ -15,7 +15,7 @@ Bare forward, harvest and sae-lens runs (and the compiled pair) are interleaved 
 each time ratio is the median over rounds of that round's ratio, so drift (other load on
 a shared machine) hits both sides of a ratio alike.
 
-    python bench/harvest.py                                      # offline Gemma-3-270M, 16,384 tokens, 9 rounds
+    python bench/harvest.py                                      # offline Gemma-3-270M, 32,768 tokens, 9 rounds
     python bench/harvest.py --model tiny-random:0 --tokens 2048  # smoke run
 """
 
@@ -131,7 +131,8 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=OFFLINE_GEMMA, help="also tiny-random:SEED for a smoke run")
     ap.add_argument("--layer", default="auto", help="layer number; auto = n_layers // 2")
-    ap.add_argument("--tokens", type=int, default=16_384, help="rounded up to whole batches of contexts")
+    ap.add_argument("--tokens", type=int, default=32_768,
+                    help="rounded up to whole batches of contexts; long enough that one-off costs weigh little")
     ap.add_argument("--context-length", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass")
     ap.add_argument("--repeats", type=int, default=9, help="interleaved rounds of bare / harvest / sae-lens")

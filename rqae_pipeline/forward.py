@@ -13,9 +13,10 @@ store's first batch (its first FORWARD_ERROR_CONTEXTS contexts when a batch hold
 through the harvest's model and through an eager float32 copy of it (TF32 off), both normalised
 as the store normalises its rows, and the float64 sums of the difference are recorded as
 `storage_error`'s are (sse, sumsq, sum, n), so summary.py forms an FVU the same way. The
-harvest's rows of that batch are the ones measured, not a second forward of it. A plain float32 forward is the reference itself: its
-entry names the precision and holds no sums. A resume keeps the entry (nothing is measured
-again) and refuses a forward of another precision: one store never mixes them.
+harvest's rows of that batch are the ones measured, not a second forward of it. A plain
+float32 forward is the reference itself: its entry names the precision and holds no sums.
+A resume keeps the entry (nothing is measured again) and refuses a forward of another
+precision: one store never mixes them.
 """
 
 from __future__ import annotations
@@ -86,13 +87,16 @@ def hook_residuals(lm: LoadedLM, tokens: torch.Tensor, hook: str, layer: int) ->
     kept = _MEASURED.pop(lm.model, None)
     if kept is not None and kept[0] == (hook, layer, lm.compiled_batch) and torch.equal(kept[1], tokens):
         return kept[2]
+    stop = residual_stop(hook, layer)
     if lm.compiled_batch:
-        return _compiled_residuals(lm, tokens, compiled_stop(hook, layer))
+        return _compiled_residuals(lm, tokens, stop)
+    if stop is not None:  # the forward's own output: no hook to add and remove for it
+        return lm.model(tokens, stop_at_layer=stop)
     _, cache = lm.model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=layer + 1)
     return cache[hook]
 
 
-def compiled_stop(hook: str, layer: int) -> int | None:
+def residual_stop(hook: str, layer: int) -> int | None:
     """The `stop_at_layer` at which the forward's own output is `hook`'s value (the residual
     stream after block `layer`, or before it); None for a hook inside a block. The compiled
     forward is called, not run through `run_with_cache`: the torch.compile wrapper hands that

@@ -26,12 +26,12 @@ from rqae_pipeline.codec import STORE_DTYPES, StoreDtype
 from rqae_pipeline.corpus import ContextPacker, CorpusSpec, CorpusState, iter_contexts, parse_corpus
 from rqae_pipeline.forward import (
     check_forward_precision,
-    compiled_stop,
     cuda_tf32,
     hook_residuals,
     measure_forward_error,
     precision_of,
     record_forward_error,
+    residual_stop,
 )
 from rqae_pipeline.io import empty_except_lock
 from rqae_pipeline.lm import (
@@ -138,7 +138,7 @@ class ModelFacts:
 
 def model_facts(cfg: HarvestConfig, lm: LoadedLM) -> ModelFacts:
     hook = resolve_hook(lm, lm.n_layers // 2 if cfg.hook == "auto" else cfg.hook)
-    if cfg.compile and compiled_stop(hook.name, hook.layer) is None:
+    if cfg.compile and residual_stop(hook.name, hook.layer) is None:
         raise RQAEError(f"--compile harvests a residual stream hook (blocks.L.hook_resid_post or hook_resid_pre), "
                         f"not {hook.name}; leave out --compile for this hook")
     if cfg.context_length > lm.model.cfg.n_ctx:

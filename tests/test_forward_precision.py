@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from rqae_pipeline import RQAEError
-from rqae_pipeline.forward import FORWARD_ERROR_CONTEXTS, cuda_tf32
+from rqae_pipeline.forward import FORWARD_ERROR_CONTEXTS, cuda_tf32, hook_residuals
 from rqae_pipeline.harvest import harvest
 from rqae_pipeline.lm import load_lm, normalise, resolve_model_dtype
 from rqae_pipeline.store import ActivationStore
@@ -233,3 +233,14 @@ def test_the_compiled_forward_runs_one_batch_shape_whatever_the_number_of_contex
         for n in (1, 3, 5):  # a short batch, and batches of 2 and a short one
             torch.testing.assert_close(hook_residuals(lm, tokens[:n], hook, 1), eager[:n], atol=1e-5, rtol=1e-5)
     assert counters["stats"]["unique_graphs"] == graphs  # no new graph for the other sizes
+
+
+@pytest.mark.parametrize("name", ["hook_resid_pre", "hook_resid_post", "hook_mlp_out"])
+def test_every_hook_reads_what_run_with_cache_records(tiny_lm, name):
+    # residual hooks are read from the forward's own output (no hook added), others from a cache
+    tokens = torch.randint(0, tiny_lm.model.cfg.d_vocab, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        for layer in range(tiny_lm.n_layers):
+            hook = f"blocks.{layer}.{name}"
+            _, cache = tiny_lm.model.run_with_cache(tokens, names_filter=[hook], stop_at_layer=layer + 1)
+            assert torch.equal(hook_residuals(tiny_lm, tokens, hook, layer), cache[hook])
