@@ -34,7 +34,7 @@ import torch
 
 from rqae_pipeline import RQAEError, codec
 from rqae_pipeline.integrity import dask_rows, read_checked
-from rqae_pipeline.io import default_device, empty_except_lock
+from rqae_pipeline.io import checked_fields, default_device, empty_except_lock
 from rqae_pipeline.lock import take_write_lock
 from rqae_pipeline.models.base import read_config
 from rqae_pipeline.models.registry import architecture_of
@@ -99,7 +99,7 @@ class CodesStore:
 
     def __init__(self, path: Path, group, meta: dict):
         self.path, self.group, self.meta = path, group, meta
-        self.codes = group["codes"]
+        self.codes = group["codes"]  # checked by open_codes
 
     @property
     def n(self) -> int:
@@ -179,9 +179,40 @@ def open_codes(path: Path) -> CodesStore:
     except Exception as e:  # zarr raises several types for "not a group"
         raise RQAEError(f"{path} is not a codes store ({type(e).__name__})") from e
     meta = group.attrs.get(ATTR)
-    if not isinstance(meta, dict) or meta.get("schema") != CODES_SCHEMA or "codes" not in group:
+    if not isinstance(meta, dict) or meta.get("schema") != CODES_SCHEMA:
         raise RQAEError(f"{path} is a Zarr group but not a codes store (schema {CODES_SCHEMA})")
+    checked_fields(meta, f"{path} ({ATTR})", META_FIELDS, fix="; encode the store again with `rqae encode`")
+    try:
+        codes = group["codes"]
+    except KeyError:
+        raise RQAEError(f"{path} is a Zarr group but not a codes store (no codes array)") from None
+    except Exception as e:  # damaged array metadata: zarr raises several types
+        raise RQAEError(f"{path}: the codes array cannot be opened ({type(e).__name__}); encode the store "
+                        f"again with `rqae encode`") from None
+    _check_codes_array(path, codes, meta)
     return CodesStore(path, group, meta)
+
+
+# the attribute fields every reader relies on, and their types (io.checked_fields)
+META_FIELDS = {"committed": int, "store.spec.contexts_per_shard": int, "store.spec.context_length": int,
+               "store.spec.skip_bos": bool, "model.name": str, "model.n_q": int, "model.weights_sha256": str}
+
+
+def _check_codes_array(path: Path, codes, meta: dict) -> None:
+    """The codes array is what the attributes say: (rows, n_q) int16, one shard across its
+    width (a shard that is never written would read as code 0), holding the committed rows."""
+    import zarr
+
+    n_q, committed = meta["model"]["n_q"], meta["committed"]
+    if not isinstance(codes, zarr.Array) or codes.ndim != 2 or codes.dtype != np.int16:
+        raise RQAEError(f"{path}: codes is not a 2-d int16 array; encode the store again with `rqae encode`")
+    if codes.shape[1] != n_q or (codes.shards or codes.chunks)[1] != n_q:
+        raise RQAEError(f"{path}: the codes array is {codes.shape[1]} codes wide (shards of "
+                        f"{(codes.shards or codes.chunks)[1]}), but its model has n_q = {n_q}; encode the "
+                        f"store again with `rqae encode`")
+    if not 0 <= committed <= codes.shape[0]:
+        raise RQAEError(f"{path}: {committed} committed rows, but the codes array holds {codes.shape[0]}; "
+                        f"encode the store again with `rqae encode`")
 
 
 def open_codes_for(store: ActivationStore, model_dir: Path, path: Path | None = None) -> CodesStore:
@@ -192,6 +223,9 @@ def open_codes_for(store: ActivationStore, model_dir: Path, path: Path | None = 
     if codes.n < store.n_tokens:
         raise RQAEError(f"codes at {codes.path} cover {codes.n:,} of the store's {store.n_tokens:,} rows; "
                         f"finish them with `rqae encode`")
+    if codes.n > store.n_tokens:  # codes of a longer copy of this store: rows it does not commit
+        raise RQAEError(f"codes at {codes.path} cover {codes.n:,} rows, but the store commits only "
+                        f"{store.n_tokens:,}; encode this store into a new --out")
     return codes
 
 
@@ -227,6 +261,9 @@ def encode_store(cfg: EncodeConfig, *, progress: bool = True) -> Path:
     try:
         meta = dict(group.attrs[ATTR])
         arr, done, n = group["codes"], int(meta["committed"]), store.n_tokens
+        if done > n:  # resizing would cut committed codes under their commit
+            raise RQAEError(f"codes at {out} cover {done:,} rows, but the store commits only {n:,}: they were "
+                            f"encoded from a longer copy of it; encode into a new --out")
         if arr.shape[0] != n:
             arr.resize((n, identity["n_q"]))
         # every shard is written, all-zero ones too, so that a missing shard file means damage

@@ -400,6 +400,72 @@ def test_codes_of_another_model_are_refused_by_the_cli(env):
     assert tree_digest(env["codes"]) == before
 
 
+def edit_json(path, edit):
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def meta_edit(edit):
+    return lambda codes: edit_json(codes / "zarr.json", lambda g: edit(g["attributes"]["rqae_codes"]))
+
+
+def array_edit(edit):
+    return lambda codes: edit_json(codes / "codes" / "zarr.json", edit)
+
+
+def widen(a):  # the array and its shards twice as wide as the model's n_q
+    a["shape"][1] *= 2
+    a["chunk_grid"]["configuration"]["chunk_shape"][1] *= 2
+
+
+DAMAGED_CODES = {
+    "committed missing": (meta_edit(lambda m: m.pop("committed")), "committed is missing"),
+    "committed not a number": (meta_edit(lambda m: m.update(committed="abc")), "committed is missing or not"),
+    "committed past the array": (meta_edit(lambda m: m.update(committed=10**6)), "1000000 committed rows"),
+    "model not an object": (meta_edit(lambda m: m.update(model="rqae")), "model.name is missing"),
+    "store missing": (meta_edit(lambda m: m.pop("store")), "store.spec.contexts_per_shard is missing"),
+    "array wider than the model": (array_edit(widen), "16 codes wide (shards of 16), but its model has n_q = 8"),
+    "array of floats": (array_edit(lambda a: a.update(data_type="float16")), "not a 2-d int16 array"),
+    "array metadata cut short": (lambda c: (c / "codes" / "zarr.json").write_text('{"shape": [1'),
+                                 "the codes array cannot be opened"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_CODES)
+def test_damaged_codes_attributes_or_array_metadata_are_one_error_line(env, tmp_path, damage):
+    import shutil
+
+    copy = tmp_path / "codes.zarr"
+    shutil.copytree(env["codes"], copy)
+    edit, needle = DAMAGED_CODES[damage]
+    edit(copy)
+    before = tree_digest(copy)
+    for cmd in (["search", "--address", "3:5"], ["encode"]):
+        args = ("--out", copy) if cmd == ["encode"] else ("--codes", copy, *cmd[1:])
+        r = invoke(cmd[0], "--store", env["store"], "--model", env["model_dir"], *args)
+        assert_one_line_error(r, needle)
+    assert tree_digest(copy) == before
+
+
+def test_codes_of_a_longer_copy_of_the_store_are_refused_and_left_intact(env, tmp_path):
+    """The store's identity leaves out its row count (a store grows); codes that cover rows a
+    copy of it does not commit would be read as that copy's, past its end."""
+    import shutil
+
+    shorter = tmp_path / "s.zarr"
+    shutil.copytree(env["store"], shorter)
+    half = env["st"].spec.shard_rows
+    edit_json(shorter / "zarr.json", lambda g: g["attributes"]["rqae"]["committed"].update(
+        tokens=half, contexts=half // env["st"].spec.rows_per_context))
+    before = tree_digest(env["codes"])
+    r = invoke("search", "--store", shorter, "--model", env["model_dir"], "--codes", env["codes"], "--address", "3:5")
+    assert_one_line_error(r, f"the store commits only {half:,}")
+    r = invoke("encode", "--store", shorter, "--model", env["model_dir"], "--out", env["codes"])
+    assert_one_line_error(r, f"the store commits only {half:,}")
+    assert tree_digest(env["codes"]) == before
+
+
 @pytest.mark.slow
 def test_real_gemma_query_text_gets_the_stored_codes(gemma_lm, tmp_path):
     from rqae_pipeline.harvest import HarvestConfig
