@@ -98,10 +98,10 @@ def hook_residuals(lm: LoadedLM, tokens: torch.Tensor, hook: str, layer: int) ->
 
 def residual_stop(hook: str, layer: int) -> int | None:
     """The `stop_at_layer` at which the forward's own output is `hook`'s value (the residual
-    stream after block `layer`, or before it); None for a hook inside a block. The compiled
-    forward is called, not run through `run_with_cache`: the torch.compile wrapper hands that
-    method to the unwrapped module, which runs eagerly (why sae-lens's `compile_llm` leaves
-    its runner's forward as it was)."""
+    stream after block `layer`, or before it); None for a hook inside a block. Such hooks are
+    read by calling the forward, not through `run_with_cache`: no hook is added and removed per
+    batch, and the torch.compile wrapper hands `run_with_cache` to the unwrapped module, which
+    runs eagerly (why sae-lens's `compile_llm` leaves its runner's forward as it was)."""
     return {f"blocks.{layer}.hook_resid_post": layer + 1, f"blocks.{layer}.hook_resid_pre": layer}.get(hook)
 
 
