@@ -327,6 +327,21 @@ def endless_batches(store, batch_size: int, *, seed: int, stop: int, exclude: in
         epoch, first = epoch + 1, start_of_pass(streams)
 
 
+def check_start(store, start: DataPosition, *, seed: int, stop: int, exclude: int, streams: int = 1) -> None:
+    """`start` (a checkpoint's position for `endless_batches`) is one its pass has: each
+    stream at a row of one of its buffers, or at its end. A position past either would read
+    as the end of the pass, silently: a damaged record, an RQAEError instead."""
+    groups = stream_groups(store, shuffle=True, seed=pass_seed(seed, start.epoch), start=0, stop=stop,
+                           buffer_rows=None, streams=streams)
+    for s, first in enumerate(start.read if isinstance(start.read, tuple) else (start.read,)):
+        if first.row == 0 and 0 <= first.buffer <= len(groups[s]):  # a buffer's start, or the pass's end
+            continue
+        if not (0 <= first.buffer < len(groups[s]) and 0 < first.row < kept_rows(store, groups[s][first.buffer],
+                                                                                    exclude)):
+            raise RQAEError(f"read position (buffer {first.buffer}, row {first.row}) of stream {s} is not in its "
+                            f"pass over {store.path} ({len(groups[s])} buffers)")
+
+
 def position_of_batch(store, batch_size: int, *, seed: int, stop: int, exclude: int, batches: int,
                       streams: int = 1) -> DataPosition:
     """Where `endless_batches` stands after `batches` batches, counted from the flags alone

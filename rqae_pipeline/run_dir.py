@@ -34,13 +34,20 @@ def write_run_file(out: Path, run: dict) -> None:
     atomic_write_json(out / RUN_FILE, run, default=str)
 
 
+def store_record(store: ActivationStore) -> dict:
+    """What a checkpoint records of the store it trains on: its spec, which harvest it is
+    (creation time) and its committed rows, on which the held-out split and the shuffle
+    order depend (a store that grew since is another run's data)."""
+    return {"store_spec": store.manifest["spec"], "store_created": store.manifest.get("created"),
+            "store_tokens": store.n_tokens}
+
+
 def save_checkpoint(out: Path, trainable: Trainable, step: int, identity: dict,
-                    data: DataPosition | None = None, store_spec: dict | None = None) -> None:
-    # atomic: a kill mid-save leaves the previous checkpoint. The store's spec travels with
+                    data: DataPosition | None = None, store: dict | None = None) -> None:
+    # atomic: a kill mid-save leaves the previous checkpoint. The store's record travels with
     # it, so that a resume finds the store it trained on even without train.json.
     atomic_torch_save({"step": step, "state": trainable.checkpoint_state(), "identity": identity,
-                       **({"data": data.as_dict()} if data is not None else {}),
-                       **({"store_spec": store_spec} if store_spec is not None else {})}, out / CHECKPOINT)
+                       **({"data": data.as_dict()} if data is not None else {}), **(store or {})}, out / CHECKPOINT)
 
 
 def prepare_out(out: Path, *, resume: bool, identity: dict, store: ActivationStore) -> dict | None:
@@ -59,18 +66,33 @@ def prepare_out(out: Path, *, resume: bool, identity: dict, store: ActivationSto
         for spec in (prior.get("store_spec") if isinstance(prior, dict) else None, ckpt.get("store_spec")):
             if spec and spec != store.manifest["spec"]:
                 raise RQAEError(f"{out} was trained on another store (model/hook/corpus differ); choose another --out")
-        if not ckpt:
-            return None
-        recorded = as_recorded(ckpt["identity"])
+        _check_same_store(out, ckpt, store)
+        # without a checkpoint, train.json says which settings the run was made with
+        recorded = ckpt.get("identity") or (prior.get("config") if isinstance(prior, dict) else None)
+        if not isinstance(recorded, dict):
+            return ckpt or None
+        recorded = as_recorded(recorded)
         for key, value in identity.items():
             before = recorded.get(key)
             if before != value:
                 raise RQAEError(f"cannot resume: {key} was {before!r}, now {value!r}; "
                                 f"resume with the same settings or choose another --out")
-        return ckpt
+        return ckpt or None
     if out.exists() and any(out.iterdir()):
         raise RQAEError(f"{out} exists and is not a training run directory; choose another --out")
     return None
+
+
+def _check_same_store(out: Path, ckpt: dict, store: ActivationStore) -> None:
+    """A checkpoint continues only on the harvest it trained on, at the rows it had then."""
+    if ckpt.get("store_created", store.manifest.get("created")) != store.manifest.get("created"):
+        raise RQAEError(f"cannot resume: {out} was trained on a store created {ckpt['store_created']}, but "
+                        f"{store.path} was created {store.manifest.get('created')} (another harvest); "
+                        f"choose another --out")
+    if ckpt.get("store_tokens", store.n_tokens) != store.n_tokens:
+        raise RQAEError(f"cannot resume: {out} was trained on {ckpt['store_tokens']:,} committed rows of "
+                        f"{store.path}, which holds {store.n_tokens:,} now (its held-out split and shuffle "
+                        f"order moved with them); train into another --out")
 
 
 def read_checkpoint(path: Path) -> dict:

@@ -33,14 +33,23 @@ from rqae_pipeline.metrics import Stats, prefix_label, prefix_of
 from rqae_pipeline.models.base import ModelSpec, Trainable
 from rqae_pipeline.models.registry import build_trainable, reconstruct
 from rqae_pipeline.models.sae import SAEBaseline
-from rqae_pipeline.reader import DataPosition, check_streams, endless_batches, position_of_batch, start_of_pass
+from rqae_pipeline.reader import (
+    DataPosition,
+    check_start,
+    check_streams,
+    endless_batches,
+    position_of_batch,
+    start_of_pass,
+)
 from rqae_pipeline.run_dir import (
+    CHECKPOINT,
     METRICS,
     RUN_FILE,
     keep_metrics_up_to,
     prepare_out,
     recorded_streams,
     save_checkpoint,
+    store_record,
     write_run_file,
 )
 from rqae_pipeline.store import ActivationStore, Flags
@@ -193,7 +202,7 @@ class _Run:
     heldout: torch.Tensor | None  # held-out rows for periodic and final evaluation (rank 0's)
     batches: Any  # iterator of (this rank's slice of the global batch, position after it), from `step` on
     ranks: Ranks = distributed.SINGLE
-    store_spec: dict | None = None  # the store's, saved with every checkpoint
+    store: dict | None = None  # run_dir.store_record, saved with every checkpoint
 
 
 def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
@@ -243,6 +252,9 @@ def _read_data(cfg: TrainConfig, ranks: Ranks) -> _Data:
     if cfg.model.d_in != store.d:
         raise RQAEError(f"model d_in {cfg.model.d_in} does not match the store's d_model {store.d}")
     ckpt = prepare_out(cfg.out, resume=cfg.resume, identity=cfg.identity(), store=store)
+    if ckpt is not None and not (type(ckpt["step"]) is int and 0 <= ckpt["step"] <= cfg.total_steps):
+        raise RQAEError(f"{Path(cfg.out) / CHECKPOINT} records step {ckpt['step']!r}, not one of this run's "
+                        f"0..{cfg.total_steps}; delete it to train from scratch, or choose another --out")
     split = heldout_split(store, cfg.heldout_fraction)
     heldout = heldout_rows(store, cfg, split) if ranks.is_main else None
     fresh = ckpt is None or ckpt["step"] == 0
@@ -271,6 +283,12 @@ def _start_run(cfg: TrainConfig, ranks: Ranks, device: str) -> _Run:
         step = data.ckpt["step"]
         position = (DataPosition.from_dict(data.ckpt["data"]) if "data" in data.ckpt
                     else position_of_step(data.store, cfg, data.split, step))
+        try:  # before train.json and the metrics are rewritten
+            check_start(data.store, position, seed=cfg.seed, stop=data.split["first_row"], exclude=cfg.exclude,
+                        streams=cfg.stream_count)
+        except RQAEError as e:
+            raise RQAEError(f"{out / CHECKPOINT}: {e}; the recorded position is damaged: delete the checkpoint "
+                            f"to train from scratch, or choose another --out") from None
     if main:
         keep_metrics_up_to(out / METRICS, step)
         write_run_file(out, {"config": cfg.identity(), "store": str(cfg.store),
@@ -280,7 +298,7 @@ def _start_run(cfg: TrainConfig, ranks: Ranks, device: str) -> _Run:
         trainable.init_from_data(data.first_batch)  # the global batch, on every rank
     batches = positioned_batches(data.store, cfg, data.split, position, ranks)
     return _Run(cfg=cfg, out=out, trainable=trainable, step=step, heldout=data.heldout, batches=batches, ranks=ranks,
-                store_spec=data.store.manifest["spec"])
+                store=store_record(data.store))
 
 
 def _train_loop(run: _Run, *, progress: bool) -> tuple[int, bool]:
@@ -314,7 +332,7 @@ def _train_loop(run: _Run, *, progress: bool) -> tuple[int, bool]:
                     _log_step(run, log, bar, step, values, throughput.tokens_per_second(step * cfg.batch_size))
                 if saves:
                     if ranks.is_main:
-                        save_checkpoint(run.out, run.trainable, step, cfg.identity(), position, run.store_spec)
+                        save_checkpoint(run.out, run.trainable, step, cfg.identity(), position, run.store)
                     last_good = step
     except KeyboardInterrupt:
         # The interrupt may land inside a step (after the optimiser moved the weights, before

@@ -258,3 +258,51 @@ def test_bfloat16_training_and_unknown_dtype(store_path, tmp_path):
     with pytest.raises(RQAEError, match="unknown training dtype 'fp4'"):
         train(rqae_cfg(store_path, tmp_path / "x", model=ModelSpec(arch="rqae", d_in=64, n_q=4, dtype="fp4")),
               progress=False)
+
+
+def test_a_checkpoint_step_or_position_out_of_range_is_refused_unchanged(store_path, tmp_path):
+    """A position past its buffer or pass (or a step past the run) read as the pass's end, or
+    as a finished run: a damaged checkpoint trained on other rows, exit 0."""
+    out = tmp_path / "run"
+    train(rqae_cfg(store_path, out, tokens=256 * 20), progress=False)
+    ckpt = torch.load(out / CHECKPOINT, weights_only=False)
+    data = ckpt["data"]
+    for bad, needle in (({**ckpt, "data": {**data, "buffer": 10**6}}, "is not in its pass"),
+                        ({**ckpt, "data": {**data, "buffer": 0, "row": 10**6}}, "is not in its pass"),
+                        ({**ckpt, "step": 10**6}, "records step 1000000, not one of this run's 0..20"),
+                        ({**ckpt, "step": -5}, "records step -5")):
+        torch.save(bad, out / CHECKPOINT)
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        with pytest.raises(RQAEError, match=needle):
+            train(rqae_cfg(store_path, out, tokens=256 * 20, resume=True), progress=False)
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_resume_refuses_a_store_that_grew_or_was_harvested_again(store_path, tmp_path, tiny_lm):
+    """The held-out split and the shuffle order follow the store's committed rows: a resume
+    on a store that grew (or a new harvest at the same path) trained on other rows, exit 0."""
+    import shutil
+
+    store = tmp_path / "s.zarr"
+    shutil.copytree(store_path, store)
+    out = tmp_path / "run"
+    train(rqae_cfg(store, out, tokens=256 * 20), progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    harvest(tiny_config(store, tokens=16384 + 2048, resume=True), lm=tiny_lm, progress=False)
+    with pytest.raises(RQAEError, match="was trained on 16,384 committed rows"):
+        train(rqae_cfg(store, out, tokens=256 * 20, resume=True), progress=False)
+    shutil.rmtree(store)
+    harvest(tiny_config(store, tokens=16384), lm=tiny_lm, progress=False)
+    with pytest.raises(RQAEError, match="another harvest"):
+        train(rqae_cfg(store, out, tokens=256 * 20, resume=True), progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_resume_without_a_checkpoint_is_held_to_the_settings_in_train_json(store_path, tmp_path):
+    out = tmp_path / "run"
+    train(rqae_cfg(store_path, out, tokens=256 * 10), progress=False)
+    (out / CHECKPOINT).unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(RQAEError, match="seed was 0, now 7"):
+        train(rqae_cfg(store_path, out, tokens=256 * 10, resume=True, seed=7), progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
