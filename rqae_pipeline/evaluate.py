@@ -374,6 +374,7 @@ def check_compatible(model, store: ActivationStore, cfg: EvalConfig) -> None:
         raise RQAEError(f"SAE {cfg.model} reads the store's {recorded} rows (its cfg.json says so); drop --space raw")
     if recorded and recorded != store.spec.normalisation:
         raise RQAEError(f"SAE {cfg.model} was trained on {recorded} rows, the store's are {store.spec.normalisation}")
+    _check_trained_on(cfg, store)
     checked = model_kind(model) == "sae" and (model_space(cfg) == "raw" or recorded)  # metadata it can trust
     hook = getattr(getattr(model.cfg, "metadata", None), "hook_name", None)
     if checked and hook and hook != store.spec.hook:
@@ -381,6 +382,23 @@ def check_compatible(model, store: ActivationStore, cfg: EvalConfig) -> None:
     sae_lm = getattr(getattr(model.cfg, "metadata", None), "model_name", None)
     if checked and sae_lm and _lm_key(sae_lm) != _lm_key(store.spec.model):
         raise RQAEError(f"SAE {cfg.model} was trained on {sae_lm}, the store holds {store.spec.model}")
+
+
+def _check_trained_on(cfg: EvalConfig, store: ActivationStore) -> None:
+    """A model trained here reads rows of one LM, hook and normalisation (its train.json's
+    store): on any other store its numbers mean nothing, whichever rows are evaluated."""
+    run = None if isinstance(cfg.model, PretrainedSAE) else Path(cfg.model) / "train.json"
+    if run is None or not run.exists():
+        return
+    fields = {"store_spec.model": str, "store_spec.hook": str, "store_spec.normalisation": str}
+    fix = "; restore it (it names the store the model was trained on), or remove it and use --rows all"
+    trained = read_json(run, fields, fix=fix)["store_spec"]
+    spec = store.manifest["spec"]
+    for key in ("model", "hook", "normalisation"):
+        same = _lm_key(trained[key]) == _lm_key(spec[key]) if key == "model" else trained[key] == spec[key]
+        if not same:
+            raise RQAEError(f"{cfg.model} was trained on rows of {key} {trained[key]!r}; the store's {key} is "
+                            f"{spec[key]!r}")
 
 
 def _lm_key(name: str) -> str:

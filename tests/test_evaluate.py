@@ -102,8 +102,15 @@ def test_bad_evaluation_input(trained, tmp_path, tiny_lm):
         evaluate(EvalConfig(store=store, model=runs["rqae"], scheduler="tcp://127.0.0.1:9"), progress=False)
     other = tmp_path / "other.zarr"
     harvest(tiny_config(other, tokens=1024, hook="0"), lm=tiny_lm, progress=False)
+    for rows in ("heldout", "all"):  # rows of another hook mean nothing to the model, whichever are read
+        with pytest.raises(RQAEError, match="trained on rows of hook 'blocks.1.hook_resid_post'; the store's hook"):
+            evaluate(EvalConfig(store=other, model=runs["rqae"], rows=rows), progress=False)
+    # the same LM, hook and normalisation in other contexts: its held-out split is not there
+    longer = tmp_path / "longer.zarr"
+    harvest(tiny_config(longer, tokens=1024, context_length=64), lm=tiny_lm, progress=False)
     with pytest.raises(RQAEError, match="trained on another store"):
-        evaluate(EvalConfig(store=other, model=runs["rqae"]), progress=False)
+        evaluate(EvalConfig(store=longer, model=runs["rqae"]), progress=False)
+    assert evaluate(EvalConfig(store=longer, model=runs["rqae"], rows="all"), progress=False)["rows"] == [0, 1024]
     with pytest.raises(RQAEError, match="not a trained model directory"):
         evaluate(EvalConfig(store=store, model=tmp_path), progress=False)
 
