@@ -72,9 +72,16 @@ class Stats:
         return self.sumsq - float(self.sum @ self.sum) / self.n
 
     def metrics(self, d: int) -> dict[str, dict[str, float]]:
-        if self.n == 0:
-            raise RQAEError("no rows to evaluate (all excluded or an empty range)")
+        if self.n < 2:
+            raise RQAEError(f"{self.n} row(s) to evaluate (all excluded or too short a range): an FVU needs "
+                            f"at least 2 rows that differ")
         total = self.total_variance()
+        if not total > 0:
+            raise RQAEError(f"the {self.n} evaluated rows do not vary (total variance {total}): no FVU")
+        bad = [label for label, sse in sorted(self.sse.items()) if not math.isfinite(sse)]
+        if bad:  # NaN/inf weights or reconstructions: a table of nan is not a result
+            raise RQAEError(f"the {bad[0]} reconstruction is not finite (NaN/inf) on the evaluated rows; "
+                            f"the model's weights are damaged or it diverged")
         return {label: {"mse": sse / (self.n * d), "fvu": sse / total} for label, sse in sorted(self.sse.items())}
 
 

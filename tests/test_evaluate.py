@@ -333,3 +333,33 @@ def test_eval_device_option_runs_on_cpu_and_refuses_a_bad_device(trained, tmp_pa
     direct = evaluate(EvalConfig(store=store, model=runs["rqae"]), progress=False)  # the library's default: cpu
     assert json.loads((tmp_path / "cpu.json").read_text())["metrics"]["rqae@8"]["fvu"] == pytest.approx(
         direct["metrics"]["rqae@8"]["fvu"], rel=1e-9)
+
+
+def test_a_model_with_nan_weights_is_an_error_not_a_table_of_nan(trained, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    store, runs = trained
+    run = tmp_path / "rqae"
+    shutil.copytree(runs["rqae"], run)
+    weights = load_file(run / "model.safetensors")
+    weights["W_out"] = weights["W_out"].clone()
+    weights["W_out"].view(-1)[0] = float("nan")
+    save_file(weights, run / "model.safetensors")
+    with pytest.raises(RQAEError, match="reconstruction is not finite"):
+        evaluate(EvalConfig(store=store, model=run), progress=False)
+
+
+def test_an_fvu_needs_two_rows_that_vary():
+    from rqae_pipeline.metrics import Stats
+
+    def stats(x):
+        s = Stats(n=len(x), sumsq=float((x.double() ** 2).sum()), sum=x.double().sum(0).numpy())
+        s.sse["model"] = 1.0
+        return s
+
+    for rows, needle in ((torch.ones(1, 4), "1 row"), (torch.ones(5, 4), "do not vary")):
+        with pytest.raises(RQAEError, match=needle):
+            stats(rows).metrics(4)
+    assert stats(torch.arange(8.0).reshape(2, 4)).metrics(4)["model"]["fvu"] == pytest.approx(1 / 32)
