@@ -127,12 +127,14 @@ def ce_summary(stats: Stats, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0
     per_context = np.stack([stats.counts[k] for k in keys], 1)  # (contexts, columns)
     point = ce_metrics(dict(zip(keys, per_context.sum(0))))
     boot = ce_metrics(dict(zip(keys, bootstrap_sums(per_context, resamples, seed).T)))
+    # one context resamples to itself: its spread, 0, is no standard error (nan: none)
+    has_se = resamples > 1 and len(per_context) > 1
     out = {}
     for label, values in point.items():
         out[label] = {}
         for metric, v in values.items():
             out[label][metric] = float(v)
-            out[label][f"{metric}_se"] = float(np.std(boot[label][metric], ddof=1)) if resamples > 1 else float("nan")
+            out[label][f"{metric}_se"] = float(np.std(boot[label][metric], ddof=1)) if has_se else float("nan")
     return out
 
 

@@ -363,3 +363,17 @@ def test_an_fvu_needs_two_rows_that_vary():
         with pytest.raises(RQAEError, match=needle):
             stats(rows).metrics(4)
     assert stats(torch.arange(8.0).reshape(2, 4)).metrics(4)["model"]["fvu"] == pytest.approx(1 / 32)
+
+
+def test_one_context_gives_no_standard_error_not_zero():
+    from rqae_pipeline.ce import ce_summary
+
+    def summary(contexts):
+        s = Stats()
+        s.counts = {"ce_tokens": np.full(contexts, 10.0), "ce:clean": 30.0 + np.arange(contexts),
+                    "ce:model": 31.0 + 2 * np.arange(contexts), "kl:model": np.full(contexts, 0.5)}
+        return ce_summary(s)["model"]
+
+    one, two = summary(1), summary(2)
+    assert one["ce_delta"] == pytest.approx(0.1) and np.isnan(one["ce_delta_se"])  # was 0.0: "± 0.0000"
+    assert two["ce_delta_se"] > 0
