@@ -136,7 +136,9 @@ def keep_metrics_up_to(path: Path, step: int) -> None:
         except ValueError:
             if i == len(lines) - 1:
                 break
-            raise RQAEError(f"{path}: line {i + 1} is not a metrics row; repair or remove the file") from None
+            row = None
+        if not isinstance(row, dict) or type(row.get("step", 0)) is not int:
+            raise RQAEError(f"{path}: line {i + 1} is not a metrics row; repair or remove the file")
         if row.get("step", 0) <= step:
             kept.append(line)
     atomic_write_text(path, "".join(ln + "\n" for ln in kept))

@@ -306,3 +306,18 @@ def test_resume_without_a_checkpoint_is_held_to_the_settings_in_train_json(store
     with pytest.raises(RQAEError, match="seed was 0, now 7"):
         train(rqae_cfg(store_path, out, tokens=256 * 10, resume=True, seed=7), progress=False)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+@pytest.mark.parametrize("bad", ["5", '"x"', "[1, 2]", '{"step": "7"}', '{"step": null}', "{not json"])
+def test_a_damaged_metrics_row_before_the_last_is_one_error_and_the_file_is_kept(tmp_path, bad):
+    from rqae_pipeline.run_dir import keep_metrics_up_to
+
+    path = tmp_path / "metrics.jsonl"
+    text = '{"step": 5, "loss": 1.0}\n' + bad + '\n{"step": 10, "loss": 0.5}\n'
+    path.write_text(text)
+    with pytest.raises(RQAEError, match="line 2 is not a metrics row"):
+        keep_metrics_up_to(path, 10)
+    assert path.read_text() == text
+    path.write_text('{"step": 5}\n{"step": 15}\n{"step": 2')  # a last row cut short by a kill: dropped
+    keep_metrics_up_to(path, 10)
+    assert path.read_text() == '{"step": 5}\n'
