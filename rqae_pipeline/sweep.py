@@ -23,7 +23,7 @@ from rqae_pipeline import RQAEError
 from rqae_pipeline.io import atomic_write_json, checked_fields, read_json
 from rqae_pipeline.metrics import prefix_of, rqae_bits_per_token, sae_bits_per_token
 from rqae_pipeline.models.base import ModelSpec
-from rqae_pipeline.run_dir import METRICS, RUN_FILE, as_recorded
+from rqae_pipeline.run_dir import METRICS, RUN_FILE, as_recorded, store_record
 from rqae_pipeline.store import ActivationStore
 from rqae_pipeline.train import TrainConfig, heldout_split, train
 
@@ -175,8 +175,9 @@ def train_run(cfg: SweepConfig, spec: ModelSpec, *, seed: int, out: Path, split:
                      resume=out.exists(), **{"streams": 1, **cfg.extra})  # one process: one stream
     tc_identity = json.loads(json.dumps(tc.identity()))
     if (out / DIVERGED_FILE).exists():  # reused only for the settings it diverged with
-        diverged = read_json(out / DIVERGED_FILE, {"diverged": str}, fix=f"; delete {out} to train the run again")
-        if diverged.get("config", tc_identity) != tc_identity:
+        diverged = read_json(out / DIVERGED_FILE, {"diverged": str, "config": dict},
+                             fix=f"; delete {out} to train the run again")
+        if diverged["config"] != tc_identity:
             raise RQAEError(f"{out} holds a run that diverged with other settings (tokens, batch, seed or model); "
                             f"choose another --out")
         return {**record, "diverged": diverged["diverged"], "fvu": math.inf}
@@ -194,6 +195,10 @@ def train_run(cfg: SweepConfig, spec: ModelSpec, *, seed: int, out: Path, split:
     if as_recorded(info["config"]) != tc_identity:
         raise RQAEError(f"{out} holds a finished run with other settings (tokens, batch, seed or model); "
                         f"choose another --out")
+    now = store_record(ActivationStore.open(cfg.store))
+    if any(info.get(key, value) != value for key, value in now.items()):  # runs from before a field: unchecked
+        raise RQAEError(f"{out} holds a finished run on another store than {cfg.store} (or on this one before "
+                        f"it changed); choose another --out")
     steps, fvus = heldout_series(out)
     return {**record, "fvu": info["heldout_metrics"]["fvu"], "plateau": plateau_summary(steps, fvus, cfg.steps)}
 

@@ -291,8 +291,8 @@ def _start_run(cfg: TrainConfig, ranks: Ranks, device: str) -> _Run:
                             f"to train from scratch, or choose another --out") from None
     if main:
         keep_metrics_up_to(out / METRICS, step)
-        write_run_file(out, {"config": cfg.identity(), "store": str(cfg.store),
-                              "store_spec": data.store.manifest["spec"], "heldout": data.split,
+        write_run_file(out, {"config": cfg.identity(), "store": str(cfg.store), **store_record(data.store),
+                              "heldout": data.split,
                               "rqae_pipeline": __version__, "status": "training", "processes": ranks.world_size})
     if step == 0:
         trainable.init_from_data(data.first_batch)  # the global batch, on every rank

@@ -1,5 +1,6 @@
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -179,4 +180,25 @@ def test_a_damaged_run_record_is_one_error_line(store_path, tmp_path):
     metrics = (out / "metrics.jsonl").read_text().splitlines()
     (out / "metrics.jsonl").write_text("\n".join([metrics[0][:20]] + metrics[1:]) + "\n")  # a damaged first row
     with pytest.raises(RQAEError, match=r"metrics.jsonl line 1 is not a metrics row; delete .* to train the run again"):
+        train_run(cfg, spec, seed=0, out=out, split=split)
+
+
+def test_a_finished_run_is_not_reused_on_another_store_and_a_diverged_one_needs_its_settings(store_path, tmp_path,
+                                                                                              tiny_lm):
+    """Runs are reused by their directory: one trained on another harvest with the same
+    settings (its FVU another store's) was taken as this store's, and a diverged.json
+    without the settings it diverged with was taken for any."""
+    from rqae_pipeline.sweep import DIVERGED_FILE, train_run
+
+    spec, out = ModelSpec(arch="rqae", d_in=64, n_q=4, lr=1e-2), tmp_path / "run"
+    cfg = SweepConfig(store=store_path, out=tmp_path / "q", models={"rqae": spec}, tokens=128 * 4, batch_size=128,
+                      heldout_contexts=8, evaluations=2, progress=False)
+    split = splits(ActivationStore.open(store_path), cfg.heldout_contexts)[0]
+    train_run(cfg, spec, seed=0, out=out, split=split)
+    again = tmp_path / "again.zarr"  # the same settings, harvested again: another store
+    harvest(tiny_config(again, tokens=4096), lm=tiny_lm, progress=False)
+    with pytest.raises(RQAEError, match="holds a finished run on another store"):
+        train_run(replace(cfg, store=again), spec, seed=0, out=out, split=split)
+    (out / DIVERGED_FILE).write_text(json.dumps({"diverged": "loss became nan by step 3"}))
+    with pytest.raises(RQAEError, match="diverged.json: config is missing"):
         train_run(cfg, spec, seed=0, out=out, split=split)
