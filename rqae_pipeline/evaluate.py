@@ -377,7 +377,10 @@ def check_compatible(model, store: ActivationStore, cfg: EvalConfig) -> None:
     _check_trained_on(cfg, store)
     checked = model_kind(model) == "sae" and (model_space(cfg) == "raw" or recorded)  # metadata it can trust
     hook = getattr(getattr(model.cfg, "metadata", None), "hook_name", None)
-    if checked and hook and hook != store.spec.hook:
+    if checked and not hook:  # it would be scored on whichever hook the store holds
+        raise RQAEError(f"SAE {cfg.model} names no hook (metadata.hook_name in its cfg.json): which activations "
+                        f"it reads is unknown; add the hook it was trained on")
+    if checked and hook != store.spec.hook:
         raise RQAEError(f"SAE {cfg.model} reads {hook}, the store holds {store.spec.hook}")
     sae_lm = getattr(getattr(model.cfg, "metadata", None), "model_name", None)
     if checked and sae_lm and _lm_key(sae_lm) != _lm_key(store.spec.model):

@@ -221,6 +221,11 @@ def test_raw_space_sae_of_another_hook_or_width_is_refused(trained, tmp_path):
     sae_dir = raw_space_sae(store_path, tmp_path / "sae", "blocks.0.hook_resid_post")
     with pytest.raises(RQAEError, match="reads blocks.0.hook_resid_post, the store holds blocks.1.hook_resid_post"):
         evaluate(EvalConfig(store=store_path, model=sae_dir, rows="all"), progress=False)
+    cfg = json.loads((sae_dir / "cfg.json").read_text())  # no hook named: it would be scored on any
+    cfg["metadata"].pop("hook_name")
+    (sae_dir / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(RQAEError, match="names no hook"):
+        evaluate(EvalConfig(store=store_path, model=sae_dir, rows="all"), progress=False)
 
 
 def raw_reconstruction(model, raw: torch.Tensor) -> torch.Tensor:
