@@ -42,6 +42,12 @@ def store_record(store: ActivationStore) -> dict:
             "store_tokens": store.n_tokens}
 
 
+def store_mismatch(recorded: dict, store: ActivationStore) -> str | None:
+    """The first `store_record` field in which `recorded` (a checkpoint, a train.json) differs
+    from `store` now; None when none does. A field it lacks (written before it) is not compared."""
+    return next((key for key, now in store_record(store).items() if key in recorded and recorded[key] != now), None)
+
+
 def save_checkpoint(out: Path, trainable: Trainable, step: int, identity: dict,
                     data: DataPosition | None = None, store: dict | None = None) -> None:
     # atomic: a kill mid-save leaves the previous checkpoint. The store's record travels with
@@ -84,12 +90,14 @@ def prepare_out(out: Path, *, resume: bool, identity: dict, store: ActivationSto
 
 
 def _check_same_store(out: Path, ckpt: dict, store: ActivationStore) -> None:
-    """A checkpoint continues only on the harvest it trained on, at the rows it had then."""
-    if ckpt.get("store_created", store.manifest.get("created")) != store.manifest.get("created"):
+    """A checkpoint continues only on the harvest it trained on, at the rows it had then (its
+    spec is checked beside train.json's, above)."""
+    differs = store_mismatch(ckpt, store)
+    if differs == "store_created":
         raise RQAEError(f"cannot resume: {out} was trained on a store created {ckpt['store_created']}, but "
                         f"{store.path} was created {store.manifest.get('created')} (another harvest); "
                         f"choose another --out")
-    if ckpt.get("store_tokens", store.n_tokens) != store.n_tokens:
+    if differs == "store_tokens":
         raise RQAEError(f"cannot resume: {out} was trained on {ckpt['store_tokens']:,} committed rows of "
                         f"{store.path}, which holds {store.n_tokens:,} now (its held-out split and shuffle "
                         f"order moved with them); train into another --out")

@@ -23,7 +23,7 @@ from rqae_pipeline import RQAEError
 from rqae_pipeline.io import atomic_write_json, checked_fields, read_json
 from rqae_pipeline.metrics import prefix_of, rqae_bits_per_token, sae_bits_per_token
 from rqae_pipeline.models.base import ModelSpec
-from rqae_pipeline.run_dir import METRICS, RUN_FILE, as_recorded, store_record
+from rqae_pipeline.run_dir import METRICS, RUN_FILE, as_recorded, store_mismatch
 from rqae_pipeline.store import ActivationStore
 from rqae_pipeline.train import TrainConfig, heldout_split, train
 
@@ -195,8 +195,7 @@ def train_run(cfg: SweepConfig, spec: ModelSpec, *, seed: int, out: Path, split:
     if as_recorded(info["config"]) != tc_identity:
         raise RQAEError(f"{out} holds a finished run with other settings (tokens, batch, seed or model); "
                         f"choose another --out")
-    now = store_record(ActivationStore.open(cfg.store))
-    if any(info.get(key, value) != value for key, value in now.items()):  # runs from before a field: unchecked
+    if store_mismatch(info, ActivationStore.open(cfg.store)):
         raise RQAEError(f"{out} holds a finished run on another store than {cfg.store} (or on this one before "
                         f"it changed); choose another --out")
     steps, fvus = heldout_series(out)

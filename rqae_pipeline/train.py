@@ -289,16 +289,16 @@ def _start_run(cfg: TrainConfig, ranks: Ranks, device: str) -> _Run:
         except RQAEError as e:
             raise RQAEError(f"{out / CHECKPOINT}: {e}; the recorded position is damaged: delete the checkpoint "
                             f"to train from scratch, or choose another --out") from None
+    store = store_record(data.store)
     if main:
         keep_metrics_up_to(out / METRICS, step)
-        write_run_file(out, {"config": cfg.identity(), "store": str(cfg.store), **store_record(data.store),
-                              "heldout": data.split,
+        write_run_file(out, {"config": cfg.identity(), "store": str(cfg.store), **store, "heldout": data.split,
                               "rqae_pipeline": __version__, "status": "training", "processes": ranks.world_size})
     if step == 0:
         trainable.init_from_data(data.first_batch)  # the global batch, on every rank
     batches = positioned_batches(data.store, cfg, data.split, position, ranks)
     return _Run(cfg=cfg, out=out, trainable=trainable, step=step, heldout=data.heldout, batches=batches, ranks=ranks,
-                store=store_record(data.store))
+                store=store)
 
 
 def _train_loop(run: _Run, *, progress: bool) -> tuple[int, bool]:
