@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from rqae_pipeline import RQAEError
 from rqae_pipeline.budget import budget_table, rqae_weight_bytes
+from rqae_pipeline.eval_checks import heldout_start, train_json
 from rqae_pipeline.evaluate import (
     EvalConfig,
     PretrainedSAE,
@@ -178,7 +179,7 @@ def run_comparison(cfg: CompareConfig, *, progress: bool = True, echo: Callable[
     base = EvalConfig(store=cfg.store, model=cfg.rqae, workers=cfg.workers, scheduler=cfg.scheduler,
                       device=cfg.device, ce_contexts=cfg.ce_contexts, ce_prefixes=cfg.ce_prefixes,
                       batch_size=cfg.batch_size, prefixes=cfg.prefixes or default_prefixes(rqae.n_q))
-    rows = eval_rows(base, store)  # the RQAE's held-out rows; the SAE is measured on the same ones
+    rows = heldout_from_both(eval_rows(base, store), cfg.sae, store, echo)  # both models on the same rows
     sae_cfg = replace(base, model=cfg.sae, row_range=rows)
     sae = load_model(cfg.sae, cfg.device)  # errors (unknown release, bad dir) before any work
     if model_kind(sae) != "sae":
@@ -193,6 +194,8 @@ def run_comparison(cfg: CompareConfig, *, progress: bool = True, echo: Callable[
     echo("Pearson feature matching")
     pearson = pearson_matching(rqae, sae, store, cfg.pearson, sae_space=space, prefixes=base.prefixes,
                                rows=rows, exclude=base.exclude)
+    if pearson["shortfall"]:
+        echo(f"warning: {pearson['shortfall']}")
     echo("decoder-direction matching")
     matching = decoder_matching(rqae, sae, store, space, cfg)
     report = {
@@ -210,6 +213,23 @@ def run_comparison(cfg: CompareConfig, *, progress: bool = True, echo: Callable[
     report["budget"] = budget_table(report["rqae"], report["sae"])
     write_report(report, cfg.out)
     return report
+
+
+def heldout_from_both(rows: tuple[int, int], sae_ref, store: ActivationStore,
+                      echo: Callable[[str], None]) -> tuple[int, int]:
+    """The RQAE's held-out rows less those an SAE trained here trained on (its own held-out
+    split may start later): every number then comes from rows neither model was fit to."""
+    if train_json(sae_ref) is None:  # Gemma Scope or another sae-lens SAE: not fit to this store
+        return rows
+    first = heldout_start(sae_ref, store)  # refuses an SAE trained on another store
+    if first <= rows[0]:
+        return rows
+    if first >= rows[1]:
+        raise RQAEError(f"SAE {sae_ref} was trained on every held-out row of the RQAE (it trained on rows up to "
+                        f"{first:,}; the store has {rows[1]:,}); train it with a held-out split at least the RQAE's")
+    echo(f"SAE {sae_ref} was trained on rows up to {first:,}: both models are compared on rows "
+         f"{first:,}..{rows[1]:,}, held out from both")
+    return first, rows[1]
 
 
 def decoder_matching(rqae, sae, store, sae_space: str, cfg: CompareConfig) -> dict:

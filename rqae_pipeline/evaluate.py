@@ -35,26 +35,20 @@ from rqae_pipeline.ce import (
     default_ce_prefixes,
     residual_start_layer,
 )
-from rqae_pipeline.io import default_device, read_json
+from rqae_pipeline.eval_checks import (
+    ModelSpace,
+    PretrainedSAE,
+    check_compatible,
+    checked_device,
+    heldout_start,
+    space_of,
+)
 from rqae_pipeline.metrics import Stats, code_usage_summary, default_prefixes
 from rqae_pipeline.models.registry import kind_of, load_model_dir, reconstruct
 from rqae_pipeline.store import ActivationStore, Flags
 from rqae_pipeline.tasks import run_tasks
 
 RowSelection = Literal["heldout", "all"]
-ModelSpace = Literal["auto", "raw", "normalised"]
-
-
-@dataclass(frozen=True)
-class PretrainedSAE:
-    """An SAE of sae-lens's pretrained directory (e.g. Gemma Scope), loaded with
-    `SAE.from_pretrained(release, sae_id)`; it reads raw residuals."""
-
-    release: str
-    sae_id: str
-
-    def __str__(self) -> str:
-        return f"{self.release}/{self.sae_id}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,24 +85,6 @@ class EvalConfig:
         if self.ce_contexts < 0:
             raise RQAEError(f"--ce-contexts must be 0 (skip) or more, got {self.ce_contexts}")
         object.__setattr__(self, "device", checked_device(self.device))
-
-
-def checked_device(name: str | None) -> str:
-    """`name` (None: the default device) if this machine has it; else RQAEError, before any
-    store or model is read (torch would fail later, with a traceback, at the first `.to`)."""
-    if name is None:
-        return default_device()
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise RQAEError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RQAEError(f"--device {name}: no CUDA device is available here; use cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise RQAEError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type not in ("cpu", "cuda"):
-        raise RQAEError(f"--device {name}: only cpu and cuda devices are supported")
-    return name
 
 
 # --------------------------------------------------------------------------- models
@@ -152,13 +128,6 @@ def load_pretrained_sae(ref: PretrainedSAE, device: str = "cpu"):
         raise RQAEError(f"cannot load {ref} through sae-lens: {type(e).__name__}: {first}") from None
 
 
-def pretrained_model_name(ref: PretrainedSAE) -> str | None:
-    from sae_lens.loading.pretrained_saes_directory import get_pretrained_saes_directory
-
-    lookup = get_pretrained_saes_directory().get(ref.release)
-    return getattr(lookup, "model", None)
-
-
 def model_kind(model) -> str:
     """The kind of a loaded model, rqae / codebook / sae (`registry.kind_of`: an object of
     no known architecture is an error, not an SAE)."""
@@ -166,17 +135,8 @@ def model_kind(model) -> str:
 
 
 def model_space(cfg: EvalConfig) -> str:
-    if cfg.space != "auto":
-        return cfg.space
-    if isinstance(cfg.model, PretrainedSAE):
-        return "raw"
-    if (Path(cfg.model) / "cfg.json").exists():  # a sae-lens SAE saved here says what it reads
-        from rqae_pipeline.models.sae_format import recorded_normalisation
-
-        if recorded_normalisation(cfg.model):
-            return "normalised"
-    # directories saved before that: trained here (train.json beside it) or a raw-residual SAE
-    return "normalised" if (Path(cfg.model) / "train.json").exists() else "raw"
+    """The space `cfg.model` reads ("normalised": the store's rows, or "raw")."""
+    return space_of(cfg.model, cfg.space)
 
 
 @torch.no_grad()
@@ -323,13 +283,7 @@ def eval_rows(cfg: EvalConfig, store: ActivationStore) -> tuple[int, int]:
         return start, stop
     if cfg.rows == "all":
         return 0, store.n_tokens
-    run = None if isinstance(cfg.model, PretrainedSAE) else Path(cfg.model) / "train.json"
-    if run is None or not run.exists():
-        raise RQAEError(f"{cfg.model} has no train.json with a held-out split (not trained here); use --rows all")
-    info = read_json(run, {"heldout.first_row": int}, fix="; use --rows all to evaluate every row")
-    if info.get("store_spec") != store.manifest["spec"]:
-        raise RQAEError(f"{cfg.model} was trained on another store (model/hook/corpus/settings differ)")
-    return int(info["heldout"]["first_row"]), store.n_tokens
+    return heldout_start(cfg.model, store), store.n_tokens
 
 
 def shard_ranges(store: ActivationStore, start: int, stop: int) -> list[tuple[int, int]]:
@@ -344,7 +298,7 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True, client=None) -> dict:
     stored and the raw space; CE-delta and KL when `cfg.ce_contexts`."""
     store = ActivationStore.open(cfg.store)
     model = load_model(cfg.model, cfg.device)
-    check_compatible(model, store, cfg)
+    check_compatible(model, store, cfg.model, cfg.space)
     start, stop = eval_rows(cfg, store)
     ranges = shard_ranges(store, start, stop)
     parts = run_tasks(shard_stats, [(str(cfg.store), cfg.model, a, b, cfg) for a, b in ranges], cfg,
@@ -358,56 +312,6 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True, client=None) -> dict:
 
 def model_name(ref) -> str:
     return str(ref) if isinstance(ref, PretrainedSAE) else Path(ref).name
-
-
-def check_compatible(model, store: ActivationStore, cfg: EvalConfig) -> None:
-    """Width and hook must match the store; say which differs."""
-    d_in = model.cfg.d_in
-    if d_in != store.d:
-        raise RQAEError(f"model {cfg.model} has d_in {d_in}, the store has d_model {store.d}")
-    recorded = None  # the store normalisation a saved SAE's cfg.json names
-    if model_kind(model) == "sae" and not isinstance(cfg.model, PretrainedSAE):
-        from rqae_pipeline.models.sae_format import recorded_normalisation
-
-        recorded = recorded_normalisation(cfg.model)
-    if recorded and model_space(cfg) == "raw":
-        raise RQAEError(f"SAE {cfg.model} reads the store's {recorded} rows (its cfg.json says so); drop --space raw")
-    if recorded and recorded != store.spec.normalisation:
-        raise RQAEError(f"SAE {cfg.model} was trained on {recorded} rows, the store's are {store.spec.normalisation}")
-    _check_trained_on(cfg, store)
-    checked = model_kind(model) == "sae" and (model_space(cfg) == "raw" or recorded)  # metadata it can trust
-    hook = getattr(getattr(model.cfg, "metadata", None), "hook_name", None)
-    if checked and not hook:  # it would be scored on whichever hook the store holds
-        raise RQAEError(f"SAE {cfg.model} names no hook (metadata.hook_name in its cfg.json): which activations "
-                        f"it reads is unknown; add the hook it was trained on")
-    if checked and hook != store.spec.hook:
-        raise RQAEError(f"SAE {cfg.model} reads {hook}, the store holds {store.spec.hook}")
-    sae_lm = getattr(getattr(model.cfg, "metadata", None), "model_name", None)
-    if checked and sae_lm and _lm_key(sae_lm) != _lm_key(store.spec.model):
-        raise RQAEError(f"SAE {cfg.model} was trained on {sae_lm}, the store holds {store.spec.model}")
-
-
-def _check_trained_on(cfg: EvalConfig, store: ActivationStore) -> None:
-    """A model trained here reads rows of one LM, hook and normalisation (its train.json's
-    store): on any other store its numbers mean nothing, whichever rows are evaluated."""
-    run = None if isinstance(cfg.model, PretrainedSAE) else Path(cfg.model) / "train.json"
-    if run is None or not run.exists():
-        return
-    fields = {"store_spec.model": str, "store_spec.hook": str, "store_spec.normalisation": str}
-    fix = "; restore it (it names the store the model was trained on), or remove it and use --rows all"
-    trained = read_json(run, fields, fix=fix)["store_spec"]
-    spec = store.manifest["spec"]
-    for key in ("model", "hook", "normalisation"):
-        same = _lm_key(trained[key]) == _lm_key(spec[key]) if key == "model" else trained[key] == spec[key]
-        if not same:
-            raise RQAEError(f"{cfg.model} was trained on rows of {key} {trained[key]!r}; the store's {key} is "
-                            f"{spec[key]!r}")
-
-
-def _lm_key(name: str) -> str:
-    # "google/gemma-2-2b" and sae-lens's "gemma-2-2b" are the same model; so are the
-    # offline packaged copy and its hub name
-    return name.lower().rsplit("/", 1)[-1].removesuffix("-offline")
 
 
 def summarise(stats: dict[str, Stats], model, d: int, rows: tuple[int, int]) -> dict:

@@ -179,6 +179,7 @@ def pearson_matching(rqae, sae, store, cfg: PearsonConfig, *, sae_space: str, pr
     start, stop = rows if rows is not None else (0, store.n_tokens)
     stop = min(stop, start + cfg.max_tokens)
     features = None if cfg.features is None else torch.tensor(cfg.features)
+    requested = cfg.n_features if features is None else len(features)
     features, acts, seq = feature_activations(sae, store, features, (start, stop), cfg, sae_space, exclude)
     ctx = torch.from_numpy(seq.astype(np.int64) - int(seq.min()))
     picked = {}
@@ -201,7 +202,20 @@ def pearson_matching(rqae, sae, store, cfg: PearsonConfig, *, sae_space: str, pr
     return {"features": per_feature, "summary": pearson_summary(per_feature, prefixes),
             "summary_drop_worst": {"dropped": cfg.drop_worst, "ranked_at": ranked_at,
                                    **pearson_summary(kept, prefixes)},
-            "rows": [start, stop], "sae_space": sae_space}
+            "rows": [start, stop], "sae_space": sae_space,
+            # fewer than requested: too few eligible features in the rows scanned, or too few example tokens
+            "features_requested": requested, "features_scored": len(per_feature),
+            "shortfall": shortfall(requested, len(per_feature), stop - start, cfg)}
+
+
+def shortfall(requested: int, scored: int, rows: int, cfg: PearsonConfig) -> str | None:
+    """Why fewer features were scored than requested (None when none is missing)."""
+    if scored >= requested:
+        return None
+    return (f"Pearson matching scored {scored} of {requested} requested SAE features (a feature is left out "
+            f"if it fires on fewer than {cfg.min_firing} of the {rows:,} rows scanned, has a BOS token among its "
+            f"top {cfg.top_not_bos} or fires on fewer than 3 tokens of its example contexts); more held-out rows "
+            f"(--pearson-tokens, a larger store) give more")
 
 
 def middle_prefix(prefixes: tuple[int, ...], n_q: int) -> int:

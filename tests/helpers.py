@@ -121,7 +121,8 @@ def raw_space_sae(store_path, out, hook, d_sae: int = 96):
     raw = store.raw(store.read())
     torch.manual_seed(0)
     sae = SAE.from_dict({"architecture": "topk", "d_in": store.d, "d_sae": d_sae, "k": 16, "dtype": "float32",
-                         "device": "cpu", "apply_b_dec_to_input": True, "metadata": {"hook_name": hook}})
+                         "device": "cpu", "apply_b_dec_to_input": True,
+                         "metadata": {"hook_name": hook, "model_name": store.spec.model}})
     with torch.no_grad():
         sae.W_dec.copy_(raw[torch.randperm(len(raw))[:d_sae]] - raw.mean(0))
         sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True))

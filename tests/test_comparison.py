@@ -72,7 +72,9 @@ def test_report_has_pearson_and_decoder_matching_for_every_prefix(report):
     out, _, _ = report
     rep = json.loads((out / "report.json").read_text())
     assert list(rep["pearson"]["summary"]["a"]) == ["1", "2", "4", "8"]
-    assert 0 < len(rep["pearson"]["features"]) <= 8
+    scored = len(rep["pearson"]["features"])
+    assert 0 < scored <= 8 and rep["pearson"]["features_scored"] == scored
+    assert rep["pearson"]["features_requested"] == 8 and (rep["pearson"]["shortfall"] is None) == (scored == 8)
     for f in rep["pearson"]["features"]:
         assert all(-1 <= v <= 1 for v in f["b"].values() if np.isfinite(v))
     dm = rep["decoder_matching"]
@@ -103,6 +105,40 @@ def test_an_sae_trained_here_is_compared_in_the_normalised_space(trained, tmp_pa
     assert rep["sae"]["space"] == "normalised" and "ce" not in rep["sae"]
     direct = evaluate(EvalConfig(store=store, model=runs["topk-sae"]), progress=False)
     assert rep["sae"]["metrics"]["sae"]["fvu"] == pytest.approx(direct["metrics"]["sae"]["fvu"], rel=1e-9)
+
+
+def test_an_sae_trained_on_part_of_the_rqae_held_out_rows_is_compared_only_past_them(trained, tmp_path, tiny_lm):
+    """An SAE trained here with a smaller held-out split saw the first of the RQAE's held-out
+    rows: both are measured on the rows neither saw. (So few rows that no SAE feature fires
+    often enough for Pearson matching: the report says so and still renders.)"""
+    store, runs = trained
+    sae = tmp_path / "sae"
+    train(TrainConfig(store=store, out=sae, model=ModelSpec(arch="topk-sae", d_in=64, d_sae=128, k=8, lr=1e-3),
+                      batch_size=256, tokens=256 * 4, heldout_fraction=0.05), progress=False)
+    first = json.loads((sae / "train.json").read_text())["heldout"]["first_row"]
+    n = ActivationStore.open(store).n_tokens
+    rqae_rows = evaluate(EvalConfig(store=store, model=runs["rqae"], prefixes=(8,)), progress=False)["rows"]
+    assert rqae_rows[0] < first < n
+    r = compare("--store", store, "--rqae", runs["rqae"], "--sae-path", sae, "--out", tmp_path / "r",
+                "--ce-contexts", "0", "--features", "4")
+    assert r.exit_code == 0, r.output
+    assert f"compared on rows {first:,}..{n:,}, held out from both" in r.stderr
+    rep = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert rep["rqae"]["rows"] == rep["sae"]["rows"] == rep["pearson"]["rows"] == [first, n]
+    direct = evaluate(EvalConfig(store=store, model=sae, row_range=(first, n)), progress=False)
+    assert rep["sae"]["metrics"]["sae"]["fvu"] == pytest.approx(direct["metrics"]["sae"]["fvu"], rel=1e-9)
+    assert rep["pearson"]["features_scored"] == 0 and "scored 0 of 4 requested" in rep["pearson"]["shortfall"]
+    assert "warning: Pearson matching scored 0 of 4" in r.stderr and "Pearson: Pearson matching scored 0" in r.stdout
+    assert (tmp_path / "r" / "pearson.png").read_bytes()[:4] == b"\x89PNG"
+
+    # trained on a longer harvest with the same settings, so on every row this store has
+    longer = tmp_path / "longer.zarr"
+    harvest(tiny_config(longer, tokens=16384, contexts_per_shard=8), lm=tiny_lm, progress=False)
+    train(TrainConfig(store=longer, out=tmp_path / "all", model=ModelSpec(arch="topk-sae", d_in=64, d_sae=128, k=8),
+                      batch_size=256, tokens=256), progress=False)
+    r = compare("--store", store, "--rqae", runs["rqae"], "--sae-path", tmp_path / "all", "--out", tmp_path / "r2",
+                "--ce-contexts", "0")
+    assert r.exit_code == 2 and "was trained on every held-out row of the RQAE" in r.stderr, r.output
 
 
 class IntensitySAE:

@@ -216,16 +216,35 @@ def test_ce_from_the_hook_layer_equals_a_full_forward_with_a_hook(trained, monke
     assert fast["rqae@1"]["kl"] > 0
 
 
-def test_raw_space_sae_of_another_hook_or_width_is_refused(trained, tmp_path):
+# what an SAE's cfg.json names, against a store of tiny-random:0 at blocks.1.hook_resid_post
+SAE_FACTS = {
+    "another hook": (lambda c: c["metadata"].update(hook_name="blocks.0.hook_resid_post"),
+                     "reads blocks.0.hook_resid_post, the store holds blocks.1.hook_resid_post", True),
+    "another LM": (lambda c: c["metadata"].update(model_name="gemma-2-2b"),
+                   "was trained on gemma-2-2b, the store holds tiny-random:0", True),
+    "one head": (lambda c: c["metadata"].update(hook_head_index=3), "reads one attention head", True),
+    # a scale sae-lens keeps beside the weights and does not apply: every number would be off by it
+    "unapplied scale": (lambda c: c.update(normalize_activations="expected_average_only_in"),
+                        "does not apply at inference", True),
+    # without these it would be scored on whichever hook / LM the store holds
+    "no hook": (lambda c: c["metadata"].pop("hook_name"), "names no hook", False),
+    "no LM": (lambda c: c["metadata"].pop("model_name"), "names no model", False),
+}
+
+
+@pytest.mark.parametrize("edit, message, in_any_space", SAE_FACTS.values(), ids=SAE_FACTS)
+def test_an_sae_whose_cfg_json_disagrees_with_the_store_is_refused(trained, tmp_path, edit, message, in_any_space):
     store_path, _ = trained
-    sae_dir = raw_space_sae(store_path, tmp_path / "sae", "blocks.0.hook_resid_post")
-    with pytest.raises(RQAEError, match="reads blocks.0.hook_resid_post, the store holds blocks.1.hook_resid_post"):
-        evaluate(EvalConfig(store=store_path, model=sae_dir, rows="all"), progress=False)
-    cfg = json.loads((sae_dir / "cfg.json").read_text())  # no hook named: it would be scored on any
-    cfg["metadata"].pop("hook_name")
+    sae_dir = raw_space_sae(store_path, tmp_path / "sae", "blocks.1.hook_resid_post")
+    evaluate(EvalConfig(store=store_path, model=sae_dir, rows="all", batch_size=8192), progress=False)  # as saved
+    cfg = json.loads((sae_dir / "cfg.json").read_text())
+    edit(cfg)
     (sae_dir / "cfg.json").write_text(json.dumps(cfg))
-    with pytest.raises(RQAEError, match="names no hook"):
+    with pytest.raises(RQAEError, match=message):
         evaluate(EvalConfig(store=store_path, model=sae_dir, rows="all"), progress=False)
+    if in_any_space:  # --space normalised says how to read the rows, not which rows the SAE was trained on
+        with pytest.raises(RQAEError, match=message):
+            evaluate(EvalConfig(store=store_path, model=sae_dir, rows="all", space="normalised"), progress=False)
 
 
 def raw_reconstruction(model, raw: torch.Tensor) -> torch.Tensor:

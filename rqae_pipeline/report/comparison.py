@@ -60,14 +60,23 @@ def summary_lines(report: dict) -> list[str]:
                      f"CE recovered is against it), {_pm(k['ce_delta'], k['ce_delta_se'])} with BOS/outliers kept; "
                      f"± bootstrap SE over {report['rqae']['ce_bootstrap']['contexts']} contexts")
     lines += budget_lines(report["budget"])
-    pa, pb = report["pearson"]["summary"]["a"], report["pearson"]["summary"]["b"]
-    lines.append("Pearson (SAE activation vs RQAE intensity), mean over features, by RQAE layers used:")
-    lines.append("  " + "  ".join(f"{m}: (a) {pa[m]['mean']:.2f} (b) {pb[m]['mean']:.2f}" for m in pa))
+    lines += pearson_lines(report["pearson"])
     dm = report["decoder_matching"]
     lines.append(f"decoder matching ({dm['sae_features']:,} SAE features vs {dm['rqae_directions']:,} RQAE "
                  f"directions): mean best cosine {dm['mean_best_cosine']:.3f}, one-to-one mean "
                  f"{dm['mean_assignment_cosine']:.3f}")
     return lines
+
+
+def pearson_lines(pearson: dict) -> list[str]:
+    """The Pearson means by RQAE layers used, over how many of the requested features."""
+    pa, pb = pearson["summary"]["a"], pearson["summary"]["b"]
+    scored, requested = pearson.get("features_scored"), pearson.get("features_requested")
+    if scored == 0:
+        return [f"Pearson: {pearson['shortfall']}"]
+    over = f"{scored} of {requested} requested features" if scored is not None else "features"
+    return [f"Pearson (SAE activation vs RQAE intensity), mean over {over}, by RQAE layers used:",
+            "  " + "  ".join(f"{m}: (a) {pa[m]['mean']:.2f} (b) {pb[m]['mean']:.2f}" for m in pa)]
 
 
 def budget_lines(budget: dict) -> list[str]:

@@ -99,13 +99,19 @@ def plot_pearson(pearson: dict, out_png: Path) -> Path:
     (b) its top-activating token (the layout of the blog's Fig 5a)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     labels = {"a": "(a) SAE encoder vector, encoded", "b": "(b) top-activating token"}
+    n = max((v["n"] for v in pearson["summary"]["a"].values()), default=0)
+    if n == 0:  # nothing to draw: say so on the figure instead of plotting NaNs on log axes
+        ax.text(0.5, 0.5, "no SAE feature qualified for Pearson matching", ha="center", va="center")
+        ax.set_axis_off()
+        fig.savefig(out_png, dpi=110)
+        plt.close(fig)
+        return out_png
     for key, colour in (("a", "C0"), ("b", "C1")):
         s = pearson["summary"][key]
         ms = sorted(int(m) for m in s)
         mean = [s[str(m)]["mean"] for m in ms]
         ax.plot(ms, mean, "o-", color=colour, label=labels[key])
         ax.fill_between(ms, [s[str(m)]["q25"] for m in ms], [s[str(m)]["q75"] for m in ms], color=colour, alpha=0.2)
-    n = max((v["n"] for v in pearson["summary"]["a"].values()), default=0)
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.2, 1.05)
     ax.set_xlabel("RQAE layers used")
