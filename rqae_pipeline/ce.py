@@ -26,12 +26,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from rqae_pipeline import RQAEError
 from rqae_pipeline.metrics import Stats, bootstrap_sums
 
 ZERO_ALL = "zero-ablation"  # sae-lens: every position zeroed
 ZERO_KEPT = "zero-ablation-special-kept"  # BOS and outlier positions keep their clean activation
 CE_CONTEXTS_PER_FORWARD = 2
 BOOTSTRAP_RESAMPLES = 1000
+# relative squared error between the LM's clean activations and the stored rows above which
+# they are another model's: fp16 / fp8 storage and a bf16 forward stay orders of magnitude below
+REPRODUCTION_TOLERANCE = 1e-2
 
 
 def default_ce_prefixes(prefixes: tuple[int, ...], n_q: int) -> tuple[int, ...]:
@@ -60,6 +64,21 @@ class Splice:
     start: int | None  # `residual_start_layer(hook)`
     offset: int  # 1 when the store skipped BOS: stored rows start at position 1
 
+    def clean_run(self, toks: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """(the residual spliced runs start from, or None; the clean run's next-token
+        log-probabilities; its activation at the hook, (B, T, d))."""
+        if self.start is not None:
+            resid = self.lm.model(toks, stop_at_layer=self.start)
+            return resid, self.log_probs(toks, resid, None, None), resid
+        seen = {}
+
+        def capture(act, hook=None):
+            seen["act"] = act.detach().clone()
+            return act
+
+        logits = self.lm.model.run_with_hooks(toks, fwd_hooks=[(self.hook, capture)])
+        return None, logits[:, :-1].float().log_softmax(-1), seen["act"]
+
     def log_probs(self, toks: torch.Tensor, resid: torch.Tensor | None, new: torch.Tensor | str | None,
                   keep: torch.Tensor) -> torch.Tensor:
         """Next-token log-probabilities with `new` (B, R, d) written where `keep` (B, R);
@@ -78,17 +97,22 @@ class Splice:
         return logits[:, :-1].float().log_softmax(-1)
 
 
-def add_ce_sums(stats: Stats, splice: Splice, toks: torch.Tensor, keep: torch.Tensor,
+def add_ce_sums(stats: Stats, splice: Splice, toks: torch.Tensor, keep: torch.Tensor, stored: torch.Tensor,
                 replacements: dict[str, torch.Tensor | str], slots: slice, n_contexts: int) -> None:
     """Per-context CE sums of the clean run and of each replacement, and KL(clean || spliced),
-    for a block of contexts that sit at `slots` of the `n_contexts` evaluated."""
+    for a block of contexts that sit at `slots` of the `n_contexts` evaluated. `stored`
+    (B, R, d): the store's rows of these contexts as raw residuals, which the clean run must
+    reproduce (`check_reproduced`) before any CE is taken from this LM."""
     def put(key: str, values: torch.Tensor) -> None:
         if key not in stats.counts:
             stats.counts[key] = np.zeros(n_contexts)
         stats.counts[key][slots] += values.double().cpu().numpy()
 
-    resid = None if splice.start is None else splice.lm.model(toks, stop_at_layer=splice.start)
-    clean = splice.log_probs(toks, resid, None, keep)
+    resid, clean, act = splice.clean_run(toks)
+    err, norm = reproduction_sums(act[:, splice.offset:], stored, keep)
+    check_reproduced(float(err.sum()), float(norm.sum()), splice.hook)
+    put("lm:sq_err", err)
+    put("lm:sq_norm", norm)
     target = toks[:, 1:, None]
     put("ce:clean", -clean.gather(-1, target)[..., 0].double().sum(1))
     put("ce_tokens", torch.full((len(toks),), float(target.shape[1])))
@@ -98,6 +122,22 @@ def add_ce_sums(stats: Stats, splice: Splice, toks: torch.Tensor, keep: torch.Te
         kl = torch.nn.functional.kl_div(logp, clean, log_target=True, reduction="none").sum(-1)
         put(f"kl:{label}", kl.double().sum(1))
         del logp
+
+
+def reproduction_sums(act: torch.Tensor, stored: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per context: Σ|act − stored|² and Σ|stored|² over the kept positions (float64)."""
+    a, s, k = act.double(), stored.to(act.device).double(), keep.to(act.device)
+    return ((a - s).pow(2).sum(-1) * k).sum(1), (s.pow(2).sum(-1) * k).sum(1)
+
+
+def check_reproduced(sq_err: float, sq_norm: float, hook: str) -> None:
+    """The LM's clean activations must be the store's rows, up to storage and precision
+    error; otherwise its CE belongs to another model (a store whose model name was edited,
+    weights changed at the hub since the harvest) and every CE-delta would mix two models."""
+    if sq_norm > 0 and sq_err / sq_norm > REPRODUCTION_TOLERANCE:
+        raise RQAEError(f"the LM does not reproduce the store's rows at {hook} (relative squared error "
+                        f"{sq_err / sq_norm:.3g}, tolerance {REPRODUCTION_TOLERANCE:g}): the store was harvested "
+                        f"from other weights or settings, so no CE is taken from this LM")
 
 
 def ce_metrics(sums: dict[str, np.ndarray]) -> dict[str, dict[str, np.ndarray]]:

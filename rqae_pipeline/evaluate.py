@@ -205,6 +205,7 @@ def ce_stats(store_path: str, model_ref, first_ctx: int, stop_ctx: int, window: 
         tokens = torch.cat([torch.full((len(tokens), 1), lm.tokenizer.bos_token_id), tokens], 1)
     keep = torch.from_numpy((rows.flags & cfg.exclude) == 0).reshape(len(tokens), R)
     replacements = ce_replacements(model, store, rows, replace(cfg, prefixes=ce_labels(model, cfg)))
+    stored = store.to_raw(rows.acts, rows.scale).reshape(len(tokens), R, -1)  # what the clean run must give
     splice = Splice(lm=lm, hook=spec.hook, start=residual_start_layer(spec.hook), offset=1 if spec.skip_bos else 0)
     stats, n_contexts = Stats(), window[1] - window[0]
     # A few contexts per forward pass: log-probabilities over a 256k vocabulary are ~1 MB a
@@ -214,7 +215,7 @@ def ce_stats(store_path: str, model_ref, first_ctx: int, stop_ctx: int, window: 
         block = {label: r if isinstance(r, str) else r.reshape(-1, R, r.shape[-1])[sl]
                  for label, r in replacements.items()}
         slots = slice(first_ctx - window[0] + c, first_ctx - window[0] + min(c + CE_CONTEXTS_PER_FORWARD, len(tokens)))
-        add_ce_sums(stats, splice, tokens[sl].to(cfg.device), keep[sl], block, slots, n_contexts)
+        add_ce_sums(stats, splice, tokens[sl].to(cfg.device), keep[sl], stored[sl], block, slots, n_contexts)
     return stats
 
 
@@ -243,7 +244,9 @@ def ce_results(cfg: EvalConfig, model, store: ActivationStore, start: int, progr
         ce = ce.merge(p)
     return {"ce": ce_summary(ce, cfg.ce_resamples, cfg.ce_seed), "ce_contexts": list(window),
             "ce_bootstrap": ce_bootstrap_info(ce, cfg.ce_resamples, cfg.ce_seed),
-            "ce_prefixes": list(ce_labels(model, cfg) or [])}
+            "ce_prefixes": list(ce_labels(model, cfg) or []),
+            # how closely the LM's clean run reproduced the stored rows (`ce.check_reproduced`)
+            "ce_lm_error": float(ce.counts["lm:sq_err"].sum() / ce.counts["lm:sq_norm"].sum())}
 
 
 # --------------------------------------------------------------------------- tasks

@@ -205,9 +205,13 @@ def test_ce_from_the_hook_layer_equals_a_full_forward_with_a_hook(trained, monke
     store_path, runs = trained
     cfg = EvalConfig(store=store_path, model=runs["rqae"], rows="all", ce_contexts=5, prefixes=(1, 8))
     assert ev.residual_start_layer(ActivationStore.open(store_path).spec.hook) == 2
-    fast = evaluate(cfg, progress=False)["ce"]
+    fast_run = evaluate(cfg, progress=False)
     monkeypatch.setattr(ev, "residual_start_layer", lambda hook: None)
-    slow = evaluate(cfg, progress=False)["ce"]
+    slow_run = evaluate(cfg, progress=False)
+    fast, slow = fast_run["ce"], slow_run["ce"]
+    # both read the clean run's activation at the hook, and both find it the stored rows (fp16)
+    assert 0 < fast_run["ce_lm_error"] < 1e-6
+    assert fast_run["ce_lm_error"] == pytest.approx(slow_run["ce_lm_error"], rel=1e-3)
     assert set(fast) == {"clean", "zero-ablation", "zero-ablation-special-kept", "rqae@1", "rqae@8"}
     assert fast.keys() == slow.keys()
     for label in fast:
@@ -261,6 +265,21 @@ def kept_rows(store: ActivationStore, start: int):
     rows = store.read(start, store.n_tokens)
     keep = torch.from_numpy((rows.flags & int(Flags.BOS | Flags.OUTLIER)) == 0)
     return rows.acts[keep], rows.scale[keep]
+
+
+def test_no_ce_is_taken_from_an_lm_that_does_not_reproduce_the_stored_rows(trained, monkeypatch):
+    """A store names its LM; if the weights loaded under that name are not the ones it was
+    harvested with (a hub revision changed, a name edited), CE would mix two models."""
+    from rqae_pipeline import evaluate as ev
+    from rqae_pipeline.lm import load_lm
+
+    store_path, runs = trained
+    cfg = EvalConfig(store=store_path, model=runs["rqae"], ce_contexts=2, prefixes=(8,))
+    evaluate(cfg, progress=False)  # the LM the store names
+    monkeypatch.setitem(ev._LMS, "tiny-random:0", load_lm("tiny-random:1", device="cpu"))  # other weights
+    with pytest.raises(RQAEError, match=r"the LM does not reproduce the store's rows at blocks.1.hook_resid_post "
+                                        r"\(relative squared error [0-9.]+"):
+        evaluate(cfg, progress=False)
 
 
 def test_raw_space_fvu_of_a_stored_space_model_equals_a_direct_float64_computation(trained):
