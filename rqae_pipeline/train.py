@@ -45,6 +45,7 @@ from rqae_pipeline.run_dir import (
     CHECKPOINT,
     METRICS,
     RUN_FILE,
+    first_line,
     keep_metrics_up_to,
     prepare_out,
     recorded_streams,
@@ -279,7 +280,11 @@ def _start_run(cfg: TrainConfig, ranks: Ranks, device: str) -> _Run:
         trainable.record_source(data.store)
     step, position = 0, first_position(cfg)
     if data.ckpt is not None:
-        trainable.load_checkpoint_state(data.ckpt["state"])
+        try:  # its identity matched this run's, so a mismatch here is damage, not another model
+            trainable.load_checkpoint_state(data.ckpt["state"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise RQAEError(f"{out / CHECKPOINT}: its weights or optimiser state cannot be loaded ({first_line(e)}); "
+                            f"delete it to train from scratch, or choose another --out") from None
         step = data.ckpt["step"]
         position = (DataPosition.from_dict(data.ckpt["data"]) if "data" in data.ckpt
                     else position_of_step(data.store, cfg, data.split, step))

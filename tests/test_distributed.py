@@ -85,8 +85,23 @@ def test_two_gloo_ranks_end_with_the_single_process_weights(store_path, tmp_path
 def test_batch_that_does_not_split_over_the_ranks_is_refused(store_path, tmp_path):
     cfg = cfg_for(store_path, tmp_path / "odd", batch_size=BATCH + 1, tokens=(BATCH + 1) * 4)
     proc = run_rqae(*cli_args(cfg, 2))
-    assert proc.returncode != 0 and "does not split evenly over 2 processes" in proc.stderr
+    # every rank refuses it: one error line and status 2, as in one process (not each rank's
+    # line, torchrun's logs and its ChildFailedError traceback, status 1)
+    assert proc.returncode == 2, proc.stderr
+    want = f"error: --batch-size {BATCH + 1} does not split evenly over 2 processes; use a multiple of 2"
+    assert proc.stderr.strip().splitlines() == [want]
     assert not (tmp_path / "odd" / CHECKPOINT).exists()
+
+
+def test_rank_errors_are_printed_once_each_and_named_by_rank_only_where_they_differ(tmp_path):
+    from rqae_pipeline.launch import rank_errors
+
+    for rank in range(3):
+        (tmp_path / f"rank-{rank}.error").write_text("bad batch")
+    assert rank_errors(tmp_path) == ["error: bad batch"]
+    (tmp_path / "rank-2.error").write_text("row 7 is damaged")
+    assert rank_errors(tmp_path) == ["error: bad batch (rank 0)", "error: row 7 is damaged (rank 2)"]
+    assert rank_errors(tmp_path / "none") == []
 
 
 def test_a_nan_row_is_found_by_the_rank_that_reads_it(store_path, tmp_path):

@@ -260,9 +260,10 @@ def test_bfloat16_training_and_unknown_dtype(store_path, tmp_path):
               progress=False)
 
 
-def test_a_checkpoint_step_or_position_out_of_range_is_refused_unchanged(store_path, tmp_path):
+def test_a_checkpoint_step_position_or_state_out_of_range_is_refused_unchanged(store_path, tmp_path):
     """A position past its buffer or pass (or a step past the run) read as the pass's end, or
-    as a finished run: a damaged checkpoint trained on other rows, exit 0."""
+    as a finished run: a damaged checkpoint trained on other rows, exit 0. Damaged weights
+    are one error line too (were a traceback)."""
     out = tmp_path / "run"
     train(rqae_cfg(store_path, out, tokens=256 * 20), progress=False)
     ckpt = torch.load(out / CHECKPOINT, weights_only=False)
@@ -270,7 +271,14 @@ def test_a_checkpoint_step_or_position_out_of_range_is_refused_unchanged(store_p
     for bad, needle in (({**ckpt, "data": {**data, "buffer": 10**6}}, "is not in its pass"),
                         ({**ckpt, "data": {**data, "buffer": 0, "row": 10**6}}, "is not in its pass"),
                         ({**ckpt, "step": 10**6}, "records step 1000000, not one of this run's 0..20"),
-                        ({**ckpt, "step": -5}, "records step -5")):
+                        ({**ckpt, "step": -5}, "records step -5"),
+                        # its weights: one missing, one of another shape, the optimiser's gone
+                        ({**ckpt, "state": {**ckpt["state"], "model": {k: v for k, v in list(
+                            ckpt["state"]["model"].items())[1:]}}}, "its weights or optimiser state cannot be loaded"),
+                        ({**ckpt, "state": {**ckpt["state"], "model": {k: v.reshape(-1)[:1] for k, v in
+                                                                       ckpt["state"]["model"].items()}}},
+                         "its weights or optimiser state cannot be loaded"),
+                        ({**ckpt, "state": {"model": ckpt["state"]["model"]}}, "cannot be loaded \\(KeyError")):
         torch.save(bad, out / CHECKPOINT)
         before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
         with pytest.raises(RQAEError, match=needle):
