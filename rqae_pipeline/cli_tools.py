@@ -10,6 +10,7 @@ import typer
 
 from rqae_pipeline.cli_common import (
     echo_err,
+    fail,
     optional_store_location,
     parse_ints,
     store_location,
@@ -215,6 +216,8 @@ def dashboard(
     port: int = 8000,
 ) -> None:
     """A static HTML dashboard: features with intensity-shaded examples, searches and codebook plots."""
+    if serve and not 0 < port < 65536:  # before the dashboard is built, not after
+        fail(f"--port must be in 1..65535, got {port}")
     store = store_location(store)
     codes = optional_store_location(codes)
     from rqae_pipeline.dashboard import (

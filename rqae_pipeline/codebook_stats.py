@@ -142,6 +142,14 @@ class CodebookStatsConfig:
     prefix_layers: int = 4
     pairs_sample: int = 4096
 
+    def __post_init__(self):
+        # RQAEError: the CLI builds this from its options. Up to 6 layers: a prefix is packed
+        # into one int64 (544**6 < 2**63)
+        if not 1 <= self.prefix_layers <= 6:
+            raise RQAEError(f"--prefix-layers must be 1..6, got {self.prefix_layers}")
+        if self.pairs_sample < 2:
+            raise RQAEError(f"--pairs-sample must be at least 2 (cosines need pairs), got {self.pairs_sample}")
+
 
 @dataclass(frozen=True)
 class CodebookStatsResult:
@@ -158,6 +166,8 @@ def write_codebook_stats(cfg: CodebookStatsConfig, *, progress: bool = True) -> 
     store = ActivationStore.open(cfg.store)
     model_identity(cfg.model)  # a clear error for a directory that is not an RQAE
     model = RQAE.load(cfg.model)
+    if cfg.prefix_layers > model.n_q:
+        raise RQAEError(f"--prefix-layers {cfg.prefix_layers}: the model has {model.n_q} layers")
     codes = ensure_codes(store, cfg.model, cfg.codes, progress=progress)
     if cfg.out is None and is_remote(codes.path):
         raise RQAEError(f"codes store {codes.path} is at a URL; pass a local --out for the statistics and plots")

@@ -317,6 +317,11 @@ def serve_dashboard(out: Path, port: int, echo: Callable[[str], None] = print) -
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
     handler = functools.partial(SimpleHTTPRequestHandler, directory=str(out))
-    with ThreadingHTTPServer(("127.0.0.1", port), handler) as server:
+    try:
+        server = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    except (OSError, OverflowError) as e:  # in use, not ours to bind, out of range
+        raise RQAEError(f"cannot serve on port {port}: {getattr(e, 'strerror', None) or e}; the dashboard is "
+                        f"written to {out}") from None
+    with server:
         echo(f"serving http://127.0.0.1:{port}/ (Ctrl-C stops)")
         server.serve_forever()

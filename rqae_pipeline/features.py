@@ -175,11 +175,15 @@ def _mean_resultant_to_kappa(rbar: np.ndarray) -> np.ndarray:
     r = np.clip(np.asarray(rbar, dtype=np.float64), 0.0, 1.0)
     inner = r < 1.0 - 1e-12
     rr = np.where(inner, r, 0.5)
-    k = rr * (4 - rr**2) / (1 - rr**2)
+    # Iterates stay within the cap: near rbar = 1 the start is ~1e12, and there the Newton
+    # denominator is a difference of nearly equal terms (a step to 0, or past the Bessel
+    # functions' range: NaN). Such an rbar's MLE is past the cap, where the result ends anyway.
+    k = np.minimum(rr * (4 - rr**2) / (1 - rr**2), KAPPA_MAX)
     for _ in range(50):
-        a = ive(2, k) / ive(1, k)
+        with np.errstate(divide="ignore", invalid="ignore"):  # rbar = 0 (k = 0): set to 0 below
+            a = ive(2, k) / ive(1, k)
         step = (a - rr) / np.maximum(1 - a**2 - 3 * a / np.maximum(k, 1e-300), 1e-300)
-        k = np.maximum(k - step, k / 10)
+        k = np.clip(k - step, k / 10, KAPPA_MAX)
     k = np.where(r < 1e-12, 0.0, k)
     return np.minimum(np.where(inner, k, KAPPA_MAX), KAPPA_MAX)
 
@@ -406,10 +410,25 @@ def check_entries(data: dict, path: Path) -> None:
                            fix=fix)
 
 
+def check_prefix(entry: dict, path: Path, n_q: int, n_codes: int = 544) -> None:
+    """An entry's feature is the first `layers` codes of its seed: exactly that many codes, each
+    one of the codebook's. A shorter prefix would be broadcast over the layers and a negative
+    code would index from the codebook's end, each a feature nobody built, silently."""
+    m, prefix = entry["layers"], entry["prefix"]
+    where = f"{path}: feature {entry['id']!r}"
+    if type(m) is not int or not 1 <= m <= n_q:
+        raise RQAEError(f"{where} uses {m!r} layers; the model has 1..{n_q}")
+    if len(prefix) != m or not all(type(c) is int and 0 <= c < n_codes for c in prefix):
+        raise RQAEError(f"{where}: its prefix must be {m} codes in 0..{n_codes - 1}, one per layer; rebuild it with "
+                        f"`rqae feature-dictionary`")
+
+
 def check_dictionary(data: dict, path: Path, store: ActivationStore, identity: dict, model_dir: Path) -> None:
     """A feature dictionary must come from this model (`codes.model_identity`) and this store,
     and its entries hold what steering and the dashboard read."""
     check_entries(data, path)
+    for f in data["features"]:
+        check_prefix(f, path, identity["n_q"])
     try:
         built_by, built_from = data["model"]["weights_sha256"], data["store_spec"]
     except (KeyError, TypeError):

@@ -1,9 +1,10 @@
 """The harvest loop: corpus -> LM forward to the hook -> normalise -> activation store.
 
-The model thread only tokenises, runs the forward pass (`run_with_cache` with a names
-filter and `stop_at_layer`, under `inference_mode`) and normalises; encoding, compression
-and disk writes run on a background writer thread, so the forward pass never waits on
-I/O. A shard is committed (manifest rewritten atomically) only once all its rows are on
+The model thread tokenises, runs the forward pass to the hook's block (`forward.py`, under
+`inference_mode`) and normalises; encoding, compression and disk writes run on a background
+writer thread where the forward is on a GPU, so the forward never waits on I/O, and between
+forward passes on a CPU, where a second thread would stall torch's thread team
+(`shard_writer.ShardWriter`). A shard is committed (manifest rewritten atomically) only once all its rows are on
 disk; `resume=True` truncates whatever an interrupted run left past the last commit and
 restarts the corpus at the committed position, so the finished store equals an
 uninterrupted run's. What the writer does with a shard lives in shard_writer.py, shared

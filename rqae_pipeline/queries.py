@@ -17,6 +17,7 @@ import torch
 
 from rqae_pipeline import RQAEError
 from rqae_pipeline.codec import decode_acts, encode_acts
+from rqae_pipeline.forward import cuda_tf32, hook_residuals, recorded_precision
 from rqae_pipeline.lm import load_tokenizer
 from rqae_pipeline.store import ActivationStore
 
@@ -53,6 +54,15 @@ class Context:
 # --------------------------------------------------------------------------- query codes
 
 
+def load_store_lm(store: ActivationStore, device: str | None = None):
+    """The store's LM at the precision its rows were harvested in (`forward.recorded_precision`):
+    a stored context given as text then encodes to its stored codes, not to the codes of a
+    float32 forward of a bfloat16 store (which differ on rows near a code boundary)."""
+    from rqae_pipeline.lm import load_lm
+
+    return load_lm(store.spec.model, device=device, dtype=recorded_precision(store)["model_dtype"])
+
+
 def check_lm(lm, store: ActivationStore) -> None:
     if lm.name != store.spec.model or lm.d_model != store.d:
         raise RQAEError(f"the store was harvested from {store.spec.model!r}, not {lm.name!r}")
@@ -76,8 +86,9 @@ def encode_tokens(lm, model, store: ActivationStore, ids: list[int]) -> np.ndarr
     if len(ids) > body:
         raise RQAEError(f"the query has {len(ids)} tokens; the store's contexts hold {body} after BOS")
     tokens = torch.tensor([[lm.tokenizer.bos_token_id, *ids]], device=lm.model.cfg.device)
-    _, cache = lm.model.run_with_cache(tokens, names_filter=[spec.hook], stop_at_layer=spec.layer + 1)
-    acts, _ = store.to_normalised(cache[spec.hook][0, 1:].float(), float(lm.model.cfg.eps))
+    with cuda_tf32(recorded_precision(store)["tf32"]):  # the harvest's matmul precision, on a GPU
+        raw = hook_residuals(lm, tokens, spec.hook, spec.layer)
+    acts, _ = store.to_normalised(raw[0, 1:].float(), float(lm.model.cfg.eps))
     acts = acts.cpu()
     mean = store.codec_mean()
     cols = encode_acts(acts, spec.dtype, mean)  # the storage rounding a stored row went through
@@ -202,9 +213,7 @@ def query_set(store: ActivationStore, model, *, addresses: list[str] = (), texts
     for text, index in pairs:  # cheap checks before the LM is loaded
         pick_token(len(tokenize(tokenizer, text)), index)
     if pairs and lm is None:
-        from rqae_pipeline.lm import load_lm
-
-        lm = load_lm(store.spec.model)
+        lm = load_store_lm(store)
     out = [Query(context=c, row=c.row) for c in contexts(store, tokenizer, rows, width)]
     encoded: dict[str, TextCodes] = {}
     for text, index in pairs:

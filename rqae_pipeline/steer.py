@@ -306,6 +306,10 @@ class CodebookSteering:
         self.model = CodebookAE.load(cfg.model, device)
         if not 0 <= cfg.code < self.model.cfg.n_codes:
             raise RQAEError(f"--code must be in 0..{self.model.cfg.n_codes - 1}, got {cfg.code}")
+        rqae_only = SteerConfig(splice=cfg.steer.splice)  # what a codebook run leaves as it is
+        if (cfg.steer.strength, cfg.steer.top_k_layers) != (rqae_only.strength, rqae_only.top_k_layers):
+            raise RQAEError("a codebook model activates its code fully: --strength and --top-k-layers steer an "
+                            "RQAE only")
 
     def check_before_lm(self) -> None:
         pass
@@ -319,7 +323,8 @@ class CodebookSteering:
         return lambda raw: steer_codebook(self.model, raw, self.cfg.code, norm, self.cfg.steer.splice).raw
 
     def describe(self) -> dict:
-        return {"code": self.cfg.code}
+        # strength and layers do not apply: the result records only the splice
+        return {"code": self.cfg.code, "steer": {"splice": self.cfg.steer.splice}}
 
 
 STRATEGIES = {"rqae": RQAESteering, "codebook": CodebookSteering}
@@ -341,8 +346,8 @@ def _prompt_ids(tokenizer, prompts: tuple[str, ...]) -> list[list[int]]:
 def run_steering(cfg: SteerRunConfig, *, lm=None, echo: Callable[[str], None] | None = None) -> dict:
     """Generate from each prompt with and without steering (same seed) and count the concept.
     Every input is checked before the language model is loaded."""
-    from rqae_pipeline.lm import default_device, load_lm
-    from rqae_pipeline.queries import check_lm, load_tokenizer
+    from rqae_pipeline.lm import default_device
+    from rqae_pipeline.queries import check_lm, load_store_lm, load_tokenizer
     from rqae_pipeline.store import ActivationStore
 
     store = ActivationStore.open(cfg.store)
@@ -350,12 +355,18 @@ def run_steering(cfg: SteerRunConfig, *, lm=None, echo: Callable[[str], None] | 
     steering = STRATEGIES[arch](cfg, store, cfg.device or default_device())
     check_model_store(cfg.model, steering.model.cfg.d_in, store)
     prompt_ids = _prompt_ids(lm.tokenizer if lm is not None else load_tokenizer(store.spec.model), cfg.prompts)
+    if not all(any(ch.isalnum() for ch in w) for w in cfg.words):  # "" would match at every position
+        raise RQAEError(f"--word needs letters or digits in each word, got {list(cfg.words)}")
     steering.check_before_lm()
     if lm is None:
         if echo:
             echo(f"loading {store.spec.model} ...")
-        lm = load_lm(store.spec.model, device=cfg.device or default_device())
+        lm = load_store_lm(store, device=cfg.device or default_device())
     check_lm(lm, store)
+    longest, n_ctx = 1 + max(map(len, prompt_ids)) + cfg.generation.max_new_tokens, lm.model.cfg.n_ctx
+    if longest > n_ctx:  # BOS + prompt + new tokens: past the LM's positions there is no generation
+        raise RQAEError(f"BOS, the longest prompt and --max-new-tokens make {longest} tokens; {store.spec.model} "
+                        f"takes {n_ctx}")
     steering.prepare(lm)
     words = tuple(w.lower() for w in cfg.words) or steering.words
     if not words:

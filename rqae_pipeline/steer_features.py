@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from rqae_pipeline import RQAEError
-from rqae_pipeline.features import VMF, check_dictionary
+from rqae_pipeline.features import KAPPA_MAX, VMF, check_dictionary
 from rqae_pipeline.generation import concept_words
 
 
@@ -47,7 +47,7 @@ def load_feature(ref: str, store, model_dir: Path, model, codes_path: Path | Non
     if isinstance(data, dict) and data.get("kind") == "rqae-feature-dictionary":
         return _dictionary_feature(data, path, key, store, model_dir, model, codes_path)
     features = data.get("features") if isinstance(data, dict) else None
-    if isinstance(features, list) and features and "vmf" in features[0]:
+    if isinstance(features, list) and features and isinstance(features[0], dict) and "vmf" in features[0]:
         return _vmf_file_feature(data, path, key, model_dir, model)
     raise RQAEError(f"{path} is neither a feature dictionary nor a `rqae features --out` file")
 
@@ -72,27 +72,52 @@ def _dictionary_feature(data, path, key, store, model_dir, model, codes_path) ->
 def _vmf_file_feature(data, path, key, model_dir, model) -> SteerFeature:
     from rqae_pipeline.codes import model_identity
 
-    fitted_by = data.get("model")  # absent in files written before it was recorded
-    if isinstance(fitted_by, dict) and fitted_by.get("weights_sha256") != model_identity(model_dir)["weights_sha256"]:
-        raise RQAEError(f"the features in {path} were fitted with model {fitted_by.get('name')!r} "
-                        f"(weights {str(fitted_by.get('weights_sha256'))[:8]}), not {model_dir}; refit them with "
+    fitted_by = data.get("model")
+    if not isinstance(fitted_by, dict) or not isinstance(fitted_by.get("weights_sha256"), str):
+        raise RQAEError(f"{path} does not record the model its features were fitted with; refit them with "
                         f"`rqae features --model {model_dir} --out ...`")
-    names = [f.get("name") for f in data["features"]]
-    name = key if key is not None else names[0]
-    if name not in names:
+    if fitted_by["weights_sha256"] != model_identity(model_dir)["weights_sha256"]:
+        raise RQAEError(f"the features in {path} were fitted with model {fitted_by.get('name')!r} "
+                        f"(weights {fitted_by['weights_sha256'][:8]}), not {model_dir}; refit them with "
+                        f"`rqae features --model {model_dir} --out ...`")
+    features = [f for f in data["features"] if isinstance(f, dict)]
+    names = [f.get("name") for f in features]
+    name = key if key is not None else (names[0] if names else None)
+    if len(features) != len(data["features"]) or name not in names:
         raise RQAEError(f"there is no feature {name!r} in {path}; it has {', '.join(map(str, names))}")
-    feat = data["features"][names.index(name)]
+    feat = features[names.index(name)]
+    vmf = _checked_vmf(feat, path, name, model.n_q)
+    queries = data.get("queries") if isinstance(data.get("queries"), list) else []
+    # a split's feature was fitted on its own queries: only their tokens are its words
+    own = feat.get("queries") if isinstance(feat.get("queries"), list) else range(len(queries))
+    try:
+        tokens = [queries[i]["token"] for i in own] + [h["token"] for h in feat.get("hits", [])]
+    except (IndexError, KeyError, TypeError):
+        raise RQAEError(f"the feature {name!r} in {path} names queries or hits without tokens; refit it with "
+                        f"`rqae features --out`") from None
+    if not all(isinstance(t, str) for t in tokens):
+        raise RQAEError(f"the feature {name!r} in {path} has tokens that are not text; refit it")
+    return SteerFeature(name=f"{path.name}#{name}", vmf=vmf, words=concept_words(tokens))
+
+
+def _checked_vmf(feat: dict, path: Path, name: str, n_q: int) -> VMF:
+    """The vMF of a `rqae features --out` entry: one unit mean direction on S^3 and one
+    concentration in [0, KAPPA_MAX] per layer of the model, all finite."""
     try:
         v = feat["vmf"]
         vmf = VMF(mean=np.asarray(v["mean"], np.float64), kappa=np.asarray(v["kappa"], np.float64), n=int(v["n"]))
     except (KeyError, TypeError, ValueError):
         raise RQAEError(f"the feature {name!r} in {path} has no readable vMF (mean, kappa, n); "
                         f"refit it with `rqae features --out`") from None
-    if vmf.mean.shape != (model.n_q, 4) or vmf.kappa.shape != (model.n_q,) or not np.isfinite(vmf.kappa).all():
-        raise RQAEError(f"the feature in {path} has {len(vmf.kappa)} layers (or non-finite concentrations) "
-                        f"but the model has {model.n_q}")
-    tokens = [q["token"] for q in data.get("queries", [])] + [h["token"] for h in feat.get("hits", [])]
-    return SteerFeature(name=f"{path.name}#{name}", vmf=vmf, words=concept_words(tokens))
+    if vmf.mean.shape != (n_q, 4) or vmf.kappa.shape != (n_q,):
+        raise RQAEError(f"the feature {name!r} in {path} has {vmf.kappa.size} layers but the model has {n_q}")
+    finite = np.isfinite(vmf.mean).all() and np.isfinite(vmf.kappa).all()
+    if not finite or not np.allclose(np.linalg.norm(vmf.mean, axis=1), 1, atol=1e-4):
+        raise RQAEError(f"the feature {name!r} in {path} has mean directions that are not finite unit vectors")
+    if not ((vmf.kappa >= 0) & (vmf.kappa <= KAPPA_MAX)).all() or vmf.n < 1:
+        raise RQAEError(f"the feature {name!r} in {path} has concentrations outside 0..{KAPPA_MAX:g} or no query "
+                        f"tokens (n {vmf.n})")
+    return vmf
 
 
 def query_feature(cfg, store, model, lm) -> SteerFeature:

@@ -159,7 +159,9 @@ def test_cli_dashboard_builds_a_dictionary_and_refuses_bad_input(env, tmp_path):
            (["--store", env["store"], "--model", env["model_dir"], "--examples", "0"], "must be positive"),
            (["--store", env["store"], "--model", env["model_dir"], "--features", cut],
             "cut.json: features.1.examples.0.row is missing or not of type int"),
-           (["--store", env["store"], "--model", torn], "torn-run/train.json cannot be read as JSON")]
+           (["--store", env["store"], "--model", torn], "torn-run/train.json cannot be read as JSON"),
+           (["--store", env["store"], "--model", env["model_dir"], "--serve", "--port", "99999"],
+            "--port must be in 1..65535")]
     for args, needle in bad:
         r = runner.invoke(app, [str(a) for a in ("dashboard", *args, "--out", out)])
         assert r.exit_code == 2, r.output

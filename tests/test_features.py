@@ -233,19 +233,24 @@ def test_query_text_gets_the_stored_codes_of_the_same_tokens(env, tiny_lm):
 def test_vmf_fit_and_normaliser_match_scipy():
     from scipy.stats import vonmises_fisher
 
+    from rqae_pipeline.features import _mean_resultant_to_kappa
+
     rng = np.random.default_rng(0)
     mu = np.array([0.5, -0.5, 0.5, 0.5])
     for kappa in (0.5, 5.0, 60.0):
         x = vonmises_fisher(mu, kappa).rvs(200, random_state=rng)
         fit_mu, fit_kappa = vonmises_fisher.fit(x)
         s = x.sum(0)
-        from rqae_pipeline.features import _mean_resultant_to_kappa
-
         assert _mean_resultant_to_kappa(np.array([np.linalg.norm(s) / len(x)]))[0] == pytest.approx(fit_kappa, rel=1e-6)
         assert vmf_log_normaliser(np.array([kappa]))[0] == pytest.approx(
             vonmises_fisher(mu, kappa).logpdf(mu) - kappa, rel=1e-10)
     assert vmf_log_normaliser(np.array([0.0]))[0] == pytest.approx(-np.log(2 * np.pi**2))
     assert np.isfinite(vmf_log_normaliser(np.array([KAPPA_MAX])))
+    # query codes that (nearly) all agree: the MLE is past the cap, never NaN (was NaN for
+    # 1 - rbar in 1e-12..1e-9: a Newton step from the ~1e12 start)
+    rbar = 1 - np.array([0.0, 1e-13, 2e-12, 1e-10, 1e-9, 1e-6, 1e-5])
+    assert (_mean_resultant_to_kappa(rbar) == KAPPA_MAX).all()
+    assert _mean_resultant_to_kappa(np.array([0.0]))[0] == 0
 
 
 def test_vmf_kappa_grows_as_the_query_codes_agree(env):
@@ -377,6 +382,12 @@ def test_cli_encode_stats_search_features_and_dictionary(env, tmp_path):
     (["features", "--address", "3:5", "--split", "0,4"], "query 4 does not exist"),
     (["features", "--query", "a b", "--query", "c", "--token-index", "0", "--token-index", "0",
       "--token-index", "1"], "3 --token-index values"),
+    # no pairs to take cosines of (was an IndexError); a prefix past the model's layers or the
+    # packed key (was capped silently)
+    (["codebook-stats", "--pairs-sample", "1"], "--pairs-sample must be at least 2"),
+    (["codebook-stats", "--pairs-sample", "-3"], "--pairs-sample must be at least 2"),
+    (["codebook-stats", "--prefix-layers", "0"], "--prefix-layers must be 1..6"),
+    (["codebook-stats", "--prefix-layers", "7"], "--prefix-layers must be 1..6"),
 ])
 def test_bad_query_input_is_one_line_and_nonzero(env, args, needle):
     before = tree_digest(env["codes"])
@@ -467,6 +478,28 @@ def test_codes_of_a_longer_copy_of_the_store_are_refused_and_left_intact(env, tm
 
 
 @pytest.mark.slow
+def test_query_text_of_a_bfloat16_store_is_encoded_by_a_bfloat16_forward(tmp_path):
+    """A store harvested in bfloat16 (a GPU's default) records it; a text query of its own
+    tokens must get its stored codes, which a float32 forward does not give."""
+    from rqae_pipeline.lm import load_lm
+    from rqae_pipeline.queries import load_store_lm
+
+    store = tmp_path / "bf16.zarr"
+    harvest(tiny_config(store, tokens=1024, model_dtype="bfloat16"), lm=None, progress=False)
+    st = ActivationStore.open(store)
+    model = RQAE.load(make_model(store, tmp_path / "rqae", seed=0))
+    cs = open_codes(encode_store(EncodeConfig(store=store, model=tmp_path / "rqae"), progress=False))
+    R, match = st.spec.rows_per_context, {}
+    lms = {"store's": load_store_lm(st, device="cpu"), "float32": load_lm(st.spec.model, device="cpu")}
+    assert next(lms["store's"].model.parameters()).dtype == torch.bfloat16
+    for name, lm in lms.items():
+        got = [encode_tokens(lm, model, st, np.asarray(st.group["tokens"][c * R + 1: (c + 1) * R]).tolist())
+               for c in range(st.n_contexts)]
+        match[name] = float((np.concatenate(got) == np.concatenate(
+            [cs.read(c * R + 1, (c + 1) * R) for c in range(st.n_contexts)])).all(1).mean())
+    assert match["store's"] == 1.0 and match["float32"] < 0.95, match
+
+
 def test_real_gemma_query_text_gets_the_stored_codes(gemma_lm, tmp_path):
     from rqae_pipeline.harvest import HarvestConfig
     from rqae_pipeline.lm import OFFLINE_GEMMA

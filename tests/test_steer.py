@@ -247,6 +247,11 @@ def test_cli_steer_with_a_dictionary_feature_and_a_codebook_code(env, dictionary
     r = invoke("steer", "--store", env["store"], "--model", cb, "--prompt", PROMPT, "--code", "5", "--word", "the",
                "--max-new-tokens", "3", "--samples", "2")
     assert r.exit_code == 0 and "steering code 5" in r.stdout, r.output
+    # a codebook code is activated fully: a strength or layer count would be recorded, not applied
+    for extra in (["--strength", "0"], ["--top-k-layers", "2"]):
+        r = invoke("steer", "--store", env["store"], "--model", cb, "--prompt", PROMPT, "--code", "5", "--word",
+                   "the", "--max-new-tokens", "3", "--samples", "2", *extra)
+        assert r.exit_code == 2 and "steer an RQAE only" in r.stderr, r.output
 
 
 def test_a_vmf_feature_file_steers_only_the_model_that_fitted_it(env, tmp_path):
@@ -268,11 +273,39 @@ def test_a_vmf_feature_file_steers_only_the_model_that_fitted_it(env, tmp_path):
     assert r.exit_code == 0, r.output
     r = invoke("steer", "--model", other, *args)
     assert r.exit_code == 2 and "were fitted with model" in r.stderr and "refit them" in r.stderr, r.output
+    good = json.loads(f.read_text())
+
+    def damaged(edit, needle):  # a hand-edited file: one error line, never steering by its numbers
+        data = json.loads(json.dumps(good))
+        edit(data, data["features"][0])
+        f.write_text(json.dumps(data))
+        r = invoke("steer", "--model", env["model_dir"], *args)
+        assert r.exit_code == 2 and needle in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+
+    damaged(lambda d, e: e["vmf"].pop("kappa"), "has no readable vMF")
+    damaged(lambda d, e: e["vmf"]["mean"][0].__setitem__(0, float("nan")), "not finite unit vectors")
+    damaged(lambda d, e: e["vmf"]["mean"].__setitem__(1, [0.0, 0.0, 0.0, 0.0]), "not finite unit vectors")
+    damaged(lambda d, e: e["vmf"]["kappa"].__setitem__(0, -50.0), "concentrations outside 0..10000")
+    damaged(lambda d, e: d.pop("model"), "does not record the model its features were fitted with")
+    damaged(lambda d, e: e["hits"][0].pop("token"), "names queries or hits without tokens")
+    damaged(lambda d, e: d["features"].append(3), "there is no feature")
+
+
+def test_a_split_feature_counts_only_its_own_query_tokens_as_words(env, tmp_path):
+    """`rqae features --split` fits one feature per split; the topic measure of each must come
+    from its own queries (and hits), not every query of the file."""
+    from rqae_pipeline.steer_features import load_feature
+
+    f = tmp_path / "f.json"
+    r = invoke("features", "--store", env["store"], "--model", env["model_dir"], "--address", "3:5",
+               "--address", "4:6", "--split", "0", "--split", "1", "--out", f)
+    assert r.exit_code == 0, r.output
     data = json.loads(f.read_text())
-    del data["features"][0]["vmf"]["kappa"]
+    split = next(e for e in data["features"] if e["queries"] == [0])  # ("all" is fitted on both)
+    split["hits"] = []  # only the queries' words remain
+    data["queries"][0]["token"], data["queries"][1]["token"] = " alpha", " omega"  # tiny-BPE tokens are no words
     f.write_text(json.dumps(data))
-    r = invoke("steer", "--model", env["model_dir"], *args)
-    assert r.exit_code == 2 and "has no readable vMF" in r.stderr, r.output
+    assert load_feature(f"{f}#{split['name']}", env["st"], env["model_dir"], env["model"]).words == ("alpha",)
 
 
 def _other_store_model(env):
@@ -286,7 +319,8 @@ def _other_store_model(env):
 
 @pytest.mark.parametrize("case",
                          ["strength", "unknown-file", "unknown-id", "empty-prompt", "other-store", "no-feature",
-                          "no-record", "no-examples"])
+                          "no-record", "no-examples", "short-prefix", "negative-code", "too-many-layers",
+                          "empty-word", "long-prompt"])
 def test_cli_steer_bad_input_is_one_error_line_and_writes_nothing(env, dictionary, tmp_path, case):
     path, fid = dictionary
     model, feature, prompt, extra = env["model_dir"], f"{path}#{fid}", PROMPT, []
@@ -294,7 +328,11 @@ def test_cli_steer_bad_input_is_one_error_line_and_writes_nothing(env, dictionar
               "unknown-id": "no feature 'nope'", "empty-prompt": "tokenises to no tokens",
               "other-store": "trained on another store (hook", "no-feature": "give one feature",
               "no-record": "does not record the model and store",
-              "no-examples": "features.0.examples is missing or not of type list"}[case]
+              "no-examples": "features.0.examples is missing or not of type list",
+              "short-prefix": "its prefix must be", "negative-code": "its prefix must be",
+              "too-many-layers": "layers; the model has 1..",
+              "empty-word": "--word needs letters or digits",  # "" would be found in every generation
+              "long-prompt": "tokens; tiny-random:0 takes 256"}[case]
     if case == "strength":
         extra = ["--strength", "1.5"]
     elif case == "unknown-file":
@@ -315,6 +353,23 @@ def test_cli_steer_bad_input_is_one_error_line_and_writes_nothing(env, dictionar
         cut = tmp_path / "cut.json"
         cut.write_text(json.dumps(data))
         feature = f"{cut}#{fid}"
+    elif case == "empty-word":
+        extra = ["--word", ""]
+    elif case == "long-prompt":  # past the LM's positions: was an IndexError mid-generation
+        prompt = " ".join(["object"] * 300)
+    elif case in ("short-prefix", "negative-code", "too-many-layers"):  # a feature nobody built
+        data = json.loads(path.read_text())
+        entry = data["features"][0]
+        if case == "short-prefix":  # would be broadcast over the entry's layers
+            entry["prefix"] = entry["prefix"][:1]
+            entry["layers"] = max(entry["layers"], 2)
+        elif case == "negative-code":  # would index from the codebook's end
+            entry["prefix"][0] = -1
+        else:
+            entry["layers"] = env["model"].n_q + 1
+        cut = tmp_path / "cut.json"
+        cut.write_text(json.dumps(data))
+        feature = f"{cut}#{fid}"
     args = ["steer", "--store", env["store"], "--model", model, "--prompt", prompt, "--out", tmp_path / "o.json",
             *extra]
     if case != "no-feature":
@@ -322,6 +377,6 @@ def test_cli_steer_bad_input_is_one_error_line_and_writes_nothing(env, dictionar
     before = tree_digest(env["store"])
     r = invoke(*args)
     assert r.exit_code == 2, r.output
-    lines = r.stderr.strip().splitlines()
+    lines = [ln for ln in r.stderr.strip().splitlines() if not ln.startswith("loading ")]  # progress
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
     assert not (tmp_path / "o.json").exists() and tree_digest(env["store"]) == before
