@@ -12,15 +12,23 @@ derived, not stored).
 At each budget the RQAE is taken at its largest evaluated prefix within the SAE's budget
 ("within") and at the prefix nearest to it ("nearest"); the winner is read off the
 within-budget prefix, so the RQAE never gets more than the SAE. Lower FVU wins in each
-space; a CE-delta difference within 2 standard errors is called a tie.
+space (equal FVUs are a tie); a CE-delta difference within 2 standard errors of that
+difference is a tie. Both models' CE is measured on the same contexts, so the standard error
+is the paired one: the per-context difference of their CE-deltas, bootstrapped over contexts
+(`paired_ce_delta_se`). Results without per-context sums fall back to the two standard errors
+combined as if independent, which is wider; without any standard error (one context) no
+winner is called.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from rqae_pipeline.metrics import (
     SAE_VALUE_BITS,
+    bootstrap_sums,
     prefix_of,
     rqae_bits_per_token,
     sae_bits_per_token,
@@ -71,6 +79,25 @@ def matched_budgets(rqae: list[dict], sae: dict) -> list[dict]:
     return [_match(rqae, sae, "bits_per_token"), _match(rqae, sae, "weight_bytes")]
 
 
+def paired_ce_delta_se(rqae_result: dict, sae_result: dict, label: str) -> float | None:
+    """Bootstrap standard error of CE-delta(RQAE prefix `label`) - CE-delta(SAE), resampling
+    the contexts both were measured on with the evaluations' own resamples and seed; None
+    when the two did not measure the same contexts per context."""
+    a, b = rqae_result.get("ce_per_context"), sae_result.get("ce_per_context")
+    same = (a and b and rqae_result.get("ce_contexts") == sae_result.get("ce_contexts")
+            and rqae_result.get("ce_bootstrap") == sae_result.get("ce_bootstrap")
+            and f"ce:{label}" in a and "ce:sae" in b and a["ce_tokens"] == b["ce_tokens"])
+    if not same:
+        return None
+    boot = rqae_result["ce_bootstrap"]
+    if boot["contexts"] < 2:
+        return math.nan
+    delta_rqae = np.asarray(a[f"ce:{label}"]) - np.asarray(a["ce:clean"])  # per-context CE sums
+    diff = delta_rqae - (np.asarray(b["ce:sae"]) - np.asarray(b["ce:clean"]))
+    sums = bootstrap_sums(np.stack([diff, np.asarray(a["ce_tokens"], np.float64)], 1), boot["resamples"], boot["seed"])
+    return float(np.std(sums[:, 0] / sums[:, 1], ddof=1))
+
+
 def _match(rqae: list[dict], sae: dict, budget: str) -> dict:
     value = sae[budget]
     within = [r for r in rqae if r[budget] <= value]
@@ -80,22 +107,33 @@ def _match(rqae: list[dict], sae: dict, budget: str) -> dict:
     out = {"budget": budget, "sae": sae["label"], "value": value,
            "rqae_within": best and best["label"], "rqae_nearest": nearest["label"]}
     for key in ("fvu_normalised", "fvu_raw"):
-        out[f"winner_{key}"] = None if best is None else "rqae" if best[key] < sae[key] else "sae"
+        out[f"winner_{key}"] = None if best is None else _lower_wins(best[key], sae[key])
     out["winner_ce_delta"] = None if best is None else _ce_winner(best, sae)
     return out
+
+
+def _lower_wins(rqae: float, sae: float) -> str:
+    return "tie" if rqae == sae else "rqae" if rqae < sae else "sae"
 
 
 def _ce_winner(rqae: dict, sae: dict) -> str | None:
     if rqae["ce_delta"] is None or sae["ce_delta"] is None:
         return None  # CE is measured at a few prefixes only
     diff = rqae["ce_delta"] - sae["ce_delta"]
-    se = math.hypot(rqae["ce_delta_se"] or 0.0, sae["ce_delta_se"] or 0.0)
+    se = rqae.get("ce_delta_diff_se")
+    if se is None:  # no per-context sums: as if independent (wider than the paired SE)
+        se = math.hypot(rqae["ce_delta_se"], sae["ce_delta_se"])
+    if not math.isfinite(se):
+        return "undecided (no standard error)"
     return "tie (within 2 SE)" if abs(diff) <= 2 * se else "rqae" if diff < 0 else "sae"
 
 
 def budget_table(rqae_result: dict, sae_result: dict) -> dict:
     """The comparison report's "budget" entry: assumptions, model rows, matched budgets."""
     rqae, sae = rqae_rows(rqae_result), sae_row(sae_result)
+    for row in rqae:  # the paired SE of this prefix's CE-delta difference from the SAE's
+        if row["ce_delta"] is not None:
+            row["ce_delta_diff_se"] = paired_ce_delta_se(rqae_result, sae_result, row["label"])
     return {"assumptions": {"rqae_bits_per_layer": rqae_bits_per_token(1), "sae_value_bits": SAE_VALUE_BITS,
                             "sae_bits_per_token": "L0 * (log2(d_sae) + value bits)",
                             "weight_bytes": "saved tensors at their dtype; RQAE prefix m: its first m layers"},

@@ -4,7 +4,6 @@ none of them has to import cli.py."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -60,9 +59,9 @@ def write_json(out: Path | None, result: dict) -> None:
     """Write a command's result as JSON to --out, when given, and say so."""
     if out is None:
         return
-    from rqae_pipeline.io import atomic_write_bytes
+    from rqae_pipeline.io import atomic_write_bytes, json_text
 
     with writing(out):
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(out, json.dumps(result, indent=1).encode())
+        atomic_write_bytes(out, json_text(result).encode())
     typer.echo(f"wrote {out}")

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from typing import Annotated
 
 import typer
 
 from rqae_pipeline.cli_common import EXIT_CORPUS_EXHAUSTED, EXIT_INTERRUPTED, echo_err, fail, store_location
+from rqae_pipeline.io import json_text
 
 
 def harvest(
@@ -84,13 +84,16 @@ def inspect(
     store: Annotated[str, typer.Argument(help="An activation store: a directory or a URL (s3://, gs://, ...).")],
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
 ) -> None:
-    """Show a store's manifest, counts, bytes per token and a sanity summary of norms."""
+    """Show a store's manifest, counts, bytes per token and a sanity summary of norms (exit 1:
+    its sampled rows cannot be read; the rest, the settings to rebuild a shard with, is shown)."""
     store = store_location(store)
     from rqae_pipeline.store import ActivationStore
     from rqae_pipeline.summary import format_summary, summarise
 
     summary = summarise(ActivationStore.open(store))
-    typer.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
+    typer.echo(json_text(summary) if as_json else format_summary(summary))
+    if summary.get("sample_error"):
+        raise typer.Exit(1)  # damaged, as `rqae verify` says it
 
 
 def verify(

@@ -143,7 +143,7 @@ def examples_shown(model, codes, store, tokenizer, items: list[tuple[object, lis
 
 def read_dictionary(cfg: DashboardConfig, store, identity: dict) -> dict:
     """The given feature dictionary, checked against the model and the store."""
-    from rqae_pipeline.features import check_dictionary
+    from rqae_pipeline.feature_checks import check_dictionary
 
     try:
         data = json.loads(Path(cfg.features).read_text())
@@ -237,7 +237,8 @@ def build_dashboard(cfg: DashboardConfig, *, progress: bool = True, echo: Callab
     """Write OUT/index.html (+ the codebook PNGs, + features.json when built here). Every
     input (store, model, queries, a given dictionary) is checked before anything is written."""
     from rqae_pipeline.codes import model_identity
-    from rqae_pipeline.features import check_layers, check_model_store
+    from rqae_pipeline.feature_checks import check_model_store
+    from rqae_pipeline.features import check_layers
     from rqae_pipeline.models.rqae import RQAE
     from rqae_pipeline.queries import query_set
     from rqae_pipeline.store import ActivationStore

@@ -246,7 +246,11 @@ def ce_results(cfg: EvalConfig, model, store: ActivationStore, start: int, progr
             "ce_bootstrap": ce_bootstrap_info(ce, cfg.ce_resamples, cfg.ce_seed),
             "ce_prefixes": list(ce_labels(model, cfg) or []),
             # how closely the LM's clean run reproduced the stored rows (`ce.check_reproduced`)
-            "ce_lm_error": float(ce.counts["lm:sq_err"].sum() / ce.counts["lm:sq_norm"].sum())}
+            "ce_lm_error": float(ce.counts["lm:sq_err"].sum() / ce.counts["lm:sq_norm"].sum()),
+            # per-context CE sums: two models measured on the same contexts are compared paired
+            # (`budget.paired_ce_delta_se`), not as if their errors were independent
+            "ce_per_context": {k: ce.counts[k].tolist() for k in sorted(ce.counts)
+                               if k == "ce_tokens" or k.startswith("ce:")}}
 
 
 # --------------------------------------------------------------------------- tasks

@@ -50,6 +50,7 @@ from rqae_pipeline.lm import (
 from rqae_pipeline.lock import take_write_lock
 from rqae_pipeline.shard_writer import Batch, ShardWriter
 from rqae_pipeline.store import ActivationStore, Flags, StoreLock, StoreSpec
+from rqae_pipeline.store_format import tokenizer_name
 from rqae_pipeline.urls import location, store_exists
 
 DEFAULT_DATASET = "auto"  # builtin corpus for offline/test models, FineWeb-Edu for hub models
@@ -145,8 +146,8 @@ def model_facts(cfg: HarvestConfig, lm: LoadedLM) -> ModelFacts:
     if cfg.context_length > lm.model.cfg.n_ctx:
         raise RQAEError(f"context length {cfg.context_length} exceeds {lm.name}'s n_ctx {lm.model.cfg.n_ctx}")
     gain = final_norm_gain(lm)[0] if cfg.normalisation == "final-norm" else None  # "rms" stores ones
-    return ModelFacts(name=lm.name, hook=hook, d_model=lm.d_model,
-                      tokenizer=getattr(lm.tokenizer, "name_or_path", "") or type(lm.tokenizer).__name__,
+    tokenizer = getattr(lm.tokenizer, "name_or_path", "") or type(lm.tokenizer).__name__
+    return ModelFacts(name=lm.name, hook=hook, d_model=lm.d_model, tokenizer=tokenizer_name(tokenizer),
                       gain=gain, provenance=_provenance(lm), precision=precision_of(lm))
 
 

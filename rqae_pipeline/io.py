@@ -10,6 +10,7 @@ are built in a sibling staging directory and swapped in.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -37,7 +38,24 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any, *, indent: int | None = 1, default=None) -> None:
-    atomic_write_bytes(path, json.dumps(obj, indent=indent, default=default).encode())
+    atomic_write_bytes(path, json_text(obj, indent=indent, default=default).encode())
+
+
+def json_text(obj: Any, *, indent: int | None = 1, default=None) -> str:
+    """Strict JSON of a result: NaN and infinities (a standard error of one context, an
+    undefined ratio) are written as null, which every JSON reader takes, not as the bare
+    NaN Python writes and strict parsers refuse."""
+    return json.dumps(finite_or_null(obj), indent=indent, default=default, allow_nan=False)
+
+
+def finite_or_null(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:

@@ -53,7 +53,8 @@ import numpy as np
 import torch
 
 from rqae_pipeline import RQAEError
-from rqae_pipeline.features import VMF, check_model_store
+from rqae_pipeline.feature_checks import check_model_store
+from rqae_pipeline.features import VMF
 from rqae_pipeline.generation import (
     GenerationConfig,
     concept_frequency,

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from rqae_pipeline import RQAEError
-from rqae_pipeline.features import KAPPA_MAX, VMF, check_dictionary
+from rqae_pipeline.feature_checks import check_dictionary
+from rqae_pipeline.features import KAPPA_MAX, VMF
 from rqae_pipeline.generation import concept_words
 
 

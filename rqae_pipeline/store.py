@@ -47,6 +47,7 @@ from rqae_pipeline.integrity import (
     require_shards,
     shards_of,
 )
+from rqae_pipeline.io import checked_fields
 from rqae_pipeline.lock import StoreLock
 from rqae_pipeline.store_format import (  # noqa: F401  (re-exported: the store's public names)
     ROW_ARRAYS,
@@ -56,6 +57,7 @@ from rqae_pipeline.store_format import (  # noqa: F401  (re-exported: the store'
     StoreSpec,
     array_layout,
     row_arrays,
+    tokenizer_name,
 )
 from rqae_pipeline.urls import Location, check_writable, exists, is_remote, location, open_group, total_bytes
 
@@ -86,6 +88,8 @@ class ActivationStore:
         manifest = group.attrs.get("rqae")
         if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA_VERSION:
             raise RQAEError(f"{path} is a Zarr group but not an rqae activation store (schema {SCHEMA_VERSION})")
+        checked_fields(manifest, path, {"committed.tokens": int, "committed.contexts": int, "committed.complete": bool},
+                       fix="; its commit record is damaged: run `rqae verify`, or harvest it again")
         try:
             return cls(path, group, manifest)
         except (KeyError, TypeError, ValueError) as e:  # fields missing, unknown or of a wrong value
@@ -132,6 +136,8 @@ class ActivationStore:
             was = mine.get(key)
             if key == "corpus":  # its files are compared below, one by one
                 was, value = without_files(was), without_files(value)
+            if key == "tokenizer":  # a store from before `tokenizer_name` recorded the whole path
+                was, value = tokenizer_name(was or ""), tokenizer_name(value)
             if was != value:
                 raise RQAEError(
                     f"store {self.path} was harvested with {key}={was!r}, not {value!r}; "
@@ -279,7 +285,7 @@ class ActivationStore:
         """Raise RQAEError naming a missing shard file of the committed rows: one stat per
         shard and array, for commands to fail before they create any output."""
         for name in row_arrays(self.spec):
-            arr = self.group[name]
+            arr = self._array(name)
             require_rows(self.path, arr, name, slice(0, self.n_tokens))
             require_shards(self.path, arr, name, shards_of(arr, slice(0, self.n_tokens)))
 
@@ -295,7 +301,10 @@ class ActivationStore:
         same through an array opened earlier, whatever another process appended since."""
         arr = self._arrays.get(name)
         if arr is None:
-            arr = self._arrays[name] = self.group[name]
+            try:
+                arr = self._arrays[name] = self.group[name]
+            except KeyError:  # deleted by hand: zarr would say only the name
+                raise RQAEError(f"{self.path}: array {name!r} is missing; `rqae verify` lists the damage") from None
         return arr
 
     def read_encoded(self, start: int, stop: int) -> dict[str, np.ndarray]:
@@ -384,7 +393,7 @@ class ActivationStore:
         """Committed rows as dask arrays chunked by shard (acts stay in their storage dtype);
         every chunk is read checked, as `read` is."""
         n, shard = self.n_tokens, self.spec.shard_rows
-        return {name: dask_rows(self.path, self.group[name], name, n, shard) for name in row_arrays(self.spec)}
+        return {name: dask_rows(self.path, self._array(name), name, n, shard) for name in row_arrays(self.spec)}
 
     def nbytes_on_disk(self) -> int:
         return total_bytes(self.path)

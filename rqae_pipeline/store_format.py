@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from pathlib import PurePath
 
 import numpy as np
 import torch
@@ -80,6 +81,15 @@ class Rows:
     seq: np.ndarray
     pos: np.ndarray
     flags: np.ndarray
+
+
+def tokenizer_name(name_or_path: str) -> str:
+    """A tokenizer as a store records it: a hub name as it is, a local directory (the tiny
+    model's trained tokenizer, the converted offline Gemma's) by its directory name only. Its
+    place in a cache differs from machine to machine (and with RQAE_CACHE), and a store's
+    identity must not: stores that recorded the whole path compare by this name too."""
+    path = PurePath(name_or_path)
+    return path.name if path.is_absolute() or name_or_path.startswith(("./", "../", "~")) else name_or_path
 
 
 def row_arrays(spec: StoreSpec) -> tuple[str, ...]:

@@ -32,17 +32,29 @@ def location(value: str | Path) -> Location:
     filesystem checked to be installed (RQAEError naming the extra that installs it)."""
     scheme = scheme_of(value)
     if scheme is None:
-        path = Path(value)
+        path = Path(value).expanduser()  # `--out=~/x` reaches us unexpanded (the shell expands only `~/x`)
         if _COLLAPSED_URL.match(str(path)):  # Path("s3://b/x") is "s3:/b/x": a URL that lost its "//"
             raise RQAEError(f"{value} looks like a URL that lost its '//'; write it as {path.parts[0]}//...")
         return path
+    rest = str(value).split("://", 1)[1]
     if scheme in ("file", "local"):
-        return Path(str(value).split("://", 1)[1])
+        return _file_url_path(str(value), rest)
     _require_filesystem(scheme)
-    url = str(value).rstrip("/")
-    if url.endswith("://"):
+    if not rest.strip("/"):  # "memory://" would otherwise become the local folder "memory:"
         raise RQAEError(f"{value} names no bucket or path")
-    return url
+    return f"{scheme}://{rest.rstrip('/')}"  # fsspec knows schemes in lower case only
+
+
+def _file_url_path(value: str, rest: str) -> Path:
+    """The local path of a file:// URL: file:///abs, file://localhost/abs, a relative
+    file://dir/x as the plain path dir/x; ~ expanded, %-escapes decoded."""
+    from urllib.parse import unquote
+
+    if rest.startswith("localhost/"):
+        rest = rest[len("localhost"):]
+    if not rest:
+        raise RQAEError(f"{value} names no path")
+    return Path(unquote(rest)).expanduser()
 
 
 def _require_filesystem(scheme: str) -> None:
@@ -173,6 +185,14 @@ def sizes_under(loc: str, prefix: str) -> dict[str, int]:
     path = f"{root}/{prefix}".rstrip("/")
     found = fs.find(path, refresh=True, detail=True) if fs.exists(path) else {}
     return {f[len(root) + 1:]: int(info["size"]) for f, info in found.items()}
+
+
+def sizes_of_all(loc: Location) -> dict[str, int]:
+    """Bytes of every file (object) under `loc`, by key relative to it."""
+    if not is_remote(loc):
+        root = Path(loc)
+        return {str(f.relative_to(root)): f.stat().st_size for f in root.rglob("*") if f.is_file()}
+    return sizes_under(loc, "")
 
 
 def total_bytes(loc: Location) -> int:

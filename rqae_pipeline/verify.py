@@ -26,6 +26,7 @@ from rqae_pipeline.integrity import (
     unusable_shards,
 )
 from rqae_pipeline.store import ROW_ARRAYS, ActivationStore, Flags
+from rqae_pipeline.store_format import array_layout
 from rqae_pipeline.urls import is_file, size_of
 
 EXIT_DAMAGED = 1  # `rqae verify` exit status when any problem is found (2: not a store / usage)
@@ -80,10 +81,18 @@ def _check_manifest(store: ActivationStore) -> list[str]:
 
 def _check_array(store: ActivationStore, name: str, report: VerifyReport) -> bool:
     """Shape and dtype of one row array; False when it cannot be read row-aligned at all."""
-    if name not in store.group:
+    try:
+        arr = store.group[name] if name in store.group else None
+    except Exception as e:  # noqa: BLE001  its zarr.json cut short or edited: zarr raises several types
+        report.problems.append(f"{name}: array metadata cannot be read ({type(e).__name__})")
+        return False
+    if arr is None:
         report.problems.append(f"{name}: array missing")
         return False
-    arr = store.group[name]
+    want_dtype = array_layout(store.spec)[name][1]  # a float16 array read as float32 rows is another store
+    if str(arr.dtype) != want_dtype:
+        report.problems.append(f"{name}: dtype {arr.dtype}, the manifest's {store.spec.dtype} store holds {want_dtype}")
+        return False
     want_tail = (store.d,) if name == "acts" else ()
     if tuple(arr.shape[1:]) != want_tail:
         report.problems.append(f"{name}: shape {tuple(arr.shape)}, expected (N,{''.join(f' {d}' for d in want_tail)})")

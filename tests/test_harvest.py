@@ -236,3 +236,24 @@ def test_resume_deletes_the_unfinished_writes_of_a_killed_writer(tmp_path, tiny_
     harvest(tiny_config(out, tokens=1024, resume=True), lm=tiny_lm, progress=False)
     assert not any(p.exists() for p in left) and kept.exists()
     assert ActivationStore.open(out).n_tokens == 1024
+
+
+def test_a_store_names_its_tokenizer_without_a_machine_path(tmp_path, tiny_lm):
+    """The tiny model's tokenizer lives in a cache directory that differs per machine (and
+    with RQAE_CACHE): a store records its name, and one that recorded the whole path (before
+    this) still resumes on a machine with the tokenizer elsewhere."""
+    import zarr
+
+    out = tmp_path / "s.zarr"
+    harvest(tiny_config(out, tokens=256), lm=tiny_lm, progress=False)
+    recorded = ActivationStore.open(out).spec.tokenizer
+    assert recorded == "tiny-bpe-512-v2" and "/" not in recorded
+    group = zarr.open_group(str(out), mode="r+", zarr_format=3)
+    manifest = dict(group.attrs["rqae"])
+    group.attrs["rqae"] = {**manifest, "spec": {**manifest["spec"], "tokenizer": "/elsewhere/cache/tiny-bpe-512-v2"}}
+    harvest(tiny_config(out, tokens=512, resume=True), lm=tiny_lm, progress=False)
+    assert ActivationStore.open(out).n_tokens == 512
+    group.attrs["rqae"] = {**dict(group.attrs["rqae"]),
+                           "spec": {**manifest["spec"], "tokenizer": "/elsewhere/cache/other-tokenizer"}}
+    with pytest.raises(RQAEError, match="harvested with tokenizer="):
+        harvest(tiny_config(out, tokens=768, resume=True), lm=tiny_lm, progress=False)

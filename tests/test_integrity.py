@@ -271,24 +271,96 @@ def test_verify_checks_counts_finiteness_and_flags(copy):
     assert any("contexts" in p for p in verify_store(ActivationStore.open(copy)).problems)
 
 
+def test_verify_checks_each_arrays_dtype_and_readable_metadata(copy):
+    """A manifest edited to another dtype would read float16 rows as float32 ones (all of
+    verify's other checks pass); an array's zarr.json cut short is a problem, not a traceback."""
+    import zarr
+
+    from rqae_pipeline.verify import verify_store
+
+    group = zarr.open_group(str(copy), mode="r+", zarr_format=3)
+    manifest = dict(group.attrs["rqae"])
+    group.attrs["rqae"] = {**manifest, "spec": {**manifest["spec"], "dtype": "float32"}}
+    problems = verify_store(ActivationStore.open(copy)).problems
+    assert problems == ["acts: dtype float16, the manifest's float32 store holds float32"], problems
+    group.attrs["rqae"] = manifest
+    meta = copy / "scale" / "zarr.json"
+    meta.write_text(meta.read_text()[:40])
+    proc = run_rqae("verify", str(copy))
+    assert proc.returncode == 1 and "scale: array metadata cannot be read" in proc.stdout, proc.stdout
+    assert "Traceback" not in proc.stderr
+
+
+def test_inspect_counts_the_committed_rows_bytes_and_names_the_rest(copy):
+    """Shards past the commit (a killed writer's, a copy's) are not the store's B/token, and a
+    non-finite scale makes raw rows non-finite: `inspect` must not say "all finite"."""
+    import json
+
+    import zarr
+
+    from rqae_pipeline.summary import summarise
+
+    before = summarise(ActivationStore.open(copy))
+    group = zarr.open_group(str(copy), mode="r+", zarr_format=3)
+    manifest = dict(group.attrs["rqae"])
+    group.attrs["rqae"] = {**manifest, "committed": {**manifest["committed"], "tokens": 512, "contexts": 16}}
+    half = summarise(ActivationStore.open(copy))
+    assert half["bytes_per_token"] == pytest.approx(before["bytes_per_token"], rel=0.1)  # was about 2x
+    assert half["bytes_uncommitted"] > 0.4 * before["bytes_on_disk"] and before["bytes_uncommitted"] == 0
+    group.attrs["rqae"] = manifest
+    group["scale"][5] = np.inf
+    assert not summarise(ActivationStore.open(copy), sample_rows=1024)["sample"]["finite"]
+    shown = json.loads(run_rqae("inspect", "--json", str(copy)).stdout)  # strict JSON: no bare NaN/Infinity
+    assert shown["sample"]["finite"] is False
+
+
+def test_a_store_missing_an_array_or_its_commit_record_is_one_error_line(copy):
+    import zarr
+
+    shutil.rmtree(copy / "acts")
+    shown = run_rqae("inspect", str(copy))  # what it can show, then exit 1 (damaged), as verify
+    assert shown.returncode == 1 and "unreadable: " in shown.stdout and "array 'acts' is missing" in shown.stdout
+    assert "Traceback" not in shown.stderr
+    _one_clean_error(_train(copy, copy.parent / "run"), "array 'acts' is missing")
+    group = zarr.open_group(str(copy), mode="r+", zarr_format=3)
+    manifest = dict(group.attrs["rqae"])
+    group.attrs["rqae"] = {k: v for k, v in manifest.items() if k != "committed"}
+    _one_clean_error(run_rqae("inspect", str(copy)), "committed.tokens is missing")
+
+
 def test_verify_help_states_the_exit_status():
     proc = run_rqae("verify", "--help")
     assert proc.returncode == 0 and "exit" in proc.stdout.lower() and "1" in proc.stdout
 
 
 def test_a_shard_rebuilt_from_a_scratch_harvest_repairs_the_store(copy, tmp_path, tiny_lm):
-    """The documented repair: harvest the same settings up to the damaged shard into a scratch
-    store and copy that shard's files over."""
+    """The documented repair: the settings `inspect` prints, harvested up to the damaged shard
+    into a scratch store, and that shard's file of every row array copied over."""
+    import json
+    import shlex
+
     from rqae_pipeline.verify import verify_store
 
     want = store_arrays(copy)
     (copy / "acts" / "c" / "3" / "0").unlink()
+    inspected = run_rqae("inspect", "--json", str(copy))
+    shown = json.loads(inspected.stdout)  # a damaged store still shows its settings, and exits 1
+    assert inspected.returncode == 1 and "acts/c/3/0 is missing" in shown["sample_error"]
     scratch = tmp_path / "scratch.zarr"
-    harvest(tiny_config(scratch, tokens=4 * 128), lm=tiny_lm, progress=False)
-    shutil.copyfile(scratch / "acts" / "c" / "3" / "0", copy / "acts" / "c" / "3" / "0")
+    command = shlex.split(shown["harvest_command"])[1:]  # after "rqae"
+    proc = run_rqae(*command, "--out", str(scratch), "--tokens", str(4 * shown["rows_per_shard"]))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("acts", "scale", "tokens", "seq", "pos", "flags"):
+        shard = "3/0" if name == "acts" else "3"
+        shutil.copyfile(scratch / name / "c" / shard, copy / name / "c" / shard)
     assert verify_store(ActivationStore.open(copy)).ok
     got = store_arrays(copy)
     assert all(np.array_equal(want[k], got[k]) for k in want)
+    # a shard copied to the wrong place: its seq/pos say so
+    for name in ("acts", "scale", "tokens", "seq", "pos", "flags"):
+        shard, other = ("3/0", "2/0") if name == "acts" else ("3", "2")
+        shutil.copyfile(scratch / name / "c" / other, copy / name / "c" / shard)
+    assert not verify_store(ActivationStore.open(copy)).ok
 
 
 # --------------------------------------------------------------------------- item 4: truncated shard

@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import traceback
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,6 +194,10 @@ def _metrics(evaluation: dict) -> dict:
     ("nope://bucket/x.zarr", "unknown URL scheme nope://"),
     ("s3:/rqae-test/x.zarr", "lost its '//'"),
     ("s3://no-such-bucket/x.zarr", "cannot write to s3://no-such-bucket/x.zarr"),
+    # no bucket or path: was the local folder "memory:" / "s3:", exit 0
+    ("memory://", "memory:// names no bucket or path"),
+    ("s3://", "s3:// names no bucket or path"),
+    ("s3:///", "names no bucket or path"),
 ])
 def test_bad_store_urls_are_one_error_line_and_write_nothing(s3, tmp_path, monkeypatch, out, message):
     monkeypatch.chdir(tmp_path)  # a relative "s3:" folder would land here
@@ -203,6 +208,19 @@ def test_bad_store_urls_are_one_error_line_and_write_nothing(s3, tmp_path, monke
     assert r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error:") and message in r.stderr, r.stderr
     assert sorted(s3.find(BUCKET)) == before_bucket and tree_digest(tmp_path) == before_cwd
     assert not s3.exists("no-such-bucket")
+
+
+def test_a_location_is_the_place_the_user_meant(monkeypatch, tmp_path):
+    """file:// URLs in their usual forms are local paths (not "./~/x" or "localhost/x"), a
+    scheme in capitals is the scheme (fsspec knows lower case only), and ~ is expanded."""
+    from rqae_pipeline.urls import location
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert location("file:///data/x.zarr") == Path("/data/x.zarr")
+    assert location("file://localhost/data/x.zarr") == Path("/data/x.zarr")
+    assert location("file://~/x.zarr") == location("~/x.zarr") == tmp_path / "x.zarr"
+    assert location("file:///data/a%20b.zarr") == Path("/data/a b.zarr")
+    assert location("MEMORY://b/x.zarr/") == "memory://b/x.zarr"
 
 
 # --------------------------------------------------------------------------- every reading command

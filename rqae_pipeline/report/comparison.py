@@ -4,12 +4,13 @@ in the output directory, and the terminal summary of `rqae compare-gemmascope`."
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rqae_pipeline.io import atomic_write_bytes
+from rqae_pipeline.io import atomic_write_bytes, json_text
 from rqae_pipeline.report.html import layers_label
 
 
@@ -28,7 +29,7 @@ def write_report(report: dict, out: Path) -> None:
         "pearson": plot_pearson(report["pearson"], out / "pearson.png"),
         "matching": plot_decoder_matching(report["decoder_matching"], out / "decoder_matching.png"),
     }
-    atomic_write_bytes(out / "report.json", json.dumps(report, indent=1, default=_default).encode())
+    atomic_write_bytes(out / "report.json", json_text(report, default=_default).encode())
     atomic_write_bytes(out / "report.html", render_comparison(report, pngs).encode())
 
 
@@ -40,7 +41,10 @@ def model_rows(report: dict) -> list[dict]:
 
 
 def _pm(value, se, fmt: str = ".4f") -> str:
-    return "–" if value is None else f"{value:{fmt}}±{se:{fmt}}" if se is not None else f"{value:{fmt}}"
+    """value ± se; the value alone where there is no standard error (None, or NaN: one context)."""
+    if value is None:
+        return "–"
+    return f"{value:{fmt}}±{se:{fmt}}" if se is not None and math.isfinite(se) else f"{value:{fmt}}"
 
 
 def summary_lines(report: dict) -> list[str]:

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
-import json
+import math
 from pathlib import Path
+
+from rqae_pipeline.io import json_text
 
 
 def write_evaluation(result: dict, out: Path, model_name: str) -> list[Path]:
@@ -12,7 +14,7 @@ def write_evaluation(result: dict, out: Path, model_name: str) -> list[Path]:
     from rqae_pipeline.report.plots import plot_reconstruction_vs_layers
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out.write_text(json_text(result))
     return [out, plot_reconstruction_vs_layers({model_name: result}, out.with_suffix(".png"))]
 
 
@@ -44,8 +46,8 @@ def ce_lines(result: dict) -> list[str]:
              f"({b['predictions']:,} predictions; ± bootstrap SE over {b['contexts']} contexts, "
              f"{b['resamples']} resamples):"]
     for label, m in result["ce"].items():
-        extra = "".join(f"  {k} {m[k]:.4f} ± {m[k + '_se']:.4f}" for k in ("ce_delta", "kl", "ce_recovered")
-                        if k in m)
+        extra = "".join(f"  {k} {m[k]:.4f}" + (f" ± {m[k + '_se']:.4f}" if math.isfinite(m[k + "_se"]) else "")
+                        for k in ("ce_delta", "kl", "ce_recovered") if k in m)  # no ± for one context
         lines.append(f"  {label:28s} CE {m['ce']:.4f}{extra}")
     lines.append("  zero-ablation: every position zeroed (as sae-lens); ce_recovered = (CE_zero - CE) / "
                  "(CE_zero - CE_clean) against it")

@@ -127,7 +127,8 @@ def _budget_section(budget: dict) -> list[str]:
             f'bits (index and a {a["sae_value_bits"]}-bit value per active latent). Weight bytes: saved tensors at '
             f'their dtype, an RQAE prefix counting only its first m layers. The RQAE is taken at its largest '
             f'evaluated prefix within the SAE\'s budget; lower FVU wins; a CE-delta difference within 2 standard '
-            f'errors is a tie.</p>',
+            f'errors of that difference (paired: bootstrapped over the contexts both were measured on) is a '
+            f'tie.</p>',
             table(["SAE budget", "SAE FVU stored / raw", "RQAE within budget: FVU stored / raw", "winner (stored)",
                    "winner (raw)", "winner (CE delta)", "nearest RQAE prefix"], out, "budget"),
             table(["model", "bits/token", "weight bytes"], sizes, "sizes")]
