@@ -39,7 +39,7 @@ from rqae_pipeline.lock import take_write_lock
 from rqae_pipeline.models.base import read_config
 from rqae_pipeline.models.registry import architecture_of
 from rqae_pipeline.store import ActivationStore
-from rqae_pipeline.urls import is_file, join, location, name_of, sibling
+from rqae_pipeline.urls import is_file, join, location, name_of, sibling, zarr_location
 
 CODES_SCHEMA = 1
 ATTR = "rqae_codes"
@@ -175,7 +175,7 @@ def open_codes(path: Path) -> CodesStore:
     if not is_file(path, "zarr.json"):
         raise RQAEError(f"no codes store at {path}; make one with `rqae encode`")
     try:
-        group = zarr.open_group(str(path), mode="r", zarr_format=3)
+        group = zarr.open_group(zarr_location(path), mode="r", zarr_format=3)
     except Exception as e:  # zarr raises several types for "not a group"
         raise RQAEError(f"{path} is not a codes store ({type(e).__name__})") from e
     meta = group.attrs.get(ATTR)
@@ -306,7 +306,7 @@ def _open_for_writing(out: Path, store: ActivationStore, identity: dict):
         raise RQAEError(f"{out} exists and is not a codes store; choose another --out")
     lock = take_write_lock(out)
     try:
-        group = zarr.open_group(str(out), mode="a", zarr_format=3)
+        group = zarr.open_group(zarr_location(out), mode="a", zarr_format=3)
         if not exists:
             spec = store.spec
             group.create_array("codes", shape=(0, identity["n_q"]), dtype="int16",

@@ -118,9 +118,14 @@ def _bytes(store: ActivationStore) -> dict[str, int]:
 
 
 def _norm_summary(store: ActivationStore, sample_rows: int, seed: int) -> dict:
+    """Norms over about `sample_rows` rows: whole chunks drawn at random (scattered rows
+    would each decompress a chunk of their own: ~65k chunks, hundreds of GB, on a 1B-token
+    store), concatenated in row order."""
     rng = np.random.default_rng(seed)
-    n = store.n_tokens
-    idx = np.sort(rng.choice(n, size=min(n, sample_rows), replace=False))
+    n, per = store.n_tokens, store.spec.chunk_rows
+    n_chunks = -(-n // per)
+    chosen = np.sort(rng.choice(n_chunks, size=min(n_chunks, -(-sample_rows // per)), replace=False))
+    idx = np.concatenate([np.arange(c * per, min(n, (c + 1) * per)) for c in chosen])
     rows = store.read_rows(idx)
     norms = rows.acts.norm(dim=1).numpy()
     raw_norms = store.raw(rows).norm(dim=1).numpy()

@@ -202,12 +202,18 @@ def total_bytes(loc: Location) -> int:
     return int(fs.du(path))
 
 
+def zarr_location(loc: Location) -> Path | str:
+    """What to hand zarr: a local directory as a Path (as a string, a name containing "::"
+    or looking like a URL would be read as an fsspec URL), a URL as its string."""
+    return loc if isinstance(loc, Path) else str(loc)
+
+
 def open_group(path: Location, mode: str):
     """The store's zarr group: zarr opens a URL through its FsspecStore, a path as a LocalStore."""
     import zarr
 
     try:
-        return zarr.open_group(str(path), mode=mode, zarr_format=3)
+        return zarr.open_group(zarr_location(path), mode=mode, zarr_format=3)
     except FileNotFoundError:
         raise RQAEError(f"no activation store at {path}") from None
     except Exception as e:  # zarr raises several types for "not a group"

@@ -223,6 +223,28 @@ def test_a_location_is_the_place_the_user_meant(monkeypatch, tmp_path):
     assert location("MEMORY://b/x.zarr/") == "memory://b/x.zarr"
 
 
+def test_a_local_store_whose_name_holds_a_double_colon_is_that_directory(tmp_path, tiny_lm):
+    from rqae_pipeline.harvest import harvest
+
+    from helpers import tiny_config
+
+    out = tmp_path / "run::a.zarr"  # zarr reads a string with "::" as a chained fsspec URL
+    harvest(tiny_config(out, tokens=256), lm=tiny_lm, progress=False)
+    assert ActivationStore.open(str(out)).n_tokens == 256 and (out / "zarr.json").is_file()
+
+
+def test_the_cache_directory_is_absolute_whatever_the_environment(monkeypatch, tmp_path):
+    from rqae_pipeline.paths import cache_root
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.delenv("RQAE_CACHE", raising=False)
+    for xdg in ("", "relative/cache"):  # the XDG spec: ignore both (a relative one lands in the cwd)
+        monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+        assert cache_root() == tmp_path / ".cache" / "rqae_pipeline"
+    monkeypatch.setenv("RQAE_CACHE", "~/models")
+    assert cache_root() == tmp_path / "models"
+
+
 # --------------------------------------------------------------------------- every reading command
 
 

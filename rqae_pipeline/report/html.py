@@ -31,7 +31,7 @@ def layers_label(label: str) -> str:
 
 
 def _num(v, fmt: str = ".4f") -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):  # none, or undefined (0/0, x/0)
         return "–"
     return format(v, fmt) if isinstance(v, (int, float)) else html.escape(str(v))
 

@@ -67,7 +67,10 @@ def plot_reconstruction_vs_layers(results: dict[str, dict], out_png: Path) -> Pa
         for name, r in results.items():
             _plot_model(ax, name, r, metric)
         ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
+        if metric == "ce_delta":  # a negative CE delta (a reconstruction that helps) must still show
+            ax.set_yscale("symlog", linthresh=1e-2)
+        else:
+            ax.set_yscale("log")
         ax.set_xlabel("RQAE layers used / SAE L0")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
