@@ -41,10 +41,21 @@ def launch_training(cfg: TrainConfig, nproc: int) -> int:
     with tempfile.TemporaryDirectory(prefix="rqae-train-") as tmp:
         config_file = Path(tmp) / "config.pkl"
         config_file.write_bytes(pickle.dumps(cfg))
-        code = subprocess.run(agent_command(nproc, config_file)).returncode
+        code = _wait_through_ctrl_c(subprocess.Popen(agent_command(nproc, config_file)))
         for line in rank_errors(Path(tmp)):
             print(line, file=sys.stderr)  # noqa: T201
     return code
+
+
+def _wait_through_ctrl_c(agent: subprocess.Popen) -> int:
+    """The agent's exit status. Ctrl-C reaches the agent too (one process group), which passes
+    it to the ranks and waits for them; `subprocess.run` would kill the agent 0.25 s later,
+    and the ranks with it (PR_SET_PDEATHSIG), wherever they were."""
+    while True:
+        try:
+            return agent.wait()
+        except KeyboardInterrupt:
+            continue
 
 
 def rank_errors(folder: Path) -> list[str]:

@@ -218,7 +218,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         result = TrainResult(out=run.out, steps=step, interrupted=interrupted, seconds=time.perf_counter() - t0)
         if not interrupted and ranks.is_main:
             result.heldout = _finish_run(run, step)
-        distributed.barrier(ranks)  # no rank tears the group down while another still works in it
+        if not interrupted:  # no rank tears the group down while another still works in it
+            distributed.barrier(ranks)
+        # interrupted (Ctrl-C reaches every rank): the ranks stopped at different points of a
+        # step, so a barrier would pair with a peer's unfinished all_reduce and hang; nothing is
+        # written after an interrupt (the last periodic checkpoint is the one to resume from)
         return result
     finally:
         if run is not None:

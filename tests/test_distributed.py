@@ -259,6 +259,34 @@ def test_kill_9_of_the_job_then_resume_ends_where_an_uninterrupted_run_ends(stor
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_ctrl_c_of_the_job_stops_every_rank_with_one_line_and_status_130(store_path, tmp_path):
+    """Ctrl-C reaches the launcher's process group; torchrun's launcher passes it to the ranks
+    (each in a session of its own). They stop at different points of a step: a closing barrier
+    paired with a peer's unfinished all_reduce, hung until the launcher's 30 s timeout killed
+    it, and printed a rank's gloo traceback."""
+    cfg = cfg_for(store_path, tmp_path / "run", steps=100_000, checkpoint_every=7)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    with open(tmp_path / "stderr", "w") as err:  # its own group, as a terminal's foreground job
+        job = subprocess.Popen(rqae_cmd(*cli_args(cfg, 2)), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                               stderr=err, start_new_session=True)
+    try:
+        t0 = time.monotonic()
+        while not (cfg.out / CHECKPOINT).exists():
+            assert job.poll() is None, (tmp_path / "stderr").read_text()[-3000:]
+            assert time.monotonic() - t0 < HANG_GUARD_S
+            time.sleep(0.05)
+        os.killpg(job.pid, signal.SIGINT)
+        code = job.wait(timeout=HANG_GUARD_S)
+    finally:
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+    stderr = (tmp_path / "stderr").read_text().replace("\r", "\n")
+    lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith("train ")]  # progress bar
+    assert code == 130 and lines == [f"interrupted: resume from the checkpoint in {cfg.out}; rerun with --resume"], \
+        (code, stderr[-3000:])
+    assert 7 <= torch.load(cfg.out / CHECKPOINT, weights_only=False)["step"] < 100_000
+
+
 @pytest.mark.parametrize("streams", [1, 2])
 def test_resumed_reader_starts_at_the_recorded_position(store_path, tmp_path, streams):
     """Batch k from its position (one buffer read) is batch k of the uninterrupted stream,
