@@ -33,6 +33,13 @@ class QueryConfig:
     include_special: bool = False  # search: also rank BOS and norm-outlier tokens
     splits: tuple[tuple[int, ...], ...] = ()  # features: sub-features fitted on these query numbers
 
+    def __post_init__(self):
+        # RQAEError: the CLI builds this from its options; checked before any codes are encoded
+        if self.top_k < 1:
+            raise RQAEError(f"--top-k must be at least 1, got {self.top_k}")
+        if self.context < 0:
+            raise RQAEError(f"--context must be 0 or more, got {self.context}")
+
 
 @dataclass(frozen=True)
 class RankedHit:

@@ -384,6 +384,7 @@ def test_cli_encode_stats_search_features_and_dictionary(env, tmp_path):
       "--token-index", "1"], "3 --token-index values"),
     # no pairs to take cosines of (was an IndexError); a prefix past the model's layers or the
     # packed key (was capped silently)
+    (["search", "--address", "3:5", "--top-k", "0"], "--top-k must be at least 1"),  # before any encoding
     (["codebook-stats", "--pairs-sample", "1"], "--pairs-sample must be at least 2"),
     (["codebook-stats", "--pairs-sample", "-3"], "--pairs-sample must be at least 2"),
     (["codebook-stats", "--prefix-layers", "0"], "--prefix-layers must be 1..6"),
