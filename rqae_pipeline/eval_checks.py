@@ -12,10 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
-
 from rqae_pipeline import RQAEError
-from rqae_pipeline.io import default_device, read_json
+from rqae_pipeline.io import read_json
 from rqae_pipeline.models.registry import kind_of
 from rqae_pipeline.store import ActivationStore
 
@@ -36,24 +34,6 @@ class PretrainedSAE:
 
     def __str__(self) -> str:
         return f"{self.release}/{self.sae_id}"
-
-
-def checked_device(name: str | None) -> str:
-    """`name` (None: the default device) if this machine has it; else RQAEError, before any
-    store or model is read (torch would fail later, with a traceback, at the first `.to`)."""
-    if name is None:
-        return default_device()
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise RQAEError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RQAEError(f"--device {name}: no CUDA device is available here; use cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise RQAEError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    if device.type not in ("cpu", "cuda"):
-        raise RQAEError(f"--device {name}: only cpu and cuda devices are supported")
-    return name
 
 
 def space_of(ref: Path | PretrainedSAE, space: ModelSpace = "auto") -> str:

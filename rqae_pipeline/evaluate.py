@@ -39,10 +39,10 @@ from rqae_pipeline.eval_checks import (
     ModelSpace,
     PretrainedSAE,
     check_compatible,
-    checked_device,
     heldout_start,
     space_of,
 )
+from rqae_pipeline.lm import checked_device
 from rqae_pipeline.metrics import Stats, code_usage_summary, default_prefixes
 from rqae_pipeline.models.registry import kind_of, load_model_dir, reconstruct
 from rqae_pipeline.store import ActivationStore, Flags

@@ -90,8 +90,9 @@ class HarvestConfig:
                               ("--contexts-per-chunk", self.contexts_per_chunk)):
             if value < 1:  # 0 once divided by zero halfway through making the store
                 raise RQAEError(f"{option} must be at least 1, got {value}")
-        if self.context_length < 2:
-            raise RQAEError(f"--context-length must be at least 2 (BOS and one token), got {self.context_length}")
+        if not 2 <= self.context_length <= 32768:  # BOS and a token; a row's `pos` is an int16
+            raise RQAEError(f"--context-length must be in 2..32768 (BOS and one token; positions are stored as "
+                            f"int16), got {self.context_length}")
         if self.normalisation not in NORMALISATIONS:
             raise ValueError(f"unknown normalisation {self.normalisation!r}; use 'final-norm' or 'rms'")
         if self.dtype not in STORE_DTYPES:
@@ -145,10 +146,24 @@ def model_facts(cfg: HarvestConfig, lm: LoadedLM) -> ModelFacts:
                         f"not {hook.name}; leave out --compile for this hook")
     if cfg.context_length > lm.model.cfg.n_ctx:
         raise RQAEError(f"context length {cfg.context_length} exceeds {lm.name}'s n_ctx {lm.model.cfg.n_ctx}")
+    check_hook_shape(lm, hook)
     gain = final_norm_gain(lm)[0] if cfg.normalisation == "final-norm" else None  # "rms" stores ones
     tokenizer = getattr(lm.tokenizer, "name_or_path", "") or type(lm.tokenizer).__name__
     return ModelFacts(name=lm.name, hook=hook, d_model=lm.d_model, tokenizer=tokenizer_name(tokenizer),
                       gain=gain, provenance=_provenance(lm), precision=precision_of(lm))
+
+
+@torch.inference_mode()
+def check_hook_shape(lm: LoadedLM, hook) -> None:
+    """A hook's activation must be one d_model vector per token, as a store row is: an MLP's
+    hidden layer (d_mlp) was stored cut to its first d_model values, attention patterns
+    failed mid-harvest. One forward of two tokens, before any store is made."""
+    tokens = torch.full((1, 2), lm.tokenizer.bos_token_id or 0, device=lm.model.cfg.device)
+    _, cache = lm.model.run_with_cache(tokens, names_filter=[hook.name], stop_at_layer=hook.layer + 1)
+    shape = tuple(cache[hook.name].shape)
+    if shape != (1, 2, lm.d_model):
+        raise RQAEError(f"{hook.name} gives activations of shape (batch, tokens, ...) = {shape}, not one "
+                        f"{lm.d_model}-vector per token; harvest a residual stream, attn_out or mlp_out hook")
 
 
 def store_spec(cfg: HarvestConfig, facts: ModelFacts, corpus: CorpusSpec) -> StoreSpec:
@@ -216,12 +231,19 @@ def existing_store(cfg: HarvestConfig, spec: StoreSpec) -> ActivationStore | Non
     return store
 
 
-def open_store_for_writing(cfg: HarvestConfig, spec: StoreSpec, facts: ModelFacts
+def open_store_for_writing(cfg: HarvestConfig, spec: StoreSpec, facts: ModelFacts, planned: dict | None
                            ) -> tuple[ActivationStore, StoreLock]:
+    """The store to write, under its lock. `planned`: the commit record the plan continues
+    from (None: a new store); another writer may have committed between the plan and the lock,
+    and continuing from the older position would store its contexts a second time."""
     out = location(cfg.out)
-    store = existing_store(cfg, spec)
     lock = take_write_lock(out)
     try:
+        store = existing_store(cfg, spec)
+        now = store.manifest["committed"] if store is not None else None
+        if now != planned:
+            raise RQAEError(f"another harvest wrote to {out} while this one was starting; run this one again"
+                            + ("" if cfg.resume else " with --resume"))
         if store is not None:
             store = store.reopen_for_append()
             store.truncate_to_committed()
@@ -258,8 +280,8 @@ def harvest(cfg: HarvestConfig, *, lm: LoadedLM | None = None, progress: bool = 
     lm = replace(lm or load_lm(cfg.model, device=cfg.device, dtype=cfg.model_dtype),
                  compiled_batch=compiled_batch(cfg))
     facts = model_facts(cfg, lm)
-    spec, source = plan_harvest(cfg, facts, lm.tokenizer, notice)
-    store, lock = open_store_for_writing(cfg, spec, facts)
+    spec, source, planned = plan_harvest(cfg, facts, lm.tokenizer, notice)
+    store, lock = open_store_for_writing(cfg, spec, facts, planned)
     try:
         with cuda_tf32(facts.precision["tf32"]):
             source = record_forward_error(store, source, cfg.tokens,
@@ -275,9 +297,10 @@ def compiled_batch(cfg: HarvestConfig) -> int:
 
 
 def plan_harvest(cfg: HarvestConfig, facts: ModelFacts, tokenizer,
-                 notice: Callable[[str], None] | None) -> tuple[StoreSpec, Contexts]:
-    """The store's spec (checked against a store to resume) and the contexts still to harvest,
-    the first read already (see `_read_ahead`); nothing is written."""
+                 notice: Callable[[str], None] | None) -> tuple[StoreSpec, Contexts, dict | None]:
+    """The store's spec (checked against a store to resume), the contexts still to harvest,
+    the first read already (see `_read_ahead`), and the commit record they continue from
+    (None for a new store); nothing is written."""
     corpus = resolve_corpus(cfg, facts.name)
     spec = store_spec(cfg, facts, corpus)
     prior = existing_store(cfg, spec)
@@ -290,7 +313,7 @@ def plan_harvest(cfg: HarvestConfig, facts: ModelFacts, tokenizer,
                            state=CorpusState(*committed["corpus_state"]))
     want = -(-cfg.tokens // spec.rows_per_context) - committed["contexts"]
     source = _read_ahead(packer, want, fresh=prior is None, name=corpus.name) if want > 0 else iter(())
-    return spec, source
+    return spec, source, (prior.manifest["committed"] if prior is not None else None)
 
 
 def _read_ahead(packer: ContextPacker, want: int, *, fresh: bool, name: str) -> Contexts:

@@ -167,8 +167,8 @@ def harvest_parallel(cfg: HarvestConfig, cluster: DaskConfig, *, client=None, pr
                               spread_gpus=not cluster.scheduler, torch_threads=_torch_threads(cluster),
                               compiled_batch=compiled_batch(cfg))
             facts, tokenizer = c.submit(describe_model, job, cfg, pure=False).result()
-            spec, source = plan_harvest(cfg, facts, tokenizer, notice)
-            store, lock = open_store_for_writing(cfg, spec, facts)
+            spec, source, planned = plan_harvest(cfg, facts, tokenizer, notice)
+            store, lock = open_store_for_writing(cfg, spec, facts, planned)
             source = record_forward_error(store, source, cfg.tokens, lambda tokens: c.submit(
                 forward_error, job, store.path, tokens, pure=False).result())
             result = _run_parallel(cfg, c, job, store, source, progress=progress)

@@ -70,7 +70,7 @@ class HookSpec:
 
 def load_lm(name: str, *, device: str | None = None, dtype: str = "float32") -> LoadedLM:
     """Load `name` as a HookedTransformer in eval mode (`dtype` "auto": see `auto_model_dtype`)."""
-    device = device or default_device()
+    device = checked_device(device)
     if dtype not in MODEL_DTYPES:
         raise RQAEError(f"unknown model dtype {dtype!r}; use one of {', '.join(MODEL_DTYPES)}")
     if dtype == "auto":
@@ -88,6 +88,24 @@ def load_lm(name: str, *, device: str | None = None, dtype: str = "float32") -> 
     lm.model.eval()
     lm.load_info.update(device_used=device, dtype=dtype)
     return lm
+
+
+def checked_device(name: str | None) -> str:
+    """`name` (None: the default device) if this machine has it; else RQAEError, before any
+    store or model is read (torch would fail later, with a traceback, at the first `.to`)."""
+    if name is None:
+        return default_device()
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise RQAEError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RQAEError(f"--device {name}: no CUDA device is available here; use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise RQAEError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise RQAEError(f"--device {name}: only cpu and cuda devices are supported")
+    return name
 
 
 def resolve_model_dtype(requested: str, device_type: str, bf16_supported: bool) -> str:
@@ -299,6 +317,10 @@ def final_norm_gain(lm: LoadedLM) -> tuple[torch.Tensor, float]:
     """The final RMSNorm's gain (d,) and eps. TransformerLens stores Gemma's (1 + w) as `w`."""
     ln = lm.model.ln_final
     w = getattr(ln, "w", None)
+    kind = getattr(lm.model.cfg, "normalization_type", None)
+    if kind != "RMS":  # a LayerNorm also centres and adds a bias: x / rms(x) * w would not be its output
+        raise RQAEError(f"{lm.name}'s final norm is {kind or 'absent'}, not an RMSNorm with a gain; "
+                        f"use --normalisation rms")
     if w is None:
         raise RQAEError(f"{lm.name} has no final RMSNorm gain; use --normalisation rms")
     return w.detach().float().cpu(), float(lm.model.cfg.eps)

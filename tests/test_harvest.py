@@ -257,3 +257,53 @@ def test_a_store_names_its_tokenizer_without_a_machine_path(tmp_path, tiny_lm):
                            "spec": {**manifest["spec"], "tokenizer": "/elsewhere/cache/other-tokenizer"}}
     with pytest.raises(RQAEError, match="harvested with tokenizer="):
         harvest(tiny_config(out, tokens=768, resume=True), lm=tiny_lm, progress=False)
+
+
+def test_a_run_that_planned_before_another_writer_committed_is_refused(tmp_path, tiny_lm):
+    """Where to continue is read before the lock is taken (the corpus's first contexts are
+    read meanwhile): a writer that commits and lets go in between must not have its contexts
+    stored a second time under new numbers (was exit 0, contexts 8-11 copies of 4-7)."""
+    from dataclasses import replace
+
+    from rqae_pipeline.harvest import model_facts, open_store_for_writing, plan_harvest
+
+    out = tmp_path / "s.zarr"
+    harvest(tiny_config(out, tokens=128), lm=tiny_lm, progress=False)
+    late = tiny_config(out, tokens=512, resume=True)
+    facts = model_facts(late, replace(tiny_lm, compiled_batch=0))
+    spec, _, planned = plan_harvest(late, facts, tiny_lm.tokenizer, None)
+    harvest(tiny_config(out, tokens=256, resume=True), lm=tiny_lm, progress=False)  # commits meanwhile
+    before = tree_digest(out)
+    with pytest.raises(RQAEError, match="another harvest wrote to .* while this one was starting"):
+        open_store_for_writing(late, spec, facts, planned)
+    assert tree_digest(out) == before and not (out / ".lock").exists()
+
+
+def test_a_hook_that_is_not_a_d_model_vector_per_token_is_refused_before_any_store(tmp_path, tiny_lm):
+    """An MLP hidden layer (d_mlp values a token) was stored cut to its first d_model values,
+    exit 0; refused before the store exists."""
+    out = tmp_path / "s.zarr"
+    with pytest.raises(RQAEError, match=r"blocks.1.mlp.hook_post gives activations of shape .* not one 64-vector"):
+        harvest(tiny_config(out, hook="blocks.1.mlp.hook_post", normalisation="rms"), lm=tiny_lm, progress=False)
+    assert not out.exists()
+
+
+def test_final_norm_mode_needs_an_rms_norm(tmp_path, tiny_lm, monkeypatch):
+    """A LayerNorm also centres and adds a bias: rows labelled "final-norm" would not be its output."""
+    monkeypatch.setattr(tiny_lm.model.cfg, "normalization_type", "LN")
+    out = tmp_path / "s.zarr"
+    with pytest.raises(RQAEError, match="final norm is LN, not an RMSNorm with a gain; use --normalisation rms"):
+        harvest(tiny_config(out), lm=tiny_lm, progress=False)
+    assert not out.exists()
+    harvest(tiny_config(out, normalisation="rms", tokens=64), lm=tiny_lm, progress=False)  # rms mode needs no gain
+
+
+def test_an_unavailable_device_is_one_error_line_and_writes_nothing(tmp_path):
+    out = tmp_path / "s.zarr"
+    for device, message in (("cuda:7", "--device cuda:7: no CUDA device"), ("foo", "unknown device 'foo'")):
+        if device.startswith("cuda") and torch.cuda.is_available():
+            continue
+        proc = run_rqae("harvest", "--model", TINY, "--layer", "1", "--tokens", "64", "--context-length", "32",
+                        "--device", device, "--out", str(out))
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not out.exists()
