@@ -47,6 +47,10 @@ class CorpusSpec:
     files: tuple[str, ...] = ()
     text_field: str = "text"
     file_identities: tuple[FileIdentity, ...] = ()  # one per file, in `files` order
+    # "<bos>" written in a document is text, not the BOS id (which would give the LM a false
+    # document start mid-context). False: how stores from before this flag were tokenised,
+    # which their resumes keep (`harvest.plan_harvest` reads the flag from the store).
+    literal_special_tokens: bool = False
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -54,6 +58,8 @@ class CorpusSpec:
         d["file_identities"] = [asdict(i) for i in self.file_identities]
         if not self.file_identities:  # hub and builtin corpora: their dict is as it always was
             del d["file_identities"]
+        if not self.literal_special_tokens:  # a store from before the flag: its dict as it was
+            del d["literal_special_tokens"]
         return d
 
     @classmethod
@@ -91,7 +97,7 @@ def parse_corpus(
         name = dataset[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_CORPORA:
             raise RQAEError(f"unknown builtin corpus {name!r}; available: {', '.join(BUILTIN_CORPORA)}")
-        return CorpusSpec(kind="builtin", name=dataset)
+        return CorpusSpec(kind="builtin", name=dataset, literal_special_tokens=True)
     looks_local = (
         os.path.exists(dataset)
         or any(ch in dataset for ch in "*?[")
@@ -101,8 +107,9 @@ def parse_corpus(
     if looks_local:
         files = expand_files(dataset)
         return CorpusSpec(kind="files", name=dataset, files=files, text_field=text_field,
-                          file_identities=tuple(identify(f) for f in files))
-    return CorpusSpec(kind="hub", name=dataset, config=config, split=split, text_field=text_field)
+                          file_identities=tuple(identify(f) for f in files), literal_special_tokens=True)
+    return CorpusSpec(kind="hub", name=dataset, config=config, split=split, text_field=text_field,
+                      literal_special_tokens=True)
 
 
 def _builtin_documents() -> Iterator[dict]:
@@ -237,7 +244,8 @@ class ContextPacker:
         eos = self.tokenizer.eos_token_id
         pieces = list(text_pieces(text)) if len(text) > PIECE_CHARS else [text]
         for i, piece in enumerate(pieces):
-            ids = list(self.tokenizer(piece, add_special_tokens=False, verbose=False)["input_ids"])
+            ids = list(self.tokenizer(piece, add_special_tokens=False, verbose=False,
+                                      split_special_tokens=self.spec.literal_special_tokens)["input_ids"])
             take, skip = ids[skip:], max(0, skip - len(ids))
             yield take, eos is None and i == len(pieces) - 1
         if eos is not None:

@@ -68,8 +68,9 @@ def identify(path: str) -> FileIdentity:
 
 
 def without_files(corpus: dict) -> dict:
-    """A corpus dict without its file list and identities, which `describe_change` compares."""
-    return {k: v for k, v in corpus.items() if k not in ("files", "file_identities")}
+    """A corpus dict without its file list and identities, which `describe_change` compares,
+    and without how special-token text is read: a resume reads that from the store."""
+    return {k: v for k, v in corpus.items() if k not in ("files", "file_identities", "literal_special_tokens")}
 
 
 def describe_change(recorded: dict, current: dict) -> str | None:

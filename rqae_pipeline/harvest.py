@@ -309,6 +309,8 @@ def plan_harvest(cfg: HarvestConfig, facts: ModelFacts, tokenizer,
     if prior is None and cfg.resume and notice is not None:
         notice(f"note: {cfg.out} holds no store yet; --resume starts a new one")
     committed = prior.manifest["committed"] if prior is not None else {"contexts": 0, "corpus_state": (0, 0)}
+    if prior is not None:  # tokenised as the store's rows were (a store from before a flag keeps its old reading)
+        corpus = replace(corpus, literal_special_tokens=CorpusSpec.from_dict(prior.spec.corpus).literal_special_tokens)
     packer = iter_contexts(corpus, tokenizer, context_length=spec.context_length,
                            state=CorpusState(*committed["corpus_state"]))
     want = -(-cfg.tokens // spec.rows_per_context) - committed["contexts"]

@@ -277,3 +277,32 @@ def test_a_store_without_file_identities_resumes_as_before(tmp_path, tiny_lm, sh
     harvest(tiny_config(part, tokens=3072, resume=True, **kw), lm=tiny_lm, progress=False)
     assert_same_arrays(part, whole)
     assert "file_identities" not in ActivationStore.open(part).manifest["spec"]["corpus"]
+
+
+def test_special_token_text_in_a_document_is_text_not_a_document_boundary(tmp_path, tiny_lm):
+    """'<bos>' written in a web page was tokenised to the BOS id: a false document start
+    mid-context for the LM, and rows flagged BOS (dropped from training). A store from before
+    keeps its old reading when resumed, so one store never mixes the two."""
+    import zarr
+
+    from rqae_pipeline.store import ActivationStore, Flags
+
+    docs = tmp_path / "docs.txt"
+    docs.write_text("\n".join(f"line {i}: the tokens <bos> and <eos> are markup here" for i in range(200)) + "\n")
+    out = tmp_path / "s.zarr"
+    harvest(tiny_config(out, tokens=256, dataset=str(docs), context_length=32), lm=tiny_lm, progress=False)
+    store = ActivationStore.open(out)
+    rows = store.read()
+    bos, eos = tiny_lm.tokenizer.bos_token_id, tiny_lm.tokenizer.eos_token_id
+    assert (rows.tokens[rows.pos == 0] == bos).all() and not (rows.tokens[rows.pos > 0] == bos).any()
+    assert ((rows.flags & int(Flags.BOS)) != 0).sum() == store.n_contexts  # one BOS a context
+    assert store.spec.corpus["literal_special_tokens"] is True
+    # a store from before the flag: resumed with the reading its rows have
+    group = zarr.open_group(str(out), mode="r+", zarr_format=3)
+    manifest = dict(group.attrs["rqae"])
+    old_corpus = {k: v for k, v in manifest["spec"]["corpus"].items() if k != "literal_special_tokens"}
+    group.attrs["rqae"] = {**manifest, "spec": {**manifest["spec"], "corpus": old_corpus}}
+    harvest(tiny_config(out, tokens=512, dataset=str(docs), context_length=32, resume=True), lm=tiny_lm,
+            progress=False)
+    appended = ActivationStore.open(out).read(256, 512)
+    assert (appended.tokens[appended.pos > 0] == bos).any() and (appended.tokens == eos).sum() > 8
