@@ -14,6 +14,7 @@ with the dask workers of harvest_dask.py (`rqae harvest --workers N`).
 from __future__ import annotations
 
 import itertools
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -157,7 +158,10 @@ def model_facts(cfg: HarvestConfig, lm: LoadedLM) -> ModelFacts:
 def check_hook_shape(lm: LoadedLM, hook) -> None:
     """A hook's activation must be one d_model vector per token, as a store row is: an MLP's
     hidden layer (d_mlp) was stored cut to its first d_model values, attention patterns
-    failed mid-harvest. One forward of two tokens, before any store is made."""
+    failed mid-harvest. Hooks on the residual stream and the blocks' outputs are; any other
+    is probed with a forward of two tokens, before any store is made."""
+    if re.fullmatch(r"blocks\.\d+\.hook_(resid_pre|resid_mid|resid_post|attn_out|mlp_out)", hook.name):
+        return
     tokens = torch.full((1, 2), lm.tokenizer.bos_token_id or 0, device=lm.model.cfg.device)
     _, cache = lm.model.run_with_cache(tokens, names_filter=[hook.name], stop_at_layer=hook.layer + 1)
     shape = tuple(cache[hook.name].shape)
