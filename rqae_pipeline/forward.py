@@ -34,6 +34,7 @@ from rqae_pipeline import RQAEError
 from rqae_pipeline.lm import DTYPES, LoadedLM, cuda_ampere_or_newer, load_lm
 from rqae_pipeline.shard_writer import batch_error
 from rqae_pipeline.store import ActivationStore
+from rqae_pipeline.store_format import recorded_precision
 
 FORWARD_ERROR_CONTEXTS = 8  # contexts measured at least (the first batch if larger; fewer if the store holds fewer)
 
@@ -131,22 +132,13 @@ def check_forward_precision(store: ActivationStore, precision: dict) -> None:
     """Refuse to continue `store` with a forward of another precision than its rows have."""
     if "forward_error" not in store.manifest and not store.manifest["committed"]["tokens"]:
         return  # nothing harvested yet
-    recorded = recorded_precision(store)
+    recorded = recorded_precision(store.manifest)
     was, now = _describe(recorded), _describe(precision)
     if was != now:
         compile_flag = "--compile" if recorded.get("compiled") else "no --compile"
         raise RQAEError(f"store {store.path} was harvested with a {was} forward, not {now}; one store does not "
                         f"mix forward precisions: pass --model-dtype {recorded['model_dtype']} and {compile_flag} on "
                         f"a device like its own, or use a new --out")
-
-
-def recorded_precision(store: ActivationStore) -> dict:
-    """The precision of the forward that made the store's rows ({"model_dtype", "tf32"[,
-    "compiled"]}): its `forward_error`, or for a store from before it, the dtype its load
-    record names (TF32 was never on then)."""
-    m = store.manifest
-    return m.get("forward_error") or {"model_dtype": m["provenance"]["model_load"].get("dtype", "float32"),
-                                      "tf32": False}
 
 
 def _describe(precision: dict) -> str:

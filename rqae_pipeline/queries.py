@@ -17,9 +17,10 @@ import torch
 
 from rqae_pipeline import RQAEError
 from rqae_pipeline.codec import decode_acts, encode_acts
-from rqae_pipeline.forward import cuda_tf32, hook_residuals, recorded_precision
+from rqae_pipeline.forward import cuda_tf32, hook_residuals
 from rqae_pipeline.lm import load_tokenizer
 from rqae_pipeline.store import ActivationStore
+from rqae_pipeline.store_format import recorded_precision
 
 
 @dataclass(frozen=True)
@@ -55,12 +56,12 @@ class Context:
 
 
 def load_store_lm(store: ActivationStore, device: str | None = None):
-    """The store's LM at the precision its rows were harvested in (`forward.recorded_precision`):
+    """The store's LM at the precision its rows were harvested in (`store_format.recorded_precision`):
     a stored context given as text then encodes to its stored codes, not to the codes of a
     float32 forward of a bfloat16 store (which differ on rows near a code boundary)."""
     from rqae_pipeline.lm import load_lm
 
-    return load_lm(store.spec.model, device=device, dtype=recorded_precision(store)["model_dtype"])
+    return load_lm(store.spec.model, device=device, dtype=recorded_precision(store.manifest)["model_dtype"])
 
 
 def check_lm(lm, store: ActivationStore) -> None:
@@ -86,7 +87,7 @@ def encode_tokens(lm, model, store: ActivationStore, ids: list[int]) -> np.ndarr
     if len(ids) > body:
         raise RQAEError(f"the query has {len(ids)} tokens; the store's contexts hold {body} after BOS")
     tokens = torch.tensor([[lm.tokenizer.bos_token_id, *ids]], device=lm.model.cfg.device)
-    with cuda_tf32(recorded_precision(store)["tf32"]):  # the harvest's matmul precision, on a GPU
+    with cuda_tf32(recorded_precision(store.manifest)["tf32"]):  # the harvest's matmul precision, on a GPU
         raw = hook_residuals(lm, tokens, spec.hook, spec.layer)
     acts, _ = store.to_normalised(raw[0, 1:].float(), float(lm.model.cfg.eps))
     acts = acts.cpu()

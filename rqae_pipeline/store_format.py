@@ -83,6 +83,14 @@ class Rows:
     flags: np.ndarray
 
 
+def recorded_precision(manifest: dict) -> dict:
+    """The precision of the forward that made a store's rows ({"model_dtype", "tf32"[,
+    "compiled"]}): its `forward_error`, or for a store from before it, the dtype its load
+    record names (TF32 was never on then)."""
+    return manifest.get("forward_error") or {
+        "model_dtype": manifest["provenance"]["model_load"].get("dtype", "float32"), "tf32": False}
+
+
 def tokenizer_name(name_or_path: str) -> str:
     """A tokenizer as a store records it: a hub name as it is, a local directory (the tiny
     model's trained tokenizer, the converted offline Gemma's) by its directory name only. Its

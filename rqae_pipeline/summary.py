@@ -6,7 +6,7 @@ import numpy as np
 
 from rqae_pipeline import RQAEError
 from rqae_pipeline.store import UNFINISHED_WRITE, ActivationStore, Flags
-from rqae_pipeline.store_format import row_arrays
+from rqae_pipeline.store_format import recorded_precision, row_arrays
 from rqae_pipeline.urls import sizes_of_all
 
 
@@ -76,8 +76,7 @@ def harvest_command(store: ActivationStore) -> str:
     its start, so a scratch harvest with `--tokens` up to shard i ends with shard i's rows):
     what README's repair of a damaged shard needs. Run it on a device of the same kind."""
     spec, corpus = store.spec, store.spec.corpus
-    precision = store.manifest.get("forward_error") or {
-        "model_dtype": store.manifest["provenance"]["model_load"].get("dtype", "float32")}
+    precision = recorded_precision(store.manifest)
     parts = [f"--model {spec.model}", f"--hook {spec.hook}", f"--dataset {_quoted(corpus['name'])}"]
     if corpus.get("config"):
         parts.append(f"--dataset-config {corpus['config']}")
