@@ -204,8 +204,8 @@ def ce_stats(store_path: str, model_ref, first_ctx: int, stop_ctx: int, window: 
     if spec.skip_bos:
         tokens = torch.cat([torch.full((len(tokens), 1), lm.tokenizer.bos_token_id), tokens], 1)
     keep = torch.from_numpy((rows.flags & cfg.exclude) == 0).reshape(len(tokens), R)
-    replacements = ce_replacements(model, store, rows, replace(cfg, prefixes=ce_labels(model, cfg)))
-    stored = store.to_raw(rows.acts, rows.scale).reshape(len(tokens), R, -1)  # what the clean run must give
+    raw, replacements = ce_replacements(model, store, rows, replace(cfg, prefixes=ce_labels(model, cfg)))
+    stored = raw.cpu().reshape(len(tokens), R, -1)  # the stored rows as residuals: what the clean run must give
     splice = Splice(lm=lm, hook=spec.hook, start=residual_start_layer(spec.hook), offset=1 if spec.skip_bos else 0)
     stats, n_contexts = Stats(), window[1] - window[0]
     # A few contexts per forward pass: log-probabilities over a 256k vocabulary are ~1 MB a
@@ -219,12 +219,14 @@ def ce_stats(store_path: str, model_ref, first_ctx: int, stop_ctx: int, window: 
     return stats
 
 
-def ce_replacements(model, store: ActivationStore, rows, cfg: EvalConfig) -> dict[str, torch.Tensor | str]:
-    """(n, d) raw activations to splice in, by label: both zero-ablations and each reconstruction."""
-    _, _, recons_raw, _ = reconstruct_both(model, store, rows.acts.to(cfg.device), rows.scale, cfg)
+def ce_replacements(model, store: ActivationStore, rows, cfg: EvalConfig
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | str]]:
+    """(the rows as raw residuals (n, d), the raw activations to splice in by label: both
+    zero-ablations and each reconstruction)."""
+    raw, _, recons_raw, _ = reconstruct_both(model, store, rows.acts.to(cfg.device), rows.scale, cfg)
     replacements: dict[str, torch.Tensor | str] = {ZERO_ALL: ZERO_ALL, ZERO_KEPT: torch.zeros_like(rows.acts)}
     replacements.update({label: x_hat.cpu() for label, x_hat in recons_raw.items()})
-    return replacements
+    return raw, replacements
 
 
 def ce_results(cfg: EvalConfig, model, store: ActivationStore, start: int, progress: bool, client) -> dict:
