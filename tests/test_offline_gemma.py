@@ -29,6 +29,32 @@ def test_offline_model_is_gemma_3_270m(gemma_lm):
     assert loss < 4.0  # uniform over the 262k vocabulary would be 12.5 nats
 
 
+def test_weights_are_laid_out_as_the_forward_reads_them(gemma_lm):
+    """load_lm stores Gemma's GatedMLP and grouped-query attention weights so the forward's
+    transposes are views (no copy per call), and the forward is TransformerLens's own, bit for bit."""
+    import einops
+
+    from rqae_pipeline.lm import store_weights_as_read
+
+    model = gemma_lm.model
+    for block in model.blocks:
+        mlp, attn = block.mlp, block.attn
+        assert all(w.T.contiguous().data_ptr() == w.data_ptr() for w in (mlp.W_in, mlp.W_gate, mlp.W_out))
+        assert all(einops.rearrange(w, "h m k -> (h k) m").data_ptr() == w.data_ptr()
+                   for w in (attn.W_Q, attn._W_K, attn._W_V))
+        assert einops.rearrange(attn.W_O, "h k m -> m (h k)").contiguous().data_ptr() == attn.W_O.data_ptr()
+    ids = gemma_lm.tokenizer("Water boils at one hundred degrees.", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        ours = model(ids)
+        try:
+            for p in model.parameters():
+                p.data = p.data.contiguous()  # TransformerLens's own layout
+            theirs = model(ids)
+        finally:
+            store_weights_as_read(model)
+    assert torch.equal(ours, theirs)
+
+
 def test_harvest_real_activations(gemma_lm, tmp_path):
     out = tmp_path / "gemma.zarr"
     cfg = HarvestConfig(out=out, model=OFFLINE_GEMMA, tokens=1024, batch_contexts=4, contexts_per_shard=8,
