@@ -14,11 +14,12 @@ loaded model and the same token batches, and reported as ratios:
 4. the same with each tool's torch.compile option: `harvest --compile` against the runner
    with `compile_llm=True`, and the one-off compile time.
 
-Bare forwards, harvest and sae-lens runs (and the compiled pair) are interleaved `--repeats` times after a warm-up;
+Bare forwards, harvest and sae-lens runs (and the compiled pair) are interleaved `--repeats` times after a warm-up,
+each round starting one path later;
 each time ratio is the median over rounds of that round's ratio, so drift (other load on
 a shared machine) hits both sides of a ratio alike.
 
-    python bench/harvest.py                                      # offline Gemma-3-270M, 16,384 tokens, 9 rounds
+    python bench/harvest.py                                      # offline Gemma-3-270M, 8,192 tokens, 15 rounds
     python bench/harvest.py --model tiny-random:0 --tokens 2048  # smoke run
 """
 
@@ -134,11 +135,12 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=OFFLINE_GEMMA, help="also tiny-random:SEED for a smoke run")
     ap.add_argument("--layer", default="auto", help="layer number; auto = n_layers // 2")
-    ap.add_argument("--tokens", type=int, default=16_384,
+    ap.add_argument("--tokens", type=int, default=8192,
                     help="rounded up to whole batches of contexts; long enough that one-off costs weigh little")
     ap.add_argument("--context-length", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass")
-    ap.add_argument("--repeats", type=int, default=9, help="interleaved rounds of bare / harvest / sae-lens")
+    ap.add_argument("--repeats", type=int, default=15,
+                    help="interleaved rounds of the six paths (short and many: a shared machine's speed drifts)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--out-md", type=Path, help="also write the table here")
     return ap.parse_args()
@@ -192,14 +194,19 @@ def timed_rounds(args: argparse.Namespace, lm, lm_tl, hook, cfg: HarvestConfig, 
     warm_compiled_s = run_harvest(dataclasses.replace(warm, compile=True), lm, tmp / "warm-compiled.zarr")[0][0]
     for compile_llm in (False, True):
         run_saelens(lm_tl, contexts[:B], hook.name, B, tmp / f"warm-saelens-{compile_llm}", compile_llm)
-    runs = {k: [] for k in ("bare", "bare_tl", "harv", "sael", "harv_c", "sael_c")}
+    paths = {
+        "bare": lambda r: bare_forward(lm, contexts, hook.layer, B),
+        "bare_tl": lambda r: bare_forward(lm_tl, contexts, hook.layer, B),
+        "harv": lambda r: run_harvest(cfg, lm, tmp / f"fp16-{r}.zarr")[0],
+        "sael": lambda r: run_saelens(lm_tl, contexts, hook.name, B, tmp / f"saelens-{r}"),
+        "harv_c": lambda r: run_harvest(cfg, lm, tmp / f"compiled-{r}.zarr", compile=True)[0],
+        "sael_c": lambda r: run_saelens(lm_tl, contexts, hook.name, B, tmp / f"saelens-compiled-{r}", True),
+    }
+    runs, names = {k: [] for k in paths}, list(paths)
     for r in range(args.repeats):
-        runs["bare"].append(bare_forward(lm, contexts, hook.layer, B))
-        runs["bare_tl"].append(bare_forward(lm_tl, contexts, hook.layer, B))
-        runs["harv"].append(run_harvest(cfg, lm, tmp / f"fp16-{r}.zarr")[0])
-        runs["sael"].append(run_saelens(lm_tl, contexts, hook.name, B, tmp / f"saelens-{r}"))
-        runs["harv_c"].append(run_harvest(cfg, lm, tmp / f"compiled-{r}.zarr", compile=True)[0])
-        runs["sael_c"].append(run_saelens(lm_tl, contexts, hook.name, B, tmp / f"saelens-compiled-{r}", True))
+        # Each round starts one path later, so no path always runs first, or right after another.
+        for k in names[r % len(names):] + names[: r % len(names)]:
+            runs[k].append(paths[k](r))
         print(f"round {r}: wall (CPU) s: " + ", ".join(f"{k} {v[-1][0]:.2f} ({v[-1][1]:.2f})" for k, v in runs.items())
               + f"; load {os.getloadavg()[0]:.2f}", flush=True)
     t32, s32 = run_harvest(cfg, lm, tmp / "fp32.zarr", dtype="float32")

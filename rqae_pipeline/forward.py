@@ -5,8 +5,8 @@ Precision: `--model-dtype auto` runs bfloat16 on a CUDA GPU with native bf16 and
 elsewhere (lm.auto_model_dtype); a float32 forward on a GPU with TF32 (compute capability 8.0
 on) runs its matmuls in TF32. The switch is set around the single-process harvest and in each
 dask worker, the processes that run the forward. `--compile` runs the forward through
-torch.compile (fused kernels: a one-off compile, then ~10% faster batches of Gemma-3-270M on
-a CPU); its rows round differently from the eager forward's, so it counts as a precision.
+torch.compile (fused kernels after a one-off compile; how much faster depends on the machine,
+docs/benchmarks.md); its rows round differently from the eager forward's, so it counts as a precision.
 
 Forward error (manifest `forward_error`): when the forward is not plain eager float32, a new
 store's first batch (its first FORWARD_ERROR_CONTEXTS contexts when a batch holds fewer) goes
