@@ -40,8 +40,10 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # sae-lens's progress bar
 import numpy as np
 import torch
 
+from rqae_pipeline import harvest as harvest_module
 from rqae_pipeline.codec import decode_acts, encode_acts
 from rqae_pipeline.corpus import iter_contexts
+from rqae_pipeline.forward import hook_residuals
 from rqae_pipeline.harvest import HarvestConfig, harvest, resolve_corpus
 from rqae_pipeline.lm import OFFLINE_GEMMA, LoadedLM, load_lm, resolve_hook
 from rqae_pipeline.store import ActivationStore
@@ -79,9 +81,21 @@ def bare_forward(lm, contexts: np.ndarray, layer: int, batch: int) -> np.ndarray
 
 
 def run_harvest(cfg: HarvestConfig, lm, out: Path, **changes) -> tuple[np.ndarray, ActivationStore]:
-    t0 = clock()
-    harvest(dataclasses.replace(cfg, out=out, **changes), lm=lm, progress=False)
-    return clock() - t0, ActivationStore.open(out)
+    """(wall, CPU, wall seconds inside the LM forward) of one harvest, and its store."""
+    in_forward = [0.0]
+
+    def timed_forward(lm_, *args, **kw):
+        t = time.perf_counter()
+        x = hook_residuals(lm_, *args, **kw)
+        sync(lm_)
+        in_forward[0] += time.perf_counter() - t
+        return x
+
+    with mock.patch.object(harvest_module, "hook_residuals", timed_forward):
+        t0 = clock()
+        harvest(dataclasses.replace(cfg, out=out, **changes), lm=lm, progress=False)
+        elapsed = clock() - t0
+    return np.append(elapsed, in_forward[0]), ActivationStore.open(out)
 
 
 def run_saelens(lm, contexts: np.ndarray, hook: str, batch: int, out: Path, compile_llm: bool = False) -> np.ndarray:
@@ -243,8 +257,10 @@ def per_round(runs: dict, a: str, b: str) -> tuple[float, str]:
 
 
 def result_rows(args: argparse.Namespace, n: int, runs: dict, m: dict) -> list[tuple[str, str, str, str]]:
-    (tb, cb), (th, ch), (ts, cs), (tt, _) = (np.median(np.stack(runs[k]), axis=0)
+    (tb, cb), (th, ch), (ts, cs), (tt, _) = (np.median(np.stack(runs[k]), axis=0)[:2]
                                              for k in ("bare", "harv", "sael", "bare_tl"))
+    outside = [1 - h[2] / h[0] for h in runs["harv"]]  # within one run: drift cancels
+    forward_ratio = [h[2] / b[0] for h, b in zip(runs["harv"], runs["bare"])]
     (rb, rb_each), (rs, rs_each) = per_round(runs, "bare", "harv"), per_round(runs, "harv", "sael")
     (rl, rl_each), (ro, ro_each) = per_round(runs, "bare_tl", "bare"), per_round(runs, "sael", "bare_tl")
     b16, b8, f16, f8, fp32_cache, raw_err = (m[k] for k in ("b16", "b8", "f16", "f8", "fp32_cache", "raw_err"))
@@ -256,6 +272,11 @@ def result_rows(args: argparse.Namespace, n: int, runs: dict, m: dict) -> list[t
          f"**{rs:.3f}** ({rs_each}; medians {th:.2f} s vs {ts:.2f} s)", "<= 0.95", ok(rs <= 0.95)),
         ("bare forward time on TransformerLens's own weight layout / on load_lm's layout",
          f"{rl:.3f} ({rl_each}; medians {tt:.2f} s vs {tb:.2f} s)", "", ""),
+        ("harvest's wall time outside the LM forward / its whole wall time (both from the same run, so a "
+         "machine's drift cancels; hooks and the residual's capture count as forward)",
+         f"{np.median(outside):.3f} ({min(outside):.3f}–{max(outside):.3f})", "", ""),
+        ("LM forward time inside the harvest / bare forward time (two runs)",
+         f"{np.median(forward_ratio):.3f} ({min(forward_ratio):.3f}–{max(forward_ratio):.3f})", "", ""),
         ("sae-lens time / bare forward time, both on TransformerLens's own layout (its overhead)",
          f"{ro:.3f} ({ro_each})", "", ""),
         ("fp16 store bytes/token / fp32 cache (4·d)", f"**{b16:.3f}** ({b16 * fp32_cache:,.0f} B/token)",

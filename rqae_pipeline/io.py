@@ -13,7 +13,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,23 @@ def swap_in(tmp: Path, out: Path) -> None:
         os.replace(out, old)
     os.replace(tmp, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def ensure_built(out: Path, marker: str, build: Callable[[Path], None]) -> None:
+    """Build the derived directory `out` (a cache) with `build(out)` unless `out/marker`
+    exists. Processes that want it at the same moment (a first run of parallel tests or
+    commands) wait on a file lock beside it, and all but the first then find it built:
+    two builds would double a minutes-long conversion and race on the swap."""
+    out = Path(out)
+    if (out / marker).exists():
+        return
+    import fcntl
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(f".{out.name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        if not (out / marker).exists():
+            build(out)
 
 
 def empty_except_lock(path) -> bool:

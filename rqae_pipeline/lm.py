@@ -26,7 +26,7 @@ from typing import Literal, get_args
 import torch
 
 from rqae_pipeline import RQAEError
-from rqae_pipeline.io import default_device, staging_dir, swap_in
+from rqae_pipeline.io import default_device, ensure_built, staging_dir, swap_in
 from rqae_pipeline.paths import cache_root
 
 __all__ = ["LoadedLM", "HookSpec", "default_device", "load_lm", "auto_model_dtype", "resolve_model_dtype",
@@ -220,8 +220,7 @@ def _load_offline_gemma() -> LoadedLM:
     from transformers import AutoTokenizer
 
     d = _offline_gemma_dir()
-    if not (d / "model.safetensors").exists():
-        convert_offline_gemma(d)
+    ensure_built(d, "model.safetensors", convert_offline_gemma)
     from safetensors.torch import load_file
 
     cfg_dict = json.loads((d / "tl_config.json").read_text())
@@ -281,31 +280,35 @@ def _jsonable(v):
 def _tiny_tokenizer():
     """A 512-token BPE tokenizer trained on the builtin corpus, saved once as a tokenizer
     directory (TransformerLens reloads tokenizers by path) so every process agrees."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
     path = cache_root() / "tiny-bpe-512-v2"
-    if not (path / "tokenizer.json").exists():
-        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-        from rqae_pipeline.corpus import _builtin_documents
-
-        tk = Tokenizer(models.BPE(unk_token="<unk>"))
-        tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tk.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(
-            vocab_size=512,
-            special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-            show_progress=False,
-        )
-        tk.train_from_iterator((d["text"] for d in _builtin_documents()), trainer)
-        fast = PreTrainedTokenizerFast(
-            tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
-        )
-        tmp = staging_dir(path)
-        fast.save_pretrained(tmp)
-        swap_in(tmp, path)
+    ensure_built(path, "tokenizer.json", _train_tiny_tokenizer)
     return AutoTokenizer.from_pretrained(path)
+
+
+def _train_tiny_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from rqae_pipeline.corpus import _builtin_documents
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tk.train_from_iterator((d["text"] for d in _builtin_documents()), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tmp = staging_dir(path)
+    fast.save_pretrained(tmp)
+    swap_in(tmp, path)
 
 
 def _load_tiny(seed: int, *, name: str) -> LoadedLM:

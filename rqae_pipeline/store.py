@@ -27,6 +27,7 @@ the previous manifest or the new one. A shard object cut short by a kill never e
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -35,6 +36,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from zarr.core.array import AsyncArray
+from zarr.core.sync import sync
 
 from rqae_pipeline import RQAEError, codec
 from rqae_pipeline.codec import decode_acts
@@ -228,16 +231,27 @@ class ActivationStore:
 
     def write_rows(self, start: int, cols: dict[str, np.ndarray]) -> None:
         """Write encoded columns at rows [start, start + n); grows arrays as needed. Not a commit."""
-        n = len(cols["scale"])
-        stop = start + n
+        stop = start + len(cols["scale"])
         self._arrays.clear()  # the arrays grow: reopen them for the next read
-        for name, data in cols.items():
+
+        async def write(name: str, data: np.ndarray) -> None:
+            arr = await AsyncArray.open(self.group.store_path / name)
             # Write every shard, all-zero ones too (zarr skips those by default), so that a
             # missing shard file always means damage (see integrity.py).
-            arr = self.group[name].with_config({"write_empty_chunks": True})
+            arr = arr.with_config({"write_empty_chunks": True})
             if arr.shape[0] < stop:
-                arr.resize((stop,) + arr.shape[1:])
-            arr[start:stop] = data
+                await arr.resize((stop,) + arr.shape[1:])
+            await arr.setitem(slice(start, stop), data)
+
+        async def write_all() -> list:
+            # The columns go out together (on an object store their requests overlap rather
+            # than wait on each other's round trips), and every write has ended, failed or
+            # not, before this returns: nothing of it runs on behind a later commit.
+            return await asyncio.gather(*(write(k, v) for k, v in cols.items()), return_exceptions=True)
+
+        failed = [e for e in sync(write_all()) if isinstance(e, BaseException)]
+        if failed:
+            raise failed[0]
 
     def set_array(self, name: str, data: np.ndarray) -> None:
         self._arrays.clear()
