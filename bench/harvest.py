@@ -40,6 +40,7 @@ os.environ.setdefault("TQDM_DISABLE", "1")  # sae-lens's progress bar
 import numpy as np
 import torch
 
+from rqae_pipeline import forward as forward_module
 from rqae_pipeline import harvest as harvest_module
 from rqae_pipeline.codec import decode_acts, encode_acts
 from rqae_pipeline.corpus import iter_contexts
@@ -91,7 +92,10 @@ def run_harvest(cfg: HarvestConfig, lm, out: Path, **changes) -> tuple[np.ndarra
         in_forward[0] += time.perf_counter() - t
         return x
 
-    with mock.patch.object(harvest_module, "hook_residuals", timed_forward):
+    # forward.py's own name too: its precision check runs the first batch's forwards (and the
+    # harvest then reuses those rows) when the forward is not plain fp32
+    with mock.patch.object(harvest_module, "hook_residuals", timed_forward), \
+            mock.patch.object(forward_module, "hook_residuals", timed_forward):
         t0 = clock()
         harvest(dataclasses.replace(cfg, out=out, **changes), lm=lm, progress=False)
         elapsed = clock() - t0

@@ -143,7 +143,10 @@ def ensure_built(out: Path, marker: str, build: Callable[[Path], None]) -> None:
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out.with_name(f".{out.name}.lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file is closed
+        except OSError:  # a file system without locks (some NFS and FUSE mounts): build unguarded
+            pass
         if not (out / marker).exists():
             build(out)
 

@@ -44,6 +44,7 @@ from rqae_pipeline.codec import decode_acts
 from rqae_pipeline.corpus_files import describe_change, without_files
 from rqae_pipeline.integrity import (
     dask_rows,
+    drain_zarr_tasks,
     read_checked,
     read_checked_ranges,
     require_rows,
@@ -245,12 +246,12 @@ class ActivationStore:
 
         async def write_all() -> list:
             # The columns go out together (on an object store their requests overlap rather
-            # than wait on each other's round trips), and every write has ended, failed or
-            # not, before this returns: nothing of it runs on behind a later commit.
+            # than wait on each other's round trips); every column's write ends, failed or not.
             return await asyncio.gather(*(write(k, v) for k, v in cols.items()), return_exceptions=True)
 
         failed = [e for e in sync(write_all()) if isinstance(e, BaseException)]
         if failed:
+            drain_zarr_tasks()  # a failed column's sibling chunk writes, so none runs on behind us
             raise failed[0]
 
     def set_array(self, name: str, data: np.ndarray) -> None:

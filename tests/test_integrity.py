@@ -430,3 +430,32 @@ def test_release_leaves_a_lock_it_does_not_own(tmp_path):
     (tmp_path / ".lock").write_text(json.dumps(other))
     lock.release()
     assert json.loads((tmp_path / ".lock").read_text()) == other
+
+
+def test_a_cache_that_two_processes_want_at_once_is_built_once(tmp_path):
+    """The converted Gemma (minutes) and the tiny tokenizer are built through ensure_built: a
+    second caller, e.g. a parallel test worker on a fresh machine, waits for the first's build
+    instead of converting again and racing it to the swap."""
+    import threading
+    import time
+
+    from rqae_pipeline.io import ensure_built, staging_dir, swap_in
+
+    builds = []
+
+    def build(out):
+        builds.append(threading.get_ident())
+        time.sleep(0.5)  # long enough for the other caller to arrive while this one builds
+        tmp = staging_dir(out)
+        (tmp / "weights").write_text(str(len(builds)))
+        swap_in(tmp, out)
+
+    callers = [threading.Thread(target=ensure_built, args=(tmp_path / "cache", "weights", build)) for _ in range(2)]
+    for c in callers:
+        c.start()
+    for c in callers:
+        c.join()
+    assert len(builds) == 1
+    assert (tmp_path / "cache" / "weights").read_text() == "1"
+    ensure_built(tmp_path / "cache", "weights", build)  # built: nothing to do
+    assert len(builds) == 1
