@@ -15,11 +15,13 @@ loaded model and the same token batches, and reported as ratios:
    with `compile_llm=True`, and the one-off compile time.
 
 Bare forwards, harvest and sae-lens runs (and the compiled pair) are interleaved `--repeats` times after a warm-up,
-each round starting one path later;
-each time ratio is the median over rounds of that round's ratio, so drift (other load on
-a shared machine) hits both sides of a ratio alike.
+in a fixed order that every other round reverses, so the two sides of each target ratio
+(bare / harvest, harvest / sae-lens, and the compiled pair) run back to back, each first in
+half of the rounds; each time ratio is the median over rounds of that round's ratio, so drift
+(a shared machine's speed changes by more than the effects measured here) hits both sides of a
+ratio alike.
 
-    python bench/harvest.py                                      # offline Gemma-3-270M, 8,192 tokens, 15 rounds
+    python bench/harvest.py                                      # offline Gemma-3-270M, 8,192 tokens, 12 rounds
     python bench/harvest.py --model tiny-random:0 --tokens 2048  # smoke run
 """
 
@@ -157,8 +159,8 @@ def parse_args() -> argparse.Namespace:
                     help="rounded up to whole batches of contexts; long enough that one-off costs weigh little")
     ap.add_argument("--context-length", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass")
-    ap.add_argument("--repeats", type=int, default=15,
-                    help="interleaved rounds of the six paths (short and many: a shared machine's speed drifts)")
+    ap.add_argument("--repeats", type=int, default=12,
+                    help="interleaved rounds of the six paths (even: each order in half of them)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--out-md", type=Path, help="also write the table here")
     return ap.parse_args()
@@ -212,18 +214,20 @@ def timed_rounds(args: argparse.Namespace, lm, lm_tl, hook, cfg: HarvestConfig, 
     warm_compiled_s = run_harvest(dataclasses.replace(warm, compile=True), lm, tmp / "warm-compiled.zarr")[0][0]
     for compile_llm in (False, True):
         run_saelens(lm_tl, contexts[:B], hook.name, B, tmp / f"warm-saelens-{compile_llm}", compile_llm)
-    paths = {
+    paths = {  # the sides of each target ratio are neighbours here
         "bare": lambda r: bare_forward(lm, contexts, hook.layer, B),
-        "bare_tl": lambda r: bare_forward(lm_tl, contexts, hook.layer, B),
         "harv": lambda r: run_harvest(cfg, lm, tmp / f"fp16-{r}.zarr")[0],
         "sael": lambda r: run_saelens(lm_tl, contexts, hook.name, B, tmp / f"saelens-{r}"),
-        "harv_c": lambda r: run_harvest(cfg, lm, tmp / f"compiled-{r}.zarr", compile=True)[0],
+        "bare_tl": lambda r: bare_forward(lm_tl, contexts, hook.layer, B),
         "sael_c": lambda r: run_saelens(lm_tl, contexts, hook.name, B, tmp / f"saelens-compiled-{r}", True),
+        "harv_c": lambda r: run_harvest(cfg, lm, tmp / f"compiled-{r}.zarr", compile=True)[0],
     }
     runs, names = {k: [] for k in paths}, list(paths)
     for r in range(args.repeats):
-        # Each round starts one path later, so no path always runs first, or right after another.
-        for k in names[r % len(names):] + names[: r % len(names)]:
+        # Neighbours run back to back, and every other round in the other order (A B B A ...):
+        # a drift in the machine's speed hits both sides of a ratio, and neither side is
+        # always the one that runs first or after a harvest's writes.
+        for k in names if r % 2 == 0 else names[::-1]:
             runs[k].append(paths[k](r))
         print(f"round {r}: wall (CPU) s: " + ", ".join(f"{k} {v[-1][0]:.2f} ({v[-1][1]:.2f})" for k, v in runs.items())
               + f"; load {os.getloadavg()[0]:.2f}", flush=True)

@@ -7,6 +7,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# Under pytest-xdist, each worker's torch (and each command a test starts) gets its share of the
+# cores: every worker running a team of all of them oversubscribes the machine, and an OpenMP
+# team spin-waits for a member that is descheduled. Set before torch is imported (commands
+# inherit it); tests that compare bytes pin their own thread counts.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
+
 
 @pytest.fixture(scope="session")
 def tiny_lm():

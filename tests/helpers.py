@@ -60,30 +60,126 @@ def rqae_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "rqae_pipeline.cli", *args]
 
 
-def run_rqae(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.run(rqae_cmd(*args), capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO, **kw)
+# The `rqae` commands of the tests are real processes (their own pid, signals, exit status,
+# kill -9), but forked from multiprocessing's fork server, which has imported the package and
+# what its commands import once per test worker: a fresh interpreter spends ~10 s of CPU
+# importing TransformerLens and its dependencies, more than most commands' work. A few tests
+# still start `python -m rqae_pipeline.cli` itself (`rqae_cmd`), so that path stays tested.
+_PRELOAD = ("rqae_pipeline.cli", "rqae_pipeline.harvest", "rqae_pipeline.harvest_dask", "rqae_pipeline.train",
+            "rqae_pipeline.evaluate", "rqae_pipeline.compare", "rqae_pipeline.features", "rqae_pipeline.steer",
+            "rqae_pipeline.dashboard", "rqae_pipeline.codes", "rqae_pipeline.token_search", "sae_lens", "datasets")
+
+
+def _fork_server():
+    import multiprocessing as mp
+
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(list(_PRELOAD))
+    return ctx
+
+
+def _rqae_child(args: list[str], env: dict[str, str], cwd: str, stdout: str, stderr: str) -> None:
+    """Run `rqae ARGS` in this forked process as the console script would, then exit with its status."""
+    import atexit
+    import traceback
+    import warnings
+
+    # as a terminal starts a command: Ctrl-C raises KeyboardInterrupt, whatever the disposition the
+    # test runner had (a background `pytest &` starts with SIGINT ignored, and its children with it)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+    for fd, path in ((1, stdout), (2, stderr)):
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(target, fd)
+        os.close(target)
+    if env.get("PYTHONWARNINGS") == "ignore":
+        warnings.simplefilter("ignore")
+    sys.argv = ["rqae", *args]
+    from rqae_pipeline.cli import app
+
+    code = 0
+    try:
+        app(args=list(args), prog_name="rqae")
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (e.code is not None)
+        if isinstance(e.code, str):
+            sys.stderr.write(e.code + "\n")
+    except BaseException:  # as the interpreter reports an uncaught exception
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class ForkedRqae:
+    """The part of `subprocess.Popen`'s interface the tests use, for an `rqae` command forked by
+    the fork server (a multiprocessing.Process: exit status -N when killed by signal N, as Popen's)."""
+
+    def __init__(self, args: tuple[str, ...], env: dict[str, str], cwd: Path, stdout: Path, stderr: Path):
+        stderr.touch()
+        self.args = args
+        self.process = _fork_server().Process(target=_rqae_child, name="rqae",
+                                              args=(list(args), env, str(cwd), str(stdout), str(stderr)))
+        self.process.start()
+        self.pid = self.process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.exitcode
+
+    def poll(self) -> int | None:
+        return self.process.exitcode
+
+    def wait(self, timeout: float | None = None) -> int:
+        self.process.join(timeout)
+        if self.process.exitcode is None:
+            raise subprocess.TimeoutExpired(["rqae", *self.args], timeout)
+        return self.process.exitcode
+
+    def send_signal(self, sig: int) -> None:
+        if self.process.exitcode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _command_env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def run_rqae(*args: str, timeout: int = 300, **popen_kw) -> subprocess.CompletedProcess:
+    """`rqae ARGS` run to its end (a forked process, see _PRELOAD): its exit status and output.
+    With `subprocess.run` keywords (`preexec_fn=...`), a fresh `python -m rqae_pipeline.cli`."""
+    import tempfile
+
+    if popen_kw:
+        return subprocess.run(rqae_cmd(*args), capture_output=True, text=True, timeout=timeout, env=_command_env(),
+                              cwd=REPO, **popen_kw)
+
+    with tempfile.TemporaryDirectory(prefix="rqae-run-") as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        proc = ForkedRqae(args, _command_env(), REPO, out, err)
+        try:
+            code = proc.wait(timeout)
+        finally:
+            proc.kill()
+        return subprocess.CompletedProcess(["rqae", *args], code, out.read_text(), err.read_text())
 
 
 # Only keeps a wedged child from hanging the suite forever; no test's outcome depends on it.
 HANG_GUARD_S = 900
 
 
-def _sigint_raises_keyboard_interrupt() -> None:
-    # A background job (`pytest &`) starts with SIGINT ignored and its children inherit that;
-    # Python installs its KeyboardInterrupt handler only if SIGINT is not ignored at startup,
-    # so without this a child would never see the Ctrl-C a test sends it.
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def start_rqae(*args: str, stderr: Path) -> subprocess.Popen:
+def start_rqae(*args: str, stderr: Path) -> ForkedRqae:
     """`rqae ARGS` in the background, as a terminal starts it (Ctrl-C raises KeyboardInterrupt
     whatever the test runner's own SIGINT disposition). Its stderr (progress bars included) goes
     to a file, where a pipe nobody reads could fill and stall it."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
-    with open(stderr, "w") as err:
-        return subprocess.Popen(rqae_cmd(*args), cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err,
-                                preexec_fn=_sigint_raises_keyboard_interrupt)
+    return ForkedRqae(args, _command_env(), REPO, Path(os.devnull), stderr)
 
 
 def wait_until(reached: Callable[[], bool], proc: subprocess.Popen, stderr: Path) -> None:

@@ -37,11 +37,15 @@ def wait_for_commit(proc, out, at_least):
     wait_until(lambda: committed_tokens(out) >= at_least, proc, out.parent / f"{out.name}.stderr")
 
 
+REF_TOKENS = 30_720  # whole contexts of 32 tokens (a harvest rounds up to one)
+
+
 @pytest.fixture(scope="module")
 def reference(tiny_lm, tmp_path_factory):
-    """An uninterrupted run that interrupted runs must reproduce exactly."""
+    """An uninterrupted run that interrupted runs must reproduce exactly (REF_TOKENS: ~235
+    shards, each its own commit)."""
     out = tmp_path_factory.mktemp("ref") / "ref.zarr"
-    harvest(tiny_config(out, tokens=60_000), lm=tiny_lm, progress=False)
+    harvest(tiny_config(out, tokens=REF_TOKENS), lm=tiny_lm, progress=False)
     return store_arrays(out)
 
 
@@ -58,8 +62,8 @@ def assert_same_store(path, reference):
 def test_kill_9_at_several_points_then_resume_equals_uninterrupted_run(tmp_path, reference, tiny_lm):
     out = tmp_path / "killed.zarr"
     kills = []
-    for i, at in enumerate((1, 9_000, 25_000)):
-        proc = start_harvest(out, 60_000, *(["--resume"] if i else []))
+    for i, at in enumerate((1, 4_500, 12_500)):
+        proc = start_harvest(out, REF_TOKENS, *(["--resume"] if i else []))
         wait_for_commit(proc, out, at)
         if i == 2:
             wait_for_new_shard_file(proc, out)  # land mid-shard as well as right after a commit
@@ -67,10 +71,10 @@ def test_kill_9_at_several_points_then_resume_equals_uninterrupted_run(tmp_path,
         proc.wait()
         kills.append(committed_tokens(out))
         assert StoreLock(out).read()  # the dead writer's lock is left behind...
-    assert kills == sorted(kills) and kills[-1] < 60_000
+    assert kills == sorted(kills) and kills[-1] < REF_TOKENS
     # ...and is detected as stale by the resuming writer.
-    result = harvest(tiny_config(out, tokens=60_000, resume=True), lm=tiny_lm, progress=False)
-    assert result.tokens == 60_000 and result.new_tokens == 60_000 - kills[-1]
+    result = harvest(tiny_config(out, tokens=REF_TOKENS, resume=True), lm=tiny_lm, progress=False)
+    assert result.tokens == REF_TOKENS and result.new_tokens == REF_TOKENS - kills[-1]
     assert_same_store(out, reference)
     assert StoreLock(out).read() is None
 
@@ -101,10 +105,10 @@ def test_ctrl_c_commits_whole_batches_and_resume_completes(tmp_path, reference, 
     assert "rerun with --resume" in err.strip().splitlines()[-1]
     n = committed_tokens(out)
     assert n % 64 == 0  # whole batches of 2 contexts x 32 tokens
-    # below the reference's 60k, so resuming to 60k must reproduce it: the Ctrl-C follows the
-    # first commit by one 20 ms poll, and 60k tokens take ~40 s on a loaded 2-core machine
-    assert first <= n < 60_000, (first, n)
-    harvest(tiny_config(out, tokens=60_000, resume=True), lm=tiny_lm, progress=False)
+    # below the reference's 30k, so resuming to 30k must reproduce it: the Ctrl-C follows the
+    # first commit by one 20 ms poll, and 30k tokens take ~20 s on a loaded 2-core machine
+    assert first <= n < REF_TOKENS, (first, n)
+    harvest(tiny_config(out, tokens=REF_TOKENS, resume=True), lm=tiny_lm, progress=False)
     assert_same_store(out, reference)
 
 
@@ -213,7 +217,7 @@ def test_unwritable_output_is_a_clear_error(tmp_path, tiny_lm, out):
 def test_resume_of_a_finished_store_to_more_tokens_extends_it(tmp_path, tiny_lm, reference):
     out = tmp_path / "grow.zarr"
     harvest(tiny_config(out, tokens=9_000), lm=tiny_lm, progress=False)  # ends mid-shard
-    harvest(tiny_config(out, tokens=60_000, resume=True), lm=tiny_lm, progress=False)
+    harvest(tiny_config(out, tokens=REF_TOKENS, resume=True), lm=tiny_lm, progress=False)
     got = store_arrays(out)
     for name in ("tokens", "seq", "pos", "flags"):
         assert np.array_equal(got[name], reference[name]), name
