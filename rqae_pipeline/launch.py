@@ -20,9 +20,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rqae_pipeline import RQAEError
-from rqae_pipeline.train import TrainConfig, train
+
+if TYPE_CHECKING:  # the agent process never trains: it does not import the training stack (~5 s)
+    from rqae_pipeline.train import TrainConfig
 
 EXIT_INTERRUPTED = 130
 
@@ -89,6 +92,8 @@ def _agent_main(nproc: str, config_file: str) -> int:
 
 
 def _rank_main(config_file: str) -> int:
+    from rqae_pipeline.train import train
+
     cfg = pickle.loads(Path(config_file).read_bytes())
     rank = int(os.environ.get("RANK", "0"))
     try:
