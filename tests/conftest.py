@@ -16,6 +16,14 @@ if _WORKERS > 1:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fork_server():
+    """The server the tests' `rqae` commands are forked from (helpers.run_rqae), started first."""
+    from helpers import start_fork_server
+
+    start_fork_server()
+
+
 @pytest.fixture(scope="session")
 def tiny_lm():
     from rqae_pipeline.lm import load_lm

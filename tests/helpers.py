@@ -78,6 +78,16 @@ def _fork_server():
     return ctx
 
 
+def start_fork_server() -> None:
+    """Start the fork server now (conftest, at the session's start): preloaded modules that read
+    the environment at import (huggingface_hub's cache paths) then see the session's, not that of
+    whichever test first runs a command."""
+    import multiprocessing.forkserver
+
+    _fork_server()
+    multiprocessing.forkserver.ensure_running()
+
+
 def _rqae_child(args: list[str], env: dict[str, str], cwd: str, stdout: str, stderr: str) -> None:
     """Run `rqae ARGS` in this forked process as the console script would, then exit with its status."""
     import atexit
@@ -103,7 +113,7 @@ def _rqae_child(args: list[str], env: dict[str, str], cwd: str, stdout: str, std
     try:
         app(args=list(args), prog_name="rqae")
     except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (e.code is not None)
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
         if isinstance(e.code, str):
             sys.stderr.write(e.code + "\n")
     except BaseException:  # as the interpreter reports an uncaught exception
