@@ -158,7 +158,8 @@ class ForkedRqae:
         self.send_signal(signal.SIGKILL)
 
 
-def _command_env() -> dict[str, str]:
+def command_env() -> dict[str, str]:
+    """The environment of every `rqae` command a test starts (forked or a fresh interpreter)."""
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
 
@@ -168,12 +169,12 @@ def run_rqae(*args: str, timeout: int = 300, **popen_kw) -> subprocess.Completed
     import tempfile
 
     if popen_kw:
-        return subprocess.run(rqae_cmd(*args), capture_output=True, text=True, timeout=timeout, env=_command_env(),
+        return subprocess.run(rqae_cmd(*args), capture_output=True, text=True, timeout=timeout, env=command_env(),
                               cwd=REPO, **popen_kw)
 
     with tempfile.TemporaryDirectory(prefix="rqae-run-") as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        proc = ForkedRqae(args, _command_env(), REPO, out, err)
+        proc = ForkedRqae(args, command_env(), REPO, out, err)
         try:
             code = proc.wait(timeout)
         finally:
@@ -189,7 +190,7 @@ def start_rqae(*args: str, stderr: Path) -> ForkedRqae:
     """`rqae ARGS` in the background, as a terminal starts it (Ctrl-C raises KeyboardInterrupt
     whatever the test runner's own SIGINT disposition). Its stderr (progress bars included) goes
     to a file, where a pipe nobody reads could fill and stall it."""
-    return ForkedRqae(args, _command_env(), REPO, Path(os.devnull), stderr)
+    return ForkedRqae(args, command_env(), REPO, Path(os.devnull), stderr)
 
 
 def wait_until(reached: Callable[[], bool], proc: subprocess.Popen, stderr: Path) -> None:

@@ -17,7 +17,7 @@ from rqae_pipeline.models.base import ModelSpec
 from rqae_pipeline.store import ActivationStore
 from rqae_pipeline.train import TrainConfig, train
 
-from helpers import REPO, TINY, rqae_cmd, run_rqae, tiny_config, tree_digest
+from helpers import REPO, TINY, command_env, rqae_cmd, run_rqae, tiny_config, tree_digest
 
 SMALL = ["--model", TINY, "--layer", "1", "--context-length", "32", "--batch-size", "2",
          "--contexts-per-shard", "4", "--contexts-per-chunk", "2", "--tokens", "256"]
@@ -158,7 +158,7 @@ def test_ordinary_documents_pack_exactly_as_before(tmp_path, tiny_lm, context_le
 
 
 def _peak_rss_mb(*args: str) -> float:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    env = command_env()
     proc = subprocess.Popen(rqae_cmd(*args), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     _, status, usage = os.wait4(proc.pid, 0)

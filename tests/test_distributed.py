@@ -24,7 +24,7 @@ from rqae_pipeline.run_dir import CHECKPOINT
 from rqae_pipeline.store import ActivationStore, Flags
 from rqae_pipeline.train import TrainConfig, heldout_split, position_of_step, positioned_batches, train
 
-from helpers import HANG_GUARD_S, REPO, rqae_cmd, run_rqae, tiny_config
+from helpers import HANG_GUARD_S, REPO, command_env, rqae_cmd, run_rqae, tiny_config
 
 BATCH = 128
 
@@ -231,7 +231,7 @@ def test_kill_9_of_the_job_then_resume_ends_where_an_uninterrupted_run_ends(stor
     ref = cfg_for(store_path, tmp_path / "ref", steps=steps, checkpoint_every=7)
     assert run_rqae(*cli_args(ref, 2)).returncode == 0  # the uninterrupted 2-rank run
     cfg = cfg_for(store_path, tmp_path / "run", steps=steps, checkpoint_every=7)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    env = command_env()
     with open(tmp_path / "stderr", "w") as err:  # its own session: killpg reaches launcher and torchrun
         job = subprocess.Popen(rqae_cmd(*cli_args(cfg, 2)), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                stderr=err, start_new_session=True)
@@ -265,7 +265,7 @@ def test_ctrl_c_of_the_job_stops_every_rank_with_one_line_and_status_130(store_p
     paired with a peer's unfinished all_reduce, hung until the launcher's 30 s timeout killed
     it, and printed a rank's gloo traceback."""
     cfg = cfg_for(store_path, tmp_path / "run", steps=100_000, checkpoint_every=7)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    env = command_env()
     with open(tmp_path / "stderr", "w") as err:  # its own group, as a terminal's foreground job
         job = subprocess.Popen(rqae_cmd(*cli_args(cfg, 2)), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                stderr=err, start_new_session=True)

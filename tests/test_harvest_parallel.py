@@ -25,7 +25,7 @@ from rqae_pipeline.harvest import harvest
 from rqae_pipeline.harvest_dask import DaskConfig, harvest_parallel
 from rqae_pipeline.store import ActivationStore, StoreLock
 
-from helpers import HANG_GUARD_S, TINY, run_rqae, start_rqae, store_files, tiny_config, wait_until
+from helpers import HANG_GUARD_S, TINY, command_env, run_rqae, start_rqae, store_files, tiny_config, wait_until
 
 TWO = DaskConfig(workers=2, threads_per_worker=1)
 LONG = 24_000  # tokens: 188 shards of 4 contexts x 32 tokens, long enough to kill something mid-run
@@ -190,7 +190,7 @@ def test_relative_out_is_made_absolute_for_workers_in_another_directory(tmp_path
 
 def test_cli_harvest_with_workers_and_a_relative_out(tmp_path, single):
     # run from tmp_path: --out is relative to the command's directory, not the repository's
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    env = command_env()
     proc = subprocess.run([sys.executable, "-m", "rqae_pipeline.cli", "harvest", *CLI_ARGS, "--tokens", str(SHORT),
                            "--out", "cli.zarr", "--workers", "2"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=HANG_GUARD_S)
