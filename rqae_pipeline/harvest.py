@@ -395,11 +395,13 @@ def forward_batch(lm: LoadedLM, store: ActivationStore, tokens_np: np.ndarray, f
     model, spec = lm.model, store.spec
     tokens = torch.from_numpy(tokens_np).to(model.cfg.device)
     x = hook_residuals(lm, tokens, spec.hook, spec.layer)  # (B, T, d)
-    if not torch.isfinite(x).all():
-        bad = int((~torch.isfinite(x)).any(-1).any(-1).nonzero()[0, 0])
-        raise RQAEError(f"non-finite activations (NaN/inf) at {spec.hook} in context {first_seq + bad}; nothing "
-                        f"from this batch was written")
     acts, scale = store.to_normalised(x, eps)
+    # A NaN or inf anywhere in a row makes its RMS non-finite, and so does a row too large to
+    # square in float32 (whose normalised values would read as zeros): one check of (B, T) scales.
+    if not torch.isfinite(scale).all():
+        bad = int((~torch.isfinite(scale)).any(-1).nonzero()[0, 0])
+        raise RQAEError(f"non-finite activations (NaN/inf, or past float32's range when squared) at {spec.hook} "
+                        f"in context {first_seq + bad}; nothing from this batch was written")
     B, T = tokens.shape
     flags = token_flags(tokens, lm.tokenizer).to(scale.device)
     flags |= outlier_flags(scale, flags, spec.outlier_factor)

@@ -186,6 +186,32 @@ def test_nan_activations_stop_the_harvest_and_keep_committed_rows(tmp_path):
         harvest(tiny_config(tmp_path / "new.zarr", tokens=512), lm=lm, progress=False)
 
 
+def test_residuals_too_large_to_square_stop_the_harvest(tmp_path):
+    """Finite residuals past float32's range when squared (|x| > 1.8e19) have an infinite RMS
+    and would store as rows of zeros: refused like NaN/inf, with no row committed."""
+    lm = load_lm(TINY)
+    with torch.no_grad():
+        lm.model.embed.W_E.mul_(1e20)  # blocks.0.hook_resid_pre is the embedding itself: finite, ~1e20
+    out = tmp_path / "huge.zarr"
+    with pytest.raises(RQAEError, match="non-finite activations .* in context 0;"):
+        harvest(tiny_config(out, tokens=512, hook="blocks.0.hook_resid_pre"), lm=lm, progress=False)
+    assert ActivationStore.open(out).n_tokens == 0
+
+
+def test_float16_overflow_is_refused_not_stored_as_inf():
+    from rqae_pipeline.shard_writer import Batch, encode_batch
+
+    n, d = 4, 8
+    acts = torch.ones(n, d)
+    acts[2, 3] = 7e4  # past float16's 65504
+    batch = Batch(acts=acts, scale=torch.ones(n), tokens=np.zeros(n, np.int32), seq=np.full(n, 5, np.int64),
+                  pos=np.arange(n, dtype=np.int16), flags=np.zeros(n, np.uint8))
+    with pytest.raises(RQAEError, match="activations overflow float16 near context 5"):
+        encode_batch(batch, "float16", None)
+    cols, err = encode_batch(batch, "float32", None)
+    assert err.sse == 0 and err.sumsq == pytest.approx(n * d - 1 + 7e4**2) and err.n == n
+
+
 def _limit_file_size():
     # Files may not grow past 4 KiB: writes of a new shard then fail as on a full disk.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
