@@ -155,6 +155,7 @@ def _one_line(e: BaseException) -> str:
 # made the tokenizer take gigabytes). Documents shorter than this are tokenised whole, so
 # ordinary corpora give exactly the tokens they always did.
 PIECE_CHARS = 1 << 16
+TOKENISE_CHARS = 1 << 20  # text tokenised in one call, at most (plus one piece); 0: a call per piece
 
 
 def text_pieces(text: str, limit: int = PIECE_CHARS) -> Iterator[str]:
@@ -237,35 +238,61 @@ class ContextPacker:
             yield doc_index, text, before, after
             before = after
 
-    def _doc_tokens(self, doc_index: int, text: str) -> Iterator[tuple[list[int], bool]]:
-        """The document's tokens (then EOS) in bounded lists, from the resume offset on;
-        (tokens, whether this is the document's last list)."""
-        skip = self.start.token_offset if doc_index == self.start.doc_index else 0
-        eos = self.tokenizer.eos_token_id
-        pieces = list(text_pieces(text)) if len(text) > PIECE_CHARS else [text]
-        for i, piece in enumerate(pieces):
-            ids = list(self.tokenizer(piece, add_special_tokens=False, verbose=False,
-                                      split_special_tokens=self.spec.literal_special_tokens)["input_ids"])
-            take, skip = ids[skip:], max(0, skip - len(ids))
-            yield take, eos is None and i == len(pieces) - 1
-        if eos is not None:
-            yield [eos][skip:], True
+    def _pieces(self) -> Iterator[tuple[tuple, int, list[int], bool]]:
+        """(the document as `_documents` gives it, piece number, the piece's token ids, whether
+        it is the document's last piece) for each piece of each document, in order. Pieces
+        are read ahead in groups and each group is tokenised in one call, which a fast
+        tokenizer spreads over the machine's cores (see docs/benchmarks.md, `bench/pack.py`).
+        A group holds at most TOKENISE_CHARS characters plus one piece, whatever the size of a
+        document, and the groups grow from 4k characters, so a short harvest or the first
+        context of a long one does not wait on text it will not use."""
+        group, chars, limit = [], 0, min(1 << 12, TOKENISE_CHARS)
+        for doc in self._documents():
+            text = doc[1]
+            pieces = text_pieces(text) if len(text) > PIECE_CHARS else iter([text])
+            piece = next(pieces)
+            for number in itertools.count():
+                following = next(pieces, None)  # a piece ahead: whether this one is the last
+                group.append((doc, number, piece, following is None))
+                chars += len(piece)
+                if chars >= limit:
+                    yield from self._tokenise(group)
+                    group, chars, limit = [], 0, min(2 * limit, TOKENISE_CHARS)
+                if following is None:
+                    break
+                piece = following
+        yield from self._tokenise(group)
+
+    def _tokenise(self, group: list[tuple]) -> Iterator[tuple[tuple, int, list[int], bool]]:
+        if not group:
+            return
+        ids = self.tokenizer([piece for _, _, piece, _ in group], add_special_tokens=False, verbose=False,
+                             split_special_tokens=self.spec.literal_special_tokens)["input_ids"]
+        for (doc, number, _, last), piece_ids in zip(group, ids, strict=True):
+            yield doc, number, list(piece_ids), last
 
     def _contexts(self) -> Iterator[tuple[np.ndarray, CorpusState]]:
-        bos, body = self.tokenizer.bos_token_id, self.body
+        bos, eos, body = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id, self.body
         buf: list[int] = []
         pos = None  # (doc_index, token_offset, stream state) of the next token to cut
         # documents with tokens in buf: [tokens left, has text, fully read, stream state after it]
         docs: list[list] = []
-        seen_any = False
-        for doc_index, text, before, after in self._documents():
-            pos = pos or (self.start.doc_index, self.start.token_offset, before)
-            has_text = bool(text) and not text.isspace()
-            seen_any = seen_any or has_text
-            docs.append([0, has_text, False, after])
-            for ids, last in self._doc_tokens(doc_index, text):
-                buf.extend(ids)
-                docs[-1][0] += len(ids)
+        seen_any, skip = False, 0
+        for (doc_index, text, before, after), number, ids, last_piece in self._pieces():
+            if number == 0:
+                pos = pos or (self.start.doc_index, self.start.token_offset, before)
+                has_text = bool(text) and not text.isspace()
+                seen_any = seen_any or has_text
+                docs.append([0, has_text, False, after])
+                skip = self.start.token_offset if doc_index == self.start.doc_index else 0  # the resume offset
+            # the piece's tokens past the offset, then the document's EOS after its last piece
+            lists = [(ids[skip:], eos is None and last_piece)]
+            skip = max(0, skip - len(ids))
+            if last_piece and eos is not None:
+                lists.append(([eos][skip:], True))
+            for tokens, last in lists:
+                buf.extend(tokens)
+                docs[-1][0] += len(tokens)
                 docs[-1][2] = last
                 while len(buf) >= body:
                     ctx = np.asarray([bos] + buf[:body], dtype=np.int32)

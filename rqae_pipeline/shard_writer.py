@@ -106,8 +106,8 @@ def encode_batch(b: Batch, dtype: StoreDtype, mean: np.ndarray | None) -> tuple[
 def batch_error(x: torch.Tensor, x_hat: torch.Tensor) -> BatchError:
     """float64 sums of float32 terms: each difference and square is rounded once (relative
     6e-8; a value minus its float16 rounding is exact) and the sums over the whole store are
-    float64, so the storage FVU is exact to ~1e-7 however many rows; at a third of the time
-    of doing every step in float64 (it runs on every batch the harvest writes)."""
+    float64, so the storage FVU is exact to ~1e-7 however many rows, without the float64
+    copies of every value (it runs on every batch the harvest writes)."""
     x = x.float()
     diff = x - x_hat.float()
     return BatchError(sse=float(diff.mul_(diff).sum(dtype=torch.float64)),
