@@ -301,6 +301,10 @@ def store_checks(lm, hook, contexts: np.ndarray, runs: dict, tmp: Path) -> dict:
             "f16": storage_fvu(s16.manifest), "f8": storage_fvu(s8.manifest)}
 
 
+def ok(met: bool) -> str:
+    return "yes" if met else "**NO**"
+
+
 def spread(per: list[float]) -> tuple[float, str]:
     """The median of per-round values, and the text 'min–max; per round ...'."""
     return float(np.median(per)), f"{min(per):.3f}–{max(per):.3f}; per round " + ", ".join(f"{x:.3f}" for x in per)
@@ -308,7 +312,6 @@ def spread(per: list[float]) -> tuple[float, str]:
 
 def time_rows(args: argparse.Namespace, n: int, runs: dict) -> list[tuple[str, str, str, str]]:
     harv, sael = runs["harv"], runs["sael"]
-    ok = lambda c: "yes" if c else "**NO**"  # noqa: E731
     rb, rb_each = spread([h["bare"] / h["wall"] for h in harv])
     # sae-lens's time had its forward run at the paired bare forward's speed (same layout):
     # that forward's share of its own run, measured inside it, carries over; drift cancels.
@@ -350,7 +353,6 @@ def time_rows(args: argparse.Namespace, n: int, runs: dict) -> list[tuple[str, s
 
 def store_rows(n: int, m: dict) -> list[tuple[str, str, str, str]]:
     b16, b8, f16, f8, fp32_cache, raw_err = (m[k] for k in ("b16", "b8", "f16", "f8", "fp32_cache", "raw_err"))
-    ok = lambda c: "yes" if c else "**NO**"  # noqa: E731
     rows = [
         ("fp16 store bytes/token / fp32 cache (4·d)", f"**{b16:.3f}** ({b16 * fp32_cache:,.0f} B/token)",
          "<= 0.46", ok(b16 <= 0.46)),
@@ -378,7 +380,7 @@ def compile_rows(args: argparse.Namespace, runs: dict) -> list[tuple[str, str, s
     (sc, sc_each), (hb, hb_each) = ratio("sael_c", "sael"), ratio("harv", "harv_c", "bare")
     return [
         (f"harvest --compile time / sae-lens time with its compile_llm=True (median of {args.repeats} rounds)",
-         f"**{cs:.3f}** ({cs_each})", "<= 0.95", "yes" if cs <= 0.95 else "**NO**"),
+         f"**{cs:.3f}** ({cs_each})", "<= 0.95", ok(cs <= 0.95)),
         ("harvest --compile time / sae-lens time, its defaults", f"{cd:.3f} ({cd_each})", "", ""),
         ("harvest --compile tok/s / paired bare eager forward tok/s of the same round", f"{hb:.3f} ({hb_each})",
          "", ""),
