@@ -347,7 +347,7 @@ def _run(cfg: HarvestConfig, lm: LoadedLM, source: Contexts, store: ActivationSt
     target_contexts = -(-cfg.tokens // R)
     start_tokens = store.n_tokens
     bar = None  # opened after the first batch, so input errors print no half-drawn bar
-    writer = ShardWriter(store, inline=str(lm.model.cfg.device).startswith("cpu"))
+    writer = ShardWriter(store, target_rows=target_contexts * R, inline=str(lm.model.cfg.device).startswith("cpu"))
     writer.start()
     t0, interrupted = time.perf_counter(), False
     try:

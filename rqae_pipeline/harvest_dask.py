@@ -59,7 +59,7 @@ from rqae_pipeline.shard_writer import (
     commit,
     disk_error,
     encode_batch,
-    grow_arrays,
+    reserve_to,
     write_shard,
 )
 from rqae_pipeline.store import ActivationStore
@@ -149,7 +149,7 @@ def harvest_shard(job: WorkerModel, store_path: Location, task: ShardTask,
             errors.append(err)
     except RQAEError as e:
         return ShardFailed(task.index, str(e))
-    return ShardDone(task.index, write_shard(store, task.start_row, pieces, grow=False), errors)
+    return ShardDone(task.index, write_shard(store, task.start_row, pieces, grow_to=None), errors)
 
 
 # --------------------------------------------------------------------------- client side
@@ -172,10 +172,10 @@ def harvest_parallel(cfg: HarvestConfig, cluster: DaskConfig, *, client=None, pr
             source = record_forward_error(store, source, cfg.tokens, lambda tokens: c.submit(
                 forward_error, job, store.path, tokens, pure=False).result())
             result = _run_parallel(cfg, c, job, store, source, progress=progress)
-        if result.interrupted:  # the cluster is closed: no worker of it writes any more
-            store.truncate_to_committed()
-        else:  # every shard is written: what is left unfinished is a killed worker's
-            store.drop_unfinished_writes()
+        # Interrupted, the cluster is closed: no worker of it writes any more; finished, every
+        # shard is written. Rows reserved or written past the commit and a killed worker's
+        # unfinished writes go.
+        store.truncate_to_committed()
         return result
     finally:
         if lock is not None:
@@ -235,7 +235,7 @@ def _run_parallel(cfg: HarvestConfig, c, job: WorkerModel, store: ActivationStor
     target_contexts = -(-cfg.tokens // R)
     start_tokens, t0 = store.n_tokens, time.perf_counter()
     run = _Commits(c, job, store, plan_shards(source, Committed.of(store), target_contexts, store.spec),
-                   progress_bar(target_contexts * R, start_tokens, progress))
+                   progress_bar(target_contexts * R, start_tokens, progress), target_rows=target_contexts * R)
     interrupted = False
     try:
         # the corpus ran out when the last shard ends short of the target (recorded in the manifest)
@@ -252,11 +252,12 @@ def _run_parallel(cfg: HarvestConfig, c, job: WorkerModel, store: ActivationStor
 class _Commits:
     """Keeps a bounded window of shard tasks in flight and commits finished shards in order."""
 
-    def __init__(self, c, job: WorkerModel, store: ActivationStore, plan: Iterator, bar):
+    def __init__(self, c, job: WorkerModel, store: ActivationStore, plan: Iterator, bar, *, target_rows: int):
         from dask.distributed import as_completed
 
         self.c, self.job, self.store, self.plan, self.bar = c, job, store, plan, bar
         self.at = Committed.of(store)  # the last commit
+        self.target_rows, self.reserved = target_rows, 0  # the rows the arrays are sized to, once known
         self.error = StorageError.from_manifest(store.manifest)
         self.window = 2 * max(1, sum(c.nthreads().values())) + 1  # shards submitted but not committed
         self.order: deque[int] = deque()  # submitted shards, in store order
@@ -283,8 +284,11 @@ class _Commits:
                 done = self._result(future)
                 with shield.writing():
                     self.finished[done.index] = done
+                    ready = []
                     while self.order and self.order[0] in self.finished:
-                        self._commit(self.order.popleft())
+                        ready.append(self.order.popleft())
+                    if ready:  # the longest finished prefix, in one commit
+                        self._commit(ready)
                     self._submit()
             with shield.writing():
                 self.exhausted = exhausted(self.at)
@@ -302,7 +306,9 @@ class _Commits:
             if self.store.spec.dtype == "fp8" and self.mean is None and self.mean_future is None:
                 self.mean_future = self.c.submit(first_batch_mean, self.job, self.store.path,
                                                  task.tokens[:self.store.spec.batch_contexts], pure=False)
-            grow_arrays(self.store, after.tokens)  # before the task exists: workers never resize
+            if after.tokens > self.reserved:  # before the task exists: workers never resize
+                self.reserved = reserve_to(self.store.spec, after.tokens, self.target_rows)
+                self.store.reserve_rows(self.reserved)
             mean = self.mean if self.mean is not None else self.mean_future
             future = self.c.submit(harvest_shard, self.job, self.store.path, task, mean, pure=False,
                                    retries=TASK_RETRIES)
@@ -324,12 +330,13 @@ class _Commits:
             raise RQAEError(done.message)
         return done
 
-    def _commit(self, index: int) -> None:
-        done = self.finished.pop(index)
-        del self.futures[index]
-        for err in done.errors:
-            self.error.add(err)
-        before, self.at = self.at.tokens, self.after.pop(index)
+    def _commit(self, indices: list[int]) -> None:
+        before = self.at.tokens
+        for index in indices:  # in store order, so the error sums are the single process's bits
+            for err in self.finished.pop(index).errors:
+                self.error.add(err)
+            del self.futures[index]
+            self.at = self.after.pop(index)
         commit(self.store, self.at, self.error, complete=False, exhausted=None)
         self.bar.update(self.at.tokens - before)
 

@@ -20,7 +20,7 @@ import torch
 from rqae_pipeline import RQAEError
 from rqae_pipeline.codec import StoreDtype, decode_acts, encode_acts
 from rqae_pipeline.corpus import CorpusState
-from rqae_pipeline.store import ROW_ARRAYS, ActivationStore, Flags
+from rqae_pipeline.store import ActivationStore, Flags
 
 
 @dataclass
@@ -115,28 +115,27 @@ def batch_error(x: torch.Tensor, x_hat: torch.Tensor) -> BatchError:
                       n=len(x))
 
 
+# Arrays are grown this many shards ahead of the writes (never past the harvest's target), not
+# shard by shard: each growth rewrites every row array's metadata, two round trips an array on
+# an object store, and the dask client, which grows them for its workers, did it in series:
+# 262 ms a shard on the S3 test server (bench/client.py). The reserve is cut back at the end.
+RESERVE_SHARDS = 64
+
+
+def reserve_to(spec, stop: int, target_rows: int) -> int:
+    """The rows to size the arrays to when a write needs rows up to `stop`."""
+    return max(stop, min(stop + RESERVE_SHARDS * spec.shard_rows, target_rows))
+
+
 def write_shard(store: ActivationStore, start: int, pieces: list[dict[str, np.ndarray]], *,
-                grow: bool = True) -> int:
+                grow_to: int | None) -> int:
     """Write the encoded pieces (at most one shard, in order) at rows [start, ...) in one
-    write per array; returns the rows written. `grow=False` (a dask worker): the arrays must
-    already reach that far, so a worker never rewrites array metadata under other writers."""
+    write per array; returns the rows written. Arrays too short are grown to `grow_to` rows;
+    None (a dask worker): the arrays must already reach that far, so a worker never rewrites
+    array metadata under other writers."""
     cols = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
-    stop = start + len(cols["scale"])
-    if not grow:
-        short = [name for name in cols if store.group[name].shape[0] < stop]
-        if short:
-            raise RQAEError(f"store {store.path}: array {short[0]} ends before row {stop}; its client did not "
-                            f"size it for this shard")
-    store.write_rows(start, cols)
-    return stop - start
-
-
-def grow_arrays(store: ActivationStore, rows: int) -> None:
-    """Make every row array at least `rows` long (metadata only; no chunk is written)."""
-    for name in ROW_ARRAYS + (("row_scale",) if store.spec.dtype == "fp8" else ()):
-        arr = store.group[name]
-        if arr.shape[0] < rows:
-            arr.resize((rows,) + arr.shape[1:])
+    store.write_rows(start, cols, grow_to=grow_to or 0, grow=grow_to is not None)
+    return len(cols["scale"])
 
 
 def commit(store: ActivationStore, to: Committed, error: StorageError, *, complete: bool,
@@ -167,9 +166,9 @@ class ShardWriter(threading.Thread):
     removed). With a GPU forward the cores are free, and the thread overlaps the writes
     with the GPU."""
 
-    def __init__(self, store: ActivationStore, *, inline: bool = False):
+    def __init__(self, store: ActivationStore, *, target_rows: int, inline: bool = False):
         super().__init__(daemon=True, name="rqae-shard-writer")
-        self.inline = inline
+        self.inline, self.target_rows = inline, target_rows
         self.shield = InterruptShield()  # the inline writer's commits are not cut by Ctrl-C
         self.store, self.spec = store, store.spec
         self.queue: queue.Queue = queue.Queue(maxsize=4)
@@ -225,7 +224,8 @@ class ShardWriter(threading.Thread):
             raise disk_error(e) from e
 
     def finish(self, *, complete: bool) -> None:
-        """Drain the queue, write the partial last shard, commit. Raises the writer's error."""
+        """Drain the queue, write the partial last shard, commit, and cut the arrays back to
+        the commit (their reserve). Raises the writer's error."""
         if not self.inline:
             self.put(None)
             self.join()
@@ -236,6 +236,7 @@ class ShardWriter(threading.Thread):
                 self._flush(complete=complete)
             elif complete:
                 self._commit(complete=True)
+            self.store.shrink_to_committed()
 
     def abort(self) -> None:
         """Stop after the shards already queued; the uncommitted tail is left for --resume to drop."""
@@ -261,7 +262,9 @@ class ShardWriter(threading.Thread):
 
     def _flush(self, complete: bool = False) -> None:
         # batches never cross a shard boundary, so this is at most one shard
-        take = write_shard(self.store, self.shard_start, self.pending)
+        stop = self.shard_start + self.pending_rows
+        take = write_shard(self.store, self.shard_start, self.pending,
+                           grow_to=reserve_to(self.spec, stop, self.target_rows))
         self.state = Committed(self.shard_start + take, self.pending_contexts, self.pending_state)
         self._commit(complete=complete)
         if take == self.spec.shard_rows:

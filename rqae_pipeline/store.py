@@ -80,6 +80,7 @@ class ActivationStore:
         self.manifest = manifest
         self.spec = StoreSpec(**manifest["spec"])
         self._arrays: dict = {}  # zarr arrays opened for reading (`_array`)
+        self._writable: dict = {}  # zarr AsyncArrays opened for writing, kept between writes (`_for_writing`)
 
     # ------------------------------------------------------------------ opening
 
@@ -230,28 +231,56 @@ class ActivationStore:
 
     # ------------------------------------------------------------------ writing
 
-    def write_rows(self, start: int, cols: dict[str, np.ndarray]) -> None:
-        """Write encoded columns at rows [start, start + n); grows arrays as needed. Not a commit."""
+    def write_rows(self, start: int, cols: dict[str, np.ndarray], *, grow_to: int = 0, grow: bool = True) -> None:
+        """Write encoded columns at rows [start, start + n). An array too short for them is first
+        grown to max(start + n, grow_to) rows; `grow=False` (a dask worker, whose client sized
+        the arrays) refuses instead, so a worker never rewrites metadata under other writers.
+        Not a commit."""
         stop = start + len(cols["scale"])
         self._arrays.clear()  # the arrays grow: reopen them for the next read
 
         async def write(name: str, data: np.ndarray) -> None:
+            arr = await self._for_writing(name, stop, max(stop, grow_to) if grow else None)
+            await arr.setitem(slice(start, stop), data)
+
+        # The columns go out together (on an object store their requests overlap rather than
+        # wait on each other's round trips).
+        self._all_at_once(write(k, v) for k, v in cols.items())
+
+    def reserve_rows(self, rows: int) -> None:
+        """Make every row array at least `rows` long, all at once (metadata only: no shard is
+        written). Rows past the commit are invisible to readers and cut by the next resume."""
+        self._all_at_once(self._for_writing(name, rows, rows) for name in row_arrays(self.spec))
+
+    async def _for_writing(self, name: str, rows: int, grow_to: int | None) -> AsyncArray:
+        """Array `name` opened for writing, at least `rows` long: grown to `grow_to` rows when
+        shorter (None: an RQAEError). Kept open between writes; opening parses its metadata,
+        which on an object store is a round trip."""
+        arr = self._writable.get(name)
+        if arr is None or arr.shape[0] < rows:  # not open yet, or another process (a dask client) grew it
             arr = await AsyncArray.open(self.group.store_path / name)
             # Write every shard, all-zero ones too (zarr skips those by default), so that a
             # missing shard file always means damage (see integrity.py).
             arr = arr.with_config({"write_empty_chunks": True})
-            if arr.shape[0] < stop:
-                await arr.resize((stop,) + arr.shape[1:])
-            await arr.setitem(slice(start, stop), data)
+        if arr.shape[0] < rows:
+            if grow_to is None:
+                raise RQAEError(f"store {self.path}: array {name} ends before row {rows}; its client did not "
+                                f"size it for this shard")
+            await arr.resize((grow_to,) + arr.shape[1:])
+        self._writable[name] = arr
+        return arr
 
-        async def write_all() -> list:
-            # The columns go out together (on an object store their requests overlap rather
-            # than wait on each other's round trips); every column's write ends, failed or not.
-            return await asyncio.gather(*(write(k, v) for k, v in cols.items()), return_exceptions=True)
+    @staticmethod
+    def _all_at_once(coroutines) -> None:
+        """Run zarr coroutines together; every one ends, failed or not, before the first
+        failure is raised (none runs on behind the caller)."""
 
-        failed = [e for e in sync(write_all()) if isinstance(e, BaseException)]
+        async def gather() -> list:
+            return await asyncio.gather(*coroutines, return_exceptions=True)
+
+        failed = [e for e in sync(gather()) if isinstance(e, BaseException)]
         if failed:
-            drain_zarr_tasks()  # a failed column's sibling chunk writes, so none runs on behind us
+            drain_zarr_tasks()  # a failed column's sibling chunk writes
             raise failed[0]
 
     def set_array(self, name: str, data: np.ndarray) -> None:
@@ -277,13 +306,19 @@ class ActivationStore:
     def truncate_to_committed(self) -> None:
         """Drop rows past the last commit, and unfinished shard writes (left by an interrupted
         writer or a killed worker)."""
+        self.shrink_to_committed()
+        self.drop_unfinished_writes()
+
+    def shrink_to_committed(self) -> None:
+        """Cut the row arrays back to the committed rows: rows reserved or written past the
+        last commit, and their shard files, are dropped."""
         n = self.n_tokens
         self._arrays.clear()
+        self._writable.clear()
         for name in row_arrays(self.spec):
             arr = self.group[name]
             if arr.shape[0] != n:
                 arr.resize((n,) + arr.shape[1:])
-        self.drop_unfinished_writes()
 
     def drop_unfinished_writes(self) -> None:
         """Delete zarr's `<key>.<uuid>.partial` files: a local write goes to one and is renamed
