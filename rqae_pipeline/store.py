@@ -254,10 +254,11 @@ class ActivationStore:
 
     async def _for_writing(self, name: str, rows: int, grow_to: int | None) -> AsyncArray:
         """Array `name` opened for writing, at least `rows` long: grown to `grow_to` rows when
-        shorter (None: an RQAEError). Kept open between writes; opening parses its metadata,
-        which on an object store is a round trip."""
+        shorter (None: an RQAEError). Kept open between writes (opening parses its metadata, a
+        round trip on an object store): only the process holding this object resizes them (a
+        dask worker opens the store afresh for each shard, its client sized it before)."""
         arr = self._writable.get(name)
-        if arr is None or arr.shape[0] < rows:  # not open yet, or another process (a dask client) grew it
+        if arr is None:
             arr = await AsyncArray.open(self.group.store_path / name)
             # Write every shard, all-zero ones too (zarr skips those by default), so that a
             # missing shard file always means damage (see integrity.py).

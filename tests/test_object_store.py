@@ -107,6 +107,9 @@ def test_harvest_kill_9_and_resume_on_the_bucket_equal_the_local_store(s3, local
     proc = harvest_killed_after_a_commit(f"s3://{key}", lambda: committed_tokens(s3, key), tmp_path)
     killed_at = committed_tokens(s3, key)
     assert 0 < killed_at < TOKENS
+    # The arrays were sized once, to the whole target, not grown shard by shard (each growth
+    # rewrites every array's metadata object); the resume cuts the reserve back.
+    assert ActivationStore.open(f"s3://{key}").group["acts"].shape[0] == TOKENS
     assert StoreLock(f"s3://{key}").read()["pid"] == proc.pid  # the dead writer's lock object is left...
     r = run_rqae("harvest", *HARVEST_ARGS, "--out", f"s3://{key}", "--resume")
     assert r.returncode == 0, r.stderr
