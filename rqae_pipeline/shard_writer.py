@@ -134,7 +134,7 @@ def write_shard(store: ActivationStore, start: int, pieces: list[dict[str, np.nd
     None (a dask worker): the arrays must already reach that far, so a worker never rewrites
     array metadata under other writers."""
     cols = {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
-    store.write_rows(start, cols, grow_to=grow_to or 0, grow=grow_to is not None)
+    store.write_rows(start, cols, grow_to=grow_to)
     return len(cols["scale"])
 
 
