@@ -14,7 +14,7 @@ client makes; rounds interleave the ways (every other round reversed), and each 
 the median of per-round ratios, with min / max. The figure is the store work alone: the
 client's packing (bench/pack.py) and dask's own scheduling come on top.
 
-    python bench/client.py                # 200 shards, 5 rounds, local and s3 (~3 min)
+    python bench/client.py                # 200 shards, 5 rounds, local and s3 (~8 min)
     python bench/client.py --shards 40 --rounds 2        # smoke run
 """
 

@@ -14,7 +14,7 @@ import pytest
 from rqae_pipeline.corpus import CorpusState, iter_contexts, parse_corpus
 from rqae_pipeline.harvest import harvest
 from rqae_pipeline.models.base import ModelSpec
-from rqae_pipeline.store import ActivationStore
+from rqae_pipeline.store import ROW_ARRAYS, ActivationStore
 from rqae_pipeline.train import TrainConfig, train
 
 from helpers import REPO, TINY, command_env, rqae_cmd, run_rqae, tiny_config, tree_digest
@@ -112,6 +112,8 @@ def test_corpus_that_runs_out_exits_3_and_the_store_says_so(tmp_path):
     assert "Traceback" not in r.stderr and "the corpus ran out" in r.stderr
     store = ActivationStore.open(out)
     assert 0 < store.n_tokens < 1024 and store.manifest["corpus_exhausted"] == {"requested_tokens": 1024}
+    # the arrays were sized for the 1,024 tokens asked for, then cut back to what was committed
+    assert all(store.group[name].shape[0] == store.n_tokens for name in ROW_ARRAYS)
     shown = run_rqae("inspect", str(out))
     assert shown.returncode == 0 and "ran out before the 1,024 tokens" in shown.stdout
 
