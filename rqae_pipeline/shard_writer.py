@@ -118,7 +118,7 @@ def batch_error(x: torch.Tensor, x_hat: torch.Tensor) -> BatchError:
 # Arrays are grown this many shards ahead of the writes (never past the harvest's target), not
 # shard by shard: each growth rewrites every row array's metadata, two round trips an array on
 # an object store, and the dask client, which grows them for its workers, did it in series:
-# 262 ms a shard on the S3 test server (bench/client.py). The reserve is cut back at the end.
+# ~255 ms a shard on the S3 test server (bench/client.py). The reserve is cut back at the end.
 RESERVE_SHARDS = 64
 
 
