@@ -116,10 +116,11 @@ class ShardFailed:
 
 # --------------------------------------------------------------------------- worker side
 
-def describe_model(job: WorkerModel, cfg: HarvestConfig) -> tuple[ModelFacts, object]:
-    """What the client needs to make the store and pack contexts: the model's facts and its tokenizer."""
+def describe_model(job: WorkerModel, cfg: HarvestConfig, with_tokenizer: bool) -> tuple[ModelFacts, object | None]:
+    """What the client needs to make the store and pack contexts: the model's facts and, unless
+    the client holds it already, its tokenizer."""
     lm = worker_lm(job)
-    return model_facts(cfg, lm), lm.tokenizer
+    return model_facts(cfg, lm), lm.tokenizer if with_tokenizer else None
 
 
 def first_batch_mean(job: WorkerModel, store_path: Location, tokens: np.ndarray) -> np.ndarray:
@@ -166,7 +167,7 @@ def harvest_parallel(cfg: HarvestConfig, cluster: DaskConfig, *, client=None, pr
             job = WorkerModel(model=cfg.model, dtype=cfg.model_dtype, device=cfg.device,
                               spread_gpus=not cluster.scheduler, torch_threads=_torch_threads(cluster),
                               compiled_batch=compiled_batch(cfg))
-            facts, tokenizer = c.submit(describe_model, job, cfg, pure=False).result()
+            facts, tokenizer = _describe(c, job, cfg)
             spec, source, planned = plan_harvest(cfg, facts, tokenizer, notice)
             store, lock = open_store_for_writing(cfg, spec, facts, planned)
             source = record_forward_error(store, source, cfg.tokens, lambda tokens: c.submit(
@@ -180,6 +181,20 @@ def harvest_parallel(cfg: HarvestConfig, cluster: DaskConfig, *, client=None, pr
     finally:
         if lock is not None:
             lock.release()
+
+
+# The tokenizers the client packs with, by model name, kept for the process as each worker
+# keeps its model: a large one is costly to send (Gemma-3's pickles to 28 MB, ~4 CPU-seconds
+# to dump and load on 2 cores, the length of two shards), so it comes once, not every harvest.
+_CLIENT_TOKENIZERS: dict[str, object] = {}
+
+
+def _describe(client, job: WorkerModel, cfg: HarvestConfig) -> tuple[ModelFacts, object]:
+    kept = _CLIENT_TOKENIZERS.get(cfg.model)
+    facts, sent = client.submit(describe_model, job, cfg, kept is None, pure=False).result()
+    if kept is None:
+        kept = _CLIENT_TOKENIZERS[cfg.model] = sent
+    return facts, kept
 
 
 def _for_workers(out) -> Location:

@@ -58,13 +58,16 @@ def local_cluster(workers: int):
     dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, so glibc hands every
     freed block above 64 kB back to the OS; torch's per-batch temporaries are then mapped
     and page-faulted anew each batch, which measured 2.3x the CPU time of the same task in
-    this process (bench/eval.py). The workers here keep glibc's default instead."""
+    this process (bench/eval.py). The workers here keep glibc's default instead. Nor do they
+    run dask's statistical profiler (a stack sample of the task thread every 10 ms, ~1% of a
+    core): its only reader is the dashboard, which this cluster does not serve."""
     import dask.config
     from dask.distributed import LocalCluster
 
     environ = {k: v for k, v in dask.config.get("distributed.nanny.pre-spawn-environ").items()
                if k != "MALLOC_TRIM_THRESHOLD_"}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ,
+                          "distributed.worker.profile.enabled": False}):
         # A failing task is re-raised in this process, which prints it as one `error:` line;
         # the workers' own ERROR logs would print its traceback to the same terminal again.
         return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,

@@ -19,7 +19,7 @@ import psutil
 import pytest
 import torch
 
-from rqae_pipeline import RQAEError
+from rqae_pipeline import RQAEError, harvest_dask
 from rqae_pipeline.forward import worker_device
 from rqae_pipeline.harvest import harvest
 from rqae_pipeline.harvest_dask import DaskConfig, harvest_parallel
@@ -95,6 +95,19 @@ def test_two_workers_write_the_single_process_store_byte_for_byte(tmp_path, clie
     forward = ActivationStore.open(out).manifest["forward_error"]
     assert forward["model_dtype"] == SHORT_STORES[name].get("model_dtype", "float32")
     assert forward.get("compiled", False) == SHORT_STORES[name].get("compile", False)
+
+
+def test_the_client_keeps_the_tokenizer_between_harvests(tmp_path, client, single):
+    """A second harvest of one model in the process packs with the tokenizer the first one
+    received (it is not sent again), and its store is still the single process's."""
+    harvest_parallel(tiny_config(tmp_path / "first.zarr", tokens=256, dtype="float16"), TWO, client=client,
+                     progress=False)
+    kept = harvest_dask._CLIENT_TOKENIZERS[TINY]
+    assert kept is not None
+    harvest_parallel(tiny_config(tmp_path / "second.zarr", tokens=SHORT, dtype="float16"), TWO, client=client,
+                     progress=False)
+    assert harvest_dask._CLIENT_TOKENIZERS[TINY] is kept
+    assert_identical(tmp_path / "second.zarr", single / "short-float16")
 
 
 def test_a_worker_killed_mid_run_is_retried_and_the_store_is_unchanged(tmp_path, client, single):
