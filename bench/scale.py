@@ -4,9 +4,9 @@ ratio alike; a target is met when the median meets it).
 
 workers  `harvest_parallel` tok/s on a dask LocalCluster of 2 workers x 1 torch thread / 1
          worker x 1 thread, same settings and tokens. Both clusters stay up for the whole run
-         and each is warmed once (the model loads on every worker), so the timings are of the
-         harvest alone. The first round checks the two stores are byte-identical (the
-         manifest's creation time aside). Target >= 1.6.
+         and each is warmed once (the model loads on every worker, the client receives its
+         tokenizer), so the timings are of the harvest alone. The first round checks the two
+         stores are byte-identical (the manifest's creation time aside). Target >= 1.6.
 s3       `harvest` tok/s into `s3://` on a real S3-protocol server (moto's ThreadedMotoServer,
          in this process, reached through s3fs by the AWS endpoint environment variables, as
          tests/test_object_store.py does) / into a local temporary folder, same settings and
@@ -333,8 +333,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--tokens", type=int, default=8192,
                     help="tokens per harvest (s3); committed tokens of the 1x store (resume)")
     ap.add_argument("--worker-tokens", type=int, default=32768,
-                    help="tokens per harvest of the workers section (~45 s for 1 worker: a harvest's fixed "
-                         "start and finish, ~0.5 s, weigh on a short one)")
+                    help="tokens per harvest of the workers section (45-100 s for 1 worker on 2 cores: a "
+                         "harvest's fixed start and finish weigh on a short one)")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--context-length", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
