@@ -12,6 +12,7 @@ zarr; the error is turned into one line naming the store, the array and the shar
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterable
 
 import numpy as np
@@ -61,13 +62,19 @@ def unusable_shards(root: Location, arr, name: str, shards: Iterable[int]) -> di
     index)."""
     if may_omit_shards(arr, name):
         return {}
+    return {key: "missing" if size is None else "empty"
+            for key, size in shard_sizes(root, arr, name, shards).items() if not size}
+
+
+def shard_sizes(root: Location, arr, name: str, shards: Iterable[int]) -> dict[str, int | None]:
+    """{key: bytes, None where absent} of the shard files of `shards`, in their order."""
     keys = [shard_key(arr, name, i) for i in shards]
     if is_remote(root) and len(keys) > max(4, listing_pages(arr)):  # fewer requests than one per shard
         listed = sizes_under(root, f"{name}/")
         sizes = [listed.get(key) for key in keys]
     else:
         sizes = file_sizes(root, keys)
-    return {key: "missing" if size is None else "empty" for key, size in zip(keys, sizes, strict=True) if not size}
+    return dict(zip(keys, sizes, strict=True))
 
 
 def missing_shards(root: Location, arr, name: str, shards: Iterable[int]) -> list[str]:
@@ -204,10 +211,14 @@ def damage_error(root: Location, arr, name: str, shards: list[int], first: Excep
     return RQAEError(f"store {root}: reading array {name} failed ({describe(first)})")
 
 
+_DRAINING = threading.Lock()
+
+
 def drain_zarr_tasks() -> None:
     """Wait for the sibling tasks of a zarr read that raised. zarr gathers a read's chunk
     tasks without cancelling the rest when one fails; left pending, they are reported as
-    "Task was destroyed but it is pending!" at exit."""
+    "Task was destroyed but it is pending!" at exit. One thread drains at a time: two drains
+    on zarr's loop at once would each wait for the other."""
     from zarr.core.sync import sync
 
     async def wait_for_others():
@@ -216,6 +227,7 @@ def drain_zarr_tasks() -> None:
         await asyncio.gather(*others, return_exceptions=True)
 
     try:
-        sync(wait_for_others())
+        with _DRAINING:
+            sync(wait_for_others())
     except Exception:  # noqa: BLE001, S110  best effort: the read's own error is the one to report
         pass

@@ -11,6 +11,8 @@ read, which stops at the first bad shard, it lists every one.
 
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,13 +23,14 @@ from rqae_pipeline.integrity import (
     describe,
     drain_zarr_tasks,
     has_chunk_checksums,
+    may_omit_shards,
     shard_key,
     shard_rows,
-    unusable_shards,
+    shard_sizes,
 )
 from rqae_pipeline.store import ROW_ARRAYS, ActivationStore, Flags
 from rqae_pipeline.store_format import array_layout
-from rqae_pipeline.urls import is_file, size_of
+from rqae_pipeline.urls import is_file
 
 EXIT_DAMAGED = 1  # `rqae verify` exit status when any problem is found (2: not a store / usage)
 DEFINED_FLAGS = int(Flags.ANY_SPECIAL | Flags.OUTLIER)
@@ -53,6 +56,11 @@ def _row_arrays(store: ActivationStore) -> tuple[str, ...]:
     return ROW_ARRAYS + (("row_scale",) if store.spec.dtype == "fp8" else ())
 
 
+# Shards whose reads are in flight while one is checked. On an object store every read waits a
+# round trip or more: a shard's arrays are read together, and the next shard's meanwhile.
+READ_AHEAD = 2
+
+
 def verify_store(store: ActivationStore, *, progress: bool = False) -> VerifyReport:
     from tqdm import tqdm
 
@@ -61,12 +69,29 @@ def verify_store(store: ActivationStore, *, progress: bool = False) -> VerifyRep
     report = VerifyReport(path=str(store.path), tokens=n, contexts=store.n_contexts, shards=-(-n // per),
                           arrays=len(names))
     report.problems += _check_manifest(store)
-    names = [name for name in names if _check_array(store, name, report)]
-    report.unchecksummed = [name for name in names if not has_chunk_checksums(store.group[name])]
+    arrays = {name: store.group[name] for name in names if _check_array(store, name, report)}
+    report.unchecksummed = [name for name, arr in arrays.items() if not has_chunk_checksums(arr)]
+    # every shard file's size at once (one listing per array on an object store), not one stat per read
+    sizes = {name: shard_sizes(store.path, arr, name, range(report.shards)) for name, arr in arrays.items()}
     special_bits: set[tuple[int, int]] = set()
-    for i in tqdm(range(report.shards), desc="verify", unit="shard", disable=not progress):
-        cols = {name: _read_shard(store, name, i, report) for name in names}
-        _check_rows(store, i * per, {k: v for k, v in cols.items() if v is not None}, report, special_bits)
+    with ThreadPoolExecutor(max_workers=READ_AHEAD * max(1, len(arrays))) as pool:
+        def submit(i: int) -> dict[str, Future]:
+            return {name: pool.submit(_read_shard, store, arr, name, i, sizes[name]) for name, arr in arrays.items()}
+
+        pending = deque(submit(i) for i in range(min(READ_AHEAD, report.shards)))
+        for i in tqdm(range(report.shards), desc="verify", unit="shard", disable=not progress):
+            reads = pending.popleft()
+            if i + READ_AHEAD < report.shards:
+                pending.append(submit(i + READ_AHEAD))
+            cols = {}
+            for name, read in reads.items():  # problems in shard and array order, whatever finished first
+                data, problem, nbytes = read.result()
+                report.bytes_read += nbytes
+                if problem is None:
+                    cols[name] = data
+                else:
+                    report.problems.append(problem)
+            _check_rows(store, i * per, cols, report, special_bits)
     report.problems += _check_special_bits(special_bits)
     report.problems += _check_vectors(store, report)
     return report
@@ -106,22 +131,19 @@ def _check_array(store: ActivationStore, name: str, report: VerifyReport) -> boo
     return True
 
 
-def _read_shard(store: ActivationStore, name: str, i: int, report: VerifyReport) -> np.ndarray | None:
-    arr, per = store.group[name], store.spec.shard_rows
-    key = shard_key(arr, name, i)
+def _read_shard(store: ActivationStore, arr, name: str, i: int,
+                sizes: dict[str, int | None]) -> tuple[np.ndarray | None, str | None, int]:
+    """Shard `i` of one array: (its rows, None, bytes read), or (None, the problem, 0)."""
+    per, key = store.spec.shard_rows, shard_key(arr, name, i)
     a, b = i * per, min((i + 1) * per, store.n_tokens)
-    unusable = unusable_shards(store.path, arr, name, [i])
-    if unusable:
-        report.problems.append(f"{key}: shard file {unusable[key]} (rows {a:,}-{b - 1:,})")
-        return None
+    size = sizes[key]
+    if not size and not may_omit_shards(arr, name):  # zarr would read it as zeros
+        return None, f"{key}: shard file {'missing' if size is None else 'empty'} (rows {a:,}-{b - 1:,})", 0
     try:
-        data = arr[a:b]
+        return arr[a:b], None, size or 0
     except Exception as e:  # noqa: BLE001  zarr and its codecs raise many types for damaged bytes
         drain_zarr_tasks()
-        report.problems.append(f"{key}: {describe(e)} (rows {a:,}-{b - 1:,})")
-        return None
-    report.bytes_read += size_of(store.path, key)
-    return data
+        return None, f"{key}: {describe(e)} (rows {a:,}-{b - 1:,})", 0
 
 
 def _check_rows(store: ActivationStore, start: int, cols: dict[str, np.ndarray], report: VerifyReport,

@@ -27,9 +27,11 @@ pytest.importorskip("s3fs")
 moto_server = pytest.importorskip("moto.server")
 
 BUCKET = "rqae-test"
-TOKENS = 6144  # 192 contexts of 32 tokens, 48 shards: a kill lands well before the end
+# 192 contexts of 32 tokens in 12 shards: a kill after the first commit lands well before the end.
+# A bucket's cost is per object (moto serves each in ~ms): few shards keep these tests short.
+TOKENS, CONTEXTS_PER_SHARD = 6144, 16
 HARVEST_ARGS = ["--model", TINY, "--layer", "1", "--context-length", "32", "--batch-size", "2",
-                "--contexts-per-shard", "4", "--contexts-per-chunk", "2", "--tokens", str(TOKENS)]
+                "--contexts-per-shard", str(CONTEXTS_PER_SHARD), "--contexts-per-chunk", "2", "--tokens", str(TOKENS)]
 TRAIN_ARGS = ["--n-q", "4", "--batch-size", "256", "--tokens", "4096", "--heldout", "0.25",
               "--checkpoint-every", "1000", "--eval-every", "1000", "--device", "cpu"]
 
@@ -71,7 +73,15 @@ def s3():
 def local_reference(tiny_lm, tmp_path_factory):
     """The same harvest on a local path: what every bucket store must equal."""
     out = tmp_path_factory.mktemp("local") / "ref.zarr"
-    harvest(tiny_config(out, tokens=TOKENS), lm=tiny_lm, progress=False)
+    harvest(tiny_config(out, tokens=TOKENS, contexts_per_shard=CONTEXTS_PER_SHARD), lm=tiny_lm, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reading_store(tiny_lm, tmp_path_factory):
+    """The same tokens in 6 shards of 32 contexts: what the reading commands take."""
+    out = tmp_path_factory.mktemp("reading") / "ref.zarr"
+    harvest(tiny_config(out, tokens=TOKENS, contexts_per_shard=32, contexts_per_chunk=16), lm=tiny_lm, progress=False)
     return out
 
 
@@ -126,11 +136,11 @@ def test_harvest_kill_9_and_resume_on_the_bucket_equal_the_local_store(s3, local
     assert r.exit_code == 0 and f"s3://{key}" in r.stdout
 
 
-def test_train_and_eval_from_the_bucket_equal_the_local_run(s3, local_reference, tmp_path):
+def test_train_and_eval_from_the_bucket_equal_the_local_run(s3, reading_store, tmp_path):
     url = f"s3://{BUCKET}/train.zarr"
-    s3.put(str(local_reference), f"{BUCKET}/train.zarr", recursive=True)
+    s3.put(str(reading_store), f"{BUCKET}/train.zarr", recursive=True)
     results, codes = {}, {}
-    for name, store in {"bucket": url, "local": str(local_reference)}.items():
+    for name, store in {"bucket": url, "local": str(reading_store)}.items():
         run = tmp_path / name
         r = invoke("train", "--store", store, "--out", str(run), *TRAIN_ARGS)
         assert r.exit_code == 0, r.output
@@ -252,7 +262,7 @@ def test_the_cache_directory_is_absolute_whatever_the_environment(monkeypatch, t
 
 
 @pytest.fixture(scope="module")
-def analysis(s3, local_reference, tmp_path_factory):
+def analysis(s3, reading_store, tmp_path_factory):
     """The reference store copied into the bucket, an RQAE trained on it (held-out contexts
     for compare-gemmascope) and a raw-space sae-lens SAE: the inputs every reading command takes."""
     from rqae_pipeline.models.base import ModelSpec
@@ -261,12 +271,12 @@ def analysis(s3, local_reference, tmp_path_factory):
     from helpers import raw_space_sae
 
     root = tmp_path_factory.mktemp("analysis")
-    s3.put(str(local_reference), f"{BUCKET}/analysis/{local_reference.name}", recursive=True)  # same name
+    s3.put(str(reading_store), f"{BUCKET}/analysis/{reading_store.name}", recursive=True)  # same name
     rqae = root / "rqae"
-    train(TrainConfig(store=local_reference, out=rqae, model=ModelSpec(arch="rqae", d_in=64, n_q=4, lr=3e-3),
+    train(TrainConfig(store=reading_store, out=rqae, model=ModelSpec(arch="rqae", d_in=64, n_q=4, lr=3e-3),
                       batch_size=256, tokens=256 * 8, heldout_fraction=0.25), progress=False)
-    sae = raw_space_sae(local_reference, root / "sae", ActivationStore.open(local_reference).spec.hook, d_sae=32)
-    return {"url": f"s3://{BUCKET}/analysis/{local_reference.name}", "local": str(local_reference), "rqae": rqae,
+    sae = raw_space_sae(reading_store, root / "sae", ActivationStore.open(reading_store).spec.hook, d_sae=32)
+    return {"url": f"s3://{BUCKET}/analysis/{reading_store.name}", "local": str(reading_store), "rqae": rqae,
             "sae": sae}
 
 
