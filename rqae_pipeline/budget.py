@@ -3,8 +3,8 @@ bytes, and for each SAE the RQAE prefixes at the same budgets, side by side in b
 
 Bits per token (what one token's code costs to store):
 - RQAE prefix m: m log2(544) (one of 544 codes per layer; `metrics.rqae_bits_per_token`);
-- SAE: L0 (log2(width) + value bits), a latent's index and its value, the value stored at
-  `metrics.SAE_VALUE_BITS` (16) bits (`metrics.sae_bits_per_token`).
+- SAE: log2 C(width, L0) + L0 value bits: which latents fire (an unordered set) and each
+  one's value, stored at `metrics.SAE_VALUE_BITS` (16) bits (`metrics.sae_bits_per_token`).
 Weight bytes: the model's saved tensors at their dtype (`state_dict`); an RQAE prefix m
 needs its first m layers' W_in, b_in, W_out, b_out and the shared rest (the codebook is
 derived, not stored).
@@ -135,6 +135,6 @@ def budget_table(rqae_result: dict, sae_result: dict) -> dict:
         if row["ce_delta"] is not None:
             row["ce_delta_diff_se"] = paired_ce_delta_se(rqae_result, sae_result, row["label"])
     return {"assumptions": {"rqae_bits_per_layer": rqae_bits_per_token(1), "sae_value_bits": SAE_VALUE_BITS,
-                            "sae_bits_per_token": "L0 * (log2(d_sae) + value bits)",
+                            "sae_bits_per_token": "log2 C(d_sae, L0) + L0 * value bits",
                             "weight_bytes": "saved tensors at their dtype; RQAE prefix m: its first m layers"},
             "models": [*rqae, sae], "matched": matched_budgets(rqae, sae)}

@@ -10,8 +10,8 @@ the reports can all use it without an import cycle.
 - Code usage: per-layer counts of an RQAE's codes and their perplexity (exp of the usage
   entropy; n_codes when perfectly uniform).
 - Bootstrap: resampled column sums of per-context values, for standard errors over contexts.
-- Budgets: bits per token of an RQAE prefix (m log2(544)) and of an SAE (L0 (log2 width +
-  value bits)), and a model's weight bytes.
+- Budgets: bits per token of an RQAE prefix (m log2(544)) and of an SAE (log2 C(width, L0)
+  + L0 value bits), and a model's weight bytes.
 - Intensity (blog, "Defining a Feature"): I(t) = sum_i L_i cos(C[q_i], C[t_i]) / sum_i L_i,
   as per-layer lookup tables summed layer by layer in float64, in a fixed order, so a row's
   value has the same bits whatever block it is computed in.
@@ -172,8 +172,17 @@ def rqae_bits_per_token(m: int, n_codes: int = RQAE_CODES) -> float:
 
 
 def sae_bits_per_token(l0: float, d_sae: int, value_bits: int = SAE_VALUE_BITS) -> float:
-    """Bits to store one token's SAE code: L0 (index, log2 width, and value, `value_bits`)."""
-    return l0 * (math.log2(d_sae) + value_bits)
+    """Bits to store one token's SAE code: which L0 of the d_sae latents fire, an unordered set,
+    log2 C(d_sae, L0), and a `value_bits` value for each. (L0 indices of log2(d_sae) bits each
+    would also store their order: log2(L0!) bits more, 296 at L0 = 64, charged to the SAE.)
+    A mean L0 is fractional: C through lgamma. log2 C is concave in L0, so at the mean L0 it
+    is at least the tokens' mean: never less than the SAE's own cost."""
+    if math.isnan(l0):  # not measured
+        return math.nan
+    if not 0 <= l0 <= d_sae:
+        raise RQAEError(f"L0 {l0} is outside [0, {d_sae}] for an SAE of {d_sae} latents")
+    ln_choose = math.lgamma(d_sae + 1) - math.lgamma(l0 + 1) - math.lgamma(d_sae - l0 + 1)
+    return max(ln_choose, 0.0) / math.log(2) + l0 * value_bits
 
 
 def weight_bytes(tensors) -> int:

@@ -4,6 +4,7 @@ import math
 
 import pytest
 
+from rqae_pipeline import RQAEError
 from rqae_pipeline.budget import budget_table
 from rqae_pipeline.metrics import rqae_bits_per_token, sae_bits_per_token
 
@@ -11,9 +12,15 @@ from rqae_pipeline.metrics import rqae_bits_per_token, sae_bits_per_token
 def test_bits_per_token_formulas():
     assert rqae_bits_per_token(1) == pytest.approx(9.087, abs=1e-3)  # log2(544)
     assert rqae_bits_per_token(16) == pytest.approx(16 * math.log2(544))
-    # an SAE: L0 x (index bits + 16-bit value)
-    assert sae_bits_per_token(64, 16384) == pytest.approx(64 * (14 + 16))
-    assert sae_bits_per_token(10.5, 1000, value_bits=8) == pytest.approx(10.5 * (math.log2(1000) + 8))
+    # an SAE: which 64 of 16,384 latents fire (an unordered set), and a 16-bit value each
+    assert sae_bits_per_token(64, 16384) == pytest.approx(math.log2(math.comb(16384, 64)) + 64 * 16)
+    assert sae_bits_per_token(64, 16384) < 64 * (14 + 16) - 290  # not log2(64!) = 296 bits for their order
+    assert sae_bits_per_token(0, 1000) == 0 and sae_bits_per_token(1000, 1000) == pytest.approx(1000 * 16)
+    # a mean L0 between two counts costs between their costs
+    assert sae_bits_per_token(10, 1000, 8) < sae_bits_per_token(10.5, 1000, 8) < sae_bits_per_token(11, 1000, 8)
+    assert math.isnan(sae_bits_per_token(math.nan, 1000))
+    with pytest.raises(RQAEError, match="outside"):
+        sae_bits_per_token(1001, 1000)
 
 
 def result(fvu: dict[str, float], **extra) -> dict:
@@ -24,11 +31,11 @@ def result(fvu: dict[str, float], **extra) -> dict:
 def test_matched_budget_picks_the_rqae_prefix_within_the_sae_budget_and_shows_an_sae_win():
     rqae = result({"rqae@1": 0.5, "rqae@4": 0.2, "rqae@16": 0.05, "rqae@64": 0.01},
                   weight_bytes_per_layer=1000, weight_bytes_shared=10)
-    # L0 2 over 1024 latents: 2 x (10 + 16) = 52 bits/token, between rqae@4 (36.3) and rqae@16 (145.4)
+    # L0 2 over 1024 latents: log2 C(1024, 2) + 2 x 16 = 51.0 bits/token, between rqae@4 (36.3) and rqae@16 (145.4)
     sae = result({"sae": 0.1}, l0=2.0, latents=1024, dead_latents=0, weight_bytes=20_000)
     table = budget_table(rqae, sae)
     bits, weights = table["matched"]
-    assert bits["value"] == pytest.approx(52.0)
+    assert bits["value"] == pytest.approx(math.log2(1024 * 1023 / 2) + 32)
     assert bits["rqae_within"] == "rqae@4" and bits["rqae_nearest"] == "rqae@4"
     assert bits["winner_fvu_normalised"] == "sae" and bits["winner_fvu_raw"] == "sae"  # 0.1 < 0.2: the SAE wins
     # 20,000 bytes hold rqae@16 (16,010) but not rqae@64

@@ -1,6 +1,7 @@
 """`rqae compare-gemmascope`: the report, its numbers and its refusals."""
 
 import json
+import math
 import re
 
 import numpy as np
@@ -57,7 +58,8 @@ def test_report_numbers_are_those_of_evaluate_on_the_rqae_held_out_rows(trained,
     # the budget rows carry what a results table needs
     rows = {r["label"]: r for r in rep["budget"]["models"]}
     assert rows["rqae@8"]["bits_per_token"] == pytest.approx(8 * np.log2(544))
-    assert rows["sae"]["bits_per_token"] == pytest.approx(rep["sae"]["l0"] * (np.log2(96) + 16))
+    l0 = rep["sae"]["l0"]  # TopK: exactly k per token
+    assert rows["sae"]["bits_per_token"] == pytest.approx(np.log2(float(math.comb(96, round(l0)))) + 16 * l0)
     assert rows["rqae@8"]["ce_delta_se"] > 0 and rows["sae"]["kl_se"] > 0 and rows["rqae@2"]["ce_delta"] is None
     assert rows["sae"]["weight_bytes"] == 4 * (2 * 64 * 96 + 96 + 64)  # W_enc, W_dec, b_enc, b_dec in float32
     per_layer, shared = rep["rqae"]["weight_bytes_per_layer"], rep["rqae"]["weight_bytes_shared"]
