@@ -163,18 +163,18 @@ def command_env() -> dict[str, str]:
     return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def run_rqae(*args: str, timeout: int = 300, **popen_kw) -> subprocess.CompletedProcess:
-    """`rqae ARGS` run to its end (a forked process, see _PRELOAD): its exit status and output.
-    With `subprocess.run` keywords (`preexec_fn=...`), a fresh `python -m rqae_pipeline.cli`."""
+def run_rqae(*args: str, timeout: int = 300, cwd: Path = REPO, **popen_kw) -> subprocess.CompletedProcess:
+    """`rqae ARGS` run to its end in `cwd` (a forked process, see _PRELOAD): its exit status and
+    output. With `subprocess.run` keywords (`preexec_fn=...`), a fresh `python -m rqae_pipeline.cli`."""
     import tempfile
 
     if popen_kw:
         return subprocess.run(rqae_cmd(*args), capture_output=True, text=True, timeout=timeout, env=command_env(),
-                              cwd=REPO, **popen_kw)
+                              cwd=cwd, **popen_kw)
 
     with tempfile.TemporaryDirectory(prefix="rqae-run-") as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
-        proc = ForkedRqae(args, command_env(), REPO, out, err)
+        proc = ForkedRqae(args, command_env(), cwd, out, err)
         try:
             code = proc.wait(timeout)
         finally:
@@ -186,11 +186,11 @@ def run_rqae(*args: str, timeout: int = 300, **popen_kw) -> subprocess.Completed
 HANG_GUARD_S = 900
 
 
-def start_rqae(*args: str, stderr: Path) -> ForkedRqae:
-    """`rqae ARGS` in the background, as a terminal starts it (Ctrl-C raises KeyboardInterrupt
-    whatever the test runner's own SIGINT disposition). Its stderr (progress bars included) goes
-    to a file, where a pipe nobody reads could fill and stall it."""
-    return ForkedRqae(args, command_env(), REPO, Path(os.devnull), stderr)
+def start_rqae(*args: str, stderr: Path, cwd: Path = REPO) -> ForkedRqae:
+    """`rqae ARGS` in the background in `cwd`, as a terminal starts it (Ctrl-C raises
+    KeyboardInterrupt whatever the test runner's own SIGINT disposition). Its stderr (progress
+    bars included) goes to a file, where a pipe nobody reads could fill and stall it."""
+    return ForkedRqae(args, command_env(), cwd, Path(os.devnull), stderr)
 
 
 def wait_until(reached: Callable[[], bool], proc: subprocess.Popen, stderr: Path) -> None:

@@ -9,8 +9,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,7 +24,7 @@ from rqae_pipeline.harvest_dask import DaskConfig, harvest_parallel
 from rqae_pipeline.shard_writer import RESERVE_SHARDS
 from rqae_pipeline.store import ActivationStore, StoreLock
 
-from helpers import HANG_GUARD_S, TINY, command_env, run_rqae, start_rqae, store_files, tiny_config, wait_until
+from helpers import HANG_GUARD_S, TINY, run_rqae, start_rqae, store_files, tiny_config, wait_until
 
 TWO = DaskConfig(workers=2, threads_per_worker=1)
 LONG = 12_000  # tokens: 94 shards of 4 contexts x 32 tokens, long enough to kill something mid-run
@@ -160,10 +158,12 @@ def test_client_killed_with_kill_9_resumes_and_redoes_only_uncommitted_shards(tm
 
 
 def test_ctrl_c_on_the_client_keeps_the_finished_prefix_and_resume_completes(tmp_path, client, single):
+    """`rqae harvest --workers 2` run from its own directory with a relative --out, then Ctrl-C;
+    `--resume --scheduler` on the file's cluster (its workers in another directory) completes it."""
     out = tmp_path / "sigint.zarr"
     stderr = tmp_path / "sigint.stderr"
-    proc = start_rqae("harvest", *CLI_ARGS, "--tokens", str(LONG), "--out", str(out), "--workers", "2",
-                      stderr=stderr)
+    proc = start_rqae("harvest", *CLI_ARGS, "--tokens", str(LONG), "--out", out.name, "--workers", "2",
+                      stderr=stderr, cwd=tmp_path)
     try:
         wait_until(lambda: committed_tokens(out) >= 128, proc, stderr)
         proc.send_signal(signal.SIGINT)
@@ -175,8 +175,14 @@ def test_ctrl_c_on_the_client_keeps_the_finished_prefix_and_resume_completes(tmp
     assert 128 <= store.n_tokens < LONG and store.n_tokens % 128 == 0  # whole shards
     assert store.group["acts"].shape[0] == store.n_tokens  # written past the commit: dropped
     assert StoreLock(out).read() is None
-    harvest_parallel(tiny_config(out, tokens=LONG, resume=True), TWO, client=client, progress=False)
+    workers_cwd = set(client.run(os.getcwd).values())
+    assert str(tmp_path) not in workers_cwd  # the relative --out reaches them made absolute
+    r = run_rqae("harvest", *CLI_ARGS, "--tokens", str(LONG), "--out", out.name, "--resume",
+                 "--scheduler", client.scheduler.address, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{LONG:,} tokens committed ({LONG - store.n_tokens:,} new" in r.stdout  # only the missing shards
     assert_identical(out, single / "long")
+    assert not any((Path(d) / out.name).exists() for d in workers_cwd)
 
 
 def closed_port() -> int:
@@ -203,17 +209,6 @@ def test_relative_out_is_made_absolute_for_workers_in_another_directory(tmp_path
     assert result.store == tmp_path / "rel.zarr"
     assert_identical(tmp_path / "rel.zarr", single / "short-float16")
     assert not any((Path(d) / "rel.zarr").exists() for d in workers_cwd)
-
-
-def test_cli_harvest_with_workers_and_a_relative_out(tmp_path, single):
-    # run from tmp_path: --out is relative to the command's directory, not the repository's
-    env = command_env()
-    proc = subprocess.run([sys.executable, "-m", "rqae_pipeline.cli", "harvest", *CLI_ARGS, "--tokens", str(SHORT),
-                           "--out", "cli.zarr", "--workers", "2"], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=HANG_GUARD_S)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "3,008 tokens committed" in proc.stdout
-    assert_identical(tmp_path / "cli.zarr", single / "short-float16")
 
 
 def test_local_workers_spread_over_the_gpus():
