@@ -123,8 +123,9 @@ def _budget_section(budget: dict) -> list[str]:
     sizes = [[m["label"], _num(m["bits_per_token"], ".1f"), f"{m['weight_bytes']:,}"] for m in budget["models"]]
     return ["<h2>Matched budgets</h2>",
             f'<p class="note">Bits per token: an RQAE prefix of m layers stores m &times; log2(544) = m &times; '
-            f'{a["rqae_bits_per_layer"]:.3f} bits; an SAE stores log2 C(width, L0) + L0 &times; {a["sae_value_bits"]} '
-            f'bits (which latents fire, and a {a["sae_value_bits"]}-bit value for each). Weight bytes: saved tensors at '
+            f'{a["rqae_bits_per_layer"]:.3f} bits; an SAE stores log2 C(width, L0) + L0 &times; '
+            f'{a["sae_value_bits"]} bits (which latents fire, and a {a["sae_value_bits"]}-bit value for each). '
+            f'Weight bytes: saved tensors at '
             f'their dtype, an RQAE prefix counting only its first m layers. The RQAE is taken at its largest '
             f'evaluated prefix within the SAE\'s budget; lower FVU wins; a CE-delta difference within 2 standard '
             f'errors of that difference (paired: bootstrapped over the contexts both were measured on) is a '
