@@ -21,6 +21,9 @@ def harvest(
     dataset: Annotated[str, typer.Option(help="'auto', builtin:python-docs, a hub dataset, or local "
                                          ".txt/.jsonl/.parquet files (path or glob).")] = "auto",
     dataset_config: Annotated[str | None, typer.Option(help="Hub dataset config, e.g. sample-10BT.")] = None,
+    dataset_revision: Annotated[str | None, typer.Option(help="Hub dataset branch, tag or commit; default: the "
+                                                         "default branch's commit now, recorded in the store.")
+                                ] = None,
     split: str = "train",
     text_field: Annotated[str, typer.Option(help="Text column of jsonl/parquet/hub rows.")] = "text",
     tokens: Annotated[int, typer.Option(help="Tokens (rows) to have in the store when done.")] = 20_000,
@@ -53,8 +56,9 @@ def harvest(
 
     out = store_location(out)
     cfg = HarvestConfig(
-        out=out, model=model, hook=layer, dataset=dataset, dataset_config=dataset_config, split=split,
-        text_field=text_field, tokens=tokens, context_length=context_length, batch_contexts=batch_size,
+        out=out, model=model, hook=layer, dataset=dataset, dataset_config=dataset_config,
+        dataset_revision=dataset_revision, split=split, text_field=text_field, tokens=tokens,
+        context_length=context_length, batch_contexts=batch_size,
         contexts_per_shard=contexts_per_shard, contexts_per_chunk=contexts_per_chunk, dtype=dtype,
         normalisation=normalisation, skip_bos=skip_bos, device=device, model_dtype=model_dtype, compile=compile,
         resume=resume,

@@ -21,8 +21,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 import numpy as np
@@ -51,6 +51,9 @@ class CorpusSpec:
     # document start mid-context). False: how stores from before this flag were tokenised,
     # which their resumes keep (`harvest.plan_harvest` reads the flag from the store).
     literal_special_tokens: bool = False
+    # A hub dataset's commit (`pin_revision`): a resume reads the same files, whatever the hub
+    # serves by then; a stream position from one commit would index another's files wrongly.
+    revision: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -60,6 +63,8 @@ class CorpusSpec:
             del d["file_identities"]
         if not self.literal_special_tokens:  # a store from before the flag: its dict as it was
             del d["literal_special_tokens"]
+        if self.revision is None:  # local and builtin corpora, and hub stores from before pinning
+            del d["revision"]
         return d
 
     @classmethod
@@ -90,26 +95,51 @@ class CorpusState:
 
 
 def parse_corpus(
-    dataset: str, *, config: str | None = None, split: str = "train", text_field: str = "text"
+    dataset: str, *, config: str | None = None, split: str = "train", text_field: str = "text",
+    revision: str | None = None,
 ) -> CorpusSpec:
-    """Turn the `--dataset` argument into a spec: `builtin:NAME`, a local path/glob, or a hub name."""
+    """Turn the `--dataset` argument into a spec: `builtin:NAME`, a local path/glob, or a hub
+    name (at `revision`: a branch, tag or commit; None, the default branch)."""
+    if revision is not None and (dataset.startswith(BUILTIN_PREFIX) or _looks_local(dataset)):
+        raise RQAEError(f"--dataset-revision is for hub datasets; {dataset!r} is not one")
     if dataset.startswith(BUILTIN_PREFIX):
         name = dataset[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_CORPORA:
             raise RQAEError(f"unknown builtin corpus {name!r}; available: {', '.join(BUILTIN_CORPORA)}")
         return CorpusSpec(kind="builtin", name=dataset, literal_special_tokens=True)
-    looks_local = (
-        os.path.exists(dataset)
-        or any(ch in dataset for ch in "*?[")
-        or os.path.splitext(dataset)[1] in FILE_BUILDERS
-        or dataset.startswith((".", "/", "~"))
-    )
-    if looks_local:
+    if _looks_local(dataset):
         files = expand_files(dataset)
         return CorpusSpec(kind="files", name=dataset, files=files, text_field=text_field,
                           file_identities=tuple(identify(f) for f in files), literal_special_tokens=True)
     return CorpusSpec(kind="hub", name=dataset, config=config, split=split, text_field=text_field,
-                      literal_special_tokens=True)
+                      literal_special_tokens=True, revision=revision)
+
+
+def _looks_local(dataset: str) -> bool:
+    return (os.path.exists(dataset) or any(ch in dataset for ch in "*?[")
+            or os.path.splitext(dataset)[1] in FILE_BUILDERS or dataset.startswith((".", "/", "~")))
+
+
+def pin_revision(spec: CorpusSpec, notice: Callable[[str], None] | None = None) -> CorpusSpec:
+    """A hub corpus at the commit its revision names now (the default branch's when None), so
+    the store records files that stay put. Offline, the hub cannot be asked: the revision stays
+    as given, with a note when none was (the files then are the ones the cache holds)."""
+    if spec.kind != "hub":
+        return spec
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    try:
+        commit = HfApi().dataset_info(spec.name, revision=spec.revision).sha
+    except OfflineModeIsEnabled:
+        if spec.revision is None and notice is not None:
+            notice(f"note: the hub is offline, so the commit of {spec.name!r} is not recorded; pass "
+                   f"--dataset-revision to pin it")
+        return spec
+    except Exception as e:  # noqa: BLE001  huggingface_hub raises many types for "not there" / "no access"
+        raise RQAEError(f"cannot open dataset {spec.name!r}"
+                        f"{f' at revision {spec.revision!r}' if spec.revision else ''}: {_one_line(e)}") from e
+    return replace(spec, revision=commit)
 
 
 def _builtin_documents() -> Iterator[dict]:
@@ -138,7 +168,7 @@ def open_documents(spec: CorpusSpec):
                 raise RQAEError(f"corpus file is missing: {missing[0]}")
             builder = FILE_BUILDERS[os.path.splitext(spec.files[0])[1]]
             return datasets.load_dataset(builder, data_files=list(spec.files), split="train", streaming=True)
-        return datasets.load_dataset(spec.name, spec.config, split=spec.split, streaming=True)
+        return datasets.load_dataset(spec.name, spec.config, split=spec.split, streaming=True, revision=spec.revision)
     except RQAEError:
         raise
     except Exception as e:  # datasets raises many types for "not there" / "offline"

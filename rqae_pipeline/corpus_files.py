@@ -69,8 +69,10 @@ def identify(path: str) -> FileIdentity:
 
 def without_files(corpus: dict) -> dict:
     """A corpus dict without its file list and identities, which `describe_change` compares,
-    and without how special-token text is read: a resume reads that from the store."""
-    return {k: v for k, v in corpus.items() if k not in ("files", "file_identities", "literal_special_tokens")}
+    and without how special-token text is read and the hub commit: a resume reads those from
+    the store."""
+    return {k: v for k, v in corpus.items()
+            if k not in ("files", "file_identities", "literal_special_tokens", "revision")}
 
 
 def describe_change(recorded: dict, current: dict) -> str | None:

@@ -25,7 +25,7 @@ import torch
 
 from rqae_pipeline import RQAEError, __version__
 from rqae_pipeline.codec import STORE_DTYPES, StoreDtype
-from rqae_pipeline.corpus import ContextPacker, CorpusSpec, CorpusState, iter_contexts, parse_corpus
+from rqae_pipeline.corpus import ContextPacker, CorpusSpec, CorpusState, iter_contexts, parse_corpus, pin_revision
 from rqae_pipeline.forward import (
     check_forward_precision,
     cuda_tf32,
@@ -67,6 +67,7 @@ class HarvestConfig:
     hook: str = "auto"  # layer number, full hook name, or "auto" (the model's centre layer)
     dataset: str = DEFAULT_DATASET
     dataset_config: str | None = None
+    dataset_revision: str | None = None  # a hub dataset's branch, tag or commit; None: its default branch
     split: str = "train"
     text_field: str = "text"
     tokens: int = 20_000
@@ -123,7 +124,8 @@ def resolve_corpus(cfg: HarvestConfig, lm_name: str) -> CorpusSpec:
         offline = lm_name == OFFLINE_GEMMA or lm_name.startswith(TINY)
         dataset, config = (("builtin:python-docs", None) if offline
                            else ("HuggingFaceFW/fineweb-edu", config or "sample-10BT"))
-    return parse_corpus(dataset, config=config, split=cfg.split, text_field=cfg.text_field)
+    return parse_corpus(dataset, config=config, split=cfg.split, text_field=cfg.text_field,
+                        revision=cfg.dataset_revision)
 
 
 @dataclass(frozen=True)
@@ -313,13 +315,28 @@ def plan_harvest(cfg: HarvestConfig, facts: ModelFacts, tokenizer,
     if prior is None and cfg.resume and notice is not None:
         notice(f"note: {cfg.out} holds no store yet; --resume starts a new one")
     committed = prior.manifest["committed"] if prior is not None else {"contexts": 0, "corpus_state": (0, 0)}
-    if prior is not None:  # tokenised as the store's rows were (a store from before a flag keeps its old reading)
-        corpus = replace(corpus, literal_special_tokens=CorpusSpec.from_dict(prior.spec.corpus).literal_special_tokens)
+    if prior is not None:
+        corpus = continued_corpus(corpus, CorpusSpec.from_dict(prior.spec.corpus), str(cfg.out), notice)
+    else:  # a hub corpus read at the commit its revision names now, recorded with the store
+        corpus = pin_revision(corpus, notice)
+        spec = store_spec(cfg, facts, corpus)
     packer = iter_contexts(corpus, tokenizer, context_length=spec.context_length,
                            state=CorpusState(*committed["corpus_state"]))
     want = -(-cfg.tokens // spec.rows_per_context) - committed["contexts"]
     source = _read_ahead(packer, want, fresh=prior is None, name=corpus.name) if want > 0 else iter(())
     return spec, source, (prior.manifest["committed"] if prior is not None else None)
+
+
+def continued_corpus(corpus: CorpusSpec, recorded: CorpusSpec, out: str,
+                     notice: Callable[[str], None] | None) -> CorpusSpec:
+    """`corpus` read as the store's rows were: special-token text as then (a store from before
+    the flag keeps its old reading) and a hub dataset at the commit the store recorded."""
+    if recorded.kind == "hub" and corpus.revision is not None and corpus.revision != recorded.revision:
+        raise RQAEError(f"{out} was read at revision {recorded.revision!r} of {recorded.name!r}, not "
+                        f"{corpus.revision!r}; drop --dataset-revision to continue it, or use a new --out")
+    if recorded.kind == "hub" and recorded.revision is None and notice is not None:
+        notice(f"note: {out} recorded no commit of {recorded.name!r}; the resume reads the hub's files as they are now")
+    return replace(corpus, literal_special_tokens=recorded.literal_special_tokens, revision=recorded.revision)
 
 
 def _read_ahead(packer: ContextPacker, want: int, *, fresh: bool, name: str) -> Contexts:

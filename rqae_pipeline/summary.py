@@ -80,6 +80,8 @@ def harvest_command(store: ActivationStore) -> str:
     parts = [f"--model {spec.model}", f"--hook {spec.hook}", f"--dataset {_quoted(corpus['name'])}"]
     if corpus.get("config"):
         parts.append(f"--dataset-config {corpus['config']}")
+    if corpus.get("revision"):
+        parts.append(f"--dataset-revision {corpus['revision']}")
     if corpus["kind"] == "hub":
         parts.append(f"--split {corpus.get('split', 'train')}")
     if corpus.get("text_field", "text") != "text":

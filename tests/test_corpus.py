@@ -103,6 +103,58 @@ def test_hub_dataset_that_cannot_be_reached_is_one_clear_error(tiny_lm):
         take(spec, tiny_lm.tokenizer, n=1, context_length=8)
 
 
+def test_a_hub_corpus_records_its_revision_and_stores_before_it_read_as_they_were(local_files):
+    pinned = parse_corpus("HuggingFaceFW/fineweb-edu", config="sample-10BT", revision="a1b2c3")
+    assert pinned.to_dict()["revision"] == "a1b2c3" and CorpusSpec.from_dict(pinned.to_dict()) == pinned
+    unpinned = parse_corpus("HuggingFaceFW/fineweb-edu", config="sample-10BT")
+    assert "revision" not in unpinned.to_dict()  # the dict a store from before pinning holds
+    assert CorpusSpec.from_dict(unpinned.to_dict()).revision is None
+    for local in ("builtin:python-docs", str(local_files / "a.txt")):
+        with pytest.raises(RQAEError, match="--dataset-revision is for hub datasets"):
+            parse_corpus(local, revision="main")
+
+
+def test_offline_the_revision_stays_as_given_and_a_missing_one_is_noted(monkeypatch):
+    """The commit is asked of the hub (HfApi.dataset_info); in offline mode it cannot be."""
+    from huggingface_hub import constants
+
+    from rqae_pipeline.corpus import pin_revision
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import
+    notes = []
+    assert pin_revision(parse_corpus("HuggingFaceFW/fineweb-edu", revision="v1.2.0"), notes.append).revision == "v1.2.0"
+    assert notes == []
+    assert pin_revision(parse_corpus("HuggingFaceFW/fineweb-edu"), notes.append).revision is None
+    assert len(notes) == 1 and "--dataset-revision" in notes[0]
+    local = parse_corpus("builtin:python-docs")
+    assert pin_revision(local, notes.append) is local
+
+
+def test_a_resume_reads_the_hub_commit_its_store_recorded():
+    from rqae_pipeline.harvest import continued_corpus
+
+    recorded = parse_corpus("org/corpus", revision="c0ffee")
+    notes = []
+    # no --dataset-revision on the resume: the store's commit, whatever the hub serves now
+    assert continued_corpus(parse_corpus("org/corpus"), recorded, "s.zarr", notes.append).revision == "c0ffee"
+    assert continued_corpus(parse_corpus("org/corpus", revision="c0ffee"), recorded, "s.zarr", notes.append) == recorded
+    with pytest.raises(RQAEError, match="read at revision 'c0ffee' of 'org/corpus', not 'main'"):
+        continued_corpus(parse_corpus("org/corpus", revision="main"), recorded, "s.zarr", notes.append)
+    assert notes == []
+    # a store from before pinning: resumed as before, with a note that the files may have moved
+    before = parse_corpus("org/corpus")
+    assert continued_corpus(parse_corpus("org/corpus"), before, "s.zarr", notes.append).revision is None
+    assert len(notes) == 1 and "recorded no commit" in notes[0]
+
+
+def test_a_revision_for_a_local_corpus_is_one_error_line(tmp_path):
+    r = run_rqae("harvest", "--model", TINY, "--dataset", "builtin:python-docs", "--dataset-revision", "main",
+                 "--tokens", "64", "--out", str(tmp_path / "s.zarr"))
+    assert r.returncode == 2 and r.stderr.strip() == (
+        "error: --dataset-revision is for hub datasets; 'builtin:python-docs' is not one")
+    assert not (tmp_path / "s.zarr").exists()
+
+
 def test_state_is_a_plain_position(tiny_lm, local_files):
     spec = parse_corpus(str(local_files / "a.jsonl"))
     states = [s for _, s in take(spec, tiny_lm.tokenizer, context_length=16)]
