@@ -62,8 +62,14 @@ def unusable_shards(root: Location, arr, name: str, shards: Iterable[int]) -> di
     index)."""
     if may_omit_shards(arr, name):
         return {}
-    return {key: "missing" if size is None else "empty"
-            for key, size in shard_sizes(root, arr, name, shards).items() if not size}
+    return unusable_of(arr, name, shard_sizes(root, arr, name, shards))
+
+
+def unusable_of(arr, name: str, sizes: dict[str, int | None]) -> dict[str, str]:
+    """`unusable_shards` of shard files whose sizes are known (`shard_sizes`)."""
+    if may_omit_shards(arr, name):
+        return {}
+    return {key: "missing" if size is None else "empty" for key, size in sizes.items() if not size}
 
 
 def shard_sizes(root: Location, arr, name: str, shards: Iterable[int]) -> dict[str, int | None]:

@@ -23,10 +23,10 @@ from rqae_pipeline.integrity import (
     describe,
     drain_zarr_tasks,
     has_chunk_checksums,
-    may_omit_shards,
     shard_key,
     shard_rows,
     shard_sizes,
+    unusable_of,
 )
 from rqae_pipeline.store import ROW_ARRAYS, ActivationStore, Flags
 from rqae_pipeline.store_format import array_layout
@@ -73,10 +73,12 @@ def verify_store(store: ActivationStore, *, progress: bool = False) -> VerifyRep
     report.unchecksummed = [name for name, arr in arrays.items() if not has_chunk_checksums(arr)]
     # every shard file's size at once (one listing per array on an object store), not one stat per read
     sizes = {name: shard_sizes(store.path, arr, name, range(report.shards)) for name, arr in arrays.items()}
+    unusable = {key: what for name, arr in arrays.items() for key, what in unusable_of(arr, name, sizes[name]).items()}
     special_bits: set[tuple[int, int]] = set()
     with ThreadPoolExecutor(max_workers=READ_AHEAD * max(1, len(arrays))) as pool:
         def submit(i: int) -> dict[str, Future]:
-            return {name: pool.submit(_read_shard, store, arr, name, i, sizes[name]) for name, arr in arrays.items()}
+            return {name: pool.submit(_read_shard, store, arr, name, i, sizes[name], unusable)
+                    for name, arr in arrays.items()}
 
         pending = deque(submit(i) for i in range(min(READ_AHEAD, report.shards)))
         for i in tqdm(range(report.shards), desc="verify", unit="shard", disable=not progress):
@@ -131,16 +133,15 @@ def _check_array(store: ActivationStore, name: str, report: VerifyReport) -> boo
     return True
 
 
-def _read_shard(store: ActivationStore, arr, name: str, i: int,
-                sizes: dict[str, int | None]) -> tuple[np.ndarray | None, str | None, int]:
+def _read_shard(store: ActivationStore, arr, name: str, i: int, sizes: dict[str, int | None],
+                unusable: dict[str, str]) -> tuple[np.ndarray | None, str | None, int]:
     """Shard `i` of one array: (its rows, None, bytes read), or (None, the problem, 0)."""
     per, key = store.spec.shard_rows, shard_key(arr, name, i)
     a, b = i * per, min((i + 1) * per, store.n_tokens)
-    size = sizes[key]
-    if not size and not may_omit_shards(arr, name):  # zarr would read it as zeros
-        return None, f"{key}: shard file {'missing' if size is None else 'empty'} (rows {a:,}-{b - 1:,})", 0
+    if key in unusable:  # zarr would read it as zeros
+        return None, f"{key}: shard file {unusable[key]} (rows {a:,}-{b - 1:,})", 0
     try:
-        return arr[a:b], None, size or 0
+        return arr[a:b], None, sizes[key] or 0
     except Exception as e:  # noqa: BLE001  zarr and its codecs raise many types for damaged bytes
         drain_zarr_tasks()
         return None, f"{key}: {describe(e)} (rows {a:,}-{b - 1:,})", 0
