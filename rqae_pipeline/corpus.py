@@ -142,6 +142,18 @@ def pin_revision(spec: CorpusSpec, notice: Callable[[str], None] | None = None) 
     return replace(spec, revision=commit)
 
 
+def continued_corpus(corpus: CorpusSpec, recorded: CorpusSpec, out: str,
+                     notice: Callable[[str], None] | None) -> CorpusSpec:
+    """`corpus` read as the store's rows were: special-token text as then (a store from before
+    the flag keeps its old reading) and a hub dataset at the commit the store recorded."""
+    if recorded.kind == "hub" and corpus.revision is not None and corpus.revision != recorded.revision:
+        raise RQAEError(f"{out} was read at revision {recorded.revision!r} of {recorded.name!r}, not "
+                        f"{corpus.revision!r}; drop --dataset-revision to continue it, or use a new --out")
+    if recorded.kind == "hub" and recorded.revision is None and notice is not None:
+        notice(f"note: {out} recorded no commit of {recorded.name!r}; the resume reads the hub's files as they are now")
+    return replace(corpus, literal_special_tokens=recorded.literal_special_tokens, revision=recorded.revision)
+
+
 def _builtin_documents() -> Iterator[dict]:
     # The Python language reference: ~465k characters of real English prose that ships
     # with every CPython, so the offline demo and tests need no download.

@@ -25,7 +25,15 @@ import torch
 
 from rqae_pipeline import RQAEError, __version__
 from rqae_pipeline.codec import STORE_DTYPES, StoreDtype
-from rqae_pipeline.corpus import ContextPacker, CorpusSpec, CorpusState, iter_contexts, parse_corpus, pin_revision
+from rqae_pipeline.corpus import (
+    ContextPacker,
+    CorpusSpec,
+    CorpusState,
+    continued_corpus,
+    iter_contexts,
+    parse_corpus,
+    pin_revision,
+)
 from rqae_pipeline.forward import (
     check_forward_precision,
     cuda_tf32,
@@ -325,18 +333,6 @@ def plan_harvest(cfg: HarvestConfig, facts: ModelFacts, tokenizer,
     want = -(-cfg.tokens // spec.rows_per_context) - committed["contexts"]
     source = _read_ahead(packer, want, fresh=prior is None, name=corpus.name) if want > 0 else iter(())
     return spec, source, (prior.manifest["committed"] if prior is not None else None)
-
-
-def continued_corpus(corpus: CorpusSpec, recorded: CorpusSpec, out: str,
-                     notice: Callable[[str], None] | None) -> CorpusSpec:
-    """`corpus` read as the store's rows were: special-token text as then (a store from before
-    the flag keeps its old reading) and a hub dataset at the commit the store recorded."""
-    if recorded.kind == "hub" and corpus.revision is not None and corpus.revision != recorded.revision:
-        raise RQAEError(f"{out} was read at revision {recorded.revision!r} of {recorded.name!r}, not "
-                        f"{corpus.revision!r}; drop --dataset-revision to continue it, or use a new --out")
-    if recorded.kind == "hub" and recorded.revision is None and notice is not None:
-        notice(f"note: {out} recorded no commit of {recorded.name!r}; the resume reads the hub's files as they are now")
-    return replace(corpus, literal_special_tokens=recorded.literal_special_tokens, revision=recorded.revision)
 
 
 def _read_ahead(packer: ContextPacker, want: int, *, fresh: bool, name: str) -> Contexts:

@@ -131,7 +131,7 @@ def test_offline_the_revision_stays_as_given_and_a_missing_one_is_noted(monkeypa
 
 
 def test_a_resume_reads_the_hub_commit_its_store_recorded():
-    from rqae_pipeline.harvest import continued_corpus
+    from rqae_pipeline.corpus import continued_corpus
 
     recorded = parse_corpus("org/corpus", revision="c0ffee")
     notes = []
