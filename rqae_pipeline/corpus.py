@@ -120,26 +120,27 @@ def _looks_local(dataset: str) -> bool:
             or os.path.splitext(dataset)[1] in FILE_BUILDERS or dataset.startswith((".", "/", "~")))
 
 
-def pin_revision(spec: CorpusSpec, notice: Callable[[str], None] | None = None) -> CorpusSpec:
+def pin_revision(spec: CorpusSpec) -> tuple[CorpusSpec, str | None]:
     """A hub corpus at the commit its revision names now (the default branch's when None), so
-    the store records files that stay put. Offline, the hub cannot be asked: the revision stays
-    as given, with a note when none was (the files then are the ones the cache holds)."""
+    the store records files that stay put, and a note for stderr or None. Offline, the hub
+    cannot be asked: the revision stays as given, with a note when none was (the files then
+    are the ones the cache holds; the caller shows it once the corpus has opened)."""
     if spec.kind != "hub":
-        return spec
+        return spec, None
     from huggingface_hub import HfApi
     from huggingface_hub.errors import OfflineModeIsEnabled
 
     try:
         commit = HfApi().dataset_info(spec.name, revision=spec.revision).sha
     except OfflineModeIsEnabled:
-        if spec.revision is None and notice is not None:
-            notice(f"note: the hub is offline, so the commit of {spec.name!r} is not recorded; pass "
-                   f"--dataset-revision to pin it")
-        return spec
+        note = None if spec.revision is not None else (
+            f"note: the hub is offline, so the commit of {spec.name!r} is not recorded; pass --dataset-revision "
+            f"to pin it")
+        return spec, note
     except Exception as e:  # noqa: BLE001  huggingface_hub raises many types for "not there" / "no access"
         raise RQAEError(f"cannot open dataset {spec.name!r}"
                         f"{f' at revision {spec.revision!r}' if spec.revision else ''}: {_one_line(e)}") from e
-    return replace(spec, revision=commit)
+    return replace(spec, revision=commit), None
 
 
 def continued_corpus(corpus: CorpusSpec, recorded: CorpusSpec, out: str,

@@ -323,15 +323,18 @@ def plan_harvest(cfg: HarvestConfig, facts: ModelFacts, tokenizer,
     if prior is None and cfg.resume and notice is not None:
         notice(f"note: {cfg.out} holds no store yet; --resume starts a new one")
     committed = prior.manifest["committed"] if prior is not None else {"contexts": 0, "corpus_state": (0, 0)}
+    note = None
     if prior is not None:
         corpus = continued_corpus(corpus, CorpusSpec.from_dict(prior.spec.corpus), str(cfg.out), notice)
     else:  # a hub corpus read at the commit its revision names now, recorded with the store
-        corpus = pin_revision(corpus, notice)
+        corpus, note = pin_revision(corpus)
         spec = store_spec(cfg, facts, corpus)
     packer = iter_contexts(corpus, tokenizer, context_length=spec.context_length,
                            state=CorpusState(*committed["corpus_state"]))
     want = -(-cfg.tokens // spec.rows_per_context) - committed["contexts"]
     source = _read_ahead(packer, want, fresh=prior is None, name=corpus.name) if want > 0 else iter(())
+    if note is not None and notice is not None:  # the corpus opened: no note beside an error line
+        notice(note)
     return spec, source, (prior.manifest["committed"] if prior is not None else None)
 
 

@@ -121,13 +121,12 @@ def test_offline_the_revision_stays_as_given_and_a_missing_one_is_noted(monkeypa
     from rqae_pipeline.corpus import pin_revision
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # what HF_HUB_OFFLINE=1 sets at import
-    notes = []
-    assert pin_revision(parse_corpus("HuggingFaceFW/fineweb-edu", revision="v1.2.0"), notes.append).revision == "v1.2.0"
-    assert notes == []
-    assert pin_revision(parse_corpus("HuggingFaceFW/fineweb-edu"), notes.append).revision is None
-    assert len(notes) == 1 and "--dataset-revision" in notes[0]
+    given = parse_corpus("HuggingFaceFW/fineweb-edu", revision="v1.2.0")
+    assert pin_revision(given) == (given, None)
+    spec, note = pin_revision(parse_corpus("HuggingFaceFW/fineweb-edu"))
+    assert spec.revision is None and "--dataset-revision" in note
     local = parse_corpus("builtin:python-docs")
-    assert pin_revision(local, notes.append) is local
+    assert pin_revision(local) == (local, None)
 
 
 def test_a_resume_reads_the_hub_commit_its_store_recorded():
