@@ -69,7 +69,7 @@ def verify_store(store: ActivationStore, *, progress: bool = False) -> VerifyRep
     report = VerifyReport(path=str(store.path), tokens=n, contexts=store.n_contexts, shards=-(-n // per),
                           arrays=len(names))
     report.problems += _check_manifest(store)
-    arrays = {name: store.group[name] for name in names if _check_array(store, name, report)}
+    arrays = {name: arr for name in names if (arr := _checked_array(store, name, report)) is not None}
     report.unchecksummed = [name for name, arr in arrays.items() if not has_chunk_checksums(arr)]
     # every shard file's size at once (one listing per array on an object store), not one stat per read
     sizes = {name: shard_sizes(store.path, arr, name, range(report.shards)) for name, arr in arrays.items()}
@@ -106,31 +106,32 @@ def _check_manifest(store: ActivationStore) -> list[str]:
     return []
 
 
-def _check_array(store: ActivationStore, name: str, report: VerifyReport) -> bool:
-    """Shape and dtype of one row array; False when it cannot be read row-aligned at all."""
+def _checked_array(store: ActivationStore, name: str, report: VerifyReport):
+    """One row array, opened once, with its shape and dtype checked; None when it cannot be read
+    row-aligned at all."""
     try:
         arr = store.group[name] if name in store.group else None
     except Exception as e:  # noqa: BLE001  its zarr.json cut short or edited: zarr raises several types
         report.problems.append(f"{name}: array metadata cannot be read ({type(e).__name__})")
-        return False
+        return None
     if arr is None:
         report.problems.append(f"{name}: array missing")
-        return False
+        return None
     want_dtype = array_layout(store.spec)[name][1]  # a float16 array read as float32 rows is another store
     if str(arr.dtype) != want_dtype:
         report.problems.append(f"{name}: dtype {arr.dtype}, the manifest's {store.spec.dtype} store holds {want_dtype}")
-        return False
+        return None
     want_tail = (store.d,) if name == "acts" else ()
     if tuple(arr.shape[1:]) != want_tail:
         report.problems.append(f"{name}: shape {tuple(arr.shape)}, expected (N,{''.join(f' {d}' for d in want_tail)})")
-        return False
+        return None
     if arr.shape[0] < store.n_tokens:
         report.problems.append(f"{name}: {arr.shape[0]:,} rows but the manifest commits {store.n_tokens:,}")
-        return False
+        return None
     if shard_rows(arr) != store.spec.shard_rows:
         report.problems.append(f"{name}: shards of {shard_rows(arr)} rows, the manifest says {store.spec.shard_rows}")
-        return False
-    return True
+        return None
+    return arr
 
 
 def _read_shard(store: ActivationStore, arr, name: str, i: int, sizes: dict[str, int | None],
