@@ -75,6 +75,10 @@ def check_compatible(model, store: ActivationStore, ref: Path | PretrainedSAE, s
     if d_in != store.d:
         raise RQAEError(f"model {ref} has d_in {d_in}, the store has d_model {store.d}")
     _check_trained_on(ref, store)
+    if train_json(ref) is not None and space_of(ref, space) == "raw":
+        # every model trained here read the store's rows: fed raw residuals it gives numbers
+        # of a model it never was
+        raise RQAEError(f"{ref} was trained here on the store's {store.spec.normalisation} rows; drop --space raw")
     if kind_of(model) == "sae":
         _check_sae(model, store, ref, space)
 

@@ -229,15 +229,17 @@ def ce_replacements(model, store: ActivationStore, rows, cfg: EvalConfig
     return raw, replacements
 
 
-def ce_results(cfg: EvalConfig, model, store: ActivationStore, start: int, progress: bool, client) -> dict:
-    """CE-delta and KL with standard errors over the first `cfg.ce_contexts` contexts from row `start`."""
+def ce_results(cfg: EvalConfig, model, store: ActivationStore, rows: tuple[int, int], progress: bool,
+               client) -> dict:
+    """CE-delta and KL with standard errors over the first `cfg.ce_contexts` whole contexts of
+    the evaluated `rows` (never past them: rows after a range may be ones the model trained on)."""
     if cfg.ce_resamples < 2:
         raise RQAEError(f"--ce-resamples must be at least 2 for a standard error, got {cfg.ce_resamples}")
     R = store.spec.rows_per_context
-    first = -(-start // R)  # whole contexts only
-    window = (first, min(store.n_contexts, first + cfg.ce_contexts))
+    first = -(-rows[0] // R)  # whole contexts only
+    window = (first, min(rows[1] // R, first + cfg.ce_contexts))
     if window[1] <= window[0]:
-        raise RQAEError(f"no whole context from row {start} for CE-delta")
+        raise RQAEError(f"no whole context in rows [{rows[0]}, {rows[1]}) for CE-delta")
     per_task = max(1, store.spec.contexts_per_shard // 4)
     tasks = [(str(cfg.store), cfg.model, c, min(c + per_task, window[1]), window, cfg)
              for c in range(window[0], window[1], per_task)]
@@ -315,7 +317,7 @@ def evaluate(cfg: EvalConfig, *, progress: bool = True, client=None) -> dict:
     result = summarise(merge_spaces(parts), model, store.d, rows=(start, stop))
     result["space"] = model_space(cfg)
     if cfg.ce_contexts:
-        result.update(ce_results(cfg, model, store, start, progress, client))
+        result.update(ce_results(cfg, model, store, (start, stop), progress, client))
     return result
 
 

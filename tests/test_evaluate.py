@@ -113,6 +113,9 @@ def test_bad_evaluation_input(trained, tmp_path, tiny_lm):
     assert evaluate(EvalConfig(store=longer, model=runs["rqae"], rows="all"), progress=False)["rows"] == [0, 1024]
     with pytest.raises(RQAEError, match="not a trained model directory"):
         evaluate(EvalConfig(store=store, model=tmp_path), progress=False)
+    for arch in ("rqae", "topk-sae"):  # trained here on the store's rows: raw residuals are not its input
+        with pytest.raises(RQAEError, match="trained here on the store's final-norm rows; drop --space raw"):
+            evaluate(EvalConfig(store=store, model=runs[arch], space="raw"), progress=False)
 
 
 def test_eval_cli_prints_a_table_and_writes_json(trained, tmp_path):
@@ -195,6 +198,17 @@ def test_ce_delta_kl_and_zero_ablation_agree_with_sae_lens_evals(trained, tmp_pa
     kept = ours["zero-ablation-special-kept"]["ce"]
     assert abs(kept - zero) > 1e-3 * abs(zero)
     assert all(ours[label][f"{m}_se"] > 0 for label in ("sae", "zero-ablation") for m in ("ce_delta", "kl"))
+
+
+def test_ce_is_taken_only_on_whole_contexts_inside_the_evaluated_rows(trained):
+    store_path, runs = trained  # 32-token contexts
+    cfg = EvalConfig(store=store_path, model=runs["rqae"], row_range=(6144 + 16, 6144 + 5 * 32), ce_contexts=16)
+    result = evaluate(cfg, progress=False)
+    assert result["rows"] == [6160, 6304] and result["ce_contexts"] == [193, 197]
+    assert len(result["ce_per_context"]["ce_tokens"]) == 4
+    with pytest.raises(RQAEError, match=r"no whole context in rows \[6160, 6180\)"):
+        evaluate(EvalConfig(store=store_path, model=runs["rqae"], row_range=(6160, 6180), ce_contexts=4),
+                 progress=False)
 
 
 def test_ce_from_the_hook_layer_equals_a_full_forward_with_a_hook(trained, monkeypatch):

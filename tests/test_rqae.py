@@ -67,6 +67,20 @@ def test_decode_sums_layer_outputs_and_prefixes_are_partial_sums():
         model.decode(codes, 0)
 
 
+def test_a_callers_bf16_autocast_changes_no_code_and_no_reconstruction():
+    # Codes are argmaxes over close scores: a bf16 GEMM under a caller's autocast picked
+    # other codes for most rows (and the symmetric search's integer keys past 256 broke).
+    model = random_rqae(n_q=40)
+    x = torch.randn(256, 48) * 30
+    with torch.no_grad():
+        codes, naive = model.encode(x), model.encode_naive(x)
+        recons = model.decode(codes)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert torch.equal(model.encode(x), codes)
+            assert torch.equal(model.encode_naive(x), naive)
+            assert torch.equal(model.decode(codes), recons)
+
+
 def test_straight_through_gradients_reach_both_projections():
     model = random_rqae(n_q=8)
     loss, _, _ = model.training_loss(torch.randn(32, 48))

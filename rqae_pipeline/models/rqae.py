@@ -64,6 +64,13 @@ def hypersphere_codebook() -> torch.Tensor:
     return torch.stack(codes).float()
 
 
+def exact_arithmetic(t: torch.Tensor):
+    """Autocast off: codes are argmaxes over nearly equal scores and residuals are differences
+    of nearly equal vectors, so they are computed in the weights' dtype whatever a caller's
+    autocast says (bf16 keys past +-256 are not integers: wrong codes, silently)."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 @dataclass(frozen=True, kw_only=True)
 class RQAEConfig:
     d_in: int
@@ -133,6 +140,10 @@ class RQAE(HookedRootModule):
     @torch.no_grad()
     def encode_naive(self, x: torch.Tensor) -> torch.Tensor:
         """(B, d) -> (B, n_q) int16 codes, the reference loop: n_q passes over (B, d)."""
+        with exact_arithmetic(x):
+            return self._encode_naive(x)
+
+    def _encode_naive(self, x: torch.Tensor) -> torch.Tensor:
         r = x.to(self.W_in.dtype) / self.input_scale
         codes = torch.empty(x.shape[0], self.n_q, dtype=torch.int16, device=x.device)
         for i in range(self.n_q):
@@ -172,18 +183,20 @@ class RQAE(HookedRootModule):
         recurrence runs on 4-vectors instead of re-reading (B, d) n_q times
         (`code_layers`). Training encodes chunk by chunk instead (`loss_and_grads`).
         """
-        w_in, cross, bias = self._cross_terms()
-        proj = torch.addmm(bias, x, w_in)  # (B, n*4)
-        return code_layers(proj, cross, self.codebook, nearest or self._nearest, block), proj
+        with exact_arithmetic(x):
+            w_in, cross, bias = self._cross_terms()
+            proj = torch.addmm(bias, x, w_in)  # (B, n*4)
+            return code_layers(proj, cross, self.codebook, nearest or self._nearest, block), proj
 
     def decode(self, codes: torch.Tensor, n_layers: int | None = None) -> torch.Tensor:
         """(B, n_q) codes -> (B, d): the sum of the first `n_layers` layers' outputs."""
         m = self.n_q if n_layers is None else n_layers
         if not 1 <= m <= self.n_q:
             raise ValueError(f"n_layers must be in 1..{self.n_q}, got {m}")
-        q = self.codebook[codes[:, :m].long()]  # (B, m, 4)
-        out = torch.einsum("bmk,mkd->bd", q, self.W_out[:m])
-        return (out + self.b_out[:m].sum(0)) * self.input_scale
+        with exact_arithmetic(codes):
+            q = self.codebook[codes[:, :m].long()]  # (B, m, 4)
+            out = torch.einsum("bmk,mkd->bd", q, self.W_out[:m])
+            return (out + self.b_out[:m].sum(0)) * self.input_scale
 
     # ------------------------------------------------------------------ training
 
@@ -198,7 +211,7 @@ class RQAE(HookedRootModule):
         (up to float rounding and ties between codes) computed in closed form, chunk by chunk
         of layers, from the codes: large matrix products instead of a loop over layers.
         `loss.backward()` sets the four weights' gradients; x_hat carries no gradient."""
-        with torch.autocast(device_type=x.device.type, enabled=False), torch.no_grad():
+        with exact_arithmetic(x), torch.no_grad():
             x = self.hook_in(x.to(self.W_in.dtype) / self.input_scale)
             params = (self.W_in, self.b_in, self.W_out, self.b_out)
             loss, x_hat, codes, grads = loss_and_grads(params, self.codebook, x, self._nearest,
@@ -206,7 +219,7 @@ class RQAE(HookedRootModule):
             self.hook_codes(codes)
             x_hat = self.hook_recons(x_hat * self.input_scale)
             self.hook_error(x * self.input_scale - x_hat)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        with exact_arithmetic(x):
             loss = PrecomputedGradients.apply(loss, grads, *params)
         return loss, x_hat, codes
 
@@ -217,7 +230,7 @@ class RQAE(HookedRootModule):
         for `training_loss`). With `prefix_loss` the MSE is averaged over every prefix
         reconstruction (layers 1..m for m = 1..n_q), which keeps early layers usable on
         their own (DESIGN §4: held-out FVU at 1/4/16 layers 0.90/0.68/0.29 vs 1.00/0.95/0.74)."""
-        with torch.autocast(device_type=x.device.type, enabled=False):  # quantise in fp32
+        with exact_arithmetic(x):  # quantise in fp32
             x = self.hook_in(x.to(self.W_in.dtype) / self.input_scale)
             r = x.detach().clone()
             x_hat = torch.zeros_like(x)
