@@ -58,8 +58,14 @@ class VMF:
     kappa: np.ndarray  # (n_q,) concentrations, in [0, KAPPA_MAX]
     n: int  # query tokens fitted
 
+    @property
+    def at_cap(self) -> np.ndarray:
+        """(n_q,) layers whose kappa is the cap, not an estimate: the queries' codes agree there."""
+        return np.asarray(self.kappa) >= KAPPA_MAX
+
     def to_dict(self) -> dict:
-        return {"n": self.n, "kappa": self.kappa.tolist(), "mean": self.mean.tolist()}
+        return {"n": self.n, "kappa": self.kappa.tolist(), "mean": self.mean.tolist(),
+                "layers_at_cap": int(self.at_cap.sum())}
 
 
 @dataclass(frozen=True)

@@ -211,8 +211,9 @@ def query_set(store: ActivationStore, model, *, addresses: list[str] = (), texts
         raise RQAEError("no query tokens: give --address SEQ:POS or --query TEXT [--token-index I]")
     rows = [address_row(store, *parse_address(a)) for a in addresses]
     tokenizer = lm.tokenizer if lm is not None else load_tokenizer(store.spec.model)
-    for text, index in pairs:  # cheap checks before the LM is loaded
-        pick_token(len(tokenize(tokenizer, text)), index)
+    picked = [(text, pick_token(len(tokenize(tokenizer, text)), index)) for text, index in pairs]  # before the LM loads
+    refuse_repeats([(f"--address {a}", r) for a, r in zip(addresses, rows)] +
+                   [(f"--query {text!r} token {i}", (text, i)) for text, i in picked])
     if pairs and lm is None:
         lm = load_store_lm(store)
     out = [Query(context=c, row=c.row) for c in contexts(store, tokenizer, rows, width)]
@@ -224,6 +225,16 @@ def query_set(store: ActivationStore, model, *, addresses: list[str] = (), texts
         i = pick_token(len(tc.tokens), index)
         out.append(Query(context=text_context(tokenizer, tc.tokens, i, width), codes=tc.codes[i]))
     return out
+
+
+def refuse_repeats(named: list[tuple[str, object]]) -> None:
+    """One query token given twice would count twice in a feature's fit (two identical codes
+    on every layer: a vMF at the cap everywhere, from one token)."""
+    first: dict = {}
+    for name, key in named:
+        if key in first:
+            raise RQAEError(f"{name} is the same query token as {first[key]}; give each token once")
+        first[key] = name
 
 
 def query_codes_matrix(queries: list[Query], codes) -> np.ndarray:

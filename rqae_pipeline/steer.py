@@ -54,7 +54,7 @@ import torch
 
 from rqae_pipeline import RQAEError
 from rqae_pipeline.feature_checks import check_model_store
-from rqae_pipeline.features import VMF
+from rqae_pipeline.features import KAPPA_MAX, VMF
 from rqae_pipeline.generation import (
     GenerationConfig,
     concept_frequency,
@@ -136,9 +136,13 @@ def steering_layers(vmf: VMF, k: int) -> np.ndarray:
 
 def reference_kappa(vmf: VMF) -> float:
     """The concentration the token's own code is counted with: the feature's median kappa
-    over all layers (1 when that is 0), so the pull of a layer depends on its kappa relative
-    to the feature's typical layer and the strength dial works at any absolute scale."""
-    ref = float(np.median(vmf.kappa))
+    over its layers below the cap (1 when that is 0), so the pull of a layer depends on its
+    kappa relative to the feature's typical layer and the strength dial works at any absolute
+    scale. A capped layer (every query shares its code) has no estimate, only the cap:
+    counted in, a feature with half its layers capped had the cap as its reference, and one
+    more agreeing layer cut every other layer's pull ~200-fold."""
+    estimated = vmf.kappa[~vmf.at_cap]
+    ref = float(np.median(estimated)) if estimated.size else KAPPA_MAX
     return ref if ref > 0 else 1.0
 
 
@@ -288,10 +292,12 @@ class RQAESteering:
         return lambda raw: steer_rqae(self.model, raw, self.feature.vmf, self.layers, self.cfg.steer, norm).raw
 
     def describe(self) -> dict:
-        k, strength = self.feature.vmf.kappa, self.cfg.steer.strength
-        return {"feature": {"name": self.feature.name, "queries": self.feature.vmf.n,
-                            "layers": [int(i) + 1 for i in self.layers], "kappa": [float(k[i]) for i in self.layers],
-                            "kappa_reference": reference_kappa(self.feature.vmf),
+        vmf, strength = self.feature.vmf, self.cfg.steer.strength
+        return {"feature": {"name": self.feature.name, "queries": vmf.n,
+                            "layers": [int(i) + 1 for i in self.layers],
+                            "kappa": [float(vmf.kappa[i]) for i in self.layers],
+                            "layers_at_cap": [int(i) + 1 for i in self.layers if vmf.at_cap[i]],
+                            "kappa_reference": reference_kappa(vmf),
                             "kappa_multiplier": None if strength >= 1 else strength_multiplier(strength)}}
 
 
@@ -403,6 +409,10 @@ def steering_lines(result: dict) -> list[str]:
     what = (f"feature {result['feature']['name']} on layers {result['feature']['layers']}, "
             f"strength {result['steer']['strength']}" if "feature" in result else f"code {result['code']}")
     lines = [f"steering {what}"]
+    capped = result.get("feature", {}).get("layers_at_cap")
+    if capped:
+        lines.append(f"layers {capped}: every query shares its code there; their kappa is the cap ({KAPPA_MAX:g}), "
+                     f"not an estimate")
     for g in result["generations"]:
         for label in ("baseline", "steered"):
             lines += [f"[{label} {i}] {g['prompt']}{text}".replace("\n", "\\n") for i, text in enumerate(g[label])]

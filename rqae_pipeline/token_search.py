@@ -183,8 +183,10 @@ def features_lines(result: FeaturesResult) -> list[str]:
     for f in result.features:
         k = f.vmf.kappa[:m]
         top = np.argsort(-k, kind="stable")[:5]
+        capped = int(f.vmf.at_cap[:m].sum())
         title = (f"\nfeature [{f.name}]: vMF on {f.vmf.n} tokens, layers 1..{m}; kappa median {np.median(k):.3g}, "
                  f"highest at layers " + ", ".join(f"{i + 1} ({k[i]:.3g})" for i in top) +
+                 (f"; {capped} of {m} layers at the cap (every query shares its code there)" if capped else "") +
                  "\nscore = L_i-weighted mean log-density (nats)")
         lines += hit_lines(title, f.hits)
     return lines

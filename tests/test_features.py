@@ -37,6 +37,7 @@ from rqae_pipeline.harvest import harvest
 from rqae_pipeline.models.rqae import RQAE, RQAEConfig
 from rqae_pipeline.queries import encode_tokens, query_codes
 from rqae_pipeline.store import ActivationStore, Flags
+from rqae_pipeline.token_search import FeaturesResult, FittedFeature, features_lines
 
 from helpers import run_rqae, tiny_config, tiny_rqae, tree_digest
 
@@ -266,6 +267,10 @@ def test_vmf_kappa_grows_as_the_query_codes_agree(env):
         vmf = fit_vmf(model, codes)
         assert np.allclose(np.linalg.norm(vmf.mean, axis=1), 1.0)
         kappas[name] = vmf.kappa[0]
+        # layers 2.. hold one code for every query: capped, and said to be
+        assert vmf.to_dict()["layers_at_cap"] == vmf.at_cap.sum() == N_Q - (name != "identical")
+        title = features_lines(FeaturesResult(layers=N_Q, queries=[], features=[FittedFeature(name, [], vmf, [])]))[1]
+        assert f"{N_Q - (name != 'identical')} of {N_Q} layers at the cap" in title
     assert kappas["identical"] == KAPPA_MAX > kappas["close"] > kappas["wider"] > kappas["random"] >= 0
 
 
@@ -380,6 +385,11 @@ def test_cli_encode_stats_search_features_and_dictionary(env, tmp_path):
     (["search", "--address", "3:5", "--layers", "9"], "--layers must be in 1..8"),
     (["features"], "no query tokens"),
     (["features", "--address", "3:5", "--split", "0,4"], "query 4 does not exist"),
+    # one token twice would fit a vMF at the cap on every layer from one token
+    (["features", "--address", "3:5", "--address", "2:1", "--address", "3:5"],
+     "--address 3:5 is the same query token as --address 3:5"),
+    (["features", "--query", "an object", "--query", "an object"],
+     "is the same query token as --query 'an object' token"),
     (["features", "--query", "a b", "--query", "c", "--token-index", "0", "--token-index", "0",
       "--token-index", "1"], "3 --token-index values"),
     # no pairs to take cosines of (was an IndexError); a prefix past the model's layers or the

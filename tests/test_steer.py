@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from rqae_pipeline.cli import app
 from rqae_pipeline.codes import EncodeConfig, encode_store, open_codes
-from rqae_pipeline.features import VMF, DictionaryConfig, build_feature_dictionary, fit_vmf
+from rqae_pipeline.features import KAPPA_MAX, VMF, DictionaryConfig, build_feature_dictionary, fit_vmf
 from rqae_pipeline.generation import GenerationConfig, concept_frequency, concept_words, generate
 from rqae_pipeline.harvest import harvest
 from rqae_pipeline.lm import normalise
@@ -20,6 +20,7 @@ from rqae_pipeline.steer import (
     Norm,
     SteerConfig,
     pull_toward_mean,
+    reference_kappa,
     splice_hook,
     steer_codebook,
     steer_rqae,
@@ -92,6 +93,27 @@ def test_steering_layers_are_the_top_kappa_layers():
     vmf = VMF(mean=np.zeros((6, 4)), kappa=np.array([1.0, 50.0, 3.0, 50.0, 0.0, 7.0]), n=3)
     assert steering_layers(vmf, 3).tolist() == [1, 3, 5]
     assert steering_layers(vmf, 6).tolist() == list(range(6))
+
+
+def test_layers_at_the_cap_do_not_set_the_pull_of_the_others():
+    """A capped kappa (the queries agree on a layer) is not an estimate. Counted in the
+    reference, one more agreeing layer past half of them made the cap the reference and
+    the other layers' pull all but vanished at any strength."""
+    model, g = orthogonal_rqae(), torch.Generator().manual_seed(1)
+    raw = torch.randn(32, 64, generator=g)
+    mean = torch.nn.functional.normalize(torch.randn(16, 4, generator=g), dim=-1)
+    norm = Norm(gain=torch.ones(64), eps=1e-6, mode="rms")
+    estimated = np.array([12, 13, 14, 15])  # kappa 50: the feature's typical layers
+    steered = []
+    for capped in (7, 8, 9):
+        kappa = np.full(16, 50.0)
+        kappa[:capped] = KAPPA_MAX
+        vmf = VMF(mean=mean.double().numpy(), kappa=kappa, n=4)
+        assert vmf.at_cap.sum() == capped and reference_kappa(vmf) == 50.0
+        steered.append(steer_rqae(model, raw, vmf, estimated, SteerConfig(strength=0.9), norm).steered)
+    assert torch.equal(steered[0], steered[1]) and torch.equal(steered[1], steered[2])
+    assert ((steered[2] * mean[estimated]).sum(-1) > 0.98).all()  # strength 0.9 on a typical layer: a strong pull
+    assert reference_kappa(VMF(mean=mean.double().numpy(), kappa=np.full(16, KAPPA_MAX), n=4)) == KAPPA_MAX
 
 
 # --------------------------------------------------------------------------- the splice
