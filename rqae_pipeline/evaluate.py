@@ -185,6 +185,9 @@ def ce_labels(model, cfg: EvalConfig) -> tuple[int, ...] | None:
     return chosen
 
 
+CLEAN_NOT_BOS = "clean_positions_not_bos"
+
+
 @torch.no_grad()
 def ce_stats(store_path: str, model_ref, first_ctx: int, stop_ctx: int, window: tuple[int, int],
              cfg: EvalConfig) -> Stats:
@@ -204,10 +207,14 @@ def ce_stats(store_path: str, model_ref, first_ctx: int, stop_ctx: int, window: 
     if spec.skip_bos:
         tokens = torch.cat([torch.full((len(tokens), 1), lm.tokenizer.bos_token_id), tokens], 1)
     keep = torch.from_numpy((rows.flags & cfg.exclude) == 0).reshape(len(tokens), R)
+    # positions kept clean other than BOS (norm outliers): sae-lens's get_recons_loss splices them
+    not_bos = torch.from_numpy((rows.flags & int(Flags.BOS)) == 0).reshape(len(tokens), R)
     raw, replacements = ce_replacements(model, store, rows, replace(cfg, prefixes=ce_labels(model, cfg)))
     stored = raw.cpu().reshape(len(tokens), R, -1)  # the stored rows as residuals: what the clean run must give
     splice = Splice(lm=lm, hook=spec.hook, start=residual_start_layer(spec.hook), offset=1 if spec.skip_bos else 0)
     stats, n_contexts = Stats(), window[1] - window[0]
+    stats.counts[CLEAN_NOT_BOS] = np.zeros(n_contexts)
+    stats.counts[CLEAN_NOT_BOS][first_ctx - window[0]: stop_ctx - window[0]] = (~keep & not_bos).sum(1).numpy()
     # A few contexts per forward pass: log-probabilities over a 256k vocabulary are ~1 MB a
     # token, so whole tasks at once would spend their time allocating, not computing.
     for c in range(0, len(tokens), CE_CONTEXTS_PER_FORWARD):
@@ -251,6 +258,7 @@ def ce_results(cfg: EvalConfig, model, store: ActivationStore, rows: tuple[int, 
             "ce_prefixes": list(ce_labels(model, cfg) or []),
             # how closely the LM's clean run reproduced the stored rows (`ce.check_reproduced`)
             "ce_lm_error": float(ce.counts["lm:sq_err"].sum() / ce.counts["lm:sq_norm"].sum()),
+            "ce_clean_positions_not_bos": int(ce.counts[CLEAN_NOT_BOS].sum()),
             # per-context CE sums: two models measured on the same contexts are compared paired
             # (`budget.paired_ce_delta_se`), not as if their errors were independent
             "ce_per_context": {k: ce.counts[k].tolist() for k in sorted(ce.counts)

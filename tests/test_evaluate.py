@@ -211,6 +211,28 @@ def test_ce_is_taken_only_on_whole_contexts_inside_the_evaluated_rows(trained):
                  progress=False)
 
 
+def test_outlier_positions_left_clean_in_ce_are_counted_and_said(trained, tmp_path, tiny_lm):
+    """Norm outliers keep their clean activation in the spliced runs (as BOS does); sae-lens
+    splices them, so how many there were is part of the result."""
+    from rqae_pipeline.report.evaluation import evaluation_lines
+
+    _, runs = trained
+    flagged = tmp_path / "flagged.zarr"  # a low outlier factor: many rows flagged
+    harvest(tiny_config(flagged, tokens=1024, outlier_factor=1.1), lm=tiny_lm, progress=False)
+    rows = ActivationStore.open(flagged).read(0, 4 * 32)
+    outliers = int((((rows.flags & int(Flags.OUTLIER)) > 0) & ((rows.flags & int(Flags.BOS)) == 0)).sum())
+    assert outliers > 0
+    default = evaluate(EvalConfig(store=flagged, model=runs["rqae"], rows="all", ce_contexts=4), progress=False)
+    assert default["ce_clean_positions_not_bos"] == outliers
+    assert f"{outliers:,} positions besides BOS (norm outliers) kept their clean activation" in \
+        "\n".join(evaluation_lines(default, runs["rqae"]))
+    spliced = evaluate(EvalConfig(store=flagged, model=runs["rqae"], rows="all", ce_contexts=4,
+                                  exclude=int(Flags.BOS)), progress=False)
+    assert spliced["ce_clean_positions_not_bos"] == 0
+    assert spliced["ce"]["rqae@8"]["ce"] != default["ce"]["rqae@8"]["ce"]
+    assert "besides BOS" not in "\n".join(evaluation_lines(spliced, runs["rqae"]))
+
+
 def test_ce_from_the_hook_layer_equals_a_full_forward_with_a_hook(trained, monkeypatch):
     """The CE path that starts the LM at the hook's block must equal splicing by a forward
     hook on a full run (the path every other hook takes)."""

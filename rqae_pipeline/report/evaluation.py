@@ -51,4 +51,7 @@ def ce_lines(result: dict) -> list[str]:
         lines.append(f"  {label:28s} CE {m['ce']:.4f}{extra}")
     lines.append("  zero-ablation: every position zeroed (as sae-lens); ce_recovered = (CE_zero - CE) / "
                  "(CE_zero - CE_clean) against it")
+    if result.get("ce_clean_positions_not_bos"):
+        lines.append(f"  {result['ce_clean_positions_not_bos']:,} positions besides BOS (norm outliers) kept their "
+                     f"clean activation in every spliced run; sae-lens's get_recons_loss would splice them")
     return lines
