@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from rqae_pipeline.io import atomic_write_bytes, json_text
+from rqae_pipeline.report.evaluation import clean_positions_lines
 from rqae_pipeline.report.html import layers_label
 
 
@@ -63,6 +64,7 @@ def summary_lines(report: dict) -> list[str]:
         lines.append(f"zero-ablation CE delta {_pm(z['ce_delta'], z['ce_delta_se'])} (every position, as sae-lens; "
                      f"CE recovered is against it), {_pm(k['ce_delta'], k['ce_delta_se'])} with BOS/outliers kept; "
                      f"± bootstrap SE over {report['rqae']['ce_bootstrap']['contexts']} contexts")
+        lines += clean_positions_lines(report["rqae"])
     lines += budget_lines(report["budget"])
     lines += pearson_lines(report["pearson"])
     dm = report["decoder_matching"]

@@ -51,7 +51,11 @@ def ce_lines(result: dict) -> list[str]:
         lines.append(f"  {label:28s} CE {m['ce']:.4f}{extra}")
     lines.append("  zero-ablation: every position zeroed (as sae-lens); ce_recovered = (CE_zero - CE) / "
                  "(CE_zero - CE_clean) against it")
-    if result.get("ce_clean_positions_not_bos"):
-        lines.append(f"  {result['ce_clean_positions_not_bos']:,} positions besides BOS (norm outliers) kept their "
-                     f"clean activation in every spliced run; sae-lens's get_recons_loss would splice them")
-    return lines
+    return lines + ["  " + line for line in clean_positions_lines(result)]
+
+
+def clean_positions_lines(result: dict) -> list[str]:
+    """A line when CE left positions other than BOS clean (norm outliers), which sae-lens splices."""
+    n = result.get("ce_clean_positions_not_bos")
+    return [f"{n:,} positions besides BOS (norm outliers) kept their clean activation in every spliced run; "
+            f"sae-lens's get_recons_loss would splice them"] if n else []
