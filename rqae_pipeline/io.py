@@ -89,9 +89,15 @@ def read_json(path: Path, fields: Mapping[str, type | tuple[type, ...]] | None =
 def checked_fields(data: dict, path: Path, fields: Mapping[str, type | tuple[type, ...]], *, fix: str = "") -> dict:
     """`data` (read from `path`) when its `fields` hold the types `read_json` says; else one error line."""
     for key, kind in fields.items():
-        if not isinstance(_field(data, key), kind):
+        if not is_a(_field(data, key), kind):
             raise RQAEError(f"{path}: {key} {_not_a(kind)}{fix}")
     return data
+
+
+def is_a(value: Any, kind: type | tuple[type, ...]) -> bool:
+    """isinstance, except that a JSON true/false is no number (bool subclasses int in Python)."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return isinstance(value, kinds) and (bool in kinds or not isinstance(value, bool))
 
 
 def _field(data: Any, key: str) -> Any:

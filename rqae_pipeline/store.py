@@ -55,6 +55,7 @@ from rqae_pipeline.store_format import (  # noqa: F401  (re-exported: the store'
     Rows,
     StoreSpec,
     array_layout,
+    layout_problem,
     row_arrays,
     tokenizer_name,
 )
@@ -89,9 +90,19 @@ class ActivationStore(StoreWrites):
         checked_fields(manifest, path, {"committed.tokens": int, "committed.contexts": int, "committed.complete": bool},
                        fix="; its commit record is damaged: run `rqae verify`, or harvest it again")
         try:
-            return cls(path, group, manifest)
+            store = cls(path, group, manifest)
         except (KeyError, TypeError, ValueError) as e:  # fields missing, unknown or of a wrong value
             raise RQAEError(f"{path}: the manifest's spec is not a store spec ({type(e).__name__}: {e})") from None
+        store.check_commit_record()
+        return store
+
+    def check_commit_record(self) -> None:
+        """The commit counts whole contexts: rows = contexts x rows per context, none negative.
+        Counts that disagree would put a held-out split mid-context, or read rows never committed."""
+        n, ctx, R = self.n_tokens, self.n_contexts, self.spec.rows_per_context
+        if n < 0 or ctx < 0 or n != ctx * R:
+            raise RQAEError(f"{self.path}: the manifest commits {n:,} rows as {ctx:,} contexts of {R} rows; its commit "
+                            f"record is damaged: run `rqae verify`, or harvest it again")
 
     @classmethod
     def create(cls, path: str | Path, spec: StoreSpec, gain: torch.Tensor | None, provenance: dict) -> ActivationStore:
@@ -245,9 +256,15 @@ class ActivationStore(StoreWrites):
         arr = self._arrays.get(name)
         if arr is None:
             try:
-                arr = self._arrays[name] = self.group[name]
+                arr = self.group[name]
             except KeyError:  # deleted by hand: zarr would say only the name
                 raise RQAEError(f"{self.path}: array {name!r} is missing; `rqae verify` lists the damage") from None
+            except Exception as e:  # noqa: BLE001  its zarr.json cut short or edited: zarr raises several types
+                raise RQAEError(f"{self.path}: array {name!r} metadata cannot be read ({type(e).__name__}); "
+                                f"`rqae verify` lists the damage") from None
+            if problem := layout_problem(self.spec, name, arr):  # rows of another kind, read as numbers
+                raise RQAEError(f"{self.path}: {problem}; `rqae verify` lists the damage")
+            self._arrays[name] = arr
         return arr
 
     def read_encoded(self, start: int, stop: int) -> dict[str, np.ndarray]:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from rqae_pipeline.codec import STORE_DTYPES, StoreDtype
+from rqae_pipeline.io import is_a
 from rqae_pipeline.lm import NORMALISATIONS, Normalisation
 
 SCHEMA_VERSION = 1
@@ -27,6 +28,12 @@ class Flags(enum.IntFlag):
     OUTLIER = 16  # raw norm > outlier_factor x the batch median (attention sinks)
 
     ANY_SPECIAL = 15
+
+
+SPEC_FIELD_TYPES = {"model": str, "hook": str, "layer": int, "d_model": int, "corpus": dict, "tokenizer": str,
+                    "context_length": int, "skip_bos": bool, "normalisation": str, "dtype": str,
+                    "contexts_per_shard": int, "contexts_per_chunk": int, "batch_contexts": int,
+                    "outlier_factor": (int, float)}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +56,12 @@ class StoreSpec:
     outlier_factor: float
 
     def __post_init__(self):
+        for name, kind in SPEC_FIELD_TYPES.items():  # a manifest edited by hand: "false" is true
+            if not is_a(getattr(self, name), kind):
+                names = " or ".join(t.__name__ for t in (kind if isinstance(kind, tuple) else (kind,)))
+                raise ValueError(f"{name} {getattr(self, name)!r} is not of type {names}")
+        if min(self.d_model, self.rows_per_context, self.contexts_per_chunk, self.batch_contexts) < 1:
+            raise ValueError("d_model, rows per context, contexts_per_chunk and batch_contexts must be positive")
         if self.dtype not in STORE_DTYPES:
             raise ValueError(f"unknown store dtype {self.dtype!r}; use float16, float32 or fp8")
         if self.normalisation not in NORMALISATIONS:
@@ -103,6 +116,23 @@ def tokenizer_name(name_or_path: str) -> str:
 def row_arrays(spec: StoreSpec) -> tuple[str, ...]:
     """The arrays with one entry per row: `ROW_ARRAYS`, and `row_scale` for fp8 stores."""
     return ROW_ARRAYS + (("row_scale",) if spec.dtype == "fp8" else ())
+
+
+def layout_problem(spec: StoreSpec, name: str, arr) -> str | None:
+    """What makes array `name` (a row array, or the (d,) float32 `gain` / fp8 `mean`) another
+    store's than `spec`'s: its dtype, or its shape past the rows; None when it fits. An edited
+    dtype of the same width reads as numbers of another kind (int16 bits as float16 rows)."""
+    if name in ("gain", "mean"):
+        want_dtype, want_shape, shape, label = "float32", (spec.d_model,), tuple(arr.shape), f"({spec.d_model},)"
+    else:
+        want_dtype, shape = array_layout(spec)[name][1], tuple(arr.shape[1:])
+        want_shape = (spec.d_model,) if name == "acts" else ()
+        label = f"(N,{''.join(f' {d}' for d in want_shape)})"
+    if str(arr.dtype) != want_dtype:
+        return f"{name}: dtype {arr.dtype}, the manifest's {spec.dtype} store holds {want_dtype}"
+    if shape != want_shape:
+        return f"{name}: shape {tuple(arr.shape)}, expected {label}"
+    return None
 
 
 def array_layout(spec: StoreSpec) -> dict[str, tuple]:

@@ -111,8 +111,12 @@ class StoreWrites:
         n = self.n_tokens
         self._arrays.clear()
         self._writable.clear()
-        for name in row_arrays(self.spec):
-            arr = self.group[name]
+        arrays = {name: self.group[name] for name in row_arrays(self.spec)}
+        short = [f"{name} ({arr.shape[0]:,})" for name, arr in arrays.items() if arr.shape[0] < n]
+        if short:  # growing them would commit fill values, zeros, as rows
+            raise RQAEError(f"store {self.path}: the manifest commits {n:,} rows but {', '.join(short)} hold fewer; "
+                            f"the store is damaged (`rqae verify` lists it) and was left as it is")
+        for arr in arrays.values():
             if arr.shape[0] != n:
                 arr.resize((n,) + arr.shape[1:])
 

@@ -29,7 +29,7 @@ from rqae_pipeline.integrity import (
     unusable_of,
 )
 from rqae_pipeline.store import ROW_ARRAYS, ActivationStore, Flags
-from rqae_pipeline.store_format import array_layout
+from rqae_pipeline.store_format import layout_problem
 from rqae_pipeline.urls import is_file
 
 EXIT_DAMAGED = 1  # `rqae verify` exit status when any problem is found (2: not a store / usage)
@@ -68,7 +68,6 @@ def verify_store(store: ActivationStore, *, progress: bool = False) -> VerifyRep
     per = store.spec.shard_rows
     report = VerifyReport(path=str(store.path), tokens=n, contexts=store.n_contexts, shards=-(-n // per),
                           arrays=len(names))
-    report.problems += _check_manifest(store)
     arrays = {name: arr for name in names if (arr := _checked_array(store, name, report)) is not None}
     report.unchecksummed = [name for name, arr in arrays.items() if not has_chunk_checksums(arr)]
     # every shard file's size at once (one listing per array on an object store), not one stat per read
@@ -99,13 +98,6 @@ def verify_store(store: ActivationStore, *, progress: bool = False) -> VerifyRep
     return report
 
 
-def _check_manifest(store: ActivationStore) -> list[str]:
-    n, ctx, R = store.n_tokens, store.n_contexts, store.spec.rows_per_context
-    if n != ctx * R:
-        return [f"manifest: {n:,} committed tokens but {ctx:,} contexts x {R} rows per context = {ctx * R:,}"]
-    return []
-
-
 def _checked_array(store: ActivationStore, name: str, report: VerifyReport):
     """One row array, opened once, with its shape and dtype checked; None when it cannot be read
     row-aligned at all."""
@@ -117,13 +109,9 @@ def _checked_array(store: ActivationStore, name: str, report: VerifyReport):
     if arr is None:
         report.problems.append(f"{name}: array missing")
         return None
-    want_dtype = array_layout(store.spec)[name][1]  # a float16 array read as float32 rows is another store
-    if str(arr.dtype) != want_dtype:
-        report.problems.append(f"{name}: dtype {arr.dtype}, the manifest's {store.spec.dtype} store holds {want_dtype}")
-        return None
-    want_tail = (store.d,) if name == "acts" else ()
-    if tuple(arr.shape[1:]) != want_tail:
-        report.problems.append(f"{name}: shape {tuple(arr.shape)}, expected (N,{''.join(f' {d}' for d in want_tail)})")
+    problem = layout_problem(store.spec, name, arr)  # a float16 array read as float32 rows is another store
+    if problem:
+        report.problems.append(problem)
         return None
     if arr.shape[0] < store.n_tokens:
         report.problems.append(f"{name}: {arr.shape[0]:,} rows but the manifest commits {store.n_tokens:,}")
@@ -209,6 +197,9 @@ def _check_vectors(store: ActivationStore, report: VerifyReport) -> list[str]:
             problems.append(f"{name}: array missing")
             continue
         arr = store.group[name]
+        if problem := layout_problem(store.spec, name, arr):
+            problems.append(problem)
+            continue
         key = shard_key(arr, name, 0)
         if not is_file(store.path, key):
             problems.append(f"{key}: chunk file missing")

@@ -265,10 +265,64 @@ def test_verify_checks_counts_finiteness_and_flags(copy):
     assert not report.ok
     assert "non-finite" in text and "acts" in text
     assert "flags" in text and "pos" in text
-    manifest = dict(group.attrs["rqae"])
-    manifest["committed"] = {**manifest["committed"], "contexts": 31}  # 1024 rows are 32 contexts of 32
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"committed.contexts": 31}, "commits 1,024 rows as 31 contexts of 32 rows"),  # a held-out split mid-context
+    ({"committed.tokens": -32, "committed.contexts": -1}, "commits -32 rows as -1 contexts"),
+    ({"committed.tokens": True, "committed.contexts": True}, "committed.tokens is missing or not of type int"),
+    ({"spec.skip_bos": "false"}, "skip_bos 'false' is not of type bool"),  # a string: true, 31 rows a context
+    ({"spec.context_length": 32.0}, "context_length 32.0 is not of type int"),
+])
+def test_a_commit_record_or_spec_edited_out_of_shape_is_one_error_line_for_every_reader(copy, edit, message):
+    import zarr
+
+    group = zarr.open_group(str(copy), mode="r+", zarr_format=3)
+    manifest = json.loads(json.dumps(group.attrs["rqae"]))
+    for key, value in edit.items():
+        block, field = key.split(".")
+        manifest[block][field] = value
     group.attrs["rqae"] = manifest
-    assert any("contexts" in p for p in verify_store(ActivationStore.open(copy)).problems)
+    with pytest.raises(RQAEError, match=message):
+        ActivationStore.open(copy)
+    _one_clean_error(run_rqae("verify", str(copy)), message.split(" is ")[0])
+    _one_clean_error(_train(copy, copy.parent / "run"), message.split(" is ")[0])
+
+
+@pytest.mark.parametrize("array, dtype", [("acts", "int16"), ("scale", "int32"), ("gain", "int32")])
+def test_an_array_whose_dtype_was_edited_to_one_of_the_same_width_is_refused_not_read(copy, array, dtype):
+    """int16 bits read as float16 rows (or an int32 scale or gain) are numbers with exit 0:
+    every reader compares an array's dtype with the manifest's, and verify says which."""
+    meta = copy / array / "zarr.json"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "data_type": dtype}))
+    if array == "gain":  # read for raw-space numbers (eval, steer), not by train
+        with pytest.raises(RQAEError, match="gain: dtype int32, the manifest's float16 store holds float32"):
+            ActivationStore.open(copy).gain.sum()
+    else:
+        assert "holds float" in _one_clean_error(_train(copy, copy.parent / "run"), f"{array}: dtype {dtype}")
+    proc = run_rqae("verify", str(copy))
+    assert proc.returncode == 1 and f"{array}: dtype {dtype}" in proc.stdout, proc.stdout
+
+
+def test_an_arrays_metadata_cut_short_is_one_error_line_for_a_reader(copy):
+    meta = copy / "flags" / "zarr.json"
+    meta.write_text(meta.read_text()[:40])
+    _one_clean_error(_train(copy, copy.parent / "run"), "array 'flags' metadata cannot be read")
+
+
+def test_resume_refuses_a_commit_past_an_arrays_end_and_changes_nothing(copy, tiny_lm):
+    """Growing the arrays to the manifest's count would commit their fill value, zeros, as rows."""
+    import zarr
+
+    from helpers import tree_digest
+
+    n = ActivationStore.open(copy).n_tokens
+    acts = zarr.open_group(str(copy), mode="r+")["acts"]
+    acts.resize((n - 64,) + acts.shape[1:])
+    before = tree_digest(copy)
+    with pytest.raises(RQAEError, match=rf"commits {n:,} rows but acts \({n - 64:,}\) hold fewer"):
+        harvest(tiny_config(copy, tokens=n + 256, resume=True), lm=tiny_lm, progress=False)
+    assert tree_digest(copy) == before
 
 
 def test_verify_checks_each_arrays_dtype_and_readable_metadata(copy):
