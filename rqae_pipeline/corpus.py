@@ -18,6 +18,7 @@ a resume refuses files that changed, where the recorded row position would be wr
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -54,6 +55,9 @@ class CorpusSpec:
     # A hub dataset's commit (`pin_revision`): a resume reads the same files, whatever the hub
     # serves by then; a stream position from one commit would index another's files wrongly.
     revision: str | None = None
+    # A builtin corpus's texts (`builtin_sha256`): Python's own docs differ between its
+    # releases, so a store resumed under another Python would continue a different text.
+    content_sha256: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -65,6 +69,8 @@ class CorpusSpec:
             del d["literal_special_tokens"]
         if self.revision is None:  # local and builtin corpora, and hub stores from before pinning
             del d["revision"]
+        if self.content_sha256 is None:  # all but builtin corpora, and builtin stores from before it
+            del d["content_sha256"]
         return d
 
     @classmethod
@@ -106,7 +112,7 @@ def parse_corpus(
         name = dataset[len(BUILTIN_PREFIX) :]
         if name not in BUILTIN_CORPORA:
             raise RQAEError(f"unknown builtin corpus {name!r}; available: {', '.join(BUILTIN_CORPORA)}")
-        return CorpusSpec(kind="builtin", name=dataset, literal_special_tokens=True)
+        return CorpusSpec(kind="builtin", name=dataset, literal_special_tokens=True, content_sha256=builtin_sha256())
     if _looks_local(dataset):
         files = expand_files(dataset)
         return CorpusSpec(kind="files", name=dataset, files=files, text_field=text_field,
@@ -152,7 +158,14 @@ def continued_corpus(corpus: CorpusSpec, recorded: CorpusSpec, out: str,
                         f"{corpus.revision!r}; drop --dataset-revision to continue it, or use a new --out")
     if recorded.kind == "hub" and recorded.revision is None and notice is not None:
         notice(f"note: {out} recorded no commit of {recorded.name!r}; the resume reads the hub's files as they are now")
-    return replace(corpus, literal_special_tokens=recorded.literal_special_tokens, revision=recorded.revision)
+    if recorded.kind == "builtin" and recorded.content_sha256 not in (None, corpus.content_sha256):
+        raise RQAEError(f"{out} began on another text of {recorded.name} (this Python's copy differs: SHA-256 "
+                        f"{corpus.content_sha256[:12]}..., not {recorded.content_sha256[:12]}...); resume it under the "
+                        f"Python it began with, or use a new --out")
+    if recorded.kind == "builtin" and recorded.content_sha256 is None and notice is not None:
+        notice(f"note: {out} recorded no digest of {recorded.name}; the resume reads this Python's copy")
+    return replace(corpus, literal_special_tokens=recorded.literal_special_tokens, revision=recorded.revision,
+                   content_sha256=recorded.content_sha256)
 
 
 def _builtin_documents() -> Iterator[dict]:
@@ -162,6 +175,15 @@ def _builtin_documents() -> Iterator[dict]:
 
     for key in sorted(pydoc_data.topics.topics):
         yield {"text": pydoc_data.topics.topics[key]}
+
+
+def builtin_sha256() -> str:
+    """SHA-256 of the builtin documents in reading order, each length-prefixed."""
+    digest = hashlib.sha256()
+    for doc in _builtin_documents():
+        text = doc["text"].encode()
+        digest.update(len(text).to_bytes(8, "little") + text)
+    return digest.hexdigest()
 
 
 def open_documents(spec: CorpusSpec):

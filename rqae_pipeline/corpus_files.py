@@ -69,10 +69,10 @@ def identify(path: str) -> FileIdentity:
 
 def without_files(corpus: dict) -> dict:
     """A corpus dict without its file list and identities, which `describe_change` compares,
-    and without how special-token text is read and the hub commit: a resume reads those from
-    the store."""
+    and without how special-token text is read, the hub commit and the builtin texts' digest:
+    a resume reads or checks those against the store (`corpus.continued_corpus`)."""
     return {k: v for k, v in corpus.items()
-            if k not in ("files", "file_identities", "literal_special_tokens", "revision")}
+            if k not in ("files", "file_identities", "literal_special_tokens", "revision", "content_sha256")}
 
 
 def describe_change(recorded: dict, current: dict) -> str | None:

@@ -88,9 +88,12 @@ class Committed:
 
 def codec_mean(b: Batch) -> np.ndarray:
     """The fp8 codec's per-dimension mean, fixed by the store's very first batch: the mean
-    of its ordinary rows (no special tokens, no outliers)."""
+    of its ordinary rows (no special tokens, no outliers), or of all its rows where it has
+    none (a corpus that opens with empty documents): the mean of no rows is NaN, and a NaN
+    mean, written before the first commit, would fail every batch of every resume."""
     ordinary = (b.flags & int(Flags.ANY_SPECIAL | Flags.OUTLIER)) == 0
-    return b.acts[torch.from_numpy(ordinary)].mean(0).numpy().astype(np.float32)
+    rows = b.acts[torch.from_numpy(ordinary)] if ordinary.any() else b.acts
+    return rows.mean(0).numpy().astype(np.float32)
 
 
 def encode_batch(b: Batch, dtype: StoreDtype, mean: np.ndarray | None) -> tuple[dict[str, np.ndarray], BatchError]:

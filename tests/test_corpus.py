@@ -146,6 +146,34 @@ def test_a_resume_reads_the_hub_commit_its_store_recorded():
     assert len(notes) == 1 and "recorded no commit" in notes[0]
 
 
+def test_a_builtin_store_resumes_only_on_the_text_it_began_with(tiny_lm, tmp_path):
+    """Python's own docs (the builtin corpus) differ between its releases: a store begun
+    under one Python and resumed under another would continue a different text."""
+    import zarr
+
+    from rqae_pipeline.corpus import builtin_sha256, continued_corpus
+
+    now = parse_corpus("builtin:python-docs")
+    assert now.content_sha256 == builtin_sha256() and CorpusSpec.from_dict(now.to_dict()) == now
+    other = CorpusSpec.from_dict({**now.to_dict(), "content_sha256": "0" * 64})
+    with pytest.raises(RQAEError, match="began on another text of builtin:python-docs"):
+        continued_corpus(now, other, "s.zarr", None)
+    notes = []  # a store from before the digest: resumed on this Python's copy, said so
+    before = CorpusSpec.from_dict({k: v for k, v in now.to_dict().items() if k != "content_sha256"})
+    assert continued_corpus(now, before, "s.zarr", notes.append) == before and "no digest" in notes[0]
+    out = tmp_path / "s.zarr"
+    harvest(tiny_config(out, tokens=512, dataset="builtin:python-docs"), lm=tiny_lm, progress=False)
+    assert ActivationStore.open(out).spec.corpus["content_sha256"] == builtin_sha256()
+    group = zarr.open_group(str(out), mode="r+", zarr_format=3)
+    manifest = json.loads(json.dumps(group.attrs["rqae"]))
+    manifest["spec"]["corpus"]["content_sha256"] = "0" * 64  # begun under another Python
+    group.attrs["rqae"] = manifest
+    before_resume = tree_digest(out)
+    with pytest.raises(RQAEError, match="this Python's copy differs"):
+        harvest(tiny_config(out, tokens=1024, dataset="builtin:python-docs", resume=True), lm=tiny_lm, progress=False)
+    assert tree_digest(out) == before_resume
+
+
 def test_a_revision_for_a_local_corpus_is_one_error_line(tmp_path):
     r = run_rqae("harvest", "--model", TINY, "--dataset", "builtin:python-docs", "--dataset-revision", "main",
                  "--tokens", "64", "--out", str(tmp_path / "s.zarr"))

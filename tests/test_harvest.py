@@ -12,7 +12,7 @@ import torch
 from rqae_pipeline import RQAEError
 from rqae_pipeline.harvest import harvest
 from rqae_pipeline.lm import load_lm
-from rqae_pipeline.store import ActivationStore, StoreLock
+from rqae_pipeline.store import ActivationStore, Flags, StoreLock
 
 from helpers import HANG_GUARD_S, TINY, run_rqae, start_rqae, store_arrays, tiny_config, tree_digest, wait_until
 
@@ -169,6 +169,21 @@ def test_resume_with_other_settings_names_the_field_and_changes_nothing(tmp_path
     with pytest.raises(RQAEError, match="already holds an activation store"):
         harvest(tiny_config(out, tokens=1024), lm=tiny_lm, progress=False)
     assert tree_digest(out) == before
+
+
+def test_an_fp8_store_whose_first_batch_is_all_special_tokens_gets_a_finite_mean(tmp_path, tiny_lm):
+    """A corpus opening with blank lines: the mean of the batch's ordinary rows was the mean
+    of none, NaN, written before the first commit, and every batch of every resume failed."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n" * 40 + "a residual stream has one vector per token and layer. " * 40)
+    out = tmp_path / "s.zarr"
+    harvest(tiny_config(out, tokens=256, dtype="fp8", dataset=str(corpus), batch_contexts=1), lm=tiny_lm,
+            progress=False)
+    store = ActivationStore.open(out)
+    first = store.read(0, 32)
+    assert (first.flags & int(Flags.ANY_SPECIAL)).all()  # the first batch (one context): special tokens only
+    assert store.n_tokens == 256 and np.isfinite(store.codec_mean()).all()
+    assert torch.isfinite(store.read().acts).all()
 
 
 def test_nan_activations_stop_the_harvest_and_keep_committed_rows(tmp_path):
