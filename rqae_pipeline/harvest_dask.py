@@ -62,7 +62,7 @@ from rqae_pipeline.shard_writer import (
     reserve_to,
     write_shard,
 )
-from rqae_pipeline.store import ActivationStore
+from rqae_pipeline.store import ActivationStore, StoreLock
 from rqae_pipeline.tasks import dask_client
 from rqae_pipeline.urls import Location, location, scheme_of
 
@@ -134,9 +134,10 @@ def forward_error(job: WorkerModel, store_path: Location, tokens: np.ndarray) ->
     return measure_forward_error(worker_lm(job), ActivationStore.open(store_path), tokens)
 
 
-def harvest_shard(job: WorkerModel, store_path: Location, task: ShardTask,
-                  mean: np.ndarray | None) -> ShardDone | ShardFailed:
-    """Forward, normalise, encode and write one shard (its committed rows carried as stored)."""
+def harvest_shard(job: WorkerModel, store_path: Location, task: ShardTask, mean: np.ndarray | None,
+                  owner: dict) -> ShardDone | ShardFailed:
+    """Forward, normalise, encode and write one shard (its committed rows carried as stored),
+    unless the store's lock no longer holds `owner`, the record of the client that sent it."""
     lm = worker_lm(job)
     store = ActivationStore.open(store_path).reopen_for_append()
     spec, eps = store.spec, float(lm.model.cfg.eps)
@@ -150,6 +151,11 @@ def harvest_shard(job: WorkerModel, store_path: Location, task: ShardTask,
             errors.append(err)
     except RQAEError as e:
         return ShardFailed(task.index, str(e))
+    # A task an interrupted client left running on a cluster of its own (--scheduler) ends
+    # here: the store may be another harvest's by now, or a new store at the same place.
+    if StoreLock(store.path).read() != owner:
+        return ShardFailed(task.index, f"store {store.path} is no longer held by the harvest that sent shard "
+                                       f"{task.index}; nothing written")
     return ShardDone(task.index, write_shard(store, task.start_row, pieces, grow_to=None), errors)
 
 
@@ -172,10 +178,12 @@ def harvest_parallel(cfg: HarvestConfig, cluster: DaskConfig, *, client=None, pr
             store, lock = open_store_for_writing(cfg, spec, facts, planned)
             source = record_forward_error(store, source, cfg.tokens, lambda tokens: c.submit(
                 forward_error, job, store.path, tokens, pure=False).result())
-            result = _run_parallel(cfg, c, job, store, source, progress=progress)
-        # Interrupted, the cluster is closed: no worker of it writes any more; finished, every
-        # shard is written. Rows reserved or written past the commit and a killed worker's
-        # unfinished writes go.
+            result = _run_parallel(cfg, c, job, store, source, progress=progress, owner=lock.read())
+        # Interrupted, a LocalCluster is closed: no worker of it writes any more (a task still
+        # running on a --scheduler cluster writes nothing once the lock is gone, and can no
+        # longer reach rows past the commit once they are cut); finished, every shard is
+        # written. Rows reserved or written past the commit and a killed worker's unfinished
+        # writes go.
         store.truncate_to_committed()
         return result
     finally:
@@ -245,12 +253,13 @@ def plan_shards(source: Contexts, at: Committed, target_contexts: int, spec) -> 
 
 
 def _run_parallel(cfg: HarvestConfig, c, job: WorkerModel, store: ActivationStore, source: Contexts, *,
-                  progress: bool) -> HarvestResult:
+                  progress: bool, owner: dict) -> HarvestResult:
     R = store.spec.rows_per_context
     target_contexts = -(-cfg.tokens // R)
     start_tokens, t0 = store.n_tokens, time.perf_counter()
     run = _Commits(c, job, store, plan_shards(source, Committed.of(store), target_contexts, store.spec),
-                   progress_bar(target_contexts * R, start_tokens, progress), target_rows=target_contexts * R)
+                   progress_bar(target_contexts * R, start_tokens, progress), target_rows=target_contexts * R,
+                   owner=owner)
     interrupted = False
     try:
         # the corpus ran out when the last shard ends short of the target (recorded in the manifest)
@@ -267,10 +276,11 @@ def _run_parallel(cfg: HarvestConfig, c, job: WorkerModel, store: ActivationStor
 class _Commits:
     """Keeps a bounded window of shard tasks in flight and commits finished shards in order."""
 
-    def __init__(self, c, job: WorkerModel, store: ActivationStore, plan: Iterator, bar, *, target_rows: int):
+    def __init__(self, c, job: WorkerModel, store: ActivationStore, plan: Iterator, bar, *, target_rows: int,
+                 owner: dict):
         from dask.distributed import as_completed
 
-        self.c, self.job, self.store, self.plan, self.bar = c, job, store, plan, bar
+        self.c, self.job, self.store, self.plan, self.bar, self.owner = c, job, store, plan, bar, owner
         self.at = Committed.of(store)  # the last commit
         self.target_rows, self.reserved = target_rows, 0  # the rows the arrays are sized to, once known
         self.error = StorageError.from_manifest(store.manifest)
@@ -325,7 +335,7 @@ class _Commits:
                 self.reserved = reserve_to(self.store.spec, after.tokens, self.target_rows)
                 self.store.reserve_rows(self.reserved)
             mean = self.mean if self.mean is not None else self.mean_future
-            future = self.c.submit(harvest_shard, self.job, self.store.path, task, mean, pure=False,
+            future = self.c.submit(harvest_shard, self.job, self.store.path, task, mean, self.owner, pure=False,
                                    retries=TASK_RETRIES)
             self.order.append(task.index)
             self.futures[task.index], self.after[task.index] = future, after

@@ -185,6 +185,30 @@ def test_ctrl_c_on_the_client_keeps_the_finished_prefix_and_resume_completes(tmp
     assert not any((Path(d) / out.name).exists() for d in workers_cwd)
 
 
+def test_a_shard_task_whose_client_let_the_store_go_writes_nothing(tmp_path, tiny_lm):
+    """Ctrl-C on a client of a --scheduler cluster leaves its running tasks running: by the
+    time one ends, the store may be another harvest's. It writes only under its client's lock."""
+    from rqae_pipeline.forward import WorkerModel
+    from rqae_pipeline.harvest_dask import ShardDone, ShardFailed, ShardTask, harvest_shard
+
+    out = tmp_path / "s.zarr"
+    harvest(tiny_config(out, tokens=256), lm=tiny_lm, progress=False)  # shards 0 and 1
+    ActivationStore.open(out).reopen_for_append().reserve_rows(384)
+    tokens = ActivationStore.open(out).read(0, 128).tokens.reshape(4, 32)  # any 4 contexts will do
+    task = ShardTask(index=2, start_row=256, first_row=256, first_seq=8, tokens=tokens)
+    job = WorkerModel(model=TINY, dtype="float32", device=None, spread_gpus=False, torch_threads=1)
+    lock = StoreLock(out)
+    lock.acquire()  # this process is the store's writer now
+    try:
+        gone = harvest_shard(job, out, task, None, owner={**lock.read(), "pid": 1})  # another client's task
+        assert isinstance(gone, ShardFailed) and "no longer held" in gone.message
+        assert not (out / "acts" / "c" / "2").exists()
+        assert isinstance(harvest_shard(job, out, task, None, owner=lock.read()), ShardDone)
+        assert (out / "acts" / "c" / "2" / "0").exists()
+    finally:
+        lock.release()
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
