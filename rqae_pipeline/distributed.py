@@ -217,7 +217,8 @@ def all_reduce_sum(t: torch.Tensor, ranks: Ranks) -> torch.Tensor:
 
 def mean_over_ranks(stats: dict[str, torch.Tensor], ranks: Ranks) -> dict[str, float]:
     """A step's 0-d metric tensors as floats: their mean over the ranks (one all_reduce, one
-    host sync). Means over equal slices average to the global batch's mean."""
+    host sync). Means over equal slices average to the global batch's mean (the loss); a
+    ratio such as the batch FVU becomes the mean of the slices' ratios (docs/training.md)."""
     if not stats:
         return {}
     device = next(iter(stats.values())).device

@@ -320,7 +320,7 @@ def _train_loop(run: _Run, *, progress: bool) -> tuple[int, bool]:
     cfg, step, ranks = run.cfg, run.step, run.ranks
     bar = tqdm(total=cfg.total_steps, initial=step, unit="step", desc=f"train {cfg.model.arch}",
                disable=not progress, dynamic_ncols=True)
-    throughput = _Throughput()
+    throughput = _Throughput(step * cfg.batch_size)  # a resumed run counts from its checkpoint
     last_good = step
     try:
         with open(run.out / METRICS, "a") if ranks.is_main else contextlib.nullcontext() as log:
@@ -328,7 +328,9 @@ def _train_loop(run: _Run, *, progress: bool) -> tuple[int, bool]:
                 batch, position = distributed.next_on_every_rank(run.batches, ranks)
                 step += 1
                 last = step == cfg.total_steps
-                logs, saves = step % cfg.log_every == 0 or last, step % cfg.checkpoint_every == 0 or last
+                # an evaluation step logs too (it lands in its row), whatever log_every is
+                logs = step % cfg.log_every == 0 or step % cfg.eval_every == 0 or last
+                saves = step % cfg.checkpoint_every == 0 or last
                 stats = run.trainable.train_step(batch, metrics=logs)  # a checkpoint checks only the loss
                 bar.update(1)
                 if not (logs or saves):
@@ -355,8 +357,8 @@ def _train_loop(run: _Run, *, progress: bool) -> tuple[int, bool]:
 class _Throughput:
     """Tokens per second since the previous call."""
 
-    def __init__(self):
-        self.t_last, self.tok_last = time.perf_counter(), 0
+    def __init__(self, tokens: int = 0):
+        self.t_last, self.tok_last = time.perf_counter(), tokens
 
     def tokens_per_second(self, tokens: int) -> float:
         now = time.perf_counter()

@@ -60,6 +60,24 @@ def test_rqae_trains_and_writes_its_run_directory(store_path, tmp_path):
     assert set(rows[-1]["heldout"]["fvu_by_prefix"]) == {"1", "2", "4", "8"}
 
 
+def test_every_evaluation_step_is_evaluated_whatever_the_log_interval(store_path, tmp_path):
+    """Evaluations ran only on log steps: eval_every 15 with log_every 10 evaluated at 30 and
+    60, not 15, 30, 45, 60 (a sweep's plateau check then had two points, 10 steps apart)."""
+    train(rqae_cfg(store_path, tmp_path / "run", tokens=256 * 60, eval_every=15, log_every=10), progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "heldout" in r] == [15, 30, 45, 60]
+    assert [r["step"] for r in rows] == [10, 15, 20, 30, 40, 45, 50, 60]
+
+
+def test_throughput_after_a_resume_counts_only_the_tokens_since_it(monkeypatch):
+    from rqae_pipeline import train as train_module
+
+    clock = iter([100.0, 102.0])
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: next(clock))
+    # resumed at 75 steps of 256 tokens, first log at step 80: 5 steps in 2 s (was 80 steps in 2 s)
+    assert train_module._Throughput(75 * 256).tokens_per_second(80 * 256) == 5 * 256 / 2
+
+
 @pytest.mark.parametrize("arch", ["rqae", "topk-sae"])
 def test_steps_without_metrics_train_the_same_weights(store_path, arch):
     """The loop asks for a step's metrics (batch FVU, ...) only on the steps it logs: leaving
