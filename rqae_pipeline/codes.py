@@ -38,6 +38,7 @@ from rqae_pipeline.io import checked_fields, default_device, empty_except_lock
 from rqae_pipeline.lock import take_write_lock
 from rqae_pipeline.models.base import read_config
 from rqae_pipeline.models.registry import architecture_of
+from rqae_pipeline.run_dir import check_trained_on
 from rqae_pipeline.store import ActivationStore
 from rqae_pipeline.urls import is_file, join, location, name_of, sibling, zarr_location
 
@@ -233,6 +234,7 @@ def ensure_codes(store: ActivationStore, model_dir: Path, path: Path | None = No
                  device: str | None = None) -> CodesStore:
     """Codes at `path`, checked; without a path, the default codes store, encoded (or
     finished) first when it is missing or behind the store."""
+    check_trained_on(model_dir, store)  # codes of another LM's rows would rank and score as any
     if path is None:
         path = default_codes_path(store.path, model_dir)
         if not is_file(path, "zarr.json") or open_codes(path).n < store.n_tokens:  # path may be a URL
@@ -254,6 +256,7 @@ def encode_store(cfg: EncodeConfig, *, progress: bool = True) -> Path:
     identity = model_identity(cfg.model)
     if identity["d_in"] != store.d:
         raise RQAEError(f"model {cfg.model} reads d={identity['d_in']} but the store holds d={store.d}")
+    check_trained_on(cfg.model, store)
     out = location(cfg.out) if cfg.out else default_codes_path(store.path, cfg.model, identity)
     device = cfg.device or default_device()
     model = RQAE.load(cfg.model, device)

@@ -15,6 +15,7 @@ from typing import Literal
 from rqae_pipeline import RQAEError
 from rqae_pipeline.io import read_json
 from rqae_pipeline.models.registry import kind_of
+from rqae_pipeline.run_dir import check_trained_on, lm_key  # noqa: F401  (lm_key: re-exported)
 from rqae_pipeline.store import ActivationStore
 
 ModelSpace = Literal["auto", "raw", "normalised"]
@@ -74,7 +75,8 @@ def check_compatible(model, store: ActivationStore, ref: Path | PretrainedSAE, s
     d_in = model.cfg.d_in
     if d_in != store.d:
         raise RQAEError(f"model {ref} has d_in {d_in}, the store has d_model {store.d}")
-    _check_trained_on(ref, store)
+    check_trained_on(None if isinstance(ref, PretrainedSAE) else ref, store,
+                     fix="; restore it (it names the store the model was trained on), or remove it and use --rows all")
     if train_json(ref) is not None and space_of(ref, space) == "raw":
         # every model trained here read the store's rows: fed raw residuals it gives numbers
         # of a model it never was
@@ -113,26 +115,3 @@ def _check_sae(sae, store: ActivationStore, ref: Path | PretrainedSAE, space: Mo
         raise RQAEError(f"SAE {ref} reads {hook}, the store holds {store.spec.hook}")
     if sae_lm and lm_key(sae_lm) != lm_key(store.spec.model):
         raise RQAEError(f"SAE {ref} was trained on {sae_lm}, the store holds {store.spec.model}")
-
-
-def _check_trained_on(ref: Path | PretrainedSAE, store: ActivationStore) -> None:
-    """A model trained here reads rows of one LM, hook and normalisation (its train.json's
-    store): on any other store its numbers mean nothing, whichever rows are evaluated."""
-    run = train_json(ref)
-    if run is None:
-        return
-    fields = {"store_spec.model": str, "store_spec.hook": str, "store_spec.normalisation": str}
-    fix = "; restore it (it names the store the model was trained on), or remove it and use --rows all"
-    trained = read_json(run, fields, fix=fix)["store_spec"]
-    spec = store.manifest["spec"]
-    for key in ("model", "hook", "normalisation"):
-        same = lm_key(trained[key]) == lm_key(spec[key]) if key == "model" else trained[key] == spec[key]
-        if not same:
-            raise RQAEError(f"{ref} was trained on rows of {key} {trained[key]!r}; the store's {key} is "
-                            f"{spec[key]!r}")
-
-
-def lm_key(name: str) -> str:
-    """One name per LM: "google/gemma-2-2b" and sae-lens's "gemma-2-2b" are the same model;
-    so are the offline packaged copy and its hub name."""
-    return name.lower().rsplit("/", 1)[-1].removesuffix("-offline")

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rqae_pipeline import RQAEError
-from rqae_pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text
+from rqae_pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text, read_json
 from rqae_pipeline.reader import DataPosition
 
 if TYPE_CHECKING:
@@ -161,3 +161,27 @@ def recorded_streams(out: Path, resume: bool) -> int | None:
         return as_recorded(json.loads(run_file.read_text())["config"])["streams"]
     except (ValueError, KeyError, TypeError, AttributeError):
         return None  # a damaged run file: `prepare_out` says so
+
+
+def check_trained_on(model_dir: Path | None, store: ActivationStore, *,
+                     fix: str = "; restore it (it names the store the model was trained on), or remove it") -> None:
+    """A model trained here reads rows of one LM, hook and normalisation (its train.json's
+    store): on rows of any other its codes, scores and numbers mean nothing. Other corpora
+    and settings of the same are fine. No train.json (a model not trained here): no check."""
+    run = None if model_dir is None else Path(model_dir) / RUN_FILE
+    if run is None or not run.exists():
+        return
+    fields = {"store_spec.model": str, "store_spec.hook": str, "store_spec.normalisation": str}
+    trained = read_json(run, fields, fix=fix)["store_spec"]
+    spec = store.manifest["spec"]
+    for key in ("model", "hook", "normalisation"):
+        same = lm_key(trained[key]) == lm_key(spec[key]) if key == "model" else trained[key] == spec[key]
+        if not same:
+            raise RQAEError(f"{model_dir} was trained on rows of {key} {trained[key]!r}; the store's {key} is "
+                            f"{spec[key]!r}")
+
+
+def lm_key(name: str) -> str:
+    """One name per LM: "google/gemma-2-2b" and sae-lens's "gemma-2-2b" are the same model;
+    so are the offline packaged copy and its hub name."""
+    return name.lower().rsplit("/", 1)[-1].removesuffix("-offline")

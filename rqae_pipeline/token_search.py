@@ -89,10 +89,12 @@ def open_rqae_store(store: Path, model: Path):
     """(store, RQAE), with a clear error for a directory that is not an RQAE."""
     from rqae_pipeline.codes import model_identity
     from rqae_pipeline.models.rqae import RQAE
+    from rqae_pipeline.run_dir import check_trained_on
     from rqae_pipeline.store import ActivationStore
 
     st = ActivationStore.open(store)
     model_identity(model)
+    check_trained_on(model, st)  # before a query's LM loads
     return st, RQAE.load(model)
 
 

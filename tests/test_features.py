@@ -407,6 +407,29 @@ def test_bad_query_input_is_one_line_and_nonzero(env, args, needle):
     assert tree_digest(env["codes"]) == before
 
 
+def test_a_model_trained_on_another_hooks_rows_is_refused_by_every_codes_tool(env, tmp_path, tiny_lm):
+    """Same width, another hook (or LM, or normalisation): its codes of these rows would rank,
+    score and count like any, with exit 0. The run's train.json names what it read."""
+    import shutil
+
+    model = tmp_path / "trained"
+    shutil.copytree(env["model_dir"], model)
+    other = tmp_path / "hook0.zarr"
+    harvest(tiny_config(other, tokens=512, hook="0"), lm=tiny_lm, progress=False)
+    codes = encode_store(EncodeConfig(store=other, model=model), progress=False)  # before its train.json said
+    (model / "train.json").write_text(json.dumps({"store_spec": env["st"].manifest["spec"]}))
+    needle = "was trained on rows of hook 'blocks.1.hook_resid_post'; the store's hook is 'blocks.0.hook_resid_post'"
+    for args in (["encode", "--out", tmp_path / "c.zarr"], ["search", "--address", "3:5"],
+                 ["features", "--address", "3:5", "--address", "4:6"],
+                 ["feature-dictionary", "--out", tmp_path / "d.json", "--seeds", "2"],
+                 ["codebook-stats", "--out", tmp_path / "stats"]):
+        assert_one_line_error(invoke(args[0], "--store", other, "--model", model, *args[1:]), needle)
+    assert not (tmp_path / "c.zarr").exists() and not (tmp_path / "d.json").exists()
+    # codes made before are not read either (search, features, the dictionary, stats all use them)
+    assert_one_line_error(invoke("search", "--store", other, "--model", model, "--codes", codes, "--address", "3:5"),
+                          needle)
+
+
 def test_codes_of_another_model_are_refused_by_the_cli(env):
     other = env["root"] / "rqae-cli-other"
     if not other.exists():
