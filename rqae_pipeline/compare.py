@@ -176,9 +176,12 @@ def run_comparison(cfg: CompareConfig, *, progress: bool = True, echo: Callable[
         raise RQAEError(f"{cfg.rqae} is not an RQAE model directory")
     if cfg.out.exists() and not cfg.out.is_dir():
         raise RQAEError(f"--out {cfg.out} exists and is not a directory")
+    # a prefix spliced for CE is scored for reconstruction too: the tables list scored prefixes only
+    spliced = {m for m in cfg.ce_prefixes or () if 1 <= m <= rqae.n_q}
+    prefixes = set(cfg.prefixes or default_prefixes(rqae.n_q)) | spliced
     base = EvalConfig(store=cfg.store, model=cfg.rqae, workers=cfg.workers, scheduler=cfg.scheduler,
                       device=cfg.device, ce_contexts=cfg.ce_contexts, ce_prefixes=cfg.ce_prefixes,
-                      batch_size=cfg.batch_size, prefixes=cfg.prefixes or default_prefixes(rqae.n_q))
+                      batch_size=cfg.batch_size, prefixes=tuple(sorted(prefixes)))
     rows = heldout_from_both(eval_rows(base, store), cfg.sae, store, echo)  # both models on the same rows
     sae_cfg = replace(base, model=cfg.sae, row_range=rows)
     sae = load_model(cfg.sae, cfg.device)  # errors (unknown release, bad dir) before any work

@@ -33,7 +33,7 @@ def report(trained, tmp_path_factory):
     sae = raw_space_sae(store, root / "sae", ActivationStore.open(store).spec.hook)
     out = root / "report"
     r = compare("--store", store, "--rqae", runs["rqae"], "--sae-path", sae, "--out", out, "--ce-contexts", "4",
-                "--features", "8")
+                "--features", "8", "--ce-prefixes", "1,3,8")  # 3: not a default reconstruction prefix
     assert r.exit_code == 0, r.output
     return out, sae, r.stdout
 
@@ -50,7 +50,7 @@ def test_report_numbers_are_those_of_evaluate_on_the_rqae_held_out_rows(trained,
     assert rep["sae"]["metrics"]["sae"]["fvu"] == pytest.approx(sae["metrics"]["sae"]["fvu"], rel=1e-9)
     assert rep["sae"]["space"] == "raw" and rep["sae"]["l0"] == pytest.approx(16.0)
     assert set(rep["rqae"]["ce"]) >= {"clean", "zero-ablation", "zero-ablation-special-kept", "rqae@1", "rqae@8"}
-    assert "sae" in rep["sae"]["ce"] and rep["rqae"]["ce_prefixes"] == [1, 4, 8]  # 1, 4, 16, n_q that exist
+    assert "sae" in rep["sae"]["ce"] and rep["rqae"]["ce_prefixes"] == [1, 3, 8]
     # both spaces for both models, the same numbers evaluate gives
     for label, m in rqae["metrics"].items():
         assert rep["rqae"]["metrics"][label]["fvu_raw"] == pytest.approx(m["fvu_raw"], rel=1e-9)
@@ -58,6 +58,8 @@ def test_report_numbers_are_those_of_evaluate_on_the_rqae_held_out_rows(trained,
     # the budget rows carry what a results table needs
     rows = {r["label"]: r for r in rep["budget"]["models"]}
     assert rows["rqae@8"]["bits_per_token"] == pytest.approx(8 * np.log2(544))
+    # a prefix spliced for CE is a row of the tables, with its CE (it was computed, then left out)
+    assert rows["rqae@3"]["ce_delta"] == pytest.approx(rep["rqae"]["ce"]["rqae@3"]["ce_delta"])
     l0 = rep["sae"]["l0"]  # TopK: exactly k per token
     assert rows["sae"]["bits_per_token"] == pytest.approx(np.log2(float(math.comb(96, round(l0)))) + 16 * l0)
     assert rows["rqae@8"]["ce_delta_se"] > 0 and rows["sae"]["kl_se"] > 0 and rows["rqae@2"]["ce_delta"] is None
@@ -73,7 +75,7 @@ def test_report_numbers_are_those_of_evaluate_on_the_rqae_held_out_rows(trained,
 def test_report_has_pearson_and_decoder_matching_for_every_prefix(report):
     out, _, _ = report
     rep = json.loads((out / "report.json").read_text())
-    assert list(rep["pearson"]["summary"]["a"]) == ["1", "2", "4", "8"]
+    assert list(rep["pearson"]["summary"]["a"]) == ["1", "2", "3", "4", "8"]  # every scored prefix, 3 for CE
     scored = len(rep["pearson"]["features"])
     assert 0 < scored <= 8 and rep["pearson"]["features_scored"] == scored
     assert rep["pearson"]["features_requested"] == 8 and (rep["pearson"]["shortfall"] is None) == (scored == 8)
