@@ -268,6 +268,7 @@ def _write_into(tmp: Path, cfg: DashboardConfig, store, model, dictionary: dict 
     """The dashboard's files, written into the staging directory."""
     from rqae_pipeline.codebook_stats import codebook_stats
     from rqae_pipeline.codes import ensure_codes
+    from rqae_pipeline.feature_checks import dictionary_coverage_note
     from rqae_pipeline.features import DictionaryConfig, build_feature_dictionary
     from rqae_pipeline.report.codebook import plot_codebook_stats
 
@@ -283,11 +284,14 @@ def _write_into(tmp: Path, cfg: DashboardConfig, store, model, dictionary: dict 
     features_html, searches_html = _examples_html(cfg, store, model, codes, dictionary["features"], queries,
                                                   m_query)
     sp = store.spec
+    stale = dictionary_coverage_note(dictionary, store)
+    if stale:
+        say(f"note: {stale}")
     meta = {"summary": f"Store {name_of(store.path)}: {sp.model} {sp.hook}, {store.n_tokens:,} tokens, "
                        f"{sp.normalisation} normalisation. Model {Path(cfg.model).name}: {model.n_q} RQAE layers.",
             "features_note": "Each example's context is shaded by the feature's intensity on every token "
                              "(sum_i L_i cos(C[f_i], C[t_i]) / sum_i L_i over the feature's layers; hover for "
-                             "the value); the example's own token is outlined."}
+                             "the value); the example's own token is outlined." + (f" {stale}" if stale else "")}
     (tmp / "index.html").write_text(render_page(meta, features_html, searches_html, render_codebook(stats, pngs)),
                                     encoding="utf-8")
 

@@ -79,3 +79,16 @@ def check_dictionary(data: dict, path: Path, store: ActivationStore, identity: d
     key = first_difference(built_from, store.manifest["spec"])
     if key is not None:
         raise RQAEError(f"{path} was built from another store than {store.path} ({key} differs)")
+    if data.get("store_tokens", 0) > store.n_tokens:
+        raise RQAEError(f"{path} ranked {data['store_tokens']:,} tokens, but {store.path} commits {store.n_tokens:,}: "
+                        f"it was built from a longer copy of the store; rebuild it with `rqae feature-dictionary`")
+
+
+def dictionary_coverage_note(data: dict, store: ActivationStore) -> str | None:
+    """A note when the store has grown since the dictionary ranked it: the new rows are in
+    none of its top examples. None for a dictionary from before the count was recorded."""
+    ranked = data.get("store_tokens")
+    if not isinstance(ranked, int) or ranked >= store.n_tokens:
+        return None
+    return (f"The feature dictionary ranked the store's first {ranked:,} tokens; the {store.n_tokens - ranked:,} "
+            f"harvested since are in none of its examples (rebuild it with `rqae feature-dictionary`).")

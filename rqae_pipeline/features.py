@@ -360,7 +360,8 @@ def build_feature_dictionary(cfg: DictionaryConfig, *, progress: bool = True) ->
     result = {
         "schema": 1, "kind": "rqae-feature-dictionary",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "store": str(store.path), "store_spec": store.manifest["spec"], "codes": str(codes.path),
+        "store": str(store.path), "store_spec": store.manifest["spec"], "store_tokens": store.n_tokens,
+        "codes": str(codes.path),
         "model": codes.meta["model"],
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()},
         "score": "intensity: sum_i L_i cos(C[seed_i], C[t_i]) / sum_i L_i over the feature's layers",

@@ -1,5 +1,6 @@
 """The static dashboard, rendered by headless Chromium and checked on the rendered DOM."""
 
+import html
 import json
 import os
 import shutil
@@ -150,6 +151,8 @@ def test_cli_dashboard_builds_a_dictionary_and_refuses_bad_input(env, tmp_path):
     data = json.loads(env["dict_path"].read_text())
     del data["features"][1]["examples"][0]["row"]
     cut.write_text(json.dumps(data))
+    longer = tmp_path / "longer.json"  # ranked rows this store does not commit
+    longer.write_text(json.dumps({**json.loads(env["dict_path"].read_text()), "store_tokens": 10**9}))
     torn = tmp_path / "torn-run"  # a model whose train.json was cut short
     shutil.copytree(env["model_dir"], torn)
     (torn / "train.json").write_text('{"store_spec": {"model"')
@@ -160,6 +163,8 @@ def test_cli_dashboard_builds_a_dictionary_and_refuses_bad_input(env, tmp_path):
            (["--store", env["store"], "--model", env["model_dir"], "--features", cut],
             "cut.json: features.1.examples.0.row is missing or not of type int"),
            (["--store", env["store"], "--model", torn], "torn-run/train.json cannot be read as JSON"),
+           (["--store", env["store"], "--model", env["model_dir"], "--features", longer],
+            "built from a longer copy of the store"),
            (["--store", env["store"], "--model", env["model_dir"], "--serve", "--port", "99999"],
             "--port must be in 1..65535")]
     for args, needle in bad:
@@ -168,6 +173,15 @@ def test_cli_dashboard_builds_a_dictionary_and_refuses_bad_input(env, tmp_path):
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
         assert tree_digest(out) == before  # the earlier dashboard is untouched
+    # a dictionary from before the store grew: said on stderr and on the page
+    n = ActivationStore.open(env["store"]).n_tokens
+    shorter = tmp_path / "shorter.json"
+    shorter.write_text(json.dumps({**json.loads(env["dict_path"].read_text()), "store_tokens": n - 64}))
+    r = runner.invoke(app, [str(a) for a in ("dashboard", "--store", env["store"], "--model", env["model_dir"],
+                                              "--out", tmp_path / "d2", "--features", shorter)])
+    note = f"ranked the store's first {n - 64:,} tokens; the 64 harvested since are in none of its examples"
+    assert r.exit_code == 0 and note in r.stderr, r.output
+    assert note in html.unescape((tmp_path / "d2" / "index.html").read_text())
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")
     r = runner.invoke(app, [str(a) for a in ("dashboard", "--store", env["store"], "--model", env["model_dir"],
