@@ -13,7 +13,7 @@ At each budget the RQAE is taken at its largest evaluated prefix within the SAE'
 ("within") and at the prefix nearest to it ("nearest"); the winner is read off the
 within-budget prefix, so the RQAE never gets more than the SAE's cost at its mean L0. (An SAE
 whose L0 varies by token, JumpReLU or Gemma Scope, costs less on average than at its mean L0,
-log2 C being concave: e.g. ~25 bits at width 16,384, L0 77 +- 61, about 3 RQAE layers; a
+log2 C being concave: e.g. 25-32 bits at width 16,384, L0 77 +- 61, about 3 RQAE layers; a
 TopK SAE's L0 is fixed.) Lower FVU wins in each
 space (equal FVUs are a tie); a CE-delta difference within 2 standard errors of that
 difference is a tie. Both models' CE is measured on the same contexts, so the standard error
