@@ -235,3 +235,16 @@ def test_a_known_release_is_looked_up_before_any_download(monkeypatch):
                                         r"through sae-lens: OSError: hub unreachable$"):
         load_pretrained_sae(PretrainedSAE("gemma-scope-2b-pt-res-canonical", "layer_12/width_16k/canonical"))
     assert seen == [("gemma-scope-2b-pt-res-canonical", "layer_12/width_16k/canonical")]
+
+
+def test_pearson_means_say_when_they_cover_fewer_features_than_were_scored():
+    """A feature with a constant RQAE intensity over its examples has no correlation (NaN) at
+    that prefix and is left out of that prefix's mean only: the line says over how many."""
+    from rqae_pipeline.pearson import pearson_summary
+    from rqae_pipeline.report.comparison import pearson_lines
+
+    per_feature = [{"a": {"1": 0.5, "8": 0.25}, "b": {"1": 0.1, "8": 0.3}},
+                   {"a": {"1": float("nan"), "8": 0.75}, "b": {"1": 0.3, "8": 0.5}}]
+    summary = pearson_summary(per_feature, (1, 8))
+    line = pearson_lines({"summary": summary, "features_scored": 2, "features_requested": 2})[1]
+    assert "1: (a) 0.50 (of 1) (b) 0.20" in line and "8: (a) 0.50 (b) 0.40" in line

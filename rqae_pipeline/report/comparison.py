@@ -81,8 +81,13 @@ def pearson_lines(pearson: dict) -> list[str]:
     if scored == 0:
         return [f"Pearson: {pearson['shortfall']}"]
     over = f"{scored} of {requested} requested features" if scored is not None else "features"
+
+    def fewer(part: dict) -> str:  # a feature whose correlation is undefined there (NaN) is left out
+        return f" (of {part['n']})" if scored is not None and part["n"] != scored else ""
+
     return [f"Pearson (SAE activation vs RQAE intensity), mean over {over}, by RQAE layers used:",
-            "  " + "  ".join(f"{m}: (a) {pa[m]['mean']:.2f} (b) {pb[m]['mean']:.2f}" for m in pa)]
+            "  " + "  ".join(f"{m}: (a) {pa[m]['mean']:.2f}{fewer(pa[m])} (b) {pb[m]['mean']:.2f}{fewer(pb[m])}"
+                             for m in pa)]
 
 
 def budget_lines(budget: dict) -> list[str]:

@@ -143,9 +143,9 @@ def _pearson_section(p: dict, png: Path) -> list[str]:
         f'<p class="note">{len(p["features"])} SAE features; for each, the tokens where it fires in its '
         f"top, median and bottom contexts. RQAE feature (a): the SAE encoder vector through the final norm, "
         f"encoded; (b): the codes of the feature's top-activating token. Rows {p['rows'][0]:,}..{p['rows'][1]:,}.</p>",
-        table(["RQAE layers", "(a) mean r", "(a) std", "(b) mean r", "(b) std", "features"],
-              [[m, _num(pa[m]["mean"], ".3f"), _num(pa[m]["std"], ".3f"), _num(pb[m]["mean"], ".3f"),
-                _num(pb[m]["std"], ".3f"), pa[m]["n"]] for m in pa], "pearson"),
+        table(["RQAE layers", "(a) mean r", "(a) std", "(a) features", "(b) mean r", "(b) std", "(b) features"],
+              [[m, _num(pa[m]["mean"], ".3f"), _num(pa[m]["std"], ".3f"), pa[m]["n"], _num(pb[m]["mean"], ".3f"),
+                _num(pb[m]["std"], ".3f"), pb[m]["n"]] for m in pa], "pearson"),
         _img(png, "Pearson correlation against RQAE layers used"),
     ]
 
