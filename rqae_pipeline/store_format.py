@@ -125,8 +125,8 @@ def layout_problem(spec: StoreSpec, name: str, arr) -> str | None:
     if name in ("gain", "mean"):
         want_dtype, want_shape, shape, label = "float32", (spec.d_model,), tuple(arr.shape), f"({spec.d_model},)"
     else:
-        want_dtype, shape = array_layout(spec)[name][1], tuple(arr.shape[1:])
-        want_shape = (spec.d_model,) if name == "acts" else ()
+        empty, want_dtype = array_layout(spec)[name][:2]
+        want_shape, shape = empty[1:], tuple(arr.shape[1:])
         label = f"(N,{''.join(f' {d}' for d in want_shape)})"
     if str(arr.dtype) != want_dtype:
         return f"{name}: dtype {arr.dtype}, the manifest's {spec.dtype} store holds {want_dtype}"
