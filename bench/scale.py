@@ -28,8 +28,8 @@ resume   Seconds of a `harvest(resume=True)` that adds exactly one shard to a st
          10K store's rows is printed beside, for scale: what a resume that re-read would add.
          Target: 10K / K <= 1.2 (flat: nothing re-read up to the committed position).
 
-    python bench/scale.py                        # all three: offline Gemma-3-270M, 5 rounds
-    python bench/scale.py --only s3 --only resume --model tiny-random:0 --tokens 2048 --rounds 2   # smoke
+    python bench/scale.py                        # all three: offline Gemma-3-270M, 5 rounds (resume 11)
+    python bench/scale.py --only s3 --only resume --model tiny-random:0 --tokens 2048 --rounds 2 --resume-rounds 2
     python bench/scale.py --only workers --worker-tokens 8192 --rounds 3   # the earlier, shorter harvests
 """
 
@@ -305,7 +305,7 @@ def bench_resume(args: argparse.Namespace, root: Path, lm) -> list[Row]:
     stores = prepare_stores(cfg, lm, root, shard_rows, k)
     timed_resume(cfg, lm, stores[1], root / "warm.zarr", shard_rows)  # first-call costs of the resume path
     seconds: dict[int, list[float]] = {1: [], 10: []}
-    for r in range(args.rounds):
+    for r in range(args.resume_rounds):
         for factor in (1, 10) if r % 2 == 0 else (10, 1):
             seconds[factor].append(timed_resume(cfg, lm, stores[factor], root / f"resume-{factor}x.zarr", shard_rows))
         if r == 0:
@@ -335,7 +335,10 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--worker-tokens", type=int, default=32768,
                     help="tokens per harvest of the workers section (45-100 s for 1 worker on 2 cores: a "
                          "harvest's fixed start and finish weigh on a short one)")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=5, help="rounds of the workers and s3 sections")
+    ap.add_argument("--resume-rounds", type=int, default=11,
+                    help="rounds of the resume section: single calls of a few seconds, whose ratio spreads "
+                         "by +-30%% on a busy 2-core machine, so more of them")
     ap.add_argument("--context-length", type=int, default=128)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--contexts-per-shard", type=int, default=8)
@@ -353,7 +356,7 @@ def main() -> None:
               f"{torch.__version__} with {torch.get_num_threads()} thread(s) in this process (dask workers: 1 each), "
               f"load average {os.getloadavg()[0]:.2f} at start; {args.model}, {args.context_length}-token contexts, "
               f"batch {args.batch_size}, {args.contexts_per_shard} contexts per shard, {args.rounds} interleaved "
-              f"rounds; a target is met when the median is")
+              f"rounds (resume: {args.resume_rounds}); a target is met when the median is")
     print(header, flush=True)
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="rqae-scale-") as tmp:

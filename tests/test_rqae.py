@@ -1,3 +1,4 @@
+import copy
 import itertools
 
 import pytest
@@ -49,6 +50,23 @@ def test_fast_encoder_gives_the_naive_codes(block, init):
     assert same_rows.float().mean() >= 0.99
     with torch.no_grad():
         assert all(first_mismatch_is_a_tie(model, x[r], naive[r], fast[r]) for r in (~same_rows).nonzero()[:, 0])
+
+
+def test_an_input_far_off_centre_gets_the_float64_codes():
+    """The fast encoder projects x - b_out[0] (the data mean once `init_from_data` set it), so
+    a mean ~300x the spread is not cancelled in every layer's float32 projection: 98% of rows
+    get the float64 loop's codes, as many as the float32 loop gives (projecting x itself:
+    88%). The rest is the float32 input's own rounding."""
+    model = random_rqae(n_q=200, init="tied")
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2000, 48, generator=gen, dtype=torch.float64) @ torch.randn(48, 48, generator=gen,
+                                                                              dtype=torch.float64) * 0.5 + 1000
+    model.init_from_data(x[:1000].float())
+    reference = copy.deepcopy(model).double()
+    with torch.no_grad():
+        want = reference.encode_naive(x[1000:])
+        got = model.encode(x[1000:].float())
+    assert (got == want).all(1).float().mean() >= 0.95
 
 
 def test_decode_sums_layer_outputs_and_prefixes_are_partial_sums():

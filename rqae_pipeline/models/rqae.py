@@ -152,19 +152,24 @@ class RQAE(HookedRootModule):
             r -= self.codebook[c] @ self.W_out[i] + self.b_out[i]
         return codes
 
-    def _cross_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _cross_terms(self) -> tuple[torch.Tensor, ...]:
         """W_in stacked as (d, 4 n_q), M[4j:4j+4, 4i:4i+4] = W_out[j] W_in[i] (how layer j's
-        output moves layer i's input) and the effective input bias
-        b_in[i] - (sum_{j<i} b_out[j]) W_in[i]; cached until the weights change (optimiser
-        steps bump the tensors' version counters)."""
+        output moves layer i's input), the effective input bias of x - b_out[0]:
+        b_in[i] - (sum_{j<i} b_out[j] - b_out[0]) W_in[i], and b_out[0]; cached until the
+        weights change (optimiser steps bump the tensors' version counters).
+
+        The projections are taken of x - b_out[0] because b_out[0] holds the data mean
+        (`init_from_data`), which can be far larger than the spread: projecting x itself
+        would cancel it in every later layer's projection, in float32."""
         key = tuple((t.data_ptr(), t._version) for t in (self.W_in, self.b_in, self.W_out, self.b_out))
         if self._cross_cache is None or self._cross_cache[0] != key:
             n, d = self.n_q, self.cfg.d_in
+            b_out = self.b_out.detach()
             w_in = self.W_in.detach().permute(1, 0, 2).reshape(d, n * CODE_DIM).contiguous()
             cross = self.W_out.detach().reshape(n * CODE_DIM, d) @ w_in
-            before = torch.cumsum(self.b_out.detach(), 0) - self.b_out.detach()  # exclusive prefix sums
+            before = torch.cumsum(torch.cat([torch.zeros_like(b_out[:1]), b_out[1:]]), 0) - b_out  # minus b_out[0]
             bias = self.b_in.detach() - torch.einsum("nd,ndk->nk", before, self.W_in.detach())
-            self._cross_cache = (key, w_in, cross, bias.reshape(1, -1))
+            self._cross_cache = (key, w_in, cross, bias.reshape(1, -1), b_out[0].clone())
         return self._cross_cache[1:]
 
     @torch.no_grad()
@@ -184,8 +189,8 @@ class RQAE(HookedRootModule):
         (`code_layers`). Training encodes chunk by chunk instead (`loss_and_grads`).
         """
         with exact_arithmetic(x):
-            w_in, cross, bias = self._cross_terms()
-            proj = torch.addmm(bias, x, w_in)  # (B, n*4)
+            w_in, cross, bias, b_out0 = self._cross_terms()
+            proj = torch.addmm(bias, x - b_out0, w_in)  # (B, n*4)
             return code_layers(proj, cross, self.codebook, nearest or self._nearest, block), proj
 
     def decode(self, codes: torch.Tensor, n_layers: int | None = None) -> torch.Tensor:

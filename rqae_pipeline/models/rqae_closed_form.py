@@ -47,6 +47,13 @@ earlier layers of the chunk subtract reaches later projections through 4×4 bloc
 Wo_c W_in_c (`code_layers`), and R for the next chunk is R - Z_c Wo_c - Σ b_out, as in the
 loop (x_hat = x - r_n).
 
+Centring. The first chunk starts from x itself, whose mean (held in b_out[0] once
+`init_from_data` set it) can be far larger than its spread; every projection and loss term
+expanded around R would then cancel that mean in float32. So the first chunk is written
+around R = x - b_out[0] with that row taken out of its b_out and β shifted by it (β_0 =
+-b_out[0]): the same r_j, r̂_j - b_out[0] for j = 0, the same G_j (w_j0 = α_j), hence the
+same values and gradients in exact arithmetic, and small terms in float32.
+
 Nearest code
 ------------
 The 544 codes are closed under sign flips and permutations of the 4 coordinates, so
@@ -161,26 +168,28 @@ class _Chunk:
 
 
 def _chunks(params: tuple[torch.Tensor, ...], chunk: int) -> list[_Chunk]:
+    """The chunks' constants; the first is written around x - b_out[0] (module docstring)."""
     W_in, b_in, W_out, b_out = (t.detach() for t in params)
     n, d = b_out.shape
     out = []
     for a in range(0, n, chunk):
         e = min(a + chunk, n)
-        before = torch.cumsum(b_out[a:e], 0) - b_out[a:e]  # exclusive prefix sums in the chunk
+        b_out_c = b_out[a:e] if a else torch.cat([torch.zeros_like(b_out[:1]), b_out[1:e]])
+        before = torch.cumsum(b_out_c, 0) - b_out[a:e]  # exclusive prefix sums (first chunk: minus b_out[0])
         bias = b_in[a:e] - torch.einsum("cd,cdk->ck", before, W_in[a:e])
         out.append(_Chunk(a, e, W_in[a:e].permute(1, 0, 2).reshape(d, -1), bias.reshape(-1),
-                          W_out[a:e].reshape(-1, d), b_out[a:e], before))
+                          W_out[a:e].reshape(-1, d), b_out_c, before))
     return out
 
 
-def _encode(chunks: list[_Chunk], codebook, x, nearest) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-    """Codes (B, n), projections (B, 4n) and each chunk's input residual R_k (B, d), and the
-    final residual appended: the loop's recurrence with d-space residuals kept only at
-    chunk boundaries."""
+def _encode(chunks: list[_Chunk], codebook, x, b_out0, nearest) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Codes (B, n), projections (B, 4n) and each chunk's input residual R_k (B, d) (the
+    first x - b_out[0]), and the final residual appended: the loop's recurrence with
+    d-space residuals kept only at chunk boundaries."""
     B, n = x.shape[0], chunks[-1].e
     codes = torch.empty(B, n, dtype=torch.long, device=x.device)
     proj = torch.empty(B, n * CODE_DIM, dtype=x.dtype, device=x.device)
-    residuals = [x]
+    residuals = [x - b_out0]
     for ch in chunks:
         R, p = residuals[-1], proj[:, ch.a * CODE_DIM : ch.e * CODE_DIM]
         torch.addmm(ch.b_in, R, ch.W_in, out=p)
@@ -249,7 +258,7 @@ def loss_and_grads(params: tuple[torch.Tensor, ...], codebook: torch.Tensor, x: 
     B = x.shape[0]
     s = 1.0 / (n * B * d) if prefix_loss else 1.0 / (B * d)
     chunks = _chunks(params, chunk)
-    codes, proj, residuals = _encode(chunks, codebook, x, nearest)
+    codes, proj, residuals = _encode(chunks, codebook, x, params[3][0].detach(), nearest)
     final = residuals[-1]
     A = None if prefix_loss else final  # Σ_{m>e} r_m for the last chunk (zero); r_n
     total = x.new_zeros((), dtype=torch.float64) if prefix_loss else final.pow(2).sum(dtype=torch.float64)
