@@ -197,8 +197,9 @@ def run_comparison(cfg: CompareConfig, *, progress: bool = True, echo: Callable[
     echo("Pearson feature matching")
     pearson = pearson_matching(rqae, sae, store, cfg.pearson, sae_space=space, prefixes=base.prefixes,
                                rows=rows, exclude=base.exclude)
-    if pearson["shortfall"]:
-        echo(f"warning: {pearson['shortfall']}")
+    for note in (pearson["shortfall"], pearson["signed"]):
+        if note:
+            echo(f"warning: {note}")
     echo("decoder-direction matching")
     matching = decoder_matching(rqae, sae, store, space, cfg)
     report = {

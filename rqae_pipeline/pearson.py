@@ -205,7 +205,9 @@ def pearson_matching(rqae, sae, store, cfg: PearsonConfig, *, sae_space: str, pr
             "rows": [start, stop], "sae_space": sae_space,
             # fewer than requested: too few eligible features in the rows scanned, or too few example tokens
             "features_requested": requested, "features_scored": len(per_feature),
-            "shortfall": shortfall(requested, len(per_feature), stop - start, cfg)}
+            "shortfall": shortfall(requested, len(per_feature), stop - start, cfg),
+            "negative_activations": int((acts < 0).sum()), "nonzero_activations": int((acts != 0).sum()),
+            "signed": signed_note(acts)}
 
 
 def shortfall(requested: int, scored: int, rows: int, cfg: PearsonConfig) -> str | None:
@@ -216,6 +218,21 @@ def shortfall(requested: int, scored: int, rows: int, cfg: PearsonConfig) -> str
             f"if it fires on fewer than {cfg.min_firing} of the {rows:,} rows scanned, has a BOS token among its "
             f"top {cfg.top_not_bos} or fires on fewer than 3 tokens of its example contexts); more held-out rows "
             f"(--pearson-tokens, a larger store) give more")
+
+
+def signed_note(acts: torch.Tensor) -> str | None:
+    """Why a signed SAE's (AbsTopK's) matching reads only half of its firings, or None.
+
+    Matching follows the reference, written for SAEs whose activations are >= 0: a feature
+    fires where its activation is positive (its pool, example tokens and top token), so a
+    negative activation is read as not firing."""
+    negative, nonzero = int((acts < 0).sum()), int((acts != 0).sum())
+    if not negative:
+        return None
+    return (f"the SAE's activations are negative on {negative:,} of the {nonzero:,} non-zero activations of the "
+            f"sampled features (a signed SAE, e.g. AbsTopK): Pearson matching takes a feature's positive "
+            f"activations as its firings, so its negative firings count as not firing and each correlation is "
+            f"of the feature's positive side only")
 
 
 def middle_prefix(prefixes: tuple[int, ...], n_q: int) -> int:

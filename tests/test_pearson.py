@@ -66,6 +66,26 @@ def test_query_a_recovers_a_planted_feature_of_a_stored_space_sae_on_an_uneven_g
     assert f["a"]["8"] > f["b"]["8"] - 0.05  # as good as the top token's own codes
 
 
+def test_a_signed_sae_is_matched_on_its_positive_side_and_says_so(planted):
+    """AbsTopK keeps negative activations; matching reads positive ones as firings (as the
+    reference, written for SAEs that are >= 0), so the result counts the negative ones and
+    says so. A ReLU SAE on the same rows has none."""
+    store, rqae, u, gain = planted
+    v = u / gain
+    sae = SAE.from_dict({"architecture": "abstopk", "d_in": D, "d_sae": 2, "k": 2, "dtype": "float32",
+                         "device": "cpu", "apply_b_dec_to_input": False})
+    with torch.no_grad():
+        for p in (sae.W_enc, sae.b_enc, sae.b_dec):
+            p.zero_()
+        sae.W_enc[:, 0], sae.W_enc[:, 1] = v, -0.5 * v  # feature 1 is negative wherever feature 0 is positive
+    cfg = PearsonConfig(features=(0, 1), min_firing=0)
+    out = pearson_matching(rqae, sae, store, cfg, sae_space="normalised", prefixes=(8,))
+    assert out["negative_activations"] > 0.3 * out["nonzero_activations"]
+    assert f"negative on {out['negative_activations']:,} of the {out['nonzero_activations']:,}" in out["signed"]
+    relu = pearson_matching(rqae, linear_sae([v, -0.5 * v]), store, cfg, sae_space="normalised", prefixes=(8,))
+    assert relu["negative_activations"] == 0 and relu["signed"] is None
+
+
 def test_a_stored_space_sae_and_its_raw_space_twin_give_the_same_query(planted):
     """v = u / gain on stored rows and u on raw residuals read the same direction: the
     reference's norm(W_enc) query must not depend on the space the SAE was trained in."""

@@ -139,7 +139,7 @@ def _pearson_section(p: dict, png: Path) -> list[str]:
     pa, pb = p["summary"]["a"], p["summary"]["b"]
     return [
         "<h2>Pearson feature matching</h2>",
-        *([f'<p class="note"><b>{html.escape(p["shortfall"])}</b></p>'] if p.get("shortfall") else []),
+        *(f'<p class="note"><b>{html.escape(p[k])}</b></p>' for k in ("shortfall", "signed") if p.get(k)),
         f'<p class="note">{len(p["features"])} SAE features; for each, the tokens where it fires in its '
         f"top, median and bottom contexts. RQAE feature (a): the SAE encoder vector through the final norm, "
         f"encoded; (b): the codes of the feature's top-activating token. Rows {p['rows'][0]:,}..{p['rows'][1]:,}.</p>",
