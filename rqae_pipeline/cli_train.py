@@ -118,6 +118,7 @@ def sweep(
 ) -> None:
     """The same learning-rate search for every architecture, seeds at the chosen rate, mean ± SE table."""
     store = store_location(store)
+    from rqae_pipeline.io import atomic_write_text
     from rqae_pipeline.models.base import ModelSpec
     from rqae_pipeline.store import ActivationStore
     from rqae_pipeline.sweep import SweepConfig, evaluate_seeds, format_quality_table, jsonable, run_sweep
@@ -129,7 +130,7 @@ def sweep(
                       extend=extend, seeds=tuple(range(seeds)), heldout_contexts=heldout_contexts, device=device)
     result = run_sweep(cfg, echo=typer.echo)
     evaluated = evaluate_seeds(cfg, result, ce_contexts=ce_contexts, echo=typer.echo)
-    (out / "quality.json").write_text(json.dumps(jsonable(evaluated), indent=1))
+    atomic_write_text(out / "quality.json", json.dumps(jsonable(evaluated), indent=1))
     typer.echo(format_quality_table(evaluated))
 
 

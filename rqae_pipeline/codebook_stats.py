@@ -14,6 +14,7 @@ import torch
 
 from rqae_pipeline import RQAEError
 from rqae_pipeline.codes import CodesStore, ensure_codes, model_identity
+from rqae_pipeline.io import atomic_write_text
 from rqae_pipeline.metrics import code_counts, usage_perplexity
 from rqae_pipeline.store import ActivationStore
 from rqae_pipeline.urls import is_remote
@@ -176,7 +177,7 @@ def write_codebook_stats(cfg: CodebookStatsConfig, *, progress: bool = True) -> 
     out = cfg.out or codes.path.with_name(codes.path.name.removesuffix(".zarr") + "-stats")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "codebook_stats.json").write_text(json.dumps(stats))
+        atomic_write_text(out / "codebook_stats.json", json.dumps(stats))
         plots = plot_codebook_stats(stats, out)
     except OSError as e:
         raise RQAEError(f"cannot write {out}: {e.strerror or e}") from None

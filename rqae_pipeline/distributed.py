@@ -145,6 +145,24 @@ def next_on_every_rank(batches: Iterator, ranks: Ranks):
     return item
 
 
+def on_main(fn, ranks: Ranks):
+    """fn() on the main rank (None on the others); an RQAEError it raises is raised on every
+    rank, so no rank goes on to wait in a collective for a main rank that has stopped."""
+    result, error = None, ""
+    if ranks.is_main:
+        try:
+            result = fn()
+        except RQAEError as e:
+            error = str(e)
+    if ranks.distributed:
+        box = [error]
+        dist.broadcast_object_list(box, src=0, group=_cpu_group())
+        error = box[0]
+    if error:
+        raise RQAEError(error)
+    return result
+
+
 _gloo_beside_nccl = None
 
 

@@ -48,7 +48,8 @@ class StoreLock:
     """`acquire()` takes `root/.lock` or raises RQAEError; `release()` removes it if ours."""
 
     def __init__(self, root):
-        self.path = join(location(root), LOCK_NAME)  # a Path, or a URL for a store on an object store
+        self.root = location(root)
+        self.path = join(self.root, LOCK_NAME)  # a Path, or a URL for a store on an object store
         self.remote = is_remote(self.path)
         self.taken_over: dict | None = None
 
@@ -184,7 +185,7 @@ class StoreLock:
                             f"delete the file and retry")
         if self._alive(info):
             raise RQAEError(
-                f"store is being written by another process (pid {info.get('pid')} on {info.get('host')}); "
+                f"{self.root} is being written by another process (pid {info.get('pid')} on {info.get('host')}); "
                 f"wait for it or stop it"
             )
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rqae_pipeline import RQAEError
-from rqae_pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text, read_json
+from rqae_pipeline.io import atomic_torch_save, atomic_write_json, atomic_write_text, empty_except_lock, read_json
 from rqae_pipeline.reader import DataPosition
 
 if TYPE_CHECKING:
@@ -84,7 +84,7 @@ def prepare_out(out: Path, *, resume: bool, identity: dict, store: ActivationSto
                 raise RQAEError(f"cannot resume: {key} was {before!r}, now {value!r}; "
                                 f"resume with the same settings or choose another --out")
         return ckpt or None
-    if out.exists() and any(out.iterdir()):
+    if not empty_except_lock(out):
         raise RQAEError(f"{out} exists and is not a training run directory; choose another --out")
     return None
 

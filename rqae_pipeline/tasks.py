@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from contextlib import contextmanager
 
 import torch
@@ -80,8 +82,24 @@ def local_cluster(workers: int):
                           "distributed.worker.memory.monitor-interval": "1s"}):
         # A failing task is re-raised in this process, which prints it as one `error:` line;
         # the workers' own ERROR logs would print its traceback to the same terminal again.
-        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                            silence_logs=logging.CRITICAL)
+        with workers_ignore_sigint():
+            return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+                                silence_logs=logging.CRITICAL)
+
+
+@contextmanager
+def workers_ignore_sigint():
+    """SIGINT ignored while a cluster's worker processes start, so they inherit it ignored:
+    a Ctrl-C reaches the terminal's whole process group, and the workers would each print a
+    traceback before this process, which owns them, closes the cluster and prints one line."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_tasks(fn, args_list: list[tuple], cfg, desc: str, progress: bool, client=None) -> list:

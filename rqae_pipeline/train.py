@@ -29,6 +29,7 @@ import torch
 
 from rqae_pipeline import RQAEError, __version__, distributed
 from rqae_pipeline.distributed import SINGLE, Ranks, mean_over_ranks
+from rqae_pipeline.lock import take_write_lock
 from rqae_pipeline.metrics import Stats, prefix_label, prefix_of
 from rqae_pipeline.models.base import ModelSpec, Trainable
 from rqae_pipeline.models.registry import build_trainable, reconstruct
@@ -209,6 +210,32 @@ class _Run:
 def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     """Train (or resume) a model; under torchrun, as one rank of a data-parallel run."""
     ranks, device = distributed.start(cfg.device)
+    try:
+        with run_dir_lock(Path(cfg.out), ranks):
+            return _train(cfg, ranks, device, progress)
+    finally:
+        distributed.stop(ranks)
+
+
+@contextlib.contextmanager
+def run_dir_lock(out: Path, ranks: Ranks):
+    """The run directory's single-writer lock (`.lock`, as a store's), held by the main rank
+    for the whole run: a second `rqae train` on the same --out, resumed or not, is one error
+    line instead of a run whose files come from two. A directory made only to hold the lock
+    is removed again if the run stops before writing into it."""
+    made = not out.exists()
+    lock = distributed.on_main(lambda: take_write_lock(out), ranks)
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+            if made:
+                with contextlib.suppress(OSError):
+                    out.rmdir()  # only when empty
+
+
+def _train(cfg: TrainConfig, ranks: Ranks, device: str, progress: bool) -> TrainResult:
     run = None
     try:
         run = _start_run(_with_streams(cfg, ranks), ranks, device)
@@ -227,7 +254,6 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     finally:
         if run is not None:
             run.batches.close()
-        distributed.stop(ranks)
 
 
 def _with_streams(cfg: TrainConfig, ranks: Ranks) -> TrainConfig:

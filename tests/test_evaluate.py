@@ -118,6 +118,30 @@ def test_bad_evaluation_input(trained, tmp_path, tiny_lm):
             evaluate(EvalConfig(store=store, model=runs[arch], space="raw"), progress=False)
 
 
+def test_a_report_that_stops_part_way_leaves_no_json_of_the_run_before(tmp_path, monkeypatch):
+    """`eval --out` and `compare-gemmascope --out` write their JSON last and remove the
+    previous run's first: a run stopped while plotting leaves no JSON beside its new plots."""
+    import rqae_pipeline.report.plots as plots
+    from rqae_pipeline.report.comparison import write_report
+    from rqae_pipeline.report.evaluation import write_evaluation
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "eval.json"
+    out.write_text('{"the run before": 1}')
+    report = tmp_path / "report"
+    report.mkdir()
+    for name in ("report.json", "report.html"):
+        (report / name).write_text("the run before")
+    monkeypatch.setattr(plots, "plot_reconstruction_vs_layers", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        write_evaluation({"metrics": {}}, out, "model")
+    with pytest.raises(KeyboardInterrupt):
+        write_report({"rqae": {}, "sae": {}}, report)
+    assert not out.exists() and not (report / "report.json").exists() and not (report / "report.html").exists()
+
+
 def test_eval_cli_prints_a_table_and_writes_json(trained, tmp_path):
     from typer.testing import CliRunner
 

@@ -52,6 +52,16 @@ def client():
     cluster.close()
 
 
+def test_the_local_clusters_workers_ignore_sigint_and_this_process_keeps_its_handler(client):
+    """A Ctrl-C reaches the terminal's whole process group: the workers leave it to this
+    process (which closes the cluster and prints one line) instead of each printing a
+    traceback. This process's own handler is back once the cluster has started."""
+    import signal
+
+    assert set(client.run(signal.getsignal, signal.SIGINT).values()) == {signal.SIG_IGN}
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 @pytest.fixture(scope="module")
 def single(tiny_lm, tmp_path_factory):
     """Single-process stores (one torch thread) that the parallel runs must reproduce."""

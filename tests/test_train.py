@@ -236,6 +236,31 @@ def test_out_dir_of_another_run_and_changed_hyperparameters(store_path, tmp_path
         train(rqae_cfg(store_path, tmp_path / "other"), progress=False)
 
 
+def test_a_run_directory_has_one_writer_at_a_time(store_path, tmp_path):
+    """The run directory's lock: a second train on it, fresh or resumed, is refused while the
+    first holds it, and changes nothing; a finished run leaves no lock, a refused fresh run
+    no directory."""
+    out = tmp_path / "run"
+    train(rqae_cfg(store_path, out, tokens=256 * 10), progress=False)
+    assert not (out / ".lock").exists()
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    lock = StoreLock(out)
+    lock.acquire()  # this process's record: live, as a running `rqae train` would hold it
+    try:
+        with pytest.raises(RQAEError, match="is being written by another process"):
+            train(rqae_cfg(store_path, out, tokens=256 * 10, resume=True), progress=False)
+        with pytest.raises(RQAEError, match="is being written by another process"):
+            train(rqae_cfg(store_path, out, tokens=256 * 10), progress=False)
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file() and p.name != ".lock"} == before
+    finally:
+        lock.release()
+    with pytest.raises(RQAEError, match="no activation store"):
+        train(rqae_cfg(tmp_path / "missing.zarr", tmp_path / "fresh"), progress=False)
+    assert not (tmp_path / "fresh").exists()
+    train(rqae_cfg(store_path, out, tokens=256 * 10, resume=True), progress=False)  # the lock released: resumes
+    assert json.loads((out / "train.json").read_text())["status"] == "done" and not (out / ".lock").exists()
+
+
 def test_a_checkpoint_without_a_readable_data_position_is_refused_unchanged(store_path, tmp_path):
     """--resume starts reading where the checkpoint's data position says: a record lacking a
     field, holding a non-integer or the wrong number of streams is one error line, before

@@ -24,14 +24,18 @@ def write_report(report: dict, out: Path) -> None:
     )
 
     out.mkdir(parents=True, exist_ok=True)
+    # report.json is written last and the previous run's report goes first, so a folder that
+    # holds a report.json holds one run's files, whatever point a kill stopped this one at
+    for name in ("report.json", "report.html"):
+        (out / name).unlink(missing_ok=True)
     pngs = {
         "reconstruction": plot_reconstruction_vs_layers({"RQAE": report["rqae"], "SAE": report["sae"]},
                                                         out / "reconstruction.png"),
         "pearson": plot_pearson(report["pearson"], out / "pearson.png"),
         "matching": plot_decoder_matching(report["decoder_matching"], out / "decoder_matching.png"),
     }
-    atomic_write_bytes(out / "report.json", json_text(report, default=_default).encode())
     atomic_write_bytes(out / "report.html", render_comparison(report, pngs).encode())
+    atomic_write_bytes(out / "report.json", json_text(report, default=_default).encode())
 
 
 def model_rows(report: dict) -> list[dict]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from rqae_pipeline.io import json_text
+from rqae_pipeline.io import atomic_write_text, json_text
 
 
 def write_evaluation(result: dict, out: Path, model_name: str) -> list[Path]:
@@ -14,8 +14,10 @@ def write_evaluation(result: dict, out: Path, model_name: str) -> list[Path]:
     from rqae_pipeline.report.plots import plot_reconstruction_vs_layers
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json_text(result))
-    return [out, plot_reconstruction_vs_layers({model_name: result}, out.with_suffix(".png"))]
+    out.unlink(missing_ok=True)  # the JSON last, the old one first: never a new plot beside an old JSON
+    png = plot_reconstruction_vs_layers({model_name: result}, out.with_suffix(".png"))
+    atomic_write_text(out, json_text(result))
+    return [out, png]
 
 
 def evaluation_lines(result: dict, model: Path) -> list[str]:
