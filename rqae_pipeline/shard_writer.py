@@ -10,7 +10,6 @@ import contextlib
 import errno
 import math
 import queue
-import signal
 import threading
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ import torch
 from rqae_pipeline import RQAEError
 from rqae_pipeline.codec import StoreDtype, decode_acts, encode_acts
 from rqae_pipeline.corpus import CorpusState
+from rqae_pipeline.io import sigint_handler
 from rqae_pipeline.store import ActivationStore, Flags
 
 
@@ -288,16 +288,8 @@ class InterruptShield:
     def __init__(self):
         self.busy = self.held = False
 
-    @contextlib.contextmanager
     def installed(self):
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signals reach only the main thread: nothing to hold here
-            return
-        previous = signal.signal(signal.SIGINT, self._on_sigint)
-        try:
-            yield
-        finally:
-            signal.signal(signal.SIGINT, previous)
+        return sigint_handler(self._on_sigint)  # signals reach only the main thread: nothing to hold elsewhere
 
     @contextlib.contextmanager
     def writing(self):

@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import threading
 from contextlib import contextmanager
 
 import torch
 
 from rqae_pipeline import RQAEError
+from rqae_pipeline.io import sigint_handler
 
 
 def _in_worker(fn, torch_threads: int | None, *args):
@@ -87,19 +87,11 @@ def local_cluster(workers: int):
                                 silence_logs=logging.CRITICAL)
 
 
-@contextmanager
 def workers_ignore_sigint():
     """SIGINT ignored while a cluster's worker processes start, so they inherit it ignored:
     a Ctrl-C reaches the terminal's whole process group, and the workers would each print a
     traceback before this process, which owns them, closes the cluster and prints one line."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
+    return sigint_handler(signal.SIG_IGN)
 
 
 def run_tasks(fn, args_list: list[tuple], cfg, desc: str, progress: bool, client=None) -> list:
