@@ -35,7 +35,10 @@ def eval_command(
     standard errors, L0, dead latents, code usage) of a model on a store."""
     store = store_location(store)
     from rqae_pipeline.evaluate import EvalConfig, evaluate
-    from rqae_pipeline.report.evaluation import evaluation_lines, write_evaluation
+    from rqae_pipeline.report.evaluation import check_evaluation_out, evaluation_lines, write_evaluation
+
+    if out is not None:
+        check_evaluation_out(out)  # before the evaluation, not after it
 
     result = evaluate(EvalConfig(store=store, model=model, rows=rows, workers=workers, scheduler=scheduler,
                                  batch_size=batch_size, ce_contexts=ce_contexts, space=space,

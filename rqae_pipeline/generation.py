@@ -8,6 +8,7 @@ sampling seed.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -28,8 +29,9 @@ class GenerationConfig:
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.samples < 1:
             raise ValueError("--max-new-tokens and --samples must be positive")
-        if self.temperature < 0 or self.repetition_penalty <= 0:
-            raise ValueError("--temperature must be >= 0 and --repetition-penalty > 0")
+        if not (self.temperature >= 0 and self.repetition_penalty > 0) or math.inf in (self.temperature,
+                                                                                       self.repetition_penalty):
+            raise ValueError("--temperature must be >= 0 and --repetition-penalty > 0, both finite")
 
 
 # --------------------------------------------------------------------------- generation

@@ -313,7 +313,7 @@ def quality_rows(name: str, result: dict, spec: ModelSpec) -> dict[str, dict]:
 
 
 TABLE_COLUMNS = (("fvu", "FVU stored", 4), ("fvu_raw", "FVU raw", 4), ("ce_delta", "CE-delta", 3),
-                 ("kl", "KL", 3), ("l0", "L0", 1), ("dead", "dead", 0), ("bits", "bits/tok", 0))
+                 ("kl", "KL", 3), ("l0", "L0", 1), ("dead", "dead", 1), ("bits", "bits/tok", 0))
 
 
 def aggregate(rows: list[dict]) -> dict[str, tuple[float, float]]:

@@ -102,15 +102,22 @@ def run_tasks(fn, args_list: list[tuple], cfg, desc: str, progress: bool, client
     if client is None and (cfg.workers or cfg.scheduler):
         with dask_client(cfg) as own:
             return run_tasks(fn, args_list, cfg, desc, progress, client=own)
-    if client is None:
-        return [fn(*args) for args in tqdm(args_list, desc=desc, unit="shard", disable=not progress)]
-    from dask.distributed import as_completed
+    # the bar is closed (its line ended) before an error propagates, so the error line starts with `error:`
+    with tqdm(total=len(args_list), desc=desc, unit="shard", disable=not progress) as bar:
+        if client is None:
+            results = []
+            for args in args_list:
+                results.append(fn(*args))
+                bar.update()
+            return results
+        from dask.distributed import as_completed
 
-    share = max(1, (os.cpu_count() or 1) // max(1, cfg.workers))
-    threads = cfg.threads_per_worker or (None if cfg.scheduler else share)
-    futures = [client.submit(_in_worker, fn, threads, *args, pure=False) for args in args_list]
-    index = {f.key: i for i, f in enumerate(futures)}
-    results = [None] * len(futures)
-    for fut in tqdm(as_completed(futures), total=len(futures), desc=desc, unit="shard", disable=not progress):
-        results[index[fut.key]] = fut.result()
-    return results
+        share = max(1, (os.cpu_count() or 1) // max(1, cfg.workers))
+        threads = cfg.threads_per_worker or (None if cfg.scheduler else share)
+        futures = [client.submit(_in_worker, fn, threads, *args, pure=False) for args in args_list]
+        index = {f.key: i for i, f in enumerate(futures)}
+        results = [None] * len(futures)
+        for fut in as_completed(futures):
+            results[index[fut.key]] = fut.result()
+            bar.update()
+        return results

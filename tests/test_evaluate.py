@@ -118,6 +118,16 @@ def test_bad_evaluation_input(trained, tmp_path, tiny_lm):
             evaluate(EvalConfig(store=store, model=runs[arch], space="raw"), progress=False)
 
 
+def test_an_eval_out_its_plot_would_overwrite_or_that_is_a_directory_is_refused(tmp_path):
+    from rqae_pipeline.report.evaluation import check_evaluation_out
+
+    with pytest.raises(RQAEError, match="overwritten by its own plot"):
+        check_evaluation_out(tmp_path / "x.png")
+    with pytest.raises(RQAEError, match="is a directory"):
+        check_evaluation_out(tmp_path)
+    check_evaluation_out(tmp_path / "x.json")
+
+
 def test_a_report_that_stops_part_way_leaves_no_json_of_the_run_before(tmp_path, monkeypatch):
     """`eval --out` and `compare-gemmascope --out` write their JSON last and remove the
     previous run's first: a run stopped while plotting leaves no JSON beside its new plots."""
@@ -480,3 +490,21 @@ def test_one_context_gives_no_standard_error_not_zero():
     one, two = summary(1), summary(2)
     assert one["ce_delta"] == pytest.approx(0.1) and np.isnan(one["ce_delta_se"])  # was 0.0: "± 0.0000"
     assert two["ce_delta_se"] > 0
+
+
+def test_an_error_in_a_task_ends_the_progress_bar_line_first(capsys):
+    """The CLI prints an error as one line starting `error:`: the bar's line must be ended
+    before the error leaves `run_tasks`, not when the bar is garbage-collected."""
+    from rqae_pipeline.tasks import run_tasks
+
+    def shard(i):
+        if i == 2:
+            raise RQAEError("shard 2 is damaged")
+        return i
+
+    cfg = EvalConfig(store="unused", model="unused")
+    try:
+        run_tasks(shard, [(i,) for i in range(4)], cfg, "evaluate", progress=True)
+    except RQAEError:
+        err = capsys.readouterr().err  # while the error is being handled, as the CLI prints it
+    assert "evaluate" in err and err.endswith("\n")

@@ -119,6 +119,13 @@ def test_layers_at_the_cap_do_not_set_the_pull_of_the_others():
 # --------------------------------------------------------------------------- the splice
 
 
+@pytest.mark.parametrize("bad", [dict(temperature=float("nan")), dict(repetition_penalty=float("nan")),
+                                 dict(temperature=float("inf")), dict(temperature=-1.0)])
+def test_a_sampling_setting_that_is_nan_infinite_or_negative_is_refused(bad):
+    with pytest.raises(ValueError, match="--temperature must be >= 0"):
+        GenerationConfig(**bad)
+
+
 def test_strength_zero_leaves_logits_and_generation_identical(env, tiny_lm):
     st, model, vmf = env["st"], env["model"], env["vmf"]
     gen = GenerationConfig(max_new_tokens=6, samples=3, temperature=0.8, seed=3)

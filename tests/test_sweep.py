@@ -116,6 +116,8 @@ def test_sweep_keeps_the_lowest_validation_fvu_and_a_diverging_rate_loses(store_
     table = format_quality_table(evaluated)
     mean, se = mean_se(fvus)
     assert f"{mean:.4f} ± {se:.4f}" in table
+    dead, dead_se = mean_se([r["dead"] for r in evaluated["topk"]])  # 0 and 1 dead latents read 0.5 ± 0.5
+    assert f"{dead:.1f} ± {dead_se:.1f}" in table
     # a rate chosen at the edge of those tried is marked, so the reader knows the search may be short
     assert ("* the chosen rate is at the edge" in table) == entry["chosen_at_edge"]
 

@@ -236,6 +236,12 @@ def test_out_dir_of_another_run_and_changed_hyperparameters(store_path, tmp_path
         train(rqae_cfg(store_path, tmp_path / "other"), progress=False)
 
 
+@pytest.mark.parametrize("lr", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_learning_rate_that_is_not_positive_and_finite_is_refused(lr):
+    with pytest.raises(RQAEError, match="--lr must be a positive finite number"):
+        ModelSpec(arch="rqae", d_in=8, n_q=2, lr=lr)
+
+
 def test_a_run_directory_has_one_writer_at_a_time(store_path, tmp_path):
     """The run directory's lock: a second train on it, fresh or resumed, is refused while the
     first holds it, and changes nothing; a finished run leaves no lock, a refused fresh run

@@ -8,6 +8,7 @@ weights, the optimiser and any counters bit for bit.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, get_args
@@ -49,6 +50,8 @@ class ModelSpec:
         kind_of_spec_arch(self.arch)  # raises naming the valid architectures
         if self.lr is None:
             object.__setattr__(self, "lr", default_lr(self.arch))
+        if not (isinstance(self.lr, int | float) and 0 < self.lr < math.inf):  # NaN fails too
+            raise RQAEError(f"--lr must be a positive finite number, got {self.lr!r}")
 
 
 def default_lr(arch: str) -> float:
