@@ -197,6 +197,7 @@ def pearson_matching(rqae, sae, store, cfg: PearsonConfig, *, sae_space: str, pr
             for name, q in query.items():
                 row[name][str(m)] = _pearson(rqae.intensity(q, tok_codes, m), acts[tok, j])
         per_feature.append(row)
+    negative, nonzero = int((acts < 0).sum()), int((acts != 0).sum())
     ranked_at = middle_prefix(prefixes, rqae.n_q)
     kept = drop_worst(per_feature, ranked_at, cfg.drop_worst)
     return {"features": per_feature, "summary": pearson_summary(per_feature, prefixes),
@@ -206,8 +207,7 @@ def pearson_matching(rqae, sae, store, cfg: PearsonConfig, *, sae_space: str, pr
             # fewer than requested: too few eligible features in the rows scanned, or too few example tokens
             "features_requested": requested, "features_scored": len(per_feature),
             "shortfall": shortfall(requested, len(per_feature), stop - start, cfg),
-            "negative_activations": int((acts < 0).sum()), "nonzero_activations": int((acts != 0).sum()),
-            "signed": signed_note(acts)}
+            "negative_activations": negative, "nonzero_activations": nonzero, "signed": signed_note(negative, nonzero)}
 
 
 def shortfall(requested: int, scored: int, rows: int, cfg: PearsonConfig) -> str | None:
@@ -220,13 +220,12 @@ def shortfall(requested: int, scored: int, rows: int, cfg: PearsonConfig) -> str
             f"(--pearson-tokens, a larger store) give more")
 
 
-def signed_note(acts: torch.Tensor) -> str | None:
+def signed_note(negative: int, nonzero: int) -> str | None:
     """Why a signed SAE's (AbsTopK's) matching reads only half of its firings, or None.
 
     Matching follows the reference, written for SAEs whose activations are >= 0: a feature
     fires where its activation is positive (its pool, example tokens and top token), so a
     negative activation is read as not firing."""
-    negative, nonzero = int((acts < 0).sum()), int((acts != 0).sum())
     if not negative:
         return None
     return (f"the SAE's activations are negative on {negative:,} of the {nonzero:,} non-zero activations of the "
