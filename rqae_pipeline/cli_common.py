@@ -48,6 +48,14 @@ def writing(path: Path) -> Iterator[None]:
         raise RQAEError(f"cannot write {path}: {e.strerror or e}") from None
 
 
+def check_out(out: Path | None) -> None:
+    """A command's --out file refused before its work when it could not be written."""
+    if out is not None:
+        from rqae_pipeline.io import check_output_file
+
+        check_output_file(out)
+
+
 def parse_ints(text: str, option: str, example: str) -> tuple[int, ...]:
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from rqae_pipeline.cli_common import (
+    check_out,
     echo_err,
     fail,
     optional_store_location,
@@ -75,6 +76,7 @@ def search(
 ) -> None:
     """Rank stored tokens by the L_i-weighted per-layer cosine similarity to one query token."""
     store = store_location(store)
+    check_out(out)
     codes = optional_store_location(codes)
     from rqae_pipeline.token_search import QueryConfig, search_lines, search_tokens
 
@@ -104,6 +106,7 @@ def features(
     """Fit a von Mises-Fisher feature per layer to several query tokens, rank tokens by its
     L_i-weighted log-density, and optionally split it on subsets of the queries."""
     store = store_location(store)
+    check_out(out)
     codes = optional_store_location(codes)
     from rqae_pipeline.token_search import QueryConfig, features_lines, fit_features
 
@@ -135,6 +138,7 @@ def feature_dictionary(
 ) -> None:
     """Features from seed tokens' code prefixes at 16/64/256 layers, each with its top examples, as JSON."""
     store = store_location(store)
+    check_out(out)
     codes = optional_store_location(codes)
     from rqae_pipeline.features import (
         DictionaryConfig,
@@ -177,6 +181,7 @@ def steer(
 ) -> None:
     """Generate with and without steering toward a feature; report how often its concept appears."""
     store = store_location(store)
+    check_out(out)
     codes = optional_store_location(codes)
     from rqae_pipeline.steer import (
         GenerationConfig,

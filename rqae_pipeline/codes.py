@@ -253,6 +253,8 @@ def encode_store(cfg: EncodeConfig, *, progress: bool = True) -> Path:
 
     store = ActivationStore.open(cfg.store)
     store.check_shards()  # a missing shard is an error before any output exists
+    if store.n_tokens == 0:
+        raise RQAEError(f"store {store.path} commits no tokens yet: nothing to encode")
     identity = model_identity(cfg.model)
     if identity["d_in"] != store.d:
         raise RQAEError(f"model {cfg.model} reads d={identity['d_in']} but the store holds d={store.d}")

@@ -168,14 +168,13 @@ class CompareConfig:
 def run_comparison(cfg: CompareConfig, *, progress: bool = True, echo: Callable[[str], None] = print) -> dict:
     """Evaluate both models on the RQAE's held-out rows, match their features and decoder
     directions, and write the report (report.json, report.html, PNGs) into `cfg.out`."""
-    from rqae_pipeline.report.comparison import jsonable, write_report
+    from rqae_pipeline.report.comparison import check_report_dir, jsonable, write_report
 
     store = ActivationStore.open(cfg.store)
     rqae = load_model(cfg.rqae, cfg.device)
     if model_kind(rqae) != "rqae":
         raise RQAEError(f"{cfg.rqae} is not an RQAE model directory")
-    if cfg.out.exists() and not cfg.out.is_dir():
-        raise RQAEError(f"--out {cfg.out} exists and is not a directory")
+    check_report_dir(cfg.out)
     # a prefix spliced for CE is scored for reconstruction too: the tables list scored prefixes only
     spliced = {m for m in cfg.ce_prefixes or () if 1 <= m <= rqae.n_q}
     prefixes = set(cfg.prefixes or default_prefixes(rqae.n_q)) | spliced

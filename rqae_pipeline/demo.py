@@ -40,6 +40,11 @@ class DemoConfig:
     ce_prefixes: tuple[int, ...] = (1, 16)  # RQAE prefixes spliced into the LM besides all n_q layers
     device: str | None = None
 
+    def __post_init__(self):  # refused before the harvest, not after it
+        if self.steps < 1 or self.seeds < 1 or self.tokens < 1:
+            raise RQAEError(f"the demo needs --steps, --seeds and --tokens >= 1; got {self.steps}, "
+                            f"{self.seeds} and {self.tokens}")
+
 
 def demo_models(cfg: DemoConfig, d_in: int) -> dict[str, ModelSpec]:
     """The RQAE and the TopK SAE, each at its family's default rate (the sweep's centre)."""

@@ -232,15 +232,14 @@ def outlier_flags(scale: torch.Tensor, flags: torch.Tensor, factor: float) -> to
 def existing_store(cfg: HarvestConfig, spec: StoreSpec) -> ActivationStore | None:
     """The store at `cfg.out` to continue (checked against `spec`), or None for a new one."""
     out = location(cfg.out)  # a Path, or a URL: never Path("s3://...") (a local folder "s3:")
-    exists = store_exists(out)
-    if exists and not cfg.resume:
+    if not store_exists(out):
+        if not empty_except_lock(out):
+            raise RQAEError(f"{out} exists and is not an activation store; choose another --out")
+        return None
+    store = ActivationStore.open(out)  # first: --resume is no advice for a Zarr group of another tool
+    if not cfg.resume:
         raise RQAEError(f"{out} already holds an activation store; pass --resume to continue it "
                         f"or choose another --out")
-    if not exists and not empty_except_lock(out):
-        raise RQAEError(f"{out} exists and is not an activation store; choose another --out")
-    if not exists:
-        return None
-    store = ActivationStore.open(out)
     store.check_matches(spec)
     return store
 

@@ -27,13 +27,34 @@ LOCK_NAME = ".lock"  # a writer's lock file (store.StoreLock); the only file a f
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so readers see the old file or the new one, never a torn one."""
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
+    """`write(f)` into a sibling temp file, fsynced and renamed over `path`. A failure (the
+    path a directory, a full disk) removes the temp file; only a kill can leave one."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def check_output_file(out: Path, option: str = "--out") -> None:
+    """Refuse an output file that could not be written, before the work that fills it rather
+    than after: a directory, or a path under an existing file."""
+    out = Path(out)
+    if out.is_dir():
+        raise RQAEError(f"{option} {out} is a directory; name the file to write")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise RQAEError(f"{option} {out}: {parent} is a file, not a directory")
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -65,13 +86,7 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     """`torch.save` through a temp file: a kill mid-save leaves the previous file."""
     import torch
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def read_json(path: Path, fields: Mapping[str, type | tuple[type, ...]] | None = None, *, fix: str = "") -> dict:
@@ -126,7 +141,28 @@ def staging_dir(out: Path) -> Path:
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    _remove_orphans(out)
     return tmp
+
+
+def _remove_orphans(out: Path) -> None:
+    """Staging (`.NAME.tmpPID`) and swapped-out (`.NAME.oldPID`) siblings of `out` that a killed
+    process left: those whose process is gone. A live one is another writer's, left alone."""
+    for path in out.parent.glob(f".{out.name}.*"):
+        for kind in ("tmp", "old"):
+            pid = path.name.removeprefix(f".{out.name}.{kind}")
+            if pid != path.name and pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def swap_in(tmp: Path, out: Path) -> None:

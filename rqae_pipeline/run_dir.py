@@ -34,6 +34,19 @@ def write_run_file(out: Path, run: dict) -> None:
     atomic_write_json(out / RUN_FILE, run, default=str)
 
 
+def starts_record(out: Path, step: int, processes: int) -> list[dict]:
+    """Each start of the run (the first, then every --resume): the step it started from and
+    its process count, appended to what train.json recorded before (`processes` alone is
+    the latest start's, which a resume with another --nproc would rewrite)."""
+    path = out / RUN_FILE
+    try:
+        before = json.loads(path.read_text()).get("starts", []) if step and path.exists() else []
+    except (OSError, ValueError, AttributeError):  # unreadable: the history starts again here
+        before = []
+    kept = [s for s in before if isinstance(s, dict) and isinstance(s.get("step"), int) and s["step"] < step]
+    return [*kept, {"step": step, "processes": processes}]
+
+
 def store_record(store: ActivationStore) -> dict:
     """What a checkpoint records of the store it trains on: its spec, which harvest it is
     (creation time) and its committed rows, on which the held-out split and the shuffle

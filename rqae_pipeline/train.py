@@ -51,6 +51,7 @@ from rqae_pipeline.run_dir import (
     prepare_out,
     recorded_streams,
     save_checkpoint,
+    starts_record,
     store_record,
     write_run_file,
 )
@@ -328,7 +329,8 @@ def _start_run(cfg: TrainConfig, ranks: Ranks, device: str) -> _Run:
     if main:
         keep_metrics_up_to(out / METRICS, step)
         write_run_file(out, {"config": cfg.identity(), "store": str(cfg.store), **store, "heldout": data.split,
-                              "rqae_pipeline": __version__, "status": "training", "processes": ranks.world_size})
+                              "rqae_pipeline": __version__, "status": "training", "processes": ranks.world_size,
+                              "starts": starts_record(out, step, ranks.world_size)})
     if step == 0:
         trainable.init_from_data(data.first_batch)  # the global batch, on every rank
     batches = positioned_batches(data.store, cfg, data.split, position, ranks)
@@ -405,15 +407,16 @@ def _log_step(run: _Run, log, bar, step: int, stats: dict, tok_s: float) -> None
 
 
 def _finish_run(run: _Run, step: int) -> dict[str, Any]:
-    """Final held-out evaluation, the saved model, `train.json` marked done and the plots."""
+    """Final held-out evaluation, the saved model, the plots, and `train.json` marked done last:
+    a run interrupted before that mark is resumed and finished, never left done without its plots."""
+    from rqae_pipeline.report.plots import plot_training
+
     heldout = evaluate(run.trainable, run.heldout)
     run.trainable.save(run.out)
+    plot_training(run.out / METRICS, run.out, heldout)
     info = json.loads((run.out / RUN_FILE).read_text())
     info.update(status="done", steps=step, heldout_metrics=heldout, weight_bytes=run.trainable.weight_bytes())
     write_run_file(run.out, info)
-    from rqae_pipeline.report.plots import plot_training
-
-    plot_training(run.out / METRICS, run.out, heldout)
     return heldout
 
 

@@ -123,3 +123,23 @@ def test_bad_train_input_is_one_line_and_nonzero(tmp_path, tiny_lm, args, needle
 def test_train_on_a_missing_store(tmp_path):
     r = invoke("train", "--store", str(tmp_path / "nope.zarr"), "--out", str(tmp_path / "run"))
     assert_one_line_error(r, "no activation store")
+
+
+def test_a_zarr_group_of_another_tool_is_refused_without_advising_resume(tmp_path):
+    import zarr
+
+    out = tmp_path / "other.zarr"
+    zarr.open_group(out, mode="w").attrs["mine"] = 1
+    before = tree_digest(out)
+    for extra in ([], ["--resume"]):
+        r = invoke("harvest", "--model", TINY, "--out", str(out), *SMALL, *extra)
+        assert_one_line_error(r, "is a Zarr group but not an rqae activation store")
+        assert "--resume" not in r.stderr
+    assert tree_digest(out) == before
+
+
+@pytest.mark.parametrize("args, needle", [(["--steps", "-1"], "--steps"), (["--seeds", "0"], "--seeds")])
+def test_bad_demo_input_is_refused_before_the_harvest(tmp_path, args, needle):
+    r = invoke("demo", "--out", str(tmp_path / "demo"), *args)
+    assert_one_line_error(r, needle)
+    assert not (tmp_path / "demo").exists()

@@ -248,3 +248,18 @@ def test_pearson_means_say_when_they_cover_fewer_features_than_were_scored():
     summary = pearson_summary(per_feature, (1, 8))
     line = pearson_lines({"summary": summary, "features_scored": 2, "features_requested": 2})[1]
     assert "1: (a) 0.50 (of 1) (b) 0.20" in line and "8: (a) 0.50 (b) 0.40" in line
+
+
+def test_a_report_folder_with_other_files_is_refused_and_left_alone(trained, tmp_path):
+    """`--out` of a model directory, a store or a home folder: refused, not filled with a report."""
+    store, runs = trained
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    (out / "report.json").write_text("a report of mine")
+    r = compare("--store", store, "--rqae", runs["rqae"], "--sae-path", runs["topk-sae"], "--out", out,
+                "--ce-contexts", "0")
+    assert r.exit_code == 2 and r.stderr.strip().splitlines()[-1].startswith("error: "), r.output
+    assert "holds files that are not a comparison report (notes.txt)" in r.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "report.json"]
+    assert (out / "report.json").read_text() == "a report of mine"

@@ -551,3 +551,29 @@ def test_real_gemma_query_text_gets_the_stored_codes(gemma_lm, tmp_path):
     assert (encode_tokens(gemma_lm, model, st, ids) == cs.read(129, 256)).mean() > 0.99
     hits = search(model, cs, cs.read(200, 201)[0], top_k=3, store=st)
     assert hits[0].row == 200 and hits[0].score == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("command, extra", [
+    ("search", ["--address", "3:5"]),
+    ("features", ["--address", "3:5", "--address", "4:6"]),
+    ("feature-dictionary", ["--seeds", "2"]),
+    ("steer", ["--address", "3:5", "--prompt", "The"]),
+])
+def test_an_out_that_is_a_directory_is_refused_before_the_work(env, tmp_path, command, extra):
+    """Refused up front (it was refused after the search or the generations, leaving a temp file)."""
+    (tmp_path / "x").write_text("a file where a folder would be")
+    for out, needle in ((tmp_path, "is a directory"), (tmp_path / "x" / "y.json", "is a file, not a directory")):
+        r = invoke(command, "--store", env["store"], "--model", env["model_dir"], "--codes", env["codes"],
+                   "--out", out, *extra)
+        assert_one_line_error(r, needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+def test_encoding_a_store_with_no_tokens_is_refused_and_writes_nothing(env, tmp_path):
+    empty = ActivationStore.create(tmp_path / "empty.zarr", env["st"].spec, env["st"].gain, {})
+    codes = tmp_path / "codes.zarr"
+    with pytest.raises(RQAEError, match="commits no tokens yet"):
+        encode_store(EncodeConfig(store=empty.path, model=env["model_dir"], out=codes), progress=False)
+    r = invoke("codebook-stats", "--store", empty.path, "--model", env["model_dir"], "--out", tmp_path / "stats")
+    assert_one_line_error(r, "commits no tokens yet")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.zarr"]

@@ -378,3 +378,28 @@ def test_a_damaged_metrics_row_before_the_last_is_one_error_and_the_file_is_kept
     path.write_text('{"step": 5}\n{"step": 15}\n{"step": 2')  # a last row cut short by a kill: dropped
     keep_metrics_up_to(path, 10)
     assert path.read_text() == '{"step": 5}\n'
+
+
+def test_a_run_stopped_while_plotting_is_not_done_and_resume_finishes_it(store_path, tmp_path, monkeypatch):
+    """train.json is marked done after the plots: a stop while plotting leaves a run that
+    `--resume` finishes, never one marked done without its PNGs."""
+    import rqae_pipeline.report.plots as plots
+
+    out = tmp_path / "run"
+    real_plot = plots.plot_training
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "plot_training", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        train(rqae_cfg(store_path, out), progress=False)
+    assert json.loads((out / "train.json").read_text())["status"] != "done"
+    monkeypatch.setattr(plots, "plot_training", real_plot)
+    resumed_at = torch.load(out / CHECKPOINT, weights_only=False)["step"]
+    result = train(rqae_cfg(store_path, out, resume=True), progress=False)
+    run = json.loads((out / "train.json").read_text())
+    assert result.steps == 40 and run["status"] == "done"
+    assert (out / "loss_curve.png").exists() and (out / "fvu_vs_prefix.png").exists()
+    assert run["starts"] == [{"step": 0, "processes": 1}, {"step": resumed_at, "processes": 1}] and resumed_at > 0
+

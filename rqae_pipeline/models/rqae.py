@@ -34,6 +34,7 @@ from rqae_pipeline import metrics
 from rqae_pipeline.models.base import load_module_state, read_module_dir, save_module_dir
 from rqae_pipeline.models.rqae_closed_form import (
     PrecomputedGradients,
+    chunk_input_bias,
     code_layers,
     loss_and_grads,
     nearest_code_symmetric,
@@ -167,8 +168,7 @@ class RQAE(HookedRootModule):
             b_out = self.b_out.detach()
             w_in = self.W_in.detach().permute(1, 0, 2).reshape(d, n * CODE_DIM).contiguous()
             cross = self.W_out.detach().reshape(n * CODE_DIM, d) @ w_in
-            before = torch.cumsum(torch.cat([torch.zeros_like(b_out[:1]), b_out[1:]]), 0) - b_out  # minus b_out[0]
-            bias = self.b_in.detach() - torch.einsum("nd,ndk->nk", before, self.W_in.detach())
+            bias = chunk_input_bias(self.W_in.detach(), self.b_in.detach(), b_out, 0, n)[0]  # one chunk
             self._cross_cache = (key, w_in, cross, bias.reshape(1, -1), b_out[0].clone())
         return self._cross_cache[1:]
 

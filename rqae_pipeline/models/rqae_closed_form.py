@@ -161,10 +161,21 @@ class _Chunk:
     a: int
     e: int
     W_in: torch.Tensor  # (d, 4c)
-    b_in: torch.Tensor  # (4c,) effective: b_in[j] - (Σ_{a<=l<j} b_out[l]) W_in[j]
+    b_in: torch.Tensor  # (4c,) effective: b_in[j] - β_j W_in[j] (chunk_input_bias)
     Wo: torch.Tensor  # (4c, d)
     b_out: torch.Tensor  # (c, d)
-    before: torch.Tensor  # (c, d) β_j = Σ_{a<=l<j} b_out[l]
+    before: torch.Tensor  # (c, d) β_j = Σ_{a<=l<j} b_out[l] (first chunk: less b_out[0])
+
+
+def chunk_input_bias(W_in, b_in, b_out, a: int, e: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Layers a..e-1 projected from their chunk's input residual R_a rather than each from its
+    own: the effective input biases b_in[j] - β_j W_in[j] (c, 4), the output biases the chunk
+    subtracts (c, d), and β_j = Σ_{a<=l<j} b_out[l] (c, d). The first chunk reads x - b_out[0]
+    (b_out[0] holds the data mean), so it subtracts b_out[0] as zero and its β_j lack b_out[0]:
+    β_0 = -b_out[0], β_j = Σ_{1<=l<j} b_out[l]."""
+    b_out_c = b_out[a:e] if a else torch.cat([torch.zeros_like(b_out[:1]), b_out[1:e]])
+    before = torch.cumsum(b_out_c, 0) - b_out[a:e]
+    return b_in[a:e] - torch.einsum("cd,cdk->ck", before, W_in[a:e]), b_out_c, before
 
 
 def _chunks(params: tuple[torch.Tensor, ...], chunk: int) -> list[_Chunk]:
@@ -174,9 +185,7 @@ def _chunks(params: tuple[torch.Tensor, ...], chunk: int) -> list[_Chunk]:
     out = []
     for a in range(0, n, chunk):
         e = min(a + chunk, n)
-        b_out_c = b_out[a:e] if a else torch.cat([torch.zeros_like(b_out[:1]), b_out[1:e]])
-        before = torch.cumsum(b_out_c, 0) - b_out[a:e]  # exclusive prefix sums (first chunk: minus b_out[0])
-        bias = b_in[a:e] - torch.einsum("cd,cdk->ck", before, W_in[a:e])
+        bias, b_out_c, before = chunk_input_bias(W_in, b_in, b_out, a, e)
         out.append(_Chunk(a, e, W_in[a:e].permute(1, 0, 2).reshape(d, -1), bias.reshape(-1),
                           W_out[a:e].reshape(-1, d), b_out_c, before))
     return out

@@ -10,9 +10,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from rqae_pipeline import RQAEError
 from rqae_pipeline.io import atomic_write_bytes, json_text
 from rqae_pipeline.report.evaluation import clean_positions_lines
 from rqae_pipeline.report.html import layers_label
+
+REPORT_FILES = ("report.json", "report.html", "reconstruction.png", "pearson.png", "decoder_matching.png")
+
+
+def check_report_dir(out: Path) -> None:
+    """`--out` must be new, empty or a comparison report's folder (which is replaced file by
+    file): never a model directory, a store or a home folder with other files in it."""
+    if out.exists() and not out.is_dir():
+        raise RQAEError(f"--out {out} exists and is not a directory")
+    others = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES
+                    and not (p.name.startswith(".") and p.name.endswith(".tmp"))) if out.is_dir() else []
+    if others:
+        raise RQAEError(f"--out {out} holds files that are not a comparison report ({', '.join(others[:3])}"
+                        f"{', ...' if len(others) > 3 else ''}); choose a new or empty folder")
 
 
 def write_report(report: dict, out: Path) -> None:

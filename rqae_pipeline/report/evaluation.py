@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from rqae_pipeline import RQAEError
-from rqae_pipeline.io import atomic_write_text, json_text
+from rqae_pipeline.io import atomic_write_text, check_output_file, json_text
 
 
 def check_evaluation_out(out: Path) -> None:
@@ -15,8 +15,7 @@ def check_evaluation_out(out: Path) -> None:
     if out.suffix.lower() == ".png":
         raise RQAEError(f"--out {out} would be overwritten by its own plot (written beside it as .png); "
                         f"name the JSON file, e.g. {out.with_suffix('.json')}")
-    if out.is_dir():
-        raise RQAEError(f"--out {out} is a directory; name the JSON file to write")
+    check_output_file(out)
 
 
 def write_evaluation(result: dict, out: Path, model_name: str) -> list[Path]:
