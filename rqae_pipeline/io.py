@@ -15,6 +15,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -50,9 +51,12 @@ def check_output_file(out: Path, option: str = "--out") -> None:
     """Refuse an output file that could not be written, before the work that fills it rather
     than after: a directory, or a path under an existing file."""
     out = Path(out)
-    if out.is_dir():
-        raise RQAEError(f"{option} {out} is a directory; name the file to write")
-    parent = next((p for p in out.parents if p.exists()), None)
+    try:
+        if out.is_dir():
+            raise RQAEError(f"{option} {out} is a directory; name the file to write")
+        parent = next((p for p in out.parents if p.exists()), None)
+    except OSError as e:  # a folder on the way that this user may not read
+        raise RQAEError(f"cannot write {out}: {e.strerror or e}") from None
     if parent is not None and not parent.is_dir():
         raise RQAEError(f"{option} {out}: {parent} is a file, not a directory")
 
@@ -138,7 +142,7 @@ def staging_dir(out: Path) -> Path:
     """A fresh, empty sibling of `out` to build its new contents in (then `swap_in`).
     Raises OSError when the parent is not writable."""
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}.{socket.gethostname()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     _remove_orphans(out)
@@ -146,13 +150,15 @@ def staging_dir(out: Path) -> Path:
 
 
 def _remove_orphans(out: Path) -> None:
-    """Staging (`.NAME.tmpPID`) and swapped-out (`.NAME.oldPID`) siblings of `out` that a killed
-    process left: those whose process is gone. A live one is another writer's, left alone."""
-    for path in out.parent.glob(f".{out.name}.*"):
-        for kind in ("tmp", "old"):
-            pid = path.name.removeprefix(f".{out.name}.{kind}")
-            if pid != path.name and pid.isdigit() and not _alive(int(pid)):
-                shutil.rmtree(path, ignore_errors=True)
+    """Staging folders of `out` that a killed builder left: this host's (the host is in the
+    name, as in lock.py) whose process is gone. Another host's, or a live one's, are left alone.
+    A swapped-out `.NAME.oldPID` is never removed here: after a kill between `swap_in`'s
+    two renames it holds the only copy of the previous output."""
+    prefix, host = f".{out.name}.tmp", socket.gethostname()
+    for path in out.parent.glob(f".{out.name}.tmp*"):
+        pid, _, its_host = path.name.removeprefix(prefix).partition(".")
+        if its_host == host and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _alive(pid: int) -> bool:

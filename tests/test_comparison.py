@@ -256,10 +256,11 @@ def test_a_report_folder_with_other_files_is_refused_and_left_alone(trained, tmp
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("my notes")
+    (out / ".DS_Store").write_text("")  # hidden: not counted
     (out / "report.json").write_text("a report of mine")
     r = compare("--store", store, "--rqae", runs["rqae"], "--sae-path", runs["topk-sae"], "--out", out,
                 "--ce-contexts", "0")
     assert r.exit_code == 2 and r.stderr.strip().splitlines()[-1].startswith("error: "), r.output
     assert "holds files that are not a comparison report (notes.txt)" in r.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "report.json"]
+    assert sorted(p.name for p in out.iterdir()) == [".DS_Store", "notes.txt", "report.json"]
     assert (out / "report.json").read_text() == "a report of mine"

@@ -23,8 +23,9 @@ def check_report_dir(out: Path) -> None:
     file): never a model directory, a store or a home folder with other files in it."""
     if out.exists() and not out.is_dir():
         raise RQAEError(f"--out {out} exists and is not a directory")
+    # hidden names are a killed run's temp files, or a file manager's (.DS_Store)
     others = sorted(p.name for p in out.iterdir() if p.name not in REPORT_FILES
-                    and not (p.name.startswith(".") and p.name.endswith(".tmp"))) if out.is_dir() else []
+                    and not p.name.startswith(".")) if out.is_dir() else []
     if others:
         raise RQAEError(f"--out {out} holds files that are not a comparison report ({', '.join(others[:3])}"
                         f"{', ...' if len(others) > 3 else ''}); choose a new or empty folder")
