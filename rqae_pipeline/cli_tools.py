@@ -158,8 +158,8 @@ def steer(
     store: Annotated[str, typer.Option(help="Activation store (its LM, hook and normalisation are used).")],
     model: Annotated[Path, typer.Option(help="RQAE (or codebook, with --code) model directory.")],
     prompt: Annotated[list[str], typer.Option(help="Prompt to continue (repeatable).")],
-    feature: Annotated[str | None, typer.Option(help="DICT.json#ID (a feature-dictionary entry) or FEATURE.json or FEATURE.json#NAME "
-                                                "(written by `rqae features --out`).")] = None,
+    feature: Annotated[str | None, typer.Option(help="DICT.json#ID (a feature-dictionary entry), or FEATURE.json "
+                                                "or FEATURE.json#NAME (written by `rqae features --out`).")] = None,
     address: Annotated[list[str], typer.Option(help="Or query tokens: a stored token SEQ:POS (repeatable).")] = [],  # noqa: B006
     query: Annotated[list[str], typer.Option(help="Or query tokens: a query text (repeatable).")] = [],  # noqa: B006
     token_index: Annotated[list[int], typer.Option(help="Token of each --query (default -1).")] = [],  # noqa: B006
