@@ -154,21 +154,13 @@ def _remove_orphans(out: Path) -> None:
     name, as in lock.py) whose process is gone. Another host's, or a live one's, are left alone.
     A swapped-out `.NAME.oldPID` is never removed here: after a kill between `swap_in`'s
     two renames it holds the only copy of the previous output."""
+    import psutil
+
     prefix, host = f".{out.name}.tmp", socket.gethostname()
     for path in out.parent.glob(f".{out.name}.tmp*"):
         pid, _, its_host = path.name.removeprefix(prefix).partition(".")
-        if its_host == host and pid.isdigit() and not _alive(int(pid)):
+        if its_host == host and pid.isdigit() and not psutil.pid_exists(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
 
 
 def swap_in(tmp: Path, out: Path) -> None:

@@ -37,7 +37,8 @@ def write_run_file(out: Path, run: dict) -> None:
 def starts_record(out: Path, step: int, processes: int) -> list[dict]:
     """Each start of the run (the first, then every --resume): the step it started from and
     its process count, appended to what train.json recorded before (`processes` alone is
-    the latest start's, which a resume with another --nproc would rewrite)."""
+    the latest start's, which a resume with another --nproc would rewrite). A resume from an
+    earlier checkpoint drops the starts after it, as the metrics after it are dropped."""
     path = out / RUN_FILE
     try:
         before = json.loads(path.read_text()).get("starts", []) if step and path.exists() else []
