@@ -29,8 +29,7 @@ class GenerationConfig:
     def __post_init__(self):
         if self.max_new_tokens < 1 or self.samples < 1:
             raise ValueError("--max-new-tokens and --samples must be positive")
-        if not (self.temperature >= 0 and self.repetition_penalty > 0) or math.inf in (self.temperature,
-                                                                                       self.repetition_penalty):
+        if not (0 <= self.temperature < math.inf and 0 < self.repetition_penalty < math.inf):  # NaN fails too
             raise ValueError("--temperature must be >= 0 and --repetition-penalty > 0, both finite")
 
 
